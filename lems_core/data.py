@@ -1,0 +1,121 @@
+"""Text corpora for calibration and evaluation: hub names through `datasets`, or local files.
+
+The reference protocol (methods.md §5.1) joins the rows of a split with "\\n\\n".
+Local files are turned back into the same row layout before joining, so a local
+WikiText-2 raw file gives the text the hub dataset would give.
+
+Hub names are used only when no local copy is found and `allow_download` is true;
+tests never download.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# name -> (hub dataset, config, text field)
+HUB_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
+    "c4": ("allenai/c4", "en", "text"),
+}
+ALIASES = {"wikitext-2": "wikitext2", "wikitext": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
+C4_DOCS = 2000  # first 2000 validation documents, as SparseGPT/SVD-LLM (methods.md §5.1)
+
+# Files looked for in the local data folder, per (name, split).
+LOCAL_FILES = {
+    ("wikitext2", "test"): ["wikitext-2-raw/wiki.test.raw"],
+    ("wikitext2", "validation"): ["wikitext-2-raw/wiki.valid.raw", "wikitext-2/valid.tokens.txt"],
+    ("wikitext2", "train"): ["wikitext-2-raw/wiki.train.raw", "wikitext-2/train.tokens.txt"],
+    ("ptb", "validation"): ["ptb/ptb.valid.txt"],
+    ("ptb", "test"): ["ptb/ptb.test.txt"],
+    ("c4", "validation"): ["c4/c4-validation.json", "c4/c4-validation.jsonl"],
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No local copy and downloading is not allowed."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where a corpus came from, for provenance in profiles and results."""
+
+    name: str
+    split: str
+    origin: str  # a local path or "hub:<dataset>/<config>"
+
+
+def data_dir() -> Path:
+    """Local data folder: $LEMS_DATA_DIR, else ../shared/data beside the repository."""
+    env = os.environ.get("LEMS_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load_text(name_or_path: str, split: str = "test", allow_download: bool = False) -> tuple[str, TextSource]:
+    """Return the whole split as one string joined with "\\n\\n", and where it came from.
+
+    `name_or_path` is a known name (wikitext2, ptb, c4), or a path to a .txt/.raw/
+    .json/.jsonl file. Known names look in `data_dir()` first, then on the hub.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return join_rows(read_rows(path)), TextSource(path.stem, split, str(path))
+    name = ALIASES.get(name_or_path.lower(), name_or_path.lower())
+    if name not in HUB_DATASETS:
+        raise ValueError(f"Unknown dataset {name_or_path!r}: use one of {sorted(HUB_DATASETS)} or a file path")
+    for rel in LOCAL_FILES.get((name, split), []):
+        local = data_dir() / rel
+        if local.is_file():
+            rows = read_rows(local)
+            if name == "c4":
+                rows = rows[:C4_DOCS]
+            return join_rows(rows), TextSource(name, split, str(local))
+    if not allow_download:
+        raise DataNotFoundError(
+            f"No local copy of {name}/{split} under {data_dir()} (set LEMS_DATA_DIR or pass a file path); "
+            "pass allow_download=True / --download to fetch it with `datasets`."
+        )
+    return _load_from_hub(name, split)
+
+
+def _load_from_hub(name: str, split: str) -> tuple[str, TextSource]:
+    import datasets
+
+    dataset, config, field = HUB_DATASETS[name]
+    if name == "c4":
+        files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+        ds = datasets.load_dataset(dataset, data_files=files, split="validation")
+        rows = ds[field][:C4_DOCS]
+    else:
+        rows = datasets.load_dataset(dataset, config, split=split)[field]
+    return join_rows(rows), TextSource(name, split, f"hub:{dataset}/{config}")
+
+
+def read_rows(path: Path) -> list[str]:
+    """Rows of a local corpus file in the layout of the hub dataset's text field."""
+    if path.suffix in {".json", ".jsonl"}:
+        return _json_rows(path)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if path.name.startswith("ptb"):
+        # ptb_text_only rows are stripped sentences.
+        return [line.strip() for line in lines if line.strip()]
+    # wikitext rows keep the line with its newline; blank lines are empty rows.
+    return [line if line.strip() else "" for line in lines]
+
+
+def _json_rows(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r["text"] if isinstance(r, dict) else str(r) for r in records]
+
+
+def join_rows(rows: list[str]) -> str:
+    return "\n\n".join(rows)

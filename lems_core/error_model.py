@@ -1,0 +1,89 @@
+"""The LEMS layer-wise error model (methods.md §1.2), numpy only.
+
+    eps_l(r) = beta_{b(l)}(alpha, gamma) * KL_l(r_ref) * S_l(r)
+
+- shape  S_l(r): residual spectral energy of the (whitened) spectrum at rank r,
+  normalised to 1 at the reference rank r_ref = int(ref_ratio * eq_l);
+- scale  KL_l(r_ref): the measured KL with only layer l compressed (or 1 when off);
+- bias   beta_b: per-block depth multiplier, harmonic form ("harmonicv2").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+BIAS_FORMS = ("harmonic", "constant", "linear")
+
+
+@dataclass(frozen=True)
+class ErrorModelParams:
+    """The three terms of the LEMS surrogate; reference defaults (configs/search/lems.yaml)."""
+
+    energy_power: int = 2  # "energy2": sigma^2; 1 uses sigma
+    ref_ratio: float = 0.1  # measurement point of the scale
+    use_scale: bool = True  # multiply by the measured KL
+    alpha: float = 0.0  # harmonic exponent of the depth bias
+    gamma: float = 5.0  # strength of the depth bias
+    bias_form: str = "harmonic"
+
+    def __post_init__(self):
+        if self.energy_power not in (1, 2):
+            raise ValueError("energy_power must be 1 or 2")
+        if not 0.0 < self.ref_ratio < 1.0:
+            raise ValueError("ref_ratio must lie in (0, 1)")
+        if self.bias_form not in BIAS_FORMS:
+            raise ValueError(f"bias_form must be one of {BIAS_FORMS}")
+        if self.gamma < 0 or self.alpha < 0:
+            raise ValueError("alpha and gamma must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ErrorModelParams":
+        return ErrorModelParams(**{k: d[k] for k in ErrorModelParams.__dataclass_fields__ if k in d})
+
+
+def residual_energy(sigma: np.ndarray, ranks: np.ndarray, power: int = 2) -> np.ndarray:
+    """1 - E(r)/E for each rank r, with E(r) = sum_{i<=r} sigma_i^power."""
+    energy = np.asarray(sigma, dtype=np.float64) ** power
+    kept = np.concatenate([[0.0], np.cumsum(energy)])
+    total = kept[-1] if kept[-1] > 0 else 1.0
+    ranks = np.clip(np.asarray(ranks, dtype=np.int64), 0, len(energy))
+    return 1.0 - kept[ranks] / total
+
+
+def reference_rank(eq_rank: int, ref_ratio: float) -> int:
+    return int(ref_ratio * eq_rank)
+
+
+def spectral_shape(sigma: np.ndarray, ranks: np.ndarray, eq_rank: int, params: ErrorModelParams) -> np.ndarray:
+    """S_l(r): residual energy rescaled to equal 1 at the reference rank (methods.md §1.2)."""
+    ref = residual_energy(sigma, np.array([reference_rank(eq_rank, params.ref_ratio)]), params.energy_power)[0]
+    return residual_energy(sigma, ranks, params.energy_power) / max(ref, 1e-6)
+
+
+def depth_bias(num_blocks: int, params: ErrorModelParams) -> np.ndarray:
+    """beta_b for b = 0..B-1 (methods.md §1.2).
+
+    harmonic: H_b = sum_{k=b}^{B-1} (k+1)^-alpha, h_b = (H_b - H_{B-1}) / (H_0 - H_{B-1}),
+    beta_b = 1 + gamma * h_b; with alpha = 0 it is linear from 1 + gamma down to 1.
+    """
+    if params.bias_form == "constant" or num_blocks < 2:
+        return np.ones(num_blocks)
+    b = np.arange(num_blocks)
+    if params.bias_form == "linear":
+        return 1.0 + params.gamma * (num_blocks - 1 - b) / (num_blocks - 1)
+    terms = (b + 1.0) ** (-params.alpha)
+    tails = np.cumsum(terms[::-1])[::-1]  # H_b
+    h = (tails - tails[-1]) / (tails[0] - tails[-1])
+    return 1.0 + params.gamma * h
+
+
+def layer_errors(
+    sigma: np.ndarray, ranks: np.ndarray, eq_rank: int, block_bias: float, kl_scale: float | None, params: ErrorModelParams
+) -> np.ndarray:
+    """eps_l at each rank: bias x scale x shape."""
+    scale = kl_scale if (params.use_scale and kl_scale is not None) else 1.0
+    return block_bias * scale * spectral_shape(sigma, ranks, eq_rank, params)

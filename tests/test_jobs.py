@@ -1,0 +1,123 @@
+"""The background job registry: progress, cancel, captured errors."""
+import threading
+import time
+
+from lems_core.jobs import CANCELLED, DONE, FAILED, JobCancelled, JobRegistry
+
+
+def _steps(n, progress, cancel, pause=0.0):
+    for i in range(n):
+        progress((i + 1) / n, f"step {i + 1}/{n}")
+        time.sleep(pause)
+    return n * 10
+
+
+def test_result_and_progress_reported():
+    seen = []
+
+    def work(progress, cancel):
+        for i in range(4):
+            progress((i + 1) / 4, f"step {i + 1}")
+            seen.append(i)
+        return "ok"
+
+    job = JobRegistry().submit("count", work)
+    state = job.wait(5)
+    assert state.status == DONE and state.result == "ok"
+    assert state.fraction == 1.0 and state.done and state.error is None
+    assert seen == [0, 1, 2, 3]
+
+
+def test_progress_visible_while_running():
+    gate = threading.Event()
+
+    def work(progress, cancel):
+        progress(0.25, "a quarter")
+        gate.wait(5)
+        return 1
+
+    job = JobRegistry().submit("halt", work)
+    for _ in range(100):
+        state = job.snapshot()
+        if state.message == "a quarter":
+            break
+        time.sleep(0.01)
+    assert state.status == "running" and state.fraction == 0.25 and not state.done
+    gate.set()
+    assert job.wait(5).status == DONE
+
+
+def test_progress_clipped_to_unit_interval():
+    job = JobRegistry().submit("clip", lambda progress, cancel: progress(7.0, "over"))
+    job.wait(5)
+    assert job.snapshot().fraction == 1.0
+
+
+def test_cancel_stops_job_via_progress_callback():
+    job = JobRegistry().submit("long", _steps, 10_000, pause=0.01)
+    time.sleep(0.05)
+    job.cancel()
+    state = job.wait(5)
+    assert state.status == CANCELLED
+    assert state.fraction < 1.0
+    assert state.elapsed < 5
+
+
+def test_cancel_seen_by_function_polling_event():
+    def poll(progress, cancel):
+        while not cancel.is_set():
+            time.sleep(0.005)
+        return "stopped early"
+
+    job = JobRegistry().submit("poll", poll)
+    job.cancel()
+    state = job.wait(5)
+    assert state.status == CANCELLED and state.result == "stopped early"
+
+
+def test_exception_is_reported_not_lost():
+    def boom(progress, cancel):
+        progress(0.5, "half way")
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    job = JobRegistry().submit("boom", boom)
+    state = job.wait(5)
+    assert state.status == FAILED
+    assert state.error == "RuntimeError: CUDA out of memory (simulated)"
+    assert "Traceback" in state.traceback and "boom" in state.traceback
+    assert state.fraction == 0.5
+
+
+def test_job_cancelled_is_exception_type():
+    assert issubclass(JobCancelled, Exception)
+
+
+def test_registry_lists_filters_and_clears():
+    reg = JobRegistry()
+    gate = threading.Event()
+    a = reg.submit("a", lambda progress, cancel: 1, meta={"kind": "eval"})
+    b = reg.submit("b", lambda progress, cancel: gate.wait(5), meta={"kind": "build"})
+    a.wait(5)
+    assert [j.name for j in reg.jobs()] == ["b", "a"]
+    assert [j.name for j in reg.jobs("eval")] == ["a"]
+    assert [j.id for j in reg.active()] == [b.id]
+    assert reg.get(a.id) is a and reg.get("nope") is None and reg.get(None) is None
+    assert reg.clear_finished() == 1
+    gate.set()
+    b.wait(5)
+    assert reg.clear_finished() == 1 and reg.jobs() == []
+
+
+def test_registry_keeps_bounded_history():
+    reg = JobRegistry(keep=3)
+    for i in range(6):
+        reg.submit(str(i), lambda progress, cancel: None).wait(5)
+    assert len(reg.jobs()) <= 4
+    assert reg.jobs()[0].name == "5"
+
+
+def test_args_and_kwargs_passed_through():
+    def add(a, b, progress, cancel, scale=1):
+        return (a + b) * scale
+
+    assert JobRegistry().submit("add", add, 2, 3, scale=10).wait(5).result == 50

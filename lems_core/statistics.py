@@ -38,6 +38,7 @@ class InputStats:
     gram: torch.Tensor  # n x n, fp32, sum over tokens
     abs_sum: torch.Tensor  # n, sum over tokens of |x|
     abs_max: torch.Tensor  # n, max over tokens of |x|
+    abs_max_sum: torch.Tensor  # n, per-batch max of |x| summed over batches (reference ASVD)
     tokens: int
 
     @property
@@ -59,6 +60,7 @@ class _InputAccumulator:
         self.gram = torch.zeros(n, n, device=device, dtype=torch.float32)
         self.abs_sum = torch.zeros(n, device=device, dtype=torch.float32)
         self.abs_max = torch.zeros(n, device=device, dtype=torch.float32)
+        self.abs_max_sum = torch.zeros(n, device=device, dtype=torch.float32)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -66,11 +68,13 @@ class _InputAccumulator:
         self.gram.addmm_(x.T, x)
         ax = x.abs()
         self.abs_sum += ax.sum(0)
-        torch.maximum(self.abs_max, ax.amax(0), out=self.abs_max)
+        batch_max = ax.amax(0)
+        torch.maximum(self.abs_max, batch_max, out=self.abs_max)
+        self.abs_max_sum += batch_max
         self.tokens += x.shape[0]
 
     def freeze(self) -> InputStats:
-        return InputStats(self.gram.cpu(), self.abs_sum.cpu(), self.abs_max.cpu(), self.tokens)
+        return InputStats(self.gram.cpu(), self.abs_sum.cpu(), self.abs_max.cpu(), self.abs_max_sum.cpu(), self.tokens)
 
 
 def iter_block_input_stats(

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (the real demo model) run unless LEMS_SKIP_SLOW=1."""
+    if os.environ.get("LEMS_SKIP_SLOW") == "1":
+        skip = pytest.mark.skip(reason="LEMS_SKIP_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from lems_core.model import tiny_model
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (4, 64), generator=g)

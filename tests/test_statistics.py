@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from lems_core.model import compressible_layers, tiny_model
+from lems_core.statistics import (clip_token_norms, collect_grad_grams, collect_input_stats, crop_tokens,
+                                  iter_block_input_stats)
+
+
+def _inputs_of(model, name, ids):
+    seen = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return torch.cat(seen).double()
+
+
+def test_input_gram_matches_explicit_xtx_and_is_shared(tiny_llama, tiny_ids):
+    stats = collect_input_stats(tiny_llama, tiny_ids, batch_size=2)
+    layers = compressible_layers(tiny_llama)
+    for layer in layers[:7] + layers[-7:]:
+        x = _inputs_of(tiny_llama, layer.name, tiny_ids)
+        s = stats[layer.name]
+        assert torch.allclose(s.gram.double(), x.T @ x, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(s.abs_max.double(), x.abs().amax(0), atol=1e-5)
+        assert s.tokens == tiny_ids.numel()
+    q, k, v, o, gate, up, down = (stats[l.name] for l in layers[:7])
+    assert q is k is v and gate is up and o is not q and down is not gate
+
+
+def test_blockwise_iteration_yields_each_block_once(tiny_llama, tiny_ids):
+    blocks = [b for b, _ in iter_block_input_stats(tiny_llama, tiny_ids)]
+    assert blocks == [0, 1, 2]
+
+
+def test_clip_token_norms_bounds_each_token():
+    g = torch.ones(1, 300, 3)
+    g[0, 0] *= 1000.0  # one huge token
+    g[0, 1] *= 1e-4  # one tiny token
+    g[0, 2] = 0.0  # a dead token stays dead
+    out = clip_token_norms(g)
+    norms = out.norm(dim=-1)[0]
+    live = g.norm(dim=-1)[0] > 1e-10
+    mean = g.norm(dim=-1)[0][live].mean()
+    assert norms[0] == pytest.approx(10 * mean.item(), rel=1e-5)  # clipped down
+    assert norms[1] == pytest.approx(0.1 * mean.item(), rel=1e-5)  # raised up
+    assert norms[2] == 0
+    assert torch.allclose(norms[3], g[0, 3].norm())
+
+
+def test_crop_drops_an_eighth_at_each_end():
+    t = torch.arange(16).view(1, 16, 1)
+    assert crop_tokens(t).flatten().tolist() == list(range(2, 14))
+
+
+def test_grad_gram_is_psd_and_matches_manual_backward(tiny_ids):
+    model = tiny_model("llama", seed=3)
+    layer = compressible_layers(model)[3]
+    grams = collect_grad_grams(model, tiny_ids[:1], [layer], crop=0.0, clip=False)
+    captured = []
+    h = model.get_submodule(layer.name).register_full_backward_hook(lambda _m, _gi, go: captured.append(go[0]))
+    emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    logits = model(tiny_ids[:1]).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tiny_ids[:1, 1:].flatten(), reduction="sum").backward()
+    h.remove(); emb.remove()
+    g = captured[0].reshape(-1, captured[0].shape[-1]).double()
+    assert torch.allclose(grams[layer.name].double(), g.T @ g, rtol=1e-4, atol=1e-8)
+    assert torch.linalg.eigvalsh(grams[layer.name].double()).min() > -1e-6

@@ -1,0 +1,405 @@
+"""Step 8 of the data flow: the rank plan, the artefact an allocation hands to compression.
+
+A plan says, for every compressible Linear of one model, which rank to keep
+("dense" = leave the matrix alone). It is a small JSON document (schema
+``lems-rank-plan/1``) that is validated strictly when read back, because a plan
+applied to the wrong model, or with a typo in a layer name, would silently
+compress the wrong thing.
+
+Parameter accounting (methods.md §0), used everywhere in the project:
+a rank-r factorisation of an m x n matrix stores r(m+n) parameters, a dense one
+m*n. A rank r >= eq_rank = floor(mn/(m+n)) would not save anything (break-even
+rule), so such a rank is stored as dense.
+
+The reference implementation stores allocations as ``{layer: ratio}`` with
+rank = int(ratio * eq_rank) ("loadconfig" files); ``to_loadconfig`` /
+``from_loadconfig`` convert to and from that format.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .model import LayerInfo
+
+PLAN_SCHEMA = "lems-rank-plan/1"
+MAX_PLAN_BYTES = 5 * 1024 * 1024
+DENSE = "dense"
+_TOP_LEVEL_FIELDS = ("schema", "model", "method", "decomposition", "budget", "layers")
+_LAYER_FIELDS = ("name", "out", "in", "rank")
+_LISTED_NAMES = 5  # how many offending layer names an error message quotes
+
+
+class PlanError(ValueError):
+    """A rank plan is malformed or does not fit the model it is applied to."""
+
+
+# --------------------------------------------------------------------------- accounting
+def eq_rank_of(out_features: int, in_features: int) -> int:
+    """floor(mn/(m+n)): the rank whose factorisation costs as much as the dense matrix."""
+    return (out_features * in_features) // (out_features + in_features)
+
+
+def normalise_rank(out_features: int, in_features: int, rank: int | None) -> int | None:
+    """Apply the break-even rule: a rank >= eq_rank is stored as dense (None)."""
+    if rank is None or rank >= eq_rank_of(out_features, in_features):
+        return None
+    return int(rank)
+
+
+def layer_param_cost(out_features: int, in_features: int, rank: int | None) -> int:
+    """Parameters a layer stores at ``rank``: r(m+n) when factorised, m*n when dense."""
+    rank = normalise_rank(out_features, in_features, rank)
+    if rank is None:
+        return out_features * in_features
+    return rank * (out_features + in_features)
+
+
+def check_rank(name: str, out_features: int, in_features: int, rank) -> int | None:
+    """Validate one rank value (int in [1, min(m, n)] or None/"dense"); return it normalised."""
+    if rank is None or rank == DENSE:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise PlanError(f"layer {name}: rank must be an integer or {DENSE!r}, got {rank!r}")
+    rank = int(rank)
+    upper = min(out_features, in_features)
+    if not 1 <= rank <= upper:
+        raise PlanError(f"layer {name}: rank {rank} out of range [1, {upper}] for a {out_features}x{in_features} matrix")
+    return normalise_rank(out_features, in_features, rank)
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED_NAMES])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > _LISTED_NAMES else "")
+
+
+# --------------------------------------------------------------------------- dataclasses
+@dataclass
+class LayerPlan:
+    """The decision for one Linear. ``rank`` None means dense.
+
+    ``param_ratio`` is the fraction of this layer's parameters that is kept,
+    r(m+n)/(mn) (1.0 dense). It differs from the reference's per-layer "ratio"
+    r/eq_rank, which is what ``RankPlan.to_loadconfig`` writes.
+    """
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None
+    param_ratio: float = float("nan")
+    predicted_error: float | None = None
+
+    def __post_init__(self):
+        self.rank = check_rank(self.name, self.out_features, self.in_features, self.rank)
+        self.param_ratio = self.params / (self.out_features * self.in_features)
+
+    @property
+    def eq_rank(self) -> int:
+        return eq_rank_of(self.out_features, self.in_features)
+
+    @property
+    def params(self) -> int:
+        return layer_param_cost(self.out_features, self.in_features, self.rank)
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "out": self.out_features,
+            "in": self.in_features,
+            "rank": DENSE if self.rank is None else self.rank,
+            "param_ratio": self.param_ratio,
+            "predicted_error": self.predicted_error,
+        }
+
+
+@dataclass
+class RankPlan:
+    """Ranks for every compressible Linear of one model, plus how they were chosen."""
+
+    model_source: str
+    fingerprint: str
+    method: str
+    decomposition: str
+    budget: float  # kept fraction the allocation targeted (methods.md §0)
+    error_model: dict | None
+    layers: list[LayerPlan]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        """Params kept / total over the compressible Linears, realised ratio, dense count."""
+        kept = sum(l.params for l in self.layers)
+        total = sum(l.dense_params for l in self.layers)
+        return {
+            "params_kept": kept,
+            "params_total": total,
+            "realised_ratio": kept / total if total else 1.0,
+            "dense_layers": sum(l.rank is None for l in self.layers),
+            "num_layers": len(self.layers),
+        }
+
+    def ranks(self) -> dict[str, int | None]:
+        return {l.name: l.rank for l in self.layers}
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {
+            "schema": PLAN_SCHEMA,
+            "model": {"source": self.model_source, "fingerprint": self.fingerprint},
+            "method": self.method,
+            "decomposition": self.decomposition,
+            "budget": self.budget,
+            "error_model": self.error_model,
+            "layers": [l.to_dict() for l in self.layers],
+            "summary": self.summary,
+            "created": self.created,
+            "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    @staticmethod
+    def from_json(
+        text: str | bytes, layers: list[LayerInfo] | None = None, fingerprint: str | None = None
+    ) -> "RankPlan":
+        """Parse and validate a plan. With ``layers`` / ``fingerprint`` of the target model,
+        also check it covers exactly that model's layers with matching shapes."""
+        if len(text) > MAX_PLAN_BYTES:
+            raise PlanError(f"plan is too large ({len(text)} bytes > {MAX_PLAN_BYTES}); not a rank plan")
+        doc = _parse_json_object(text)
+        _check_schema(doc)
+        missing = [k for k in _TOP_LEVEL_FIELDS if k not in doc]
+        if missing:
+            raise PlanError(f"plan is missing field(s): {', '.join(missing)}")
+        model = doc["model"]
+        if not isinstance(model, dict) or "source" not in model or "fingerprint" not in model:
+            raise PlanError("plan field 'model' must be an object with 'source' and 'fingerprint'")
+        if fingerprint is not None and model["fingerprint"] != fingerprint:
+            raise PlanError(
+                f"plan was made for another model: plan fingerprint {model['fingerprint']!r} "
+                f"(model source {model['source']!r}), loaded model fingerprint {fingerprint!r}"
+            )
+        layer_plans = _parse_layers(doc["layers"])
+        if layers is not None:
+            layer_plans = _match_model_layers(layer_plans, layers)
+        return RankPlan(
+            model_source=str(model["source"]),
+            fingerprint=str(model["fingerprint"]),
+            method=str(doc["method"]),
+            decomposition=str(doc["decomposition"]),
+            budget=_parse_budget(doc["budget"]),
+            error_model=_optional_dict(doc, "error_model"),
+            layers=layer_plans,
+            created=str(doc.get("created", "")),
+            meta=_optional_dict(doc, "meta") or {},
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file in the same folder, then os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @staticmethod
+    def load(path: str | Path, layers: list[LayerInfo] | None = None, fingerprint: str | None = None) -> "RankPlan":
+        path = Path(path)
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path} is too large ({size} bytes > {MAX_PLAN_BYTES}); not a rank plan")
+        return RankPlan.from_json(path.read_bytes(), layers=layers, fingerprint=fingerprint)
+
+    # ------------------------------------------------------------ reference format
+    def to_loadconfig(self) -> dict[str, float]:
+        """The reference's ``{layer: ratio}`` file, ratio = rank/eq_rank (1.0 dense).
+
+        The ratio is nudged up by ulps where needed so that the reference's
+        ``int(ratio * eq_rank)`` gives back exactly this rank (r/eq*eq can round below r).
+        """
+        return {l.name: 1.0 if l.rank is None else _ratio_for_rank(l.rank, l.eq_rank) for l in self.layers}
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def _parse_json_object(text: str | bytes) -> dict:
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"plan is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PlanError(f"plan must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _check_schema(doc: dict) -> None:
+    if "schema" not in doc:
+        raise PlanError(f"plan has no 'schema' field (expected {PLAN_SCHEMA!r})")
+    if doc["schema"] != PLAN_SCHEMA:
+        raise PlanError(f"plan schema {doc['schema']!r} is not supported (expected {PLAN_SCHEMA!r})")
+
+
+def _parse_budget(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise PlanError(f"plan budget must be a kept fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _optional_dict(doc: dict, key: str) -> dict | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise PlanError(f"plan field {key!r} must be an object or null")
+    return value
+
+
+def _parse_layers(raw) -> list[LayerPlan]:
+    if not isinstance(raw, list):
+        raise PlanError("plan field 'layers' must be a list")
+    plans, seen, duplicates = [], set(), []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise PlanError(f"plan layer #{i} must be an object")
+        missing = [k for k in _LAYER_FIELDS if k not in entry]
+        if missing:
+            raise PlanError(f"plan layer #{i} ({entry.get('name', '?')}) is missing field(s): {', '.join(missing)}")
+        name, out_f, in_f = entry["name"], entry["out"], entry["in"]
+        if not isinstance(name, str) or not all(_positive_int(v) for v in (out_f, in_f)):
+            raise PlanError(f"plan layer #{i}: 'name' must be a string and 'out'/'in' positive integers")
+        if entry["rank"] is None:  # in JSON dense is spelled out; null is more likely a bug
+            raise PlanError(f"layer {name}: rank must be an integer or {DENSE!r}, got null")
+        if name in seen:
+            duplicates.append(name)
+        seen.add(name)
+        plans.append(LayerPlan(name, out_f, in_f, entry["rank"], predicted_error=_optional_float(entry, name)))
+    if duplicates:
+        raise PlanError(f"plan lists layer(s) more than once: {_few(duplicates)}")
+    return plans
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _optional_float(entry: dict, name: str) -> float | None:
+    value = entry.get("predicted_error")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"layer {name}: predicted_error must be a finite number or null")
+    return float(value)
+
+
+def _match_model_layers(plans: list[LayerPlan], layers: list[LayerInfo]) -> list[LayerPlan]:
+    """Check the plan covers exactly the model's layers with the same shapes; return in model order."""
+    by_name = {p.name: p for p in plans}
+    model_names = {l.name for l in layers}
+    unknown = [p.name for p in plans if p.name not in model_names]
+    if unknown:
+        raise PlanError(f"plan names layer(s) the model does not have: {_few(unknown)}")
+    missing = [l.name for l in layers if l.name not in by_name]
+    if missing:
+        raise PlanError(f"plan has no entry for model layer(s): {_few(missing)}")
+    for l in layers:
+        p = by_name[l.name]
+        if (p.out_features, p.in_features) != (l.out_features, l.in_features):
+            raise PlanError(
+                f"layer {l.name}: plan shape {p.out_features}x{p.in_features} (out x in) "
+                f"does not match the model's {l.out_features}x{l.in_features}"
+            )
+    return [by_name[l.name] for l in layers]
+
+
+def _ratio_for_rank(rank: int, eq_rank: int) -> float:
+    ratio = rank / eq_rank
+    while int(ratio * eq_rank) < rank:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+# --------------------------------------------------------------------------- constructors
+def from_loadconfig(
+    config: dict[str, float],
+    layers: list[LayerInfo],
+    model_source: str = "",
+    fingerprint: str = "",
+    method: str = "loadconfig",
+    decomposition: str = "unknown",
+    budget: float | None = None,
+    meta: dict | None = None,
+) -> RankPlan:
+    """Build a plan from the reference's ``{layer: ratio}`` file: rank = int(ratio * eq_rank).
+
+    As in the reference, layers the file does not mention stay dense and ratio >= 1
+    means dense. Unknown names and ratios giving rank 0 are errors. ``budget``
+    defaults to the realised ratio.
+    """
+    known = {l.name for l in layers}
+    unknown = [name for name in config if name not in known]
+    if unknown:
+        raise PlanError(f"loadconfig names layer(s) the model does not have: {_few(unknown)}")
+    plans = [LayerPlan(l.name, l.out_features, l.in_features, _rank_from_ratio(l, config.get(l.name, 1.0))) for l in layers]
+    plan = RankPlan(model_source, fingerprint, method, decomposition, 1.0, None, plans, meta=meta or {})
+    plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
+    return plan
+
+
+def _rank_from_ratio(layer: LayerInfo, ratio) -> int | None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise PlanError(f"layer {layer.name}: ratio must be a positive number, got {ratio!r}")
+    if ratio >= 1.0:
+        return None
+    rank = int(ratio * layer.eq_rank)
+    if rank < 1:
+        raise PlanError(f"layer {layer.name}: ratio {ratio} gives rank 0 (eq_rank {layer.eq_rank})")
+    return rank
+
+
+def plan_from_ranks(
+    profile,
+    ranks: dict[str, int | None],
+    method: str,
+    predicted_error: dict[str, float] | None = None,
+    error_model: dict | None = None,
+    meta: dict | None = None,
+    budget: float | None = None,
+) -> RankPlan:
+    """Build a plan for ``profile``'s model from ``{layer: rank or None}`` covering every layer.
+
+    ``budget`` is the kept fraction the allocation targeted; it defaults to the realised ratio.
+    """
+    names = {l.name for l in profile.layers}
+    unknown = [n for n in ranks if n not in names]
+    if unknown:
+        raise PlanError(f"ranks name layer(s) the profile does not have: {_few(unknown)}")
+    missing = [l.name for l in profile.layers if l.name not in ranks]
+    if missing:
+        raise PlanError(f"ranks have no entry for layer(s): {_few(missing)}")
+    errors = predicted_error or {}
+    plans = [
+        LayerPlan(l.name, l.out_features, l.in_features, ranks[l.name],
+                  predicted_error=None if l.name not in errors else float(errors[l.name]))
+        for l in profile.layers
+    ]
+    plan = RankPlan(profile.model_source, profile.fingerprint, method, profile.decomposition, 1.0,
+                    error_model, plans, meta=meta or {})
+    plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
+    return plan

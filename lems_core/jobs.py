@@ -121,6 +121,25 @@ class Job:
                 self._message = self._error
 
 
+def for_each(fn: Callable, items: list, progress: Callable[[float, str], None], cancel: threading.Event) -> list:
+    """Run ``fn(item, progress=, cancel=)`` for every item in turn, as one job.
+
+    Each item gets an equal slice of the progress bar and its messages are prefixed
+    with "k/n"; the list of results is returned. Submit it as
+    ``registry.submit(name, for_each, fn, items)``.
+    """
+    results, n = [], max(1, len(items))
+    for k, item in enumerate(items):
+        if cancel.is_set():
+            raise JobCancelled("cancelled")
+
+        def step(fraction: float, message: str = "", k: int = k) -> None:
+            progress((k + min(1.0, max(0.0, fraction))) / n, f"{k + 1}/{n}: {message}")
+
+        results.append(fn(item, progress=step, cancel=cancel))
+    return results
+
+
 class JobRegistry:
     """Starts jobs and keeps them (newest first) until cleared."""
 

@@ -2,7 +2,7 @@
 import threading
 import time
 
-from lems_core.jobs import CANCELLED, DONE, FAILED, JobCancelled, JobRegistry
+from lems_core.jobs import CANCELLED, DONE, FAILED, JobCancelled, JobRegistry, for_each
 
 
 def _steps(n, progress, cancel, pause=0.0):
@@ -121,3 +121,40 @@ def test_args_and_kwargs_passed_through():
         return (a + b) * scale
 
     assert JobRegistry().submit("add", add, 2, 3, scale=10).wait(5).result == 50
+
+
+def test_for_each_runs_items_in_order_with_scaled_progress():
+    seen = []
+
+    def square(x, progress, cancel):
+        progress(0.5, f"half of {x}")
+        seen.append(x)
+        return x * x
+
+    reported = []
+    job = JobRegistry().submit("each", for_each, square, [1, 2, 3])
+    state = job.wait(5)
+    assert state.status == DONE and state.result == [1, 4, 9] and seen == [1, 2, 3]
+
+    for_each(square, [1, 2], lambda f, m: reported.append((f, m)), threading.Event())
+    assert reported == [(0.25, "1/2: half of 1"), (0.75, "2/2: half of 2")]
+
+
+def test_for_each_stops_on_cancel_and_reports_item_failure():
+    def slow(x, progress, cancel):
+        for _ in range(1000):
+            progress(0.1, str(x))
+            time.sleep(0.005)
+
+    job = JobRegistry().submit("each", for_each, slow, [1, 2, 3])
+    time.sleep(0.05)
+    job.cancel()
+    assert job.wait(5).status == CANCELLED
+
+    def fail_on_two(x, progress, cancel):
+        if x == 2:
+            raise ValueError("bad plan 2")
+        return x
+
+    state = JobRegistry().submit("each", for_each, fail_on_two, [1, 2, 3]).wait(5)
+    assert state.status == FAILED and state.error == "ValueError: bad plan 2"

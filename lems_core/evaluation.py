@@ -1,0 +1,129 @@
+"""Step 9: perplexity (reference protocol) and KL of a compressed model against the dense one.
+
+Perplexity (methods.md §5.1): tokenise the whole split once, cut it into
+non-overlapping seq_len windows (remainder dropped), PPL = exp(mean next-token
+NLL over all predicted positions); windows with non-finite logits are skipped.
+
+KL (methods.md §1.2): p = softmax(z_dense / T), q = softmax(z_comp / T), T = 0.6,
+KL(p || q) summed over the vocabulary and averaged over positions after the first
+eighth of each sequence.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KL_TEMPERATURE = 0.6
+KL_SKIP_FRACTION = 0.125  # positions 256.. of 2048
+
+Progress = Callable[[float, str], None]
+
+
+class Cancelled(RuntimeError):
+    """Raised inside a long loop when its cancel event is set."""
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled by the user")
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    skipped: int
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Tokenise once and cut into non-overlapping [n, seq_len] windows."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> PerplexityResult:
+    """exp(mean NLL) over all windows, on the model's device."""
+    device = _device_of(model)
+    nll_sum, count, skipped = 0.0, 0, 0
+    n = windows.shape[0]
+    for start in range(0, n, batch_size):
+        check_cancel(cancel)
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits.float()
+        if not torch.isfinite(logits).all():
+            skipped += batch.shape[0]
+            continue
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        nll_sum += loss.item()
+        count += batch[:, 1:].numel()
+        if progress:
+            progress(min(start + batch_size, n) / n, f"perplexity window {min(start + batch_size, n)}/{n}")
+    if count == 0:
+        return PerplexityResult(math.inf, math.inf, 0, n, skipped)
+    mean = nll_sum / count
+    return PerplexityResult(math.exp(mean), mean, count, n, skipped)
+
+
+def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, temperature: float = KL_TEMPERATURE,
+                   skip_fraction: float = KL_SKIP_FRACTION) -> tuple[float, int]:
+    """(sum of per-position KL(p_ref || q), number of positions) for one batch [B, T, V]."""
+    start = int(skip_fraction * ref_logits.shape[1])
+    p_log = F.log_softmax(ref_logits[:, start:].float() / temperature, dim=-1).flatten(0, 1)
+    q_log = F.log_softmax(logits[:, start:].float() / temperature, dim=-1).flatten(0, 1)
+    kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
+    return kl.item(), p_log.shape[0]
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """Logits per batch, stored compactly (bf16 as the reference) for later KL comparisons."""
+    device = _device_of(model)
+    return [model(windows[s : s + batch_size].to(device), use_cache=False).logits.to(dtype)
+            for s in range(0, windows.shape[0], batch_size)]
+
+
+def mean_kl(ref_logits: Sequence[torch.Tensor], logits: Sequence[torch.Tensor], **kw) -> float:
+    """Token-weighted mean KL over batches."""
+    total, count = 0.0, 0
+    for ref, out in zip(ref_logits, logits):
+        s, n = kl_from_logits(ref.to(out.device), out, **kw)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def kl_to_reference(model: nn.Module, windows: torch.Tensor, ref_logits: Sequence[torch.Tensor], batch_size: int = 1,
+                    cancel: threading.Event | None = None) -> float:
+    """KL(dense || model) on the search windows, given the dense model's cached logits."""
+    device = _device_of(model)
+    total, count = 0.0, 0
+    for i, start in enumerate(range(0, windows.shape[0], batch_size)):
+        check_cancel(cancel)
+        logits = model(windows[start : start + batch_size].to(device), use_cache=False).logits
+        s, n = kl_from_logits(ref_logits[i].to(device), logits)
+        total, count = total + s, count + n
+    return total / max(count, 1)

@@ -1,0 +1,124 @@
+"""Step 5a: measured per-layer sensitivity, the "scale" of the LEMS error model.
+
+For each layer l and ratio c: compress only l to rank int(c * eq_l), run the
+search windows, and measure KL(dense || perturbed) (methods.md §1.2).
+
+The sweep never runs the whole model per layer: the dense hidden state entering
+each block is kept, and a perturbation in block b runs only blocks b..B-1 and
+the head. That is about half the naive cost (bench/sensitivity.py measures it).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blocks import BlockInput, advance, capture_block_inputs, logits_from_block
+from .compression import LowRankLinear, set_module
+from .decomposition import Factorization
+from .evaluation import check_cancel, kl_from_logits
+from .model import LayerInfo, decoder_blocks
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class DenseReference:
+    """The dense model's logits on the search windows, and its NLL there."""
+
+    logits: list[torch.Tensor]  # one bf16 tensor per batch
+    nll: float
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll))
+
+
+def rank_at(layer: LayerInfo, ratio: float) -> int:
+    """Rank kept at param ratio c: int(c * eq) (methods.md §0), at least 1."""
+    return max(1, int(ratio * layer.eq_rank))
+
+
+def _batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="sum")
+    return loss.item(), ids[:, 1:].numel()
+
+
+def dense_reference(model: nn.Module, items: list[BlockInput], windows: torch.Tensor, batch_size: int) -> DenseReference:
+    logits = logits_from_block(model, 0, items)
+    total, count = 0.0, 0
+    for i, out in enumerate(logits):
+        s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
+        total, count = total + s, count + n
+    return DenseReference([l.to(torch.bfloat16) for l in logits], total / max(count, 1))
+
+
+def _kl_suffix(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference) -> float:
+    total, count = 0.0, 0
+    for out, ref_logits in zip(logits_from_block(model, start, items), ref.logits):
+        s, n = kl_from_logits(ref_logits.to(out.device), out)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+def layer_kl_sweep(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    factorization_of: Callable[[LayerInfo], Factorization],
+    windows: torch.Tensor,
+    ratios: Sequence[float],
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[dict[float, np.ndarray], DenseReference]:
+    """KL with only one layer compressed, for every layer and ratio.
+
+    Returns ({ratio: array over `layers`}, dense reference). Blocks run from the
+    perturbed one onward on cached dense inputs.
+    """
+    blocks = decoder_blocks(model)
+    items = capture_block_inputs(model, windows, batch_size)
+    ref = dense_reference(model, items, windows, batch_size)
+    index = {l.name: i for i, l in enumerate(layers)}
+    result = {r: np.full(len(layers), np.nan) for r in ratios}
+    done, total = 0, len(layers) * len(ratios)
+    for b in range(len(blocks)):
+        for layer in (l for l in layers if l.block == b):
+            original = model.get_submodule(layer.name)
+            factors = factorization_of(layer)
+            for ratio in ratios:
+                check_cancel(cancel)
+                left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
+                set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
+                try:
+                    result[ratio][index[layer.name]] = _kl_suffix(model, b, items, ref)
+                finally:
+                    set_module(model, layer.name, original)
+                done += 1
+                if progress:
+                    progress(done / total, f"KL sweep: {layer.name} at ratio {ratio:g}")
+        items = advance(blocks[b], items)
+    return result, ref
+
+
+def naive_layer_kl(
+    model: nn.Module, layer: LayerInfo, factors: Factorization, windows: torch.Tensor, ratio: float, ref: DenseReference, batch_size: int = 1
+) -> float:
+    """The same measurement with full forward passes (for the benchmark and tests)."""
+    original = model.get_submodule(layer.name)
+    left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
+    set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
+    try:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, start in enumerate(range(0, windows.shape[0], batch_size)):
+                out = model(windows[start : start + batch_size].to(original.weight.device), use_cache=False).logits
+                s, n = kl_from_logits(ref.logits[i].to(out.device), out)
+                total, count = total + s, count + n
+        return total / max(count, 1)
+    finally:
+        set_module(model, layer.name, original)

@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+import torch
+
+from lems_core.decomposition import Decomposer
+from lems_core.model import compressible_layers, tiny_model
+from lems_core.sensitivity import dense_reference, layer_kl_sweep, naive_layer_kl
+from lems_core.blocks import capture_block_inputs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_block_suffix_sweep_equals_full_forward(arch):
+    model = tiny_model(arch, seed=6)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(6))
+    layers = compressible_layers(model)
+    decomposer = Decomposer("svd")
+    factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
+    sweep, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.1, 0.5], batch_size=2)
+    assert set(sweep) == {0.1, 0.5}
+    for i, layer in enumerate(layers):
+        naive = naive_layer_kl(model, layer, factors[layer.name], ids, 0.1, ref, batch_size=2)
+        assert sweep[0.1][i] == pytest.approx(naive, rel=2e-3, abs=1e-6)
+    assert np.all(sweep[0.1] > 0) and np.all(np.isfinite(sweep[0.5]))
+    # the model is left dense afterwards
+    assert all(isinstance(model.get_submodule(l.name), torch.nn.Linear) for l in layers)

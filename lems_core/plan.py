@@ -403,3 +403,25 @@ def plan_from_ranks(
                     error_model, plans, meta=meta or {})
     plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
     return plan
+
+
+def plan_from_allocation(profile, allocation, params=None, meta: dict | None = None) -> RankPlan:
+    """The plan of an ``allocators.Allocation`` (duck-typed: method, ratio, ranks, ...).
+
+    The plan's error model is the one the allocation was solved under (LEMS); for
+    methods without one, ``params`` (an ErrorModelParams) is used to annotate each
+    layer with its predicted error under that model, so plans of different methods
+    can be compared. If the profile cannot support ``params`` (e.g. no KL scale),
+    the errors stay empty and meta["predicted_error_note"] says why.
+    """
+    meta = {"objective": allocation.objective, "solve_seconds": allocation.solve_seconds, **(meta or {})}
+    error_model, errors = allocation.info.get("error_model"), allocation.predicted_error
+    if errors is None and params is not None:
+        from .allocators import predicted_errors  # allocators imports this module
+
+        try:
+            errors, error_model = predicted_errors(profile, allocation.ranks, params), params.to_dict()
+        except ValueError as exc:
+            meta["predicted_error_note"] = str(exc)
+    return plan_from_ranks(profile, allocation.ranks, allocation.method, predicted_error=errors,
+                           error_model=error_model, meta=meta, budget=allocation.ratio)

@@ -1,0 +1,347 @@
+"""Orchestration of the steps with caching: statistics -> factorisations -> profile,
+and plan -> compressed model -> evaluation.
+
+Each expensive artefact is keyed by what it was computed from (model
+fingerprint, calibration config, decomposition and its options) and stored as
+safetensors; a corrupt or missing entry is recomputed, never trusted.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import __version__
+from .cache import index, key_of, load_tensors, profiles_dir, save_tensors, tensor_path
+from .calibration import CalibrationConfig, SEARCH_SEED_OFFSET, sample_windows
+from .compression import compress_model, restore_dense
+from .data import load_text
+from .decomposition import DecompositionOptions, Decomposer, Factorization
+from .evaluation import Cancelled, check_cancel, kl_to_reference, model_logits, perplexity, token_windows
+from .model import LayerInfo, LoadedModel, compressible_layers, load_model
+from .profile import Profile, ProfileError
+from .sensitivity import layer_kl_sweep
+from .statistics import (INPUT_GROUP, InputStats, Statistics, collect_fisher_rows, collect_grad_grams,
+                         iter_block_input_stats)
+
+Progress = Callable[[float, str], None]
+
+NEEDS = {
+    "svd": set(),
+    "asvd": {"inputs"},
+    "fwsvd": {"fisher"},
+    "svd_llm": {"inputs"},
+    "svd_llm_v2": {"inputs"},
+    "kfac": {"inputs", "grads"},
+}
+
+
+def stage(progress: Progress | None, lo: float, hi: float) -> Progress | None:
+    """Map a sub-step's 0..1 progress into [lo, hi] of the caller's bar."""
+    if progress is None:
+        return None
+    return lambda f, msg: progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), msg)
+
+
+# ------------------------------------------------------------------ model cache
+_MODEL_LOCK = threading.Lock()
+_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def get_model(source: str, device: str | None = None) -> LoadedModel:
+    """Load a model once per process (the demo takes ~30 s to load on CPU); keeps one."""
+    from .model import default_device
+
+    key = (source, device or default_device())
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()
+            _MODELS[key] = load_model(source, device=key[1])
+        return _MODELS[key]
+
+
+# ------------------------------------------------------------------ data
+def calibration_windows(loaded: LoadedModel, cfg: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    text, _ = load_text(cfg.dataset, cfg.split)
+    calib = sample_windows(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed)
+    search = sample_windows(loaded.tokenizer, text, cfg.n_search, cfg.seq_len, cfg.seed + SEARCH_SEED_OFFSET)
+    return calib, search
+
+
+# ------------------------------------------------------------------ statistics
+def _input_stats_to_tensors(stats: dict[str, InputStats], layers: list[LayerInfo]) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer in layers:
+        g = f"{layer.block}.{INPUT_GROUP[layer.kind]}"
+        if f"{g}.gram" in out:
+            continue
+        s = stats[layer.name]
+        out.update({f"{g}.gram": s.gram, f"{g}.abs_sum": s.abs_sum, f"{g}.abs_max": s.abs_max,
+                    f"{g}.abs_max_sum": s.abs_max_sum, f"{g}.tokens": torch.tensor([s.tokens])})
+    return out
+
+
+def _input_stats_from_tensors(t: dict[str, torch.Tensor], layers: list[LayerInfo]) -> dict[str, InputStats]:
+    groups: dict[str, InputStats] = {}
+    out = {}
+    for layer in layers:
+        g = f"{layer.block}.{INPUT_GROUP[layer.kind]}"
+        if g not in groups:
+            groups[g] = InputStats(t[f"{g}.gram"], t[f"{g}.abs_sum"], t[f"{g}.abs_max"], t[f"{g}.abs_max_sum"],
+                                   int(t[f"{g}.tokens"][0]))
+        out[layer.name] = groups[g]
+    return out
+
+
+def statistics_for(
+    loaded: LoadedModel, calib_ids: torch.Tensor, cfg: CalibrationConfig, decomposition: str,
+    cache_dir: Path | None = None, progress: Progress | None = None,
+) -> Statistics:
+    """The statistics a decomposition needs, from cache or computed now (and cached)."""
+    layers = compressible_layers(loaded.model)
+    needs = NEEDS[decomposition]
+    stats = Statistics()
+    base = (loaded.fingerprint, cfg.to_dict())
+    if "inputs" in needs:
+        path = tensor_path("inputs", key_of(*base, "inputs"), cache_dir)
+        cached = load_tensors(path)
+        if cached is None:
+            computed = {}
+            for _, block_stats in iter_block_input_stats(loaded.model, calib_ids, progress=stage(progress, 0, 0.5)):
+                computed.update(block_stats)
+            save_tensors(path, _input_stats_to_tensors(computed, layers))
+            stats.inputs = computed
+        else:
+            stats.inputs = _input_stats_from_tensors(cached, layers)
+    if "grads" in needs:
+        path = tensor_path("grads", key_of(*base, "grads"), cache_dir)
+        stats.grad_gram = load_tensors(path) or {}
+        if not stats.grad_gram:
+            stats.grad_gram = collect_grad_grams(loaded.model, calib_ids, layers, progress=stage(progress, 0.5, 1))
+            save_tensors(path, stats.grad_gram)
+    if "fisher" in needs:
+        path = tensor_path("fisher", key_of(*base, "fisher"), cache_dir)
+        stats.fisher = load_tensors(path) or {}
+        if not stats.fisher:
+            stats.fisher = collect_fisher_rows(loaded.model, calib_ids, layers, progress=stage(progress, 0, 1))
+            save_tensors(path, stats.fisher)
+    return stats
+
+
+# ------------------------------------------------------------------ factorisations
+def factorizations_for(
+    loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str,
+    options: DecompositionOptions | None = None, cache_dir: Path | None = None,
+    progress: Progress | None = None, calib_ids: torch.Tensor | None = None,
+) -> dict[str, Factorization]:
+    """Every layer's Factorization (cached as one safetensors file per model/config/method)."""
+    options = options or DecompositionOptions()
+    layers = compressible_layers(loaded.model)
+    key = key_of(loaded.fingerprint, cfg.to_dict(), decomposition, _options_dict(options))
+    path = tensor_path("factors", key, cache_dir)
+    cached = load_tensors(path)
+    if cached is not None:
+        return {l.name: Factorization(cached[f"{l.name}.sigma"].numpy(), cached[f"{l.name}.left"].to(loaded.device),
+                                      cached[f"{l.name}.right"].to(loaded.device)) for l in layers}
+    if calib_ids is None and NEEDS[decomposition]:
+        calib_ids, _ = calibration_windows(loaded, cfg)
+    stats = statistics_for(loaded, calib_ids, cfg, decomposition, cache_dir, stage(progress, 0, 0.6))
+    decomposer = Decomposer(decomposition, options)
+    result = {}
+    for i, layer in enumerate(layers):
+        weight = loaded.model.get_submodule(layer.name).weight
+        result[layer.name] = decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
+                                        stats.fisher.get(layer.name))
+        if progress:
+            progress(0.6 + 0.4 * (i + 1) / len(layers), f"decomposing {layer.name}")
+    tensors = {}
+    for name, f in result.items():
+        tensors.update({f"{name}.sigma": torch.from_numpy(f.sigma), f"{name}.left": f.left.cpu(), f"{name}.right": f.right.cpu()})
+    save_tensors(path, tensors, {"decomposition": decomposition})
+    return result
+
+
+def _options_dict(options: DecompositionOptions) -> dict:
+    return {k: str(v) for k, v in asdict(options).items()}
+
+
+# ------------------------------------------------------------------ profile
+def build_profile(
+    source: str | LoadedModel,
+    decomposition: str,
+    calibration: CalibrationConfig,
+    extra_ratios: tuple[float, ...] = (),
+    ref_ratio: float = 0.1,
+    measure_scale: bool = True,
+    device: str | None = None,
+    options: DecompositionOptions | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    force: bool = False,
+) -> Path:
+    """Compute (or reuse) the profile for (model, calibration, decomposition); return its folder."""
+    loaded = source if isinstance(source, LoadedModel) else get_model(source, device)
+    options = options or DecompositionOptions()
+    settings = {"ref_ratio": ref_ratio, "extra_ratios": sorted(extra_ratios), "scale": measure_scale,
+                "options": _options_dict(options)}
+    folder = profiles_dir(cache_dir) / key_of(loaded.fingerprint, calibration.to_dict(), decomposition, settings)
+    if not force:
+        with contextlib.suppress(ProfileError):
+            return Profile.load(folder) and folder
+    started = time.perf_counter()
+    calib_ids, search_ids = calibration_windows(loaded, calibration)
+    check_cancel(cancel)
+    factors = factorizations_for(loaded, calibration, decomposition, options, cache_dir, stage(progress, 0, 0.4), calib_ids)
+    layers = compressible_layers(loaded.model)
+    kl_ref, measured, dense = None, {}, {}
+    if measure_scale:
+        ratios = [ref_ratio, *sorted(set(extra_ratios) - {ref_ratio})]
+        sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search_ids, ratios,
+                                    progress=stage(progress, 0.4, 1.0), cancel=cancel)
+        kl_ref = sweep.pop(ref_ratio)
+        measured = sweep
+        dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}
+    profile = Profile(
+        model_source=loaded.source, fingerprint=loaded.fingerprint, decomposition=decomposition,
+        calibration=calibration.to_dict(), layers=layers, spectra={n: f.sigma for n, f in factors.items()},
+        ref_ratio=ref_ratio, kl_ref=kl_ref, measured=measured, dense=dense,
+        meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
+              "seconds": round(time.perf_counter() - started, 1), "lems_version": __version__,
+              "torch": torch.__version__, "device": str(loaded.device)},
+    )
+    profile.save(folder)
+    if progress:
+        progress(1.0, "profile saved")
+    return folder
+
+
+# ------------------------------------------------------------------ compression + evaluation
+@contextlib.contextmanager
+def compressed(loaded: LoadedModel, ranks: dict[str, int | None], factors: dict[str, Factorization]) -> Iterator[dict]:
+    """Compress the cached model in place for the duration of a `with` block, then restore it."""
+    originals = {name: loaded.model.get_submodule(name) for name in ranks}
+    try:
+        yield compress_model(loaded.model, ranks, lambda l: factors[l.name])
+    finally:
+        restore_dense(loaded.model, originals)
+
+
+@dataclass
+class EvalResult:
+    """One measured plan: what the app's results table and plots show."""
+
+    method: str
+    decomposition: str
+    budget: float
+    realised_ratio: float
+    ppl: dict[str, float]
+    dense_ppl: dict[str, float]
+    kl: float | None
+    params_kept: int
+    params_total: int
+    seconds: float
+    device: str
+    model_source: str
+    fingerprint: str
+    settings: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dense_perplexity(loaded: LoadedModel, dataset: str, seq_len: int, max_windows: int | None,
+                     cache_dir: Path | None = None, cancel: threading.Event | None = None) -> float:
+    """Dense-model perplexity on a dataset, cached in the index."""
+    key = f"dense-ppl:{key_of(loaded.fingerprint, dataset, seq_len, max_windows)}"
+    store = index(cache_dir)
+    if key in store:
+        return float(store[key])
+    text, _ = load_text(dataset, "test" if dataset != "ptb" else "validation")
+    value = perplexity(loaded.model, token_windows(loaded.tokenizer, text, seq_len, max_windows), cancel=cancel).ppl
+    store[key] = value
+    return value
+
+
+def evaluate_plan(
+    plan,
+    datasets: list[str],
+    max_windows: int | None = 16,
+    seq_len: int = 512,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    cache_dir: Path | None = None,
+    calibration: CalibrationConfig | None = None,
+    with_kl: bool = True,
+) -> EvalResult:
+    """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
+
+    The plan must be for the loaded model (fingerprint check). Factorisations use
+    the calibration config recorded in the plan (or `calibration`).
+    """
+    started = time.perf_counter()
+    loaded = get_model(plan.model_source, device)
+    if plan.fingerprint != loaded.fingerprint:
+        raise ValueError(f"Plan is for model {plan.fingerprint}, but {plan.model_source} loads as {loaded.fingerprint}")
+    cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
+    factors = factorizations_for(loaded, cfg, plan.decomposition, cache_dir=cache_dir, progress=stage(progress, 0, 0.3))
+    ranks = plan.ranks()
+    kl = None
+    ppl, dense_ppl = {}, {}
+    ref_logits, search_ids = None, None
+    if with_kl:
+        _, search_ids = calibration_windows(loaded, cfg)
+        ref_logits = model_logits(loaded.model, search_ids)
+    for i, ds in enumerate(datasets):
+        dense_ppl[ds] = dense_perplexity(loaded, ds, seq_len, max_windows, cache_dir, cancel)
+    with compressed(loaded, ranks, factors):
+        for i, ds in enumerate(datasets):
+            check_cancel(cancel)
+            text, _ = load_text(ds, "test" if ds != "ptb" else "validation")
+            windows = token_windows(loaded.tokenizer, text, seq_len, max_windows)
+            lo = 0.3 + 0.6 * i / len(datasets)
+            ppl[ds] = perplexity(loaded.model, windows, progress=stage(progress, lo, lo + 0.6 / len(datasets)), cancel=cancel).ppl
+        if with_kl:
+            kl = kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
+    summary = plan.summary
+    return EvalResult(
+        method=plan.method, decomposition=plan.decomposition, budget=plan.budget,
+        realised_ratio=summary["realised_ratio"], ppl=ppl, dense_ppl=dense_ppl, kl=kl,
+        params_kept=summary["params_kept"], params_total=summary["params_total"],
+        seconds=round(time.perf_counter() - started, 1), device=str(loaded.device),
+        model_source=plan.model_source, fingerprint=plan.fingerprint,
+        settings={"seq_len": seq_len, "max_windows": max_windows, "calibration": cfg.to_dict()},
+    )
+
+
+def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor,
+                   cancel: threading.Event | None = None) -> Callable[[dict], float]:
+    """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, §1.3)."""
+    ref_logits = model_logits(loaded.model, search_ids)
+
+    def score(ranks: dict[str, int | None]) -> float:
+        with compressed(loaded, ranks, factors):
+            return kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
+    return score
+
+
+def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor,
+                    cancel: threading.Event | None = None) -> Callable[[dict], float]:
+    """score_fn(ranks) = perplexity on the search windows (ATP's grid search, §4.5)."""
+    def score(ranks: dict[str, int | None]) -> float:
+        with compressed(loaded, ranks, factors):
+            return perplexity(loaded.model, search_ids, cancel=cancel).ppl
+    return score
+
+
+__all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for", "statistics_for", "get_model",
+           "compressed", "make_kl_scorer", "make_ppl_scorer", "Cancelled", "calibration_windows"]

@@ -86,7 +86,8 @@ class LayerPlan:
 
     ``param_ratio`` is the fraction of this layer's parameters that is kept,
     r(m+n)/(mn) (1.0 dense). It differs from the reference's per-layer "ratio"
-    r/eq_rank, which is what ``RankPlan.to_loadconfig`` writes.
+    r/eq_rank, which is what ``RankPlan.to_loadconfig`` writes. It is always derived
+    from the rank (a value passed in or read from JSON is recomputed).
     """
 
     name: str

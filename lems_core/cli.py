@@ -109,7 +109,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compress(args) -> int:
     from .compression import count_parameters, save_compressed
-    from .pipeline import compressed, factorizations_for, get_model
+    from .pipeline import compressed, get_model, plan_factorizations
     from .calibration import CalibrationConfig
     from .plan import RankPlan
 
@@ -118,7 +118,7 @@ def cmd_compress(args) -> int:
     plan = RankPlan.load(args.plan, layers=None, fingerprint=loaded.fingerprint)
     cfg = CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
     with progress_bar("factorise") as bar:
-        factors = factorizations_for(loaded, cfg, plan.decomposition, progress=bar)
+        factors = plan_factorizations(loaded, cfg, plan.decomposition, plan.ranks(), progress=bar)
     dense_params = count_parameters(loaded.model)
     with compressed(loaded, plan.ranks(), factors) as applied:
         params = count_parameters(loaded.model)

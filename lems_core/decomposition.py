@@ -157,7 +157,9 @@ class Decomposer:
         inputs: InputStats | None = None,
         grad_gram: torch.Tensor | None = None,
         fisher: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> Factorization:
+        """Factorise one layer; `keep` components (default: the break-even rank)."""
         dt = self.options.dtype
         w = weight.detach().to(dt)
         left, right = _identity(), _identity()
@@ -174,7 +176,7 @@ class Decomposer:
                 raise ValueError(f"kfac needs the output-gradient Gram for {layer.name}")
             g = shrink(grad_gram.to(dt).to(w.device), self.options.kfac_shrink_g)
             left = _cholesky_left(cholesky_lower(g), self.options.kfac_orientation == "exact")
-        keep = max(1, min(layer.eq_rank, layer.out_features, layer.in_features))
+        keep = max(1, min(keep or layer.eq_rank, layer.out_features, layer.in_features))
         return factorize(w, left, right, keep)
 
     def _input_whitener(self, inputs: InputStats, device) -> _Whitener:

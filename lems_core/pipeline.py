@@ -199,7 +199,8 @@ def build_profile(
     started = time.perf_counter()
     calib_ids, search_ids = calibration_windows(loaded, calibration)
     check_cancel(cancel)
-    factors = factorizations_for(loaded, calibration, decomposition, options, cache_dir, stage(progress, 0, 0.4), calib_ids)
+    base = BASE_DECOMPOSITION.get(decomposition, decomposition)  # rank-dependent methods profile their base spectra
+    factors = factorizations_for(loaded, calibration, base, options, cache_dir, stage(progress, 0, 0.4), calib_ids)
     layers = compressible_layers(loaded.model)
     kl_ref, measured, dense = None, {}, {}
     if measure_scale:
@@ -221,6 +222,30 @@ def build_profile(
     if progress:
         progress(1.0, "profile saved")
     return folder
+
+
+# ------------------------------------------------------------------ rank-dependent decompositions
+# Methods whose factors depend on the ranks of the whole plan (closed-loop or
+# block-collaborative methods: SAES-SVD, ERC-SVD, LC-SVD) register here:
+#   fn(loaded, cfg, ranks, calib_ids, cache_dir, progress) -> {layer name: Factorization}
+# Their profiles use the spectra of their base whitening (static factorizations).
+RANK_DEPENDENT: dict[str, Callable] = {}
+BASE_DECOMPOSITION: dict[str, str] = {}  # e.g. "saes" -> "svd_llm"
+
+
+def register_rank_dependent(name: str, fn: Callable, base: str) -> None:
+    RANK_DEPENDENT[name] = fn
+    BASE_DECOMPOSITION[name] = base
+    NEEDS.setdefault(name, NEEDS[base])
+
+
+def plan_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, ranks: dict[str, int | None],
+                        cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
+    """Factors to compress with `ranks`: sliced from the static cache, or computed for these ranks."""
+    if decomposition in RANK_DEPENDENT:
+        calib_ids, _ = calibration_windows(loaded, cfg)
+        return RANK_DEPENDENT[decomposition](loaded, cfg, ranks, calib_ids, cache_dir, progress)
+    return factorizations_for(loaded, cfg, decomposition, cache_dir=cache_dir, progress=progress)
 
 
 # ------------------------------------------------------------------ compression + evaluation
@@ -293,8 +318,8 @@ def evaluate_plan(
     if plan.fingerprint != loaded.fingerprint:
         raise ValueError(f"Plan is for model {plan.fingerprint}, but {plan.model_source} loads as {loaded.fingerprint}")
     cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
-    factors = factorizations_for(loaded, cfg, plan.decomposition, cache_dir=cache_dir, progress=stage(progress, 0, 0.3))
     ranks = plan.ranks()
+    factors = plan_factorizations(loaded, cfg, plan.decomposition, ranks, cache_dir, stage(progress, 0, 0.3))
     kl = None
     ppl, dense_ppl = {}, {}
     ref_logits, search_ids = None, None

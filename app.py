@@ -1,0 +1,28 @@
+"""LEMS Explorer: `streamlit run app.py`.
+
+The entry point is only a router: it sets up the page, draws the shared sidebar
+(profile picker + cache status) and runs the page chosen in st.navigation.
+"""
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_pages import common  # noqa: E402  (needs the repository root on sys.path)
+
+st.set_page_config(page_title="LEMS Explorer", page_icon=":material/compress:", layout="wide")
+
+PAGES = [
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("app_pages/spectra.py", title="Spectra", icon=":material/show_chart:"),
+    st.Page("app_pages/sensitivity.py", title="Sensitivity", icon=":material/tune:"),
+    st.Page("app_pages/allocate.py", title="Allocate", icon=":material/tactic:"),
+    st.Page("app_pages/compress.py", title="Compress & evaluate", icon=":material/speed:"),
+]
+
+common.keep_widget_state()
+page = st.navigation(PAGES)
+common.sidebar()
+page.run()

@@ -1,0 +1,170 @@
+"""Allocate: a live budget slider re-solving LEMS (exact MCKP) against the baseline allocators.
+
+Everything that reacts to the budget or the error model lives in one st.fragment, so
+moving a slider reruns only that part of the page. The plan chosen for export is kept
+in st.session_state["current_plan"] for the Compress & evaluate page.
+"""
+import json
+
+import streamlit as st
+
+from lems_core import ui_data
+from lems_core.allocators import ALLOCATORS, Allocation, allocate
+from lems_core.plan import PlanError, RankPlan
+from app_pages import common
+
+CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
+LIVE_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs", "asvd", "ars") if m in ALLOCATORS]
+DEFAULT_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs") if m in LIVE_METHODS]
+
+profile = common.current_profile()
+profile_id = common.current_profile_id()
+st.session_state.setdefault("budget", 0.8)
+st.session_state.setdefault("compare_methods", DEFAULT_METHODS)
+st.session_state.setdefault("plan_method", "lems")
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def solve(_profile, profile_id: str, method: str, ratio: float, params: dict) -> Allocation:
+    """One allocator run, cached per (profile, method, budget, error model)."""
+    from lems_core.error_model import ErrorModelParams
+
+    return allocate(_profile, method, ratio, params=ErrorModelParams.from_dict(params))
+
+
+def solve_all(methods: list[str], ratio: float, params) -> tuple[dict[str, Allocation], dict[str, str]]:
+    """Allocations of every method that can run at this budget, and the messages of those that cannot."""
+    done, failed = {}, {}
+    for method in methods:
+        try:
+            done[method] = solve(profile, profile_id, method, ratio, params.to_dict())
+        except ValueError as exc:  # InfeasibleBudgetError, missing measurements, no ARS plan, ...
+            failed[method] = str(exc)
+    return done, failed
+
+
+def upload_section() -> None:
+    """Load a plan JSON for this model; bad files get the PlanError message."""
+    uploaded = st.file_uploader("Upload a plan JSON", type=["json"], key="plan_upload",
+                                help="A lems-rank-plan/1 file for this model (e.g. downloaded here earlier).")
+    if uploaded is None:
+        st.session_state.pop(UPLOADED_PLAN, None)
+        return
+    try:
+        plan = RankPlan.from_json(uploaded.getvalue(), layers=profile.layers, fingerprint=profile.fingerprint)
+    except PlanError as exc:
+        st.session_state.pop(UPLOADED_PLAN, None)
+        st.error(f"Cannot use {uploaded.name}: {exc}")
+        return
+    st.session_state[UPLOADED_PLAN] = plan
+    st.success(f"Loaded {uploaded.name}: {ui_data.method_label(plan.method)} plan, budget {plan.budget:.3f}, "
+               f"realised {plan.summary['realised_ratio']:.4f}. It is compared below as “uploaded”.")
+
+
+def headline(allocations: dict[str, Allocation], table) -> None:
+    """Solve time, objective and the LEMS vs uniform predicted-error gap."""
+    lems = allocations.get("lems")
+    if lems is None:
+        return
+    cols = st.columns(4)
+    cols[0].metric("LEMS solve time", f"{1000 * lems.solve_seconds:.1f} ms")
+    cols[1].metric("LEMS objective (Σ ε)", f"{lems.objective:.4g}")
+    cols[2].metric("LEMS realised ratio", f"{lems.info['realised_ratio']:.4f}")
+    error = table.set_index("method")["predicted error"]
+    ours, base = error[ui_data.method_label("lems")], error.get(ui_data.method_label("uniform"))
+    delta = f"{100 * (ours - base) / base:+.1f} % vs uniform" if base else None
+    cols[3].metric("LEMS predicted error", f"{ours:.4g}", delta, delta_color="inverse")
+
+
+def plan_panel(allocations: dict[str, Allocation]) -> None:
+    """Choose the plan to keep, show its summary, download it or save it to the cache."""
+    options = list(allocations) + (["uploaded"] if UPLOADED_PLAN in st.session_state else [])
+    if st.session_state.plan_method not in options:
+        st.session_state.plan_method = options[0]
+    st.selectbox("Plan to keep", options, format_func=_label, key="plan_method")
+    choice = st.session_state.plan_method
+    plan = st.session_state[UPLOADED_PLAN] if choice == "uploaded" else allocations[choice].to_plan(
+        profile, meta={"calibration": profile.calibration})
+    st.session_state[CURRENT_PLAN] = plan
+    summary = plan.summary
+    st.container(key="plan_summary").markdown(f"**Current plan:** {_label(choice)} at budget {plan.budget:.2f} → realised ratio "
+                f"{summary['realised_ratio']:.4f}, {summary['num_layers'] - summary['dense_layers']} layers factorised, "
+                f"{summary['dense_layers']} dense, {ui_data.human_count(summary['params_kept'])} of "
+                f"{ui_data.human_count(summary['params_total'])} params")
+    name = ui_data.plan_file_name(plan.method, plan.budget, plan.fingerprint)
+    col1, col2, col3 = st.columns(3)
+    col1.download_button("Download plan JSON", plan.to_json(), file_name=name, mime="application/json",
+                         on_click="ignore", key="download_plan", icon=":material/download:")
+    col2.download_button("Download loadconfig JSON", json.dumps(plan.to_loadconfig(), indent=1),
+                         file_name=name.replace(".json", "_loadconfig.json"), mime="application/json",
+                         on_click="ignore", key="download_loadconfig",
+                         help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense).")
+    if col3.button("Save plan to cache", key="save_plan", icon=":material/save:"):
+        path = plan.save(ui_data.plans_dir(common.cache_dir()) / name)
+        st.toast(f"Saved {path.name}")
+
+
+def comparison_views(allocations: dict[str, Allocation], table, params) -> None:
+    """Side by side: summary table, block x kind heatmaps, difference, error per block, per-layer bars."""
+    ranks = {label: alloc.ranks for label, alloc in allocations.items()}
+    st.dataframe(table, hide_index=True,
+                 column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
+                                "predicted error": st.column_config.NumberColumn(format="%.4g"),
+                                "objective": st.column_config.NumberColumn(format="%.4g"),
+                                "solve ms": st.column_config.NumberColumn(format="%.1f")})
+    st.caption("Predicted error: the LEMS surrogate Σ ε_l under the current error model, for every method. "
+               "Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), cells show the rank (D = dense).")
+    cols = st.columns(min(3, len(ranks)))
+    for i, (label, r) in enumerate(ranks.items()):
+        fig = ui_data.heatmap_figure(ui_data.kept_fraction_grid(profile, r), _label(label), "kept",
+                                     text=ui_data.rank_grid(profile, r), zrange=(0.0, 1.0))
+        cols[i % len(cols)].plotly_chart(fig, key=f"heat_{label}")
+    diff, errors = st.columns(2)
+    with diff:
+        a, b = st.columns(2)
+        first = a.selectbox("Difference: A", list(ranks), format_func=_label, key="diff_a")
+        second = b.selectbox("minus B", list(ranks), index=min(1, len(ranks) - 1), format_func=_label, key="diff_b")
+        fig = ui_data.heatmap_figure(ui_data.difference_grid(profile, ranks[first], ranks[second]),
+                                     f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
+        st.plotly_chart(fig, key="diff_fig")
+    errors.plotly_chart(ui_data.error_by_block_figure(profile, ranks, params), key="error_block_fig")
+    st.plotly_chart(ui_data.per_layer_figure(profile, ranks), key="per_layer_fig")
+
+
+@st.fragment
+def live_allocation() -> None:
+    """Budget + error model -> solve every method -> compare, keep and export a plan."""
+    st.slider("Budget: kept fraction of the compressible parameters", 0.10, 0.95, step=0.01, key="budget",
+              help="ρ of methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible Linears.")
+    with st.expander("Error model (shape · scale · bias)", expanded=False):
+        common.error_model_controls(profile)
+    st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=ui_data.method_label,
+                   help="ATP needs model evaluations and is not solved live; ASVD needs measured points.")
+    params = common.error_model_params(profile)
+    allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params)
+    if UPLOADED_PLAN in st.session_state:
+        plan = st.session_state[UPLOADED_PLAN]
+        allocations["uploaded"] = Allocation(plan.method, plan.budget, plan.ranks())
+    for method, message in failed.items():
+        st.warning(f"{ui_data.method_label(method)}: {message}")
+    if not allocations:
+        st.info("No method could allocate at this budget.")
+        return
+    table = ui_data.comparison_table(profile, allocations, params)
+    headline(allocations, table)
+    plan_panel(allocations)
+    comparison_views(allocations, table, params)
+
+
+def _label(key: str) -> str:
+    if key == "uploaded" and UPLOADED_PLAN in st.session_state:
+        return f"uploaded ({ui_data.method_label(st.session_state[UPLOADED_PLAN].method)})"
+    return ui_data.method_label(key)
+
+
+st.title("Allocate")
+st.caption(f"{profile.model_source} · {profile.decomposition} · {len(profile.layers)} layers. LEMS minimises the "
+           "summed error model exactly under the budget; the others are the baseline allocators.")
+with st.expander("Upload a plan", expanded=False):
+    upload_section()
+live_allocation()

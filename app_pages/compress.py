@@ -1,0 +1,162 @@
+"""Compress & evaluate: run chosen plans on the real model in the background, keep the results."""
+from functools import partial
+
+import streamlit as st
+
+from lems_core import ui_data
+from lems_core.jobs import for_each
+from lems_core.plan import PlanError, RankPlan
+from app_pages import common
+
+EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
+DATASETS = ("wikitext2", "ptb", "c4")
+GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")
+
+profile = common.current_profile()
+st.title("Compress & evaluate")
+st.caption("Factorise the model with a rank plan, measure perplexity (and KL to the dense model), restore it. "
+           "Results are stored in the cache and compared across methods below.")
+
+
+def available_plans() -> dict[str, RankPlan]:
+    """Label -> plan: the current one (Allocate page), the uploaded one and the saved files for this model."""
+    plans = {}
+    for key, label in (("current_plan", "current"), ("uploaded_plan", "uploaded")):
+        plan = st.session_state.get(key)
+        if plan is not None and plan.fingerprint == profile.fingerprint:
+            plans[f"{label}: {ui_data.method_label(plan.method)} @ {plan.budget:.2f}"] = plan
+    for path in ui_data.saved_plans(common.cache_dir()):
+        try:
+            plan = RankPlan.load(path, layers=profile.layers, fingerprint=profile.fingerprint)
+        except PlanError:
+            continue  # a plan for another model (or a broken file): not offered here
+        plans[f"saved: {path.name}"] = plan
+    return plans
+
+
+def evaluate_and_store(plan: RankPlan, progress, cancel, **options):
+    """Evaluate one plan and persist the result (runs inside the background job)."""
+    from lems_core.pipeline import evaluate_plan
+    from lems_core.results import ResultStore
+
+    result = evaluate_plan(plan, progress=progress, cancel=cancel, **options)
+    ResultStore(common.cache_dir()).add(result)
+    return result.to_dict()
+
+
+def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan]:
+    """Plans of ``methods`` at each budget under the current error model; failures are shown, not raised."""
+    from lems_core.allocators import allocate
+
+    if not methods or not budgets_text.strip():
+        return {}
+    try:
+        budgets = ui_data.parse_budgets(budgets_text)
+    except ValueError as exc:
+        st.error(f"Budgets: {exc}")
+        return {}
+    params, plans = common.error_model_params(profile), {}
+    for method in methods:
+        for budget in budgets:
+            try:
+                alloc = allocate(profile, method, budget, params=params)
+            except ValueError as exc:
+                st.warning(f"{ui_data.method_label(method)} at {budget:g}: {exc}")
+                continue
+            plans[f"new: {ui_data.method_label(method)} @ {budget:.2f}"] = alloc.to_plan(
+                profile, meta={"calibration": profile.calibration})
+    return plans
+
+
+def run_form(plans: dict[str, RankPlan]) -> None:
+    """Which plans, datasets, window cap and device; submitting starts one background job."""
+    devices = _devices()
+    with st.form("evaluate"):
+        chosen = st.multiselect("Plans", list(plans), default=list(plans)[:1],
+                                help="The current plan (Allocate page), an uploaded one, or plans saved to the cache.")
+        gen1, gen2 = st.columns(2)
+        new_methods = gen1.multiselect("…and/or new plans of", GENERATED_METHODS, format_func=ui_data.method_label,
+                                       help="Solved with the current error model (Allocate page settings).")
+        budgets_text = gen2.text_input("at budgets (kept fractions)", value="0.6, 0.7, 0.8")
+        col1, col2, col3, col4 = st.columns(4)
+        datasets = col1.multiselect("Datasets", DATASETS, default=["wikitext2"])
+        windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 16, step=8,
+                                    help="Evaluate at most this many sequences per dataset (faster, noisier).")
+        seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3 if "cuda" in devices else 1)
+        device = col4.selectbox("Device", devices)
+        submitted = st.form_submit_button("Compress & evaluate", type="primary")
+    if not submitted:
+        return
+    selected = {c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text)
+    if not selected or not datasets:
+        st.error("Choose at least one plan and one dataset.")
+        return
+    if common.job_registry().active("eval"):
+        st.error("An evaluation is already running; wait for it or cancel it.")
+        return
+    task = partial(evaluate_and_store, datasets=list(datasets), max_windows=int(windows) or None,
+                   seq_len=int(seq_len), device=device)
+    job = common.job_registry().submit(f"evaluate {len(selected)} plan(s)", for_each, task,
+                                       list(selected.values()), meta={"kind": "eval"})
+    st.session_state[EVAL_JOB] = job.id
+
+
+@st.fragment(run_every=1)
+def job_panel() -> None:
+    """Progress and cancel of the running evaluation; one full rerun when it ends, to refresh the results."""
+    job = common.job_registry().get(st.session_state.get(EVAL_JOB))
+    if job is None:
+        return
+    state = job.snapshot()
+    if not state.done:
+        st.progress(state.fraction, text=f"{state.message} ({state.elapsed:.0f} s)")
+        st.button("Cancel evaluation", on_click=job.cancel, key="cancel_eval")
+        return
+    if st.session_state.get(EVAL_SEEN) != job.id:
+        st.session_state[EVAL_SEEN] = job.id
+        st.rerun()  # the results section outside this fragment must redraw
+    if state.status == "done":
+        st.success(f"Evaluated {len(state.result)} plan(s) in {state.elapsed:.0f} s.")
+    elif state.status == "cancelled":
+        st.warning("Evaluation cancelled; plans finished before the cancel are stored.")
+    else:
+        st.error(f"Evaluation failed: {state.error}")
+        with st.expander("Traceback"):
+            st.code(state.traceback)
+
+
+def results_section() -> None:
+    """Stored results as a table and perplexity vs realised ratio per method."""
+    try:
+        from lems_core.results import ResultStore
+    except ImportError as exc:
+        st.info(f"Stored results are not available yet ({exc}).")
+        return
+    records = ResultStore(common.cache_dir()).all()
+    show_all = st.toggle("Results of all models", value=False, key="results_all")
+    if not show_all:
+        records = [r for r in records if r.get("fingerprint") == profile.fingerprint]
+    if not records:
+        st.info("No stored results for this model yet.")
+        return
+    frame = ui_data.results_frame(records)
+    datasets = ui_data.ppl_datasets(frame)
+    if datasets:
+        dataset = st.radio("Dataset", datasets, horizontal=True, key="results_dataset")
+        st.plotly_chart(ui_data.ppl_vs_ratio_figure(frame, dataset), key="ppl_ratio_fig")
+    st.dataframe(frame, hide_index=True)
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+
+
+if common.is_synthetic():
+    st.warning("The synthetic demo profile has no real model behind it: pick or build a real profile to evaluate.")
+else:
+    run_form(available_plans())
+    job_panel()
+st.subheader("Results")
+results_section()

@@ -1,0 +1,110 @@
+"""Home: what the current profile holds, and building a new profile in the background."""
+import streamlit as st
+
+from lems_core import ui_data
+from app_pages import common
+
+BUILD_JOB = "build_job_id"
+
+st.title("LEMS Explorer")
+st.caption("Low-rank SVD compression of LLMs: how many ranks each weight matrix gets under a global "
+           "parameter budget (LEMS error model + exact ILP), against baseline allocators.")
+
+
+def show_profile_summary() -> None:
+    """Headline metrics, the per-kind table and the full layer table of the current profile."""
+    profile = common.current_profile()
+    summary = ui_data.profile_summary(profile)
+    st.subheader("Current profile")
+    if common.is_synthetic():
+        st.warning("This is a **synthetic demo** profile with made-up spectra; build a real one below.")
+    cols = st.columns(4)
+    for col, label in zip(cols, ("Model", "Decomposition", "Blocks", "Compressible params")):
+        col.metric(label, summary[label])
+    st.caption(" · ".join(f"**{k}**: {v}" for k, v in summary.items()
+                          if k not in ("Model", "Decomposition", "Blocks", "Compressible params")))
+    if profile.calibration:
+        st.caption("Calibration: " + ", ".join(f"{k}={v}" for k, v in profile.calibration.items()))
+    st.markdown("**Layers by kind**")
+    st.dataframe(ui_data.kind_table(profile), hide_index=True,
+                 column_config={"share of params": st.column_config.ProgressColumn(min_value=0, max_value=1)})
+    with st.expander(f"All {len(profile.layers)} layers", expanded=False):
+        st.dataframe(ui_data.layer_table(profile), hide_index=True, height=360,
+                     column_config={"KL scale": st.column_config.NumberColumn(format="%.4g")})
+
+
+def build_form() -> None:
+    """Form to build a profile from a model source; starts a background job."""
+    try:
+        from lems_core.calibration import PRESETS
+        from lems_core.decomposition import METHODS
+        from lems_core.pipeline import build_profile
+    except ImportError as exc:
+        st.info(f"Building profiles is not available yet ({exc}).")
+        return
+    device_options = _devices()
+    with st.form("build_profile"):
+        source = st.text_input("Model source", value="demo",
+                               help="`demo` (SmolLM2-135M GGUF), a Hugging Face hub id, a local folder or a .gguf file")
+        col1, col2, col3 = st.columns(3)
+        decomposition = col1.selectbox("Decomposition", METHODS, index=_index(METHODS, "kfac"))
+        preset = col2.selectbox("Calibration preset", list(PRESETS),
+                                index=_index(list(PRESETS), "gpu-small" if "cuda" in device_options else "cpu"),
+                                format_func=lambda n: f"{n} ({PRESETS[n].n_samples}x{PRESETS[n].seq_len})")
+        device = col3.selectbox("Device", device_options)
+        submitted = st.form_submit_button("Build profile", type="primary")
+    if submitted:
+        job = common.job_registry().submit(
+            f"build {source} / {decomposition}", build_profile, source, decomposition,
+            calibration=PRESETS[preset], device=device, meta={"kind": "build"})
+        st.session_state[BUILD_JOB] = job.id
+
+
+@st.fragment(run_every=1)
+def build_progress() -> None:
+    """Polls the build job: progress bar, cancel button, outcome."""
+    job = common.job_registry().get(st.session_state.get(BUILD_JOB))
+    if job is None:
+        return
+    state = job.snapshot()
+    if not state.done:
+        st.progress(state.fraction, text=f"{state.name}: {state.message} ({state.elapsed:.0f} s)")
+        st.button("Cancel build", on_click=job.cancel, key="cancel_build")
+        return
+    if state.status == "done":
+        st.success(f"Profile built in {state.elapsed:.0f} s: `{state.result}`")
+        if st.button("Open this profile", type="primary", key="open_built", on_click=_open_built,
+                     args=(str(state.result),)):
+            st.rerun()  # full rerun so the sidebar picker shows the new profile
+    elif state.status == "cancelled":
+        st.warning("Build cancelled.")
+    else:
+        st.error(f"Build failed: {state.error}")
+        with st.expander("Traceback"):
+            st.code(state.traceback)
+    st.button("Dismiss", on_click=lambda: st.session_state.pop(BUILD_JOB, None), key="dismiss_build")
+
+
+def _open_built(path: str) -> None:
+    common.select_profile(path)
+    st.session_state.pop(BUILD_JOB, None)
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _index(options, value) -> int:
+    options = list(options)
+    return options.index(value) if value in options else 0
+
+
+show_profile_summary()
+st.divider()
+st.subheader("Build a profile")
+st.caption("Profiling loads the model, collects calibration statistics, decomposes every layer and measures one "
+           "KL per layer. Small models take minutes on a CPU; results are cached.")
+build_form()
+build_progress()

@@ -1,0 +1,261 @@
+"""AppTest checks of every page on a synthetic profile saved in a temporary cache.
+
+AppTest has no browser: fragments rerun the whole script here, Plotly charts are
+looked up as unknown elements, and nothing is really downloaded (the browser
+test in tests/e2e covers those).
+"""
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lems_core.plan import PLAN_SCHEMA
+from lems_core.profile import synthetic_profile
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ["app_pages/spectra.py", "app_pages/sensitivity.py", "app_pages/allocate.py", "app_pages/compress.py"]
+TIMEOUT = 30
+
+
+@pytest.fixture
+def profile_dir(tmp_path, monkeypatch):
+    """A synthetic profile in a fresh cache; the app is pointed at both by env vars."""
+    cache = tmp_path / "cache"
+    folder = synthetic_profile().save(cache / "profiles" / "synthetic-test")
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LEMS_PROFILE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def app(profile_dir):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts(at: AppTest) -> list:
+    return at.get("plotly_chart")
+
+
+def test_home_shows_profile_summary_and_layers(app, profile_dir):
+    assert app.title[0].value == "LEMS Explorer"
+    assert app.sidebar.selectbox(key="profile_choice").value == str(profile_dir)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Blocks"] == "4" and metrics["Decomposition"] == "svd_llm"
+    assert len(app.dataframe) >= 2  # per-kind table + all layers
+    assert "Build profile" in [b.label for b in app.button]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(app, page):
+    goto(app, page)
+    assert app.title, "page drew nothing"
+    # the sidebar (drawn by the entry point) is present on every page
+    assert app.sidebar.selectbox(key="profile_choice").value
+
+
+def test_spectra_and_sensitivity_draw_their_charts(app):
+    assert len(charts(goto(app, "app_pages/spectra.py"))) == 3  # spectra, residual energy, heatmap
+    assert len(charts(goto(app, "app_pages/sensitivity.py"))) == 3  # KL scale, error curves, depth bias
+
+
+def test_sensitivity_gamma_changes_depth_bias_curve(app):
+    goto(app, "app_pages/sensitivity.py")
+    before = _values(_figure(app, "depth_bias")["data"][0]["y"])
+    app.slider(key="em_gamma").set_value(1.0).run()
+    after = _values(_figure(app, "depth_bias")["data"][0]["y"])
+    assert before[0] == pytest.approx(6.0) and after[0] == pytest.approx(2.0)
+
+
+def test_budget_slider_changes_the_current_plan(app):
+    goto(app, "app_pages/allocate.py")
+    plan = app.session_state["current_plan"]
+    assert plan.method == "lems" and plan.budget == pytest.approx(0.8)
+    ratio_before = _metric(app, "LEMS realised ratio")
+
+    app.slider(key="budget").set_value(0.5).run()
+    assert not app.exception
+    plan = app.session_state["current_plan"]
+    assert plan.budget == pytest.approx(0.5)
+    assert plan.summary["realised_ratio"] <= 0.5 + 1e-9
+    assert _metric(app, "LEMS realised ratio") != ratio_before
+    assert any("Current plan:** LEMS at budget 0.50" in m.value for m in app.markdown)
+
+
+def test_allocate_compares_methods_and_draws_views(app):
+    goto(app, "app_pages/allocate.py")
+    table = app.dataframe[0].value
+    assert {"LEMS", "Uniform"} <= set(table["method"])
+    lems, uniform = (table.set_index("method").loc[m, "predicted error"] for m in ("LEMS", "Uniform"))
+    assert lems <= uniform + 1e-12  # LEMS is optimal for its own objective
+    assert len(charts(app)) >= 4  # heatmaps, per layer, difference, error per block
+
+
+def test_error_model_controls_change_the_lems_plan(app):
+    goto(app, "app_pages/allocate.py")
+    before = app.session_state["current_plan"].ranks()
+    app.toggle(key="em_use_scale").set_value(False).run()
+    app.slider(key="em_gamma").set_value(0.0).run()
+    assert not app.exception
+    assert app.session_state["current_plan"].ranks() != before
+
+
+def test_infeasible_method_shows_its_message(app):
+    goto(app, "app_pages/allocate.py")
+    app.multiselect(key="compare_methods").set_value(["lems", "uniform", "asvd"]).run()
+    assert any("ASVD" in w.value and "measured" in w.value for w in app.warning)
+
+
+def test_plan_downloads_are_valid_json(app):
+    goto(app, "app_pages/allocate.py")
+    plan = app.session_state["current_plan"]
+    doc = json.loads(plan.to_json())
+    assert doc["schema"] == PLAN_SCHEMA
+    labels = [b.label for b in app.get("download_button")]
+    assert labels == ["Download plan JSON", "Download loadconfig JSON"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not json", "not valid JSON"),
+    (b'{"schema": "something-else/9"}', "is not supported"),
+    (b"[1, 2, 3]", "must be a JSON object"),
+])
+def test_bad_plan_upload_shows_error(app, content, message):
+    goto(app, "app_pages/allocate.py")
+    app.file_uploader(key="plan_upload").upload("bad.json", content, "application/json").run()
+    assert not app.exception
+    errors = [e.value for e in app.error]
+    assert any(message in e and "bad.json" in e for e in errors), errors
+    assert "uploaded_plan" not in app.session_state
+
+
+def test_plan_for_another_model_is_rejected(app):
+    goto(app, "app_pages/allocate.py")
+    doc = json.loads(app.session_state["current_plan"].to_json())
+    doc["model"]["fingerprint"] = "someothermodel"
+    app.file_uploader(key="plan_upload").upload("other.json", json.dumps(doc).encode(), "application/json").run()
+    assert any("another model" in e.value for e in app.error)
+
+
+def test_good_plan_upload_joins_the_comparison(app):
+    goto(app, "app_pages/allocate.py")
+    text = app.session_state["current_plan"].to_json()
+    app.file_uploader(key="plan_upload").upload("mine.json", text.encode(), "application/json").run()
+    assert not app.error and not app.exception
+    assert app.session_state["uploaded_plan"].method == "lems"
+    assert "uploaded" in app.selectbox(key="plan_method").options[-1]
+
+
+def test_save_plan_to_cache_and_offer_it_for_evaluation(app, profile_dir):
+    goto(app, "app_pages/allocate.py")
+    app.button(key="save_plan").click().run()
+    saved = list((profile_dir.parents[1] / "plans").glob("*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["schema"] == PLAN_SCHEMA
+
+    goto(app, "app_pages/compress.py")
+    options = app.multiselect[0].options
+    assert any(o.startswith("current: LEMS @ 0.80") for o in options)
+    assert any(o == f"saved: {saved[0].name}" for o in options)
+    assert "Compress & evaluate" in [b.label for b in app.button]
+
+
+def test_widget_state_survives_page_switches(app):
+    goto(app, "app_pages/allocate.py")
+    app.slider(key="budget").set_value(0.6).run()
+    goto(app, "app_pages/spectra.py")
+    goto(app, "app_pages/allocate.py")
+    assert app.slider(key="budget").value == pytest.approx(0.6)
+
+
+def test_synthetic_fallback_only_without_any_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("LEMS_PROFILE_DIR", raising=False)
+    monkeypatch.setattr("lems_core.cache.DEMO_DIR", tmp_path / "no-demo")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "synthetic demo" in at.sidebar.selectbox(key="profile_choice").format_func("synthetic")
+    assert any("synthetic demo" in w.value for w in at.sidebar.warning)
+    goto(at, "app_pages/compress.py")
+    assert any("synthetic demo profile" in w.value for w in at.warning)
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _values(array) -> np.ndarray:
+    """Plotly 7 writes numpy data as {"dtype", "bdata"} (base64); plain lists stay lists."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"])
+    return np.asarray(array)
+
+
+def _figure(at: AppTest, title_start: str) -> dict:
+    for chart in charts(at):
+        fig = json.loads(chart.proto.spec)
+        title = fig.get("layout", {}).get("title", {}).get("text", "")
+        if title.lower().startswith(title_start.replace("_", " ")):
+            return fig
+    raise AssertionError(f"no chart titled {title_start!r}")
+
+
+def _fake_build(source, decomposition, calibration, device=None, progress=None, cancel=None, **_):
+    """Stands in for pipeline.build_profile: reports progress, saves a small profile, returns its folder."""
+    from lems_core.cache import profiles_dir
+
+    for step in range(3):
+        progress((step + 1) / 3, f"step {step + 1}")
+    profile = synthetic_profile(num_blocks=2, seed=7)
+    profile.model_source, profile.decomposition = source, decomposition
+    return profile.save(profiles_dir() / "built-by-test")
+
+
+def test_build_profile_runs_as_job_and_can_be_opened(app, monkeypatch):
+    import lems_core.pipeline
+
+    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    app.text_input[0].set_value("my/model")
+    _button(app, "Build profile").click().run()
+    job = _wait_for_job(app, "build_job_id")
+    assert job.status == "done", job.error
+    app.run()
+    assert any("Profile built" in s.value for s in app.success)
+    app.button(key="open_built").click().run()
+    assert app.session_state["profile_choice"].endswith("built-by-test")
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Model"] == "my/model" and metrics["Blocks"] == "2"
+
+
+def test_failed_build_is_reported(app, monkeypatch):
+    import lems_core.pipeline
+
+    def broken(*args, progress=None, cancel=None, **kwargs):
+        raise FileNotFoundError("GGUF file not found: nowhere.gguf")
+
+    monkeypatch.setattr(lems_core.pipeline, "build_profile", broken)
+    _button(app, "Build profile").click().run()
+    assert _wait_for_job(app, "build_job_id").status == "failed"
+    app.run()
+    assert any("GGUF file not found" in e.value for e in app.error)
+
+
+def _button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def _wait_for_job(at: AppTest, key: str, seconds: float = 20):
+    """The JobState of the job whose id the page stored under ``key``, once finished."""
+    from app_pages.common import job_registry
+
+    job = job_registry().get(at.session_state[key])
+    return job.wait(seconds)

@@ -186,6 +186,7 @@ def build_profile(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     force: bool = False,
+    search_batch: int = 4,
 ) -> Path:
     """Compute (or reuse) the profile for (model, calibration, decomposition); return its folder."""
     loaded = source if isinstance(source, LoadedModel) else get_model(source, device)
@@ -206,7 +207,7 @@ def build_profile(
     if measure_scale:
         ratios = [ref_ratio, *sorted(set(extra_ratios) - {ref_ratio})]
         sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search_ids, ratios,
-                                    progress=stage(progress, 0.4, 1.0), cancel=cancel)
+                                    batch_size=search_batch, progress=stage(progress, 0.4, 1.0), cancel=cancel)
         kl_ref = sweep.pop(ref_ratio)
         measured = sweep
         dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}

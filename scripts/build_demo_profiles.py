@@ -1,0 +1,52 @@
+"""Build the committed demo profiles for SmolLM2-135M-Instruct (KFAC-SVD and SVD-LLM).
+
+Runs on CPU in tens of minutes (most of it the per-layer KL sweep); the result
+is copied to cache/demo/<name>/ so the app opens instantly on a fresh machine.
+
+    python scripts/build_demo_profiles.py [--only kfac]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lems_core.cache import DEMO_DIR
+from lems_core.calibration import preset
+from lems_core.pipeline import build_profile, get_model
+
+# Calibration: 16 x 512 tokens of WikiText-2 validation; 4 x 512 search windows.
+DEMO_CALIBRATION = preset("cpu", n_search=4)
+# Extra measured points: ASVD's default set, which also validates the error model.
+DEMO_RATIOS = {"kfac": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "svd_llm": (0.5,)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    loaded = get_model("demo", "cpu")
+    for decomposition, ratios in DEMO_RATIOS.items():
+        if args.only and decomposition != args.only:
+            continue
+        started = time.perf_counter()
+        last = [0.0]
+
+        def progress(fraction: float, message: str) -> None:
+            if fraction - last[0] >= 0.01 or fraction >= 1.0:
+                last[0] = fraction
+                print(f"[{time.perf_counter() - started:7.1f}s] {100 * fraction:5.1f}% {message}", flush=True)
+
+        folder = build_profile(loaded, decomposition, DEMO_CALIBRATION, extra_ratios=ratios, progress=progress)
+        target = DEMO_DIR / f"smollm2-135m-{decomposition.replace('_', '-')}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder, target)
+        print(f"{decomposition}: {time.perf_counter() - started:.0f} s -> {target}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -400,8 +400,11 @@ def plan_from_ranks(
                   predicted_error=None if l.name not in errors else float(errors[l.name]))
         for l in profile.layers
     ]
+    # The calibration config travels with the plan: compressing it later needs the
+    # same statistics the profile's factorisations were computed from.
+    meta = {"calibration": dict(profile.calibration), **(meta or {})}
     plan = RankPlan(profile.model_source, profile.fingerprint, method, profile.decomposition, 1.0,
-                    error_model, plans, meta=meta or {})
+                    error_model, plans, meta=meta)
     plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
     return plan
 

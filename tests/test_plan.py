@@ -40,7 +40,7 @@ def test_round_trip_keeps_everything(plan, profile):
     assert [l.predicted_error for l in back.layers] == [l.predicted_error for l in plan.layers]
     assert (back.model_source, back.fingerprint, back.method, back.decomposition, back.budget) == (
         "synthetic", profile.fingerprint, "lems", profile.decomposition, 0.8)
-    assert back.error_model == {"gamma": 5.0} and back.meta == {"note": "t"} and back.created == plan.created
+    assert back.error_model == {"gamma": 5.0} and back.meta == {"calibration": profile.calibration, "note": "t"} and back.created == plan.created
     assert back.summary == plan.summary
 
 

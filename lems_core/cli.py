@@ -76,8 +76,26 @@ def cmd_profile(args) -> int:
     return 0
 
 
+NEEDS_MODEL = {"atp": "ppl", "lcsvd_search": "ppl", "erc_plc": "kl"}
+
+
+def _scorer(profile, kind: str, device):
+    """score_fn(ranks) on the profile's search windows: KL or perplexity (loads the model)."""
+    from .calibration import CalibrationConfig
+    from .pipeline import calibration_windows, factorizations_for, get_model, make_kl_scorer, make_ppl_scorer
+
+    loaded = get_model(profile.model_source, device)
+    if loaded.fingerprint != profile.fingerprint:
+        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    _, search = calibration_windows(loaded, cfg)
+    factors = factorizations_for(loaded, cfg, profile.decomposition)
+    return (make_ppl_scorer if kind == "ppl" else make_kl_scorer)(loaded, factors, search)
+
+
 def cmd_allocate(args) -> int:
-    from .allocators import allocate
+    from . import seed_methods  # noqa: F401  (registers the seed-method allocators)
+    from .allocators import allocate, fit_bias
     from .error_model import ErrorModelParams
     from .plan import plan_from_allocation
     from .profile import Profile
@@ -85,13 +103,23 @@ def cmd_allocate(args) -> int:
     profile = Profile.load(args.profile)
     params = ErrorModelParams(energy_power=args.energy_power, ref_ratio=profile.ref_ratio, use_scale=not args.no_scale,
                               alpha=args.alpha, gamma=args.gamma)
-    allocation = allocate(profile, args.method, args.ratio, params=params)
+    method = args.method.replace("-", "_")
+    if args.fit_bias:
+        if method != "lems":
+            raise ValueError("--fit-bias applies to --method lems")
+        fit = fit_bias(profile, args.ratio, _scorer(profile, "kl", args.device), params, n_trials=args.trials)
+        params, allocation = fit.params, fit.allocation
+        for t in fit.trials:
+            print(f"trial {t['trial']}: alpha {t['alpha']:.3f} gamma {t['gamma']:.3f} KL {t['score']:.5f}")
+    else:
+        score_fn = _scorer(profile, NEEDS_MODEL[method], args.device) if method in NEEDS_MODEL else None
+        allocation = allocate(profile, method, args.ratio, params=params, score_fn=score_fn)
     plan = plan_from_allocation(profile, allocation, params)
     plan.save(args.output)
     if args.loadconfig:
         Path(args.loadconfig).write_text(json.dumps(plan.to_loadconfig(), indent=1))
     s = plan.summary
-    print(f"{args.method} at {args.ratio}: kept {s['params_kept']:,}/{s['params_total']:,} "
+    print(f"{method} at {args.ratio}: kept {s['params_kept']:,}/{s['params_total']:,} "
           f"(realised {s['realised_ratio']:.4f}), solve {allocation.solve_seconds * 1000:.1f} ms -> {args.output}")
     return 0
 
@@ -171,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-scale", action="store_true")
     sp.add_argument("--alpha", type=float, default=0.0)
     sp.add_argument("--gamma", type=float, default=5.0)
+    sp.add_argument("--fit-bias", action="store_true", help="fit (alpha, gamma) by seeded search scored by KL (loads the model)")
+    sp.add_argument("--trials", type=int, default=10)
+    sp.add_argument("--device", default=None)
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--loadconfig", default=None, help="also write the reference {layer: ratio} format here")
     sp.set_defaults(fn=cmd_allocate)

@@ -1,0 +1,748 @@
+"""Global rank allocation as a multiple-choice knapsack problem (methods.md §1.4).
+
+Every group (a weight matrix) offers options (candidate ranks) with a cost (parameter
+count) and an error (surrogate loss). Pick exactly one option per group so that the
+summed error is minimal and the summed cost stays within the budget:
+
+    min  sum_l e[l, x_l]   s.t.  sum_l c[l, x_l] <= budget.
+
+`solve_mckp` solves this exactly with numpy only and in milliseconds; `solve_mckp_pulp`
+states the same ILP for PuLP (HiGHS or CBC) and serves as the reference.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+_EPS = np.finfo(np.float64).eps
+# Relative slack of the objective below which a candidate does not count as better.
+_OBJ_RTOL = 1e-12
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is smaller than the cost of the cheapest option in every group."""
+
+    def __init__(self, min_cost: float, budget: float):
+        self.min_cost = float(min_cost)
+        self.budget = float(budget)
+        super().__init__(
+            f"budget {self.budget:.10g} is infeasible: choosing the cheapest option in every "
+            f"group already costs {self.min_cost:.10g} ({self.min_cost - self.budget:.4g} over)"
+        )
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _validated(costs, errors, budget) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Float64 views of the groups, after checking shapes and finiteness."""
+    if len(costs) != len(errors):
+        raise ValueError(f"costs has {len(costs)} groups but errors has {len(errors)}")
+    if len(costs) == 0:
+        raise ValueError("need at least one group")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number, got {budget!r}") from None
+    if not np.isfinite(budget):
+        raise ValueError(f"budget must be finite, got {budget}")
+    cost_arrays = [np.asarray(c, dtype=np.float64) for c in costs]
+    error_arrays = [np.asarray(e, dtype=np.float64) for e in errors]
+    for g, (c, e) in enumerate(zip(cost_arrays, error_arrays)):
+        if c.ndim != 1 or e.ndim != 1:
+            raise ValueError(f"group {g}: costs and errors must be 1-D arrays")
+        if c.size == 0:
+            raise ValueError(f"group {g} has no options")
+        if c.shape != e.shape:
+            raise ValueError(f"group {g}: {c.size} costs but {e.size} errors")
+    for name, arrays in (("costs", cost_arrays), ("errors", error_arrays)):
+        if not np.isfinite(np.concatenate(arrays)).all():
+            g = next(g for g, a in enumerate(arrays) if not np.isfinite(a).all())
+            raise ValueError(f"group {g}: {name} contain non-finite values")
+    return cost_arrays, error_arrays, budget
+
+
+def _check_choice(groups: Sequence, choice: Sequence[int]) -> None:
+    if len(choice) != len(groups):
+        raise ValueError(f"choice has {len(choice)} entries for {len(groups)} groups")
+
+
+def objective(errors: Sequence[np.ndarray], choice: Sequence[int]) -> float:
+    """Summed error of one option per group."""
+    _check_choice(errors, choice)
+    return float(sum(float(np.asarray(e)[j]) for e, j in zip(errors, choice)))
+
+
+def total_cost(costs: Sequence[np.ndarray], choice: Sequence[int]) -> float:
+    """Summed cost of one option per group."""
+    _check_choice(costs, choice)
+    return float(sum(float(np.asarray(c)[j]) for c, j in zip(costs, choice)))
+
+
+def _minimum_cost(costs: Sequence[np.ndarray]) -> float:
+    """Cost of the cheapest option in every group: the smallest feasible budget."""
+    return float(sum(float(np.min(c)) for c in costs))
+
+
+# ----------------------------------------------------------------- padded option table
+
+
+@dataclass
+class _Table:
+    """Options of several groups as rows of inf-padded 2-D arrays.
+
+    Row r is group `gid[r]`; its `n[r]` options fill columns 0..n[r]-1 (after `_pareto`:
+    cost strictly rising, error strictly falling); `idx` maps an entry back to the
+    caller's option index (-1 for padding).
+    """
+
+    gid: np.ndarray
+    cost: np.ndarray
+    err: np.ndarray
+    idx: np.ndarray
+    n: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.arange(self.cost.shape[1]) < self.n[:, None]
+
+    def keep(self, mask: np.ndarray) -> "_Table":
+        """Only the masked entries, moved to the front of their rows; empty rows dropped."""
+        counts = mask.sum(axis=1)
+        if counts.all() and np.array_equal(counts, self.n):
+            return self
+        rows = counts > 0
+        (cost, err, idx), n = _compact(mask[rows], (self.cost[rows], self.err[rows], self.idx[rows]))
+        return _Table(self.gid[rows], cost, err, idx, n)
+
+    def rows(self, selected: np.ndarray) -> "_Table":
+        n = self.n[selected]
+        width = int(n.max()) if n.size else 0
+        return _Table(self.gid[selected], self.cost[selected, :width],
+                      self.err[selected, :width], self.idx[selected, :width], n)
+
+    def at(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cost and error of one column per row."""
+        rows = np.arange(columns.size)
+        return self.cost[rows, columns], self.err[rows, columns]
+
+
+def _compact(mask: np.ndarray, arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Move the masked entries of each row to its front (order kept) and pad the rest."""
+    counts = mask.sum(axis=1)
+    width = int(counts.max()) if counts.size else 0
+    packed_mask = np.arange(width) < counts[:, None]
+    out = []
+    for a in arrays:
+        packed = np.full(packed_mask.shape, np.inf if a.dtype.kind == "f" else -1, dtype=a.dtype)
+        packed[packed_mask] = a[mask]
+        out.append(packed)
+    return out, counts
+
+
+def _table_from_groups(costs: list[np.ndarray], errors: list[np.ndarray]) -> _Table:
+    lengths = np.array([c.size for c in costs], dtype=np.int64)
+    valid = np.arange(int(lengths.max())) < lengths[:, None]
+    cost = np.full(valid.shape, np.inf)
+    err = np.full(valid.shape, np.inf)
+    cost[valid] = np.concatenate(costs)
+    err[valid] = np.concatenate(errors)
+    idx = np.where(valid, np.arange(valid.shape[1]), -1)
+    return _Table(np.arange(lengths.size), cost, err, idx, lengths)
+
+
+def _pareto(table: _Table) -> _Table:
+    """Drop dominated options: along rising cost the error must strictly fall.
+
+    Rows are ordered by (cost, error, index); an option survives only if its error is
+    below that of every option before it, which also drops equal-cost duplicates.
+    """
+    cost, err, idx = table.cost, table.err, table.idx
+    step_up = cost[:, 1:] > cost[:, :-1]
+    tie_ok = (cost[:, 1:] == cost[:, :-1]) & (err[:, 1:] >= err[:, :-1])
+    if not (step_up | tie_ok).all():
+        order = np.lexsort((idx, err, cost), axis=-1)
+        cost, err, idx = (np.take_along_axis(a, order, axis=1) for a in (cost, err, idx))
+    best_before = np.minimum.accumulate(err, axis=1)
+    keep = np.ones(err.shape, dtype=bool)
+    keep[:, 1:] = err[:, 1:] < best_before[:, :-1]
+    keep &= idx >= 0
+    return _Table(table.gid, cost, err, idx, table.n).keep(keep)
+
+
+def _tolerances(table: _Table, budget: float) -> tuple[float, float]:
+    """Absolute slack on the budget (float summation noise) and on the objective.
+
+    Rows are monotone after `_pareto`, so their extreme values sit at both ends.
+    """
+    last = (np.arange(table.n.size), table.n - 1)
+    cost_scale = max(abs(budget), float(np.maximum(np.abs(table.cost[:, 0]), np.abs(table.cost[last])).sum()))
+    err_scale = float(np.maximum(np.abs(table.err[:, 0]), np.abs(table.err[last])).sum())
+    budget_tol = 4.0 * _EPS * table.n.size * cost_scale
+    return budget_tol, _OBJ_RTOL * err_scale
+
+
+# ------------------------------------------------------------------ LP relaxation
+
+
+def _non_convex_points(cost: np.ndarray, err: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Interior points on or above a chord through their predecessor: never hull vertices.
+
+    Point j is tested against the chord to its successor and the chord to the row's
+    last point, so a far outlier (the dense option) removes a whole tail in one pass.
+    With step = cost increase and drop = error decrease from point j - 1 to j, j lies
+    on or above the chord to b iff drop_j * (c_b - c_j) <= (e_j - e_b) * step_j.
+    """
+    bad = np.zeros(cost.shape, dtype=bool)
+    if cost.shape[1] < 3:
+        return bad
+    last = n - 1
+    rows = np.arange(n.size)
+    with np.errstate(invalid="ignore"):
+        step = cost[:, 1:] - cost[:, :-1]
+        drop = err[:, :-1] - err[:, 1:]
+        toward_next = drop[:, :-1] * step[:, 1:] <= drop[:, 1:] * step[:, :-1]
+        toward_last = (drop[:, :-1] * (cost[rows, last][:, None] - cost[:, 1:-1])
+                       <= (err[:, 1:-1] - err[rows, last][:, None]) * step[:, :-1])
+    bad[:, 1:-1] = (toward_next | toward_last) & (np.arange(1, cost.shape[1] - 1) < last[:, None])
+    return bad
+
+
+def _lower_hull(table: _Table) -> _Table:
+    """Lower convex hull of each row's Pareto points; its `idx` is the column in `table`.
+
+    All points found above a chord are removed at once and the rows that changed are
+    tested again, until every row is convex.
+    """
+    width = table.cost.shape[1]
+    hull_col = np.broadcast_to(np.arange(width), table.cost.shape).copy()
+    hull_n = table.n.copy()
+    work = np.flatnonzero(table.n >= 3)
+    cost, err, col, n = table.cost[work], table.err[work], hull_col[work], table.n[work]
+    while work.size:
+        bad = _non_convex_points(cost, err, n)
+        changed = bad.any(axis=1)
+        if not changed.any():
+            break
+        work, bad, n = work[changed], bad[changed], n[changed]
+        alive = (np.arange(cost.shape[1]) < n[:, None]) & ~bad
+        (cost, err, col), n = _compact(alive, (cost[changed], err[changed], col[changed]))
+        hull_col[work, :col.shape[1]] = col
+        hull_n[work] = n
+    hull_col = hull_col[:, :int(hull_n.max())]
+    valid = np.arange(hull_col.shape[1]) < hull_n[:, None]
+    hull_col[~valid] = 0
+    cost = np.where(valid, np.take_along_axis(table.cost, hull_col, axis=1), np.inf)
+    err = np.where(valid, np.take_along_axis(table.err, hull_col, axis=1), np.inf)
+    return _Table(table.gid, cost, err, hull_col, hull_n)
+
+
+@dataclass
+class _Segments:
+    """Hull segments of all rows, row by row (row-major), with their efficiency."""
+
+    row: np.ndarray
+    step: np.ndarray  # cost increase, > 0
+    drop: np.ndarray  # error decrease, > 0
+    efficiency: np.ndarray  # drop / step, non-increasing along each row
+
+
+def _hull_segments(hull: _Table) -> _Segments:
+    with np.errstate(invalid="ignore"):
+        step = hull.cost[:, 1:] - hull.cost[:, :-1]
+        drop = hull.err[:, :-1] - hull.err[:, 1:]
+        real = np.arange(step.shape[1]) < (hull.n - 1)[:, None]
+        efficiency = np.where(real, drop / np.where(real, step, 1.0), -np.inf)
+    # Falling along a row in exact arithmetic; keep rounding from reordering a row.
+    efficiency = np.minimum.accumulate(efficiency, axis=1)
+    rows = np.broadcast_to(np.arange(hull.n.size)[:, None], real.shape)
+    return _Segments(rows[real], step[real], drop[real], efficiency[real])
+
+
+def _greedy_order(segments: _Segments, candidates: np.ndarray) -> np.ndarray:
+    """Candidates by falling efficiency; ties keep row-major order, so rows stay in order."""
+    return candidates[np.lexsort((candidates, -segments.efficiency[candidates]))]
+
+
+def _efficiency_bracket(segments: _Segments, limit: float, samples: int = 1024) -> tuple[float, float]:
+    """Efficiencies hi >= lo such that the greedy fill stops at a segment in [lo, hi].
+
+    A sorted sample estimates where the cumulative cost crosses `limit`; the bracket is
+    widened until the exact sums confirm it. Spares a full sort of all segments.
+    """
+    eff, step = segments.efficiency, segments.step
+    stride = max(1, eff.size // samples)
+    sample_eff = eff[::stride]
+    order = np.argsort(-sample_eff)
+    sample_eff = sample_eff[order]
+    crossing = int(np.searchsorted(np.cumsum(step[::stride][order]) * stride, limit))
+    margin = 16
+    while True:
+        hi = sample_eff[crossing - margin] if crossing - margin >= 0 else np.inf
+        lo = sample_eff[crossing + margin] if crossing + margin < sample_eff.size else -np.inf
+        hi_ok = hi == np.inf or step[eff > hi].sum() <= limit
+        lo_ok = lo == -np.inf or step[eff >= lo].sum() > limit
+        if hi_ok and lo_ok:
+            return hi, lo
+        margin *= 4
+
+
+@dataclass
+class _GreedyFill:
+    """Outcome of the LP greedy: taken segments, the greedy order near the stop, the split."""
+
+    taken: np.ndarray  # bool per segment
+    tail: np.ndarray  # taken segments in greedy order, at least those near the split
+    split: int  # first segment that does not fit, -1 when all fit
+
+
+def _greedy_fill(segments: _Segments, limit: float) -> _GreedyFill:
+    """Take segments by falling efficiency while the cumulative cost stays within `limit`."""
+    eff = segments.efficiency
+    hi, lo = _efficiency_bracket(segments, limit) if eff.size > 4096 else (np.inf, -np.inf)
+    taken = eff > hi
+    order = _greedy_order(segments, np.flatnonzero(~taken & (eff >= lo)))
+    filled = float(segments.step[taken].sum()) + np.cumsum(segments.step[order])
+    fit = int(np.searchsorted(filled, limit, side="right"))
+    taken[order[:fit]] = True
+    return _GreedyFill(taken, order[:fit], int(order[fit]) if fit < order.size else -1)
+
+
+@dataclass
+class _Relaxation:
+    """LP optimum of a cost-shifted table and integer solutions read off it."""
+
+    bound: float  # LP value: a lower bound on every integer solution
+    multiplier: float  # optimal Lagrange multiplier of the budget row
+    roundings: list[np.ndarray]  # column per row: LP rounded down, and (if possible) up
+
+
+def _lp_relaxation(shifted: _Table, slack: float, budget_tol: float) -> _Relaxation:
+    """Greedy LP solution of the MCKP (Sinha & Zoltners 1979).
+
+    Costs are shifted so that column 0 of every row costs 0 and `slack` is the budget
+    left after paying column 0 everywhere. Filling lower-hull segments in order of
+    falling efficiency solves the LP; the first segment that does not fit (the split)
+    gives the optimal multiplier and the fractional part of the bound. Two integer
+    solutions come with it: without the split segment, and with it while the least
+    efficient taken segments of other rows are given back until the budget holds.
+    """
+    hull = _lower_hull(shifted)
+    segments = _hull_segments(hull)
+    limit = slack + budget_tol
+    fill = _greedy_fill(segments, limit)
+    down = _hull_choice(hull, segments, fill.taken)
+    if fill.split < 0:
+        return _Relaxation(float(shifted.at(down)[1].sum()), 0.0, [down])
+    cost, err = shifted.at(down)
+    fraction = min(1.0, max(0.0, slack - float(cost.sum())) / float(segments.step[fill.split]))
+    bound = float(err.sum()) - fraction * float(segments.drop[fill.split])
+    roundings = [down]
+    up = _round_up(segments, fill, limit - float(cost.sum()))
+    if up is not None:
+        roundings.append(_hull_choice(hull, segments, up))
+    return _Relaxation(bound, float(segments.efficiency[fill.split]), roundings)
+
+
+def _hull_choice(hull: _Table, segments: _Segments, taken: np.ndarray) -> np.ndarray:
+    """Column (in the table the hull was built from) reached by the taken segments of each row."""
+    level = np.bincount(segments.row[taken], minlength=hull.n.size)
+    return hull.idx[np.arange(level.size), level]
+
+
+def _round_up(segments: _Segments, fill: _GreedyFill, room: float) -> np.ndarray | None:
+    """Taken segments plus the split, minus the last taken ones of other rows as needed."""
+    split_row = segments.row[fill.split]
+    givable = fill.tail[::-1]
+    givable = givable[segments.row[givable] != split_row]
+    given = np.cumsum(segments.step[givable])
+    count = int(np.searchsorted(given, segments.step[fill.split] - room, side="left")) + 1
+    if count > given.size:
+        return None
+    taken = fill.taken.copy()
+    taken[fill.split] = True
+    taken[givable[:count]] = False
+    return taken
+
+
+def _spend_leftover(table: _Table, choice: np.ndarray, budget: float, budget_tol: float,
+                    rounds: int = 4) -> np.ndarray:
+    """Greedy repair: repeatedly take the one upgrade with the largest error drop that fits."""
+    choice = choice.copy()
+    leftover = budget - float(table.at(choice)[0].sum())
+    for _ in range(rounds):
+        cost, err = table.at(choice)
+        extra = table.cost - cost[:, None]
+        gain = err[:, None] - table.err
+        fits = (extra <= leftover + budget_tol) & (gain > 0)
+        if not fits.any():
+            break
+        r, k = np.unravel_index(np.argmax(np.where(fits, gain, -np.inf)), gain.shape)
+        choice[r] = k
+        leftover -= float(extra[r, k])
+    return choice
+
+
+def _shift_costs(table: _Table, budget: float) -> tuple[_Table, float]:
+    """The table with each row's cheapest option at cost 0, and the budget left over."""
+    base = table.cost[:, 0]
+    shifted = _Table(table.gid, table.cost - base[:, None], table.err, table.idx, table.n)
+    return shifted, budget - float(base.sum())
+
+
+def _reduced_cost_excess(shifted: _Table, slack: float, multiplier: float) -> tuple[np.ndarray, float]:
+    """Excess of each option's reduced cost over its row minimum, and the Lagrangian bound.
+
+    For lam >= 0 and every feasible x:  err(x) >= L(lam) + sum_l excess[l, x_l]  with
+    reduced cost rc = err + lam * cost, excess = rc - min_j rc and the Lagrangian
+    bound L(lam) = sum_l min_j rc[l, j] - lam * slack. Padding gets excess inf.
+    """
+    valid = shifted.valid
+    reduced = np.where(valid, shifted.err + multiplier * np.where(valid, shifted.cost, 0.0), np.inf)
+    row_min = reduced.min(axis=1)
+    return reduced - row_min[:, None], float(row_min.sum()) - multiplier * slack
+
+
+@dataclass
+class _Suffix:
+    """LP of the rows after some row r as a piecewise-linear function of their budget."""
+
+    after_row: int  # the rows after this one are covered
+    breakpoints: np.ndarray  # budget at which each segment starts, plus the total
+    values: np.ndarray  # LP value (= greedy integer value) at each breakpoint
+    slopes: np.ndarray  # error drop per cost of each segment, then 0
+
+    def evaluate(self, left: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """LP value, greedy integer value and greedy prefix length for budgets `left`."""
+        k = np.maximum(np.searchsorted(self.breakpoints, left, side="right") - 1, 0)
+        greedy = self.values[k]
+        lp = greedy - np.maximum(left - self.breakpoints[k], 0.0) * self.slopes[k]
+        return lp, greedy, k
+
+
+class _SuffixBounds:
+    """LP bounds and greedy completions of the rows after a given one (state DP).
+
+    The greedy order of all hull segments, restricted to rows > r, is the greedy order
+    of that suffix, so one sort serves every suffix. Segments of rows <= r get zero
+    length instead of being removed; `evaluate` always lands on a real segment.
+    When rows x segments is small, all suffixes are tabulated at once.
+    """
+
+    _TABULATE_LIMIT = 2_000_000
+
+    def __init__(self, shifted: _Table):
+        self.hull = _lower_hull(shifted)
+        segments = _hull_segments(self.hull)
+        order = _greedy_order(segments, np.arange(segments.row.size))
+        self.row, self.step, self.drop = segments.row[order], segments.step[order], segments.drop[order]
+        self.slopes = np.append(self.drop / self.step, 0.0)
+        self.suffix_err = np.append(np.cumsum(shifted.err[::-1, 0])[::-1], 0.0)
+        self.table = None
+        rows = shifted.n.size
+        if rows * (self.row.size + 1) <= self._TABULATE_LIMIT:
+            self.table = self._tabulate(np.arange(rows))
+
+    def _tabulate(self, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Breakpoints and values for each r in `after` (one row each)."""
+        mine = self.row > after[:, None]
+        zero = np.zeros((after.size, 1))
+        breakpoints = np.hstack([zero, np.cumsum(np.where(mine, self.step, 0.0), axis=1)])
+        dropped = np.hstack([zero, np.cumsum(np.where(mine, self.drop, 0.0), axis=1)])
+        return breakpoints, self.suffix_err[after + 1][:, None] - dropped
+
+    def after(self, r: int) -> _Suffix:
+        breakpoints, values = self.table if self.table is not None else self._tabulate(np.array([r]))
+        r_in = r if self.table is not None else 0
+        return _Suffix(r, breakpoints[r_in], values[r_in], self.slopes)
+
+    def greedy_columns(self, suffix: _Suffix, prefix: int) -> np.ndarray:
+        """Column per row of the greedy completion that takes the first `prefix` segments."""
+        rows = self.row[:prefix]
+        level = np.bincount(rows[rows > suffix.after_row], minlength=self.hull.n.size)
+        return self.hull.idx[np.arange(level.size), level]
+
+
+def _suffix_lagrangian_terms(shifted: _Table, multiplier: float) -> np.ndarray:
+    """Entry k: sum over rows >= k of min_j (err + multiplier * cost); the last entry is 0.
+
+    With b the budget left for those rows, entry k - multiplier * b is their
+    Lagrangian lower bound.
+    """
+    reduced = np.where(shifted.valid, shifted.err + multiplier * np.where(shifted.valid, shifted.cost, 0.0), np.inf)
+    return np.append(np.cumsum(reduced.min(axis=1)[::-1])[::-1], 0.0)
+
+
+# --------------------------------------------------------------------- exact search
+
+
+class _ExactSearch:
+    """Lagrangian bound, reduced-cost fixing, then a Pareto-state dynamic program.
+
+    The incumbent (`best_value`, `best_choice`) only moves to strictly better solutions
+    (by more than `obj_tol`); groups fixed for good sit in `fixed_*`.
+    """
+
+    def __init__(self, n_groups: int, budget: float, budget_tol: float, obj_tol: float):
+        self.budget = budget
+        self.budget_tol = budget_tol
+        self.obj_tol = obj_tol
+        self.best_value = np.inf
+        self.best_choice = np.full(n_groups, -1, dtype=np.int64)
+        self.fixed_choice = np.full(n_groups, -1, dtype=np.int64)
+        self.fixed_cost = 0.0
+        self.fixed_err = 0.0
+
+    @property
+    def target(self) -> float:
+        """Objective a solution must stay below to count as an improvement."""
+        return self.best_value - self.obj_tol
+
+    def offer(self, table: _Table, columns: np.ndarray) -> None:
+        value = self.fixed_err + float(table.at(columns)[1].sum())
+        if value < self.target or self.best_value == np.inf:
+            self.best_value = value
+            self.best_choice = self.fixed_choice.copy()
+            self.best_choice[table.gid] = table.idx[np.arange(columns.size), columns]
+
+    def fix_single_option_rows(self, table: _Table) -> _Table:
+        single = table.n == 1
+        if single.any():
+            self.fixed_choice[table.gid[single]] = table.idx[single, 0]
+            self.fixed_cost += float(table.cost[single, 0].sum())
+            self.fixed_err += float(table.err[single, 0].sum())
+            table = table.rows(~single)
+        return table
+
+    def run(self, table: _Table) -> None:
+        """Bound and fix until fixing stalls, then finish with the state DP."""
+        table = self.fix_single_option_rows(table)
+        first_round = True
+        while table.n.size:
+            shifted, slack = _shift_costs(table, self.budget - self.fixed_cost)
+            if slack < -self.budget_tol:
+                return  # what is left cannot beat the incumbent within the budget
+            relax = _lp_relaxation(shifted, slack, self.budget_tol)
+            for choice in relax.roundings:
+                # Polishing scans the whole table per upgrade: wait until fixing shrank it.
+                if not first_round:
+                    choice = _spend_leftover(shifted, choice, slack, self.budget_tol)
+                self.offer(table, choice)
+            if self.fixed_err + relax.bound >= self.target:
+                return  # the LP bound proves the incumbent optimal
+            excess, lagrangian = _reduced_cost_excess(shifted, slack, relax.multiplier)
+            useful = excess < self.target - self.fixed_err - lagrangian
+            if useful.sum() == table.n.sum():
+                self._state_dp(shifted, slack, excess, relax.multiplier)
+                return
+            table = self.fix_single_option_rows(table.keep(useful))
+            first_round = False
+        if self.fixed_cost <= self.budget + self.budget_tol and self.fixed_err < self.target:
+            self.best_value = self.fixed_err
+            self.best_choice = self.fixed_choice.copy()
+
+    def _state_dp(self, shifted: _Table, slack: float, excess: np.ndarray, multiplier: float) -> None:
+        """Exact search over the rows left, improving the incumbent if possible.
+
+        States are the Pareto-optimal (cost, error) pairs of partial solutions over the
+        rows processed so far (a Pisinger-style state DP, valid for real costs). A state
+        only spawns the options whose reduced-cost excess keeps its Lagrangian bound
+        below the target; a new state must also keep its LP bound (error so far plus
+        the LP of the remaining rows with the budget left) below the target. The greedy
+        completion of each new state is a feasible solution that lowers the target
+        while the DP runs.
+        """
+        order = _coarse_rows_first(shifted)
+        shifted = shifted.rows(order)
+        excess = excess[order, :shifted.cost.shape[1]]
+        by_excess = np.argsort(excess, axis=1, kind="stable")
+        excess = np.take_along_axis(excess, by_excess, axis=1)
+        option_cost = np.take_along_axis(shifted.cost, by_excess, axis=1)
+        option_err = np.take_along_axis(shifted.err, by_excess, axis=1)
+        suffixes = _SuffixBounds(shifted)
+        lagrange_terms = self.fixed_err + _suffix_lagrangian_terms(shifted, multiplier) - multiplier * slack
+        state_cost, state_err = np.zeros(1), np.zeros(1)
+        history: list[tuple[np.ndarray, np.ndarray]] = []
+        for r in range(shifted.n.size):
+            state_bound = state_err + multiplier * state_cost + lagrange_terms[r]
+            counts = np.searchsorted(excess[r], self.target - state_bound, side="left")
+            parent = np.repeat(np.arange(counts.size), counts)
+            slot = np.arange(parent.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            cost = state_cost[parent] + option_cost[r, slot]
+            err = state_err[parent] + option_err[r, slot]
+            left = slack - cost
+            fits = left >= -self.budget_tol
+            suffix = suffixes.after(r)
+            lp, greedy, prefix = suffix.evaluate(left)
+            completed = np.where(fits, err + greedy, np.inf)
+            best = int(np.argmin(completed)) if completed.size else -1
+            if best >= 0 and self.fixed_err + completed[best] < self.target:
+                head = _trace_back(history, int(parent[best]))
+                tail = suffixes.greedy_columns(suffix, int(prefix[best]))[r + 1:]
+                columns = np.concatenate([head, [slot[best]], tail])
+                columns[:r + 1] = by_excess[np.arange(r + 1), columns[:r + 1]]
+                self.offer(shifted, columns)
+            (which,) = np.nonzero(fits & (self.fixed_err + err + lp < self.target))
+            if not which.size:
+                return
+            which = which[_pareto_order(cost[which], err[which])]
+            state_cost, state_err = cost[which], err[which]
+            history.append((parent[which], slot[which]))
+
+
+def _coarse_rows_first(table: _Table) -> np.ndarray:
+    """Row order for the state DP: widest cost gap between neighbouring options first.
+
+    Rows with fine cost steps are left for the end, where the greedy completions and
+    LP bounds of the remaining (fine) rows are nearly exact, so pruning bites early.
+    """
+    with np.errstate(invalid="ignore"):
+        gaps = np.where(table.valid[:, 1:], np.diff(table.cost, axis=1), 0.0)
+    return np.argsort(-gaps.max(axis=1, initial=0.0), kind="stable")
+
+
+def _pareto_order(cost: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Indices of the (cost, err) pairs not dominated by another, by rising cost.
+
+    Among equal costs only the last survivor of the running-minimum filter (the lowest
+    error) is kept.
+    """
+    order = np.argsort(cost, kind="stable")
+    err_sorted = err[order]
+    keep = np.ones(order.size, dtype=bool)
+    keep[1:] = err_sorted[1:] < np.minimum.accumulate(err_sorted)[:-1]
+    order = order[keep]
+    cost_sorted = cost[order]
+    last_of_cost = np.ones(order.size, dtype=bool)
+    last_of_cost[:-1] = cost_sorted[:-1] != cost_sorted[1:]
+    return order[last_of_cost]
+
+
+def _trace_back(history: list[tuple[np.ndarray, np.ndarray]], state: int) -> np.ndarray:
+    """Columns of the rows behind DP state `state` of the last history entry."""
+    columns = np.empty(len(history), dtype=np.int64)
+    for r in range(len(history) - 1, -1, -1):
+        parents, options = history[r]
+        columns[r] = options[state]
+        state = int(parents[state])
+    return columns
+
+
+def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float) -> list[int]:
+    """Exact multiple-choice knapsack: one option per group, minimal error, cost <= budget.
+
+    Algorithm (vectorised over groups):
+      1. drop dominated options (more cost without strictly less error);
+      2. LP relaxation by the greedy fill of lower-convex-hull segments (Sinha & Zoltners
+         1979): the LP bound LB, the optimal multiplier lam and an integer solution
+         (hull vertices plus a greedy spend of the leftover budget) giving UB;
+      3. reduced-cost variable fixing from the Lagrangian relaxation of the budget row:
+         an option whose reduced cost err + lam*cost exceeds its group's minimum by
+         more than UB - LB cannot be in a better solution and is removed; 2-3 repeat on
+         the smaller problem until nothing more goes;
+      4. the groups that keep several options are solved exactly by a dynamic program
+         over Pareto-optimal (cost, error) states with LP-bound pruning, in the spirit of
+         Pisinger's core algorithm for the MCKP (1995), first restricted to options of
+         small reduced-cost excess and widened until it is conclusive.
+
+    Returns the option index per group (ties: some optimal choice). The objective is
+    optimal up to 1e-12 of the summed per-group error magnitudes; the budget holds up
+    to float summation noise (4 * eps * n_groups relative). Raises InfeasibleBudgetError
+    when even the cheapest option of every group exceeds the budget, ValueError on bad
+    input.
+    """
+    cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
+    table = _pareto(_table_from_groups(cost_arrays, error_arrays))
+    budget_tol, obj_tol = _tolerances(table, budget)
+    min_cost = float(table.cost[:, 0].sum())
+    if min_cost > budget + budget_tol:
+        raise InfeasibleBudgetError(min_cost, budget)
+    search = _ExactSearch(len(cost_arrays), budget, budget_tol, obj_tol)
+    search.run(table)
+    choice = [int(j) for j in search.best_choice]
+    if total_cost(cost_arrays, choice) > budget + budget_tol:  # pragma: no cover - safety net
+        raise RuntimeError("internal error: solve_mckp produced a solution over budget")
+    return choice
+
+
+# ------------------------------------------------------------------------ PuLP path
+
+
+@dataclass
+class PulpRun:
+    """Outcome of one PuLP solve: the choice (None without a solution) and its status."""
+
+    choice: list[int] | None
+    status: str  # pulp.LpStatus text: "Optimal", "Infeasible", "Not Solved", ...
+    proven_optimal: bool  # False when e.g. the time limit stopped the search first
+    solver: str  # the PuLP solver class actually used
+    seconds: float  # model building plus solving
+
+
+def _pulp_solver(pulp, solver: str, time_limit: float, gap_rel: float, gap_abs: float, msg: bool):
+    if solver == "highs":
+        options = dict(msg=msg, timeLimit=time_limit, gapRel=gap_rel, gapAbs=gap_abs)
+        api = pulp.HiGHS(**options)
+        if api.available():
+            return api
+        cmd = pulp.HiGHS_CMD(**options)
+        if cmd.available():
+            return cmd
+        raise RuntimeError("neither highspy (pulp.HiGHS) nor a highs executable is available")
+    if solver == "cbc":
+        cbc = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, gapRel=gap_rel, gapAbs=gap_abs)
+        if not cbc.available():
+            raise RuntimeError("PULP_CBC_CMD is not available (PuLP >= 4 no longer bundles CBC)")
+        return cbc
+    raise ValueError(f"solver must be 'highs' or 'cbc', got {solver!r}")
+
+
+def run_pulp_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float,
+                  solver: str = "highs", time_limit: float = 60.0, gap_rel: float = 0.0,
+                  gap_abs: float = 0.0, msg: bool = False) -> PulpRun:
+    """Solve the MCKP as a PuLP ILP and report status and time instead of raising."""
+    import pulp
+
+    cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
+    start = time.perf_counter()
+    backend = _pulp_solver(pulp, solver, time_limit, gap_rel, gap_abs, msg)
+    prob = pulp.LpProblem("mckp", pulp.LpMinimize)
+    x = [[pulp.LpVariable(f"x_{g}_{j}", cat=pulp.LpBinary) for j in range(c.size)]
+         for g, c in enumerate(cost_arrays)]
+    pairs_err = [(v, float(e)) for xs, es in zip(x, error_arrays) for v, e in zip(xs, es)]
+    pairs_cost = [(v, float(c)) for xs, cs in zip(x, cost_arrays) for v, c in zip(xs, cs)]
+    prob += pulp.LpAffineExpression(pairs_err)
+    prob += pulp.LpAffineExpression(pairs_cost) <= budget, "budget"
+    for g, xs in enumerate(x):
+        prob += pulp.lpSum(xs) == 1, f"one_option_{g}"
+    prob.solve(backend)
+    seconds = time.perf_counter() - start
+    status = pulp.LpStatus[prob.status]
+    has_solution = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    choice = None
+    if has_solution:
+        choice = [int(np.argmax([v.varValue or 0.0 for v in xs])) for xs in x]
+    proven = prob.status == pulp.LpStatusOptimal and prob.sol_status == pulp.LpSolutionOptimal
+    return PulpRun(choice, status, proven, type(backend).__name__, seconds)
+
+
+def solve_mckp_pulp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float,
+                    solver: str = "highs", time_limit: float = 60.0, gap_rel: float = 0.0,
+                    msg: bool = False) -> list[int]:
+    """The same MCKP solved by PuLP: "highs" (in-process highspy, else HiGHS_CMD) or "cbc".
+
+    Binary x[l, j], sum_j x[l, j] = 1 per group, sum c x <= budget, min sum e x. With the
+    default gap 0 the solver must prove optimality (mip_abs_gap is set to 0 as well).
+    Raises InfeasibleBudgetError when the solver reports infeasibility and RuntimeError
+    when it stops without a proven optimum (time limit, numerical trouble).
+    """
+    result = run_pulp_mckp(costs, errors, budget, solver=solver, time_limit=time_limit,
+                           gap_rel=gap_rel, gap_abs=0.0 if gap_rel == 0 else 1e-6 * gap_rel, msg=msg)
+    if result.status == "Infeasible":
+        raise InfeasibleBudgetError(_minimum_cost(costs), budget)
+    if not result.proven_optimal or result.choice is None:
+        raise RuntimeError(f"{result.solver} stopped without a proven optimum (status {result.status})")
+    return result.choice

@@ -1,8 +1,8 @@
 """Time decomposing all 210 Linears of the demo model with each method (issue #2).
 
-Statistics come from a small calibration set (their size does not change the
-decomposition cost, which depends only on the matrix shapes). Prints seconds per
-method and the ratio to the 60 s goal for SVD-LLM.
+Statistics are those of the demo profiles (16 x 512 calibration tokens), read from
+the cache when `scripts/build_demo_profiles.py` has run, else computed once. Prints
+seconds per method and the ratio to the 60 s goal.
 
     python bench/decompose.py [--methods svd_llm,kfac] [--threads 2]
 """
@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lems_core.calibration import calibration_batches, preset
 from lems_core.decomposition import METHODS, Decomposer
-from lems_core.model import DEMO_SOURCE, compressible_layers, load_model
-from lems_core.statistics import collect_fisher_rows, collect_grad_grams, collect_input_stats
+from lems_core.model import compressible_layers
+from lems_core.pipeline import calibration_windows, get_model, statistics_for
+from scripts.build_demo_profiles import DEMO_CALIBRATION
 
 GOAL_SECONDS = 60.0
 
@@ -32,15 +32,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = load_model(DEMO_SOURCE, device="cpu")
+    loaded = get_model("demo", "cpu")
     print(f"load demo model: {time.perf_counter() - t0:.1f} s")
-    calib, _ = calibration_batches(loaded.tokenizer, preset("cpu-tiny"))
+    calib, _ = calibration_windows(loaded, DEMO_CALIBRATION)
     layers = compressible_layers(loaded.model)
     t0 = time.perf_counter()
-    inputs = collect_input_stats(loaded.model, calib)
-    grads = collect_grad_grams(loaded.model, calib)
-    fisher = collect_fisher_rows(loaded.model, calib)
-    print(f"statistics ({calib.shape[0]}x{calib.shape[1]} tokens): {time.perf_counter() - t0:.1f} s")
+    stats = {m: statistics_for(loaded, calib, DEMO_CALIBRATION, m) for m in ("kfac", "fwsvd")}
+    inputs, grads, fisher = stats["kfac"].inputs, stats["kfac"].grad_gram, stats["fwsvd"].fisher
+    print(f"statistics ({calib.shape[0]}x{calib.shape[1]} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s")
     print(f"{'method':<12} {'seconds':>8} {'layers':>7}  vs 60 s goal")
     for method in args.methods.split(","):
         decomposer = Decomposer(method)

@@ -76,6 +76,11 @@ def calibration_windows(loaded: LoadedModel, cfg: CalibrationConfig) -> tuple[to
 
 
 # ------------------------------------------------------------------ statistics
+def statistics_key(cfg: CalibrationConfig) -> dict:
+    """The calibration fields statistics depend on (the search-set size does not matter)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "n_search"}
+
+
 def _input_stats_to_tensors(stats: dict[str, InputStats], layers: list[LayerInfo]) -> dict[str, torch.Tensor]:
     out = {}
     for layer in layers:
@@ -108,7 +113,7 @@ def statistics_for(
     layers = compressible_layers(loaded.model)
     needs = NEEDS[decomposition]
     stats = Statistics()
-    base = (loaded.fingerprint, cfg.to_dict())
+    base = (loaded.fingerprint, statistics_key(cfg))
     if "inputs" in needs:
         path = tensor_path("inputs", key_of(*base, "inputs"), cache_dir)
         cached = load_tensors(path)
@@ -144,7 +149,7 @@ def factorizations_for(
     """Every layer's Factorization (cached as one safetensors file per model/config/method)."""
     options = options or DecompositionOptions()
     layers = compressible_layers(loaded.model)
-    key = key_of(loaded.fingerprint, cfg.to_dict(), decomposition, _options_dict(options))
+    key = key_of(loaded.fingerprint, statistics_key(cfg), decomposition, _options_dict(options))
     path = tensor_path("factors", key, cache_dir)
     cached = load_tensors(path)
     if cached is not None:
@@ -223,6 +228,32 @@ def build_profile(
     if progress:
         progress(1.0, "profile saved")
     return folder
+
+
+def add_measured_points(
+    folder: Path, ratios: tuple[float, ...], device: str | None = None, cache_dir: Path | None = None,
+    progress: Progress | None = None, cancel: threading.Event | None = None, search_batch: int = 4,
+) -> Profile:
+    """Measure more single-layer KL points (e.g. ASVD's 0.4..0.9) into an existing profile.
+
+    Lets a quick profile (reference point only) grow later without recomputing it.
+    """
+    profile = Profile.load(folder)
+    new = sorted(set(ratios) - set(profile.measured) - {profile.ref_ratio})
+    if not new:
+        return profile
+    loaded = get_model(profile.model_source, device)
+    if loaded.fingerprint != profile.fingerprint:
+        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    _, search_ids = calibration_windows(loaded, cfg)
+    base = BASE_DECOMPOSITION.get(profile.decomposition, profile.decomposition)
+    factors = factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=stage(progress, 0, 0.1))
+    sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
+                              batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
+    profile.measured.update(sweep)
+    profile.save(folder)
+    return profile
 
 
 # ------------------------------------------------------------------ rank-dependent decompositions

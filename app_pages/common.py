@@ -9,6 +9,7 @@ Environment variables (used by the tests, handy for users):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
@@ -58,33 +59,45 @@ def cache_dir() -> Path:
     return default_cache_dir()
 
 
-def profile_choices() -> dict[str, str]:
-    """Picker options, value (folder path or SYNTHETIC) -> label.
+@dataclass(frozen=True)
+class ProfileChoice:
+    """One entry of the sidebar's profile picker."""
 
-    The $LEMS_PROFILE_DIR folder first, then the cache and the committed demo
-    profiles; the synthetic demo only when there is no profile at all.
-    """
+    value: str  # folder path, or SYNTHETIC
+    label: str
+    is_demo: bool = False
+    decomposition: str = ""
+
+
+def profile_choices() -> list[ProfileChoice]:
+    """The $LEMS_PROFILE_DIR folder first, then the cache and the committed demo
+    profiles; the synthetic demo only when there is no profile at all."""
     from lems_core.cache import list_profiles
 
-    choices = {}
-    env_dir = os.environ.get("LEMS_PROFILE_DIR")
-    if env_dir and (Path(env_dir) / "profile.json").is_file():
-        choices[str(Path(env_dir))] = f"{Path(env_dir).name} (LEMS_PROFILE_DIR)"
+    choices = []
+    env_dir = _env_profile_dir()
+    if env_dir:
+        choices.append(ProfileChoice(env_dir, f"{Path(env_dir).name} (LEMS_PROFILE_DIR)"))
     for entry in list_profiles(cache_dir()):
-        choices.setdefault(str(entry.path), entry.label)
-    if not choices:
-        choices[SYNTHETIC] = "synthetic demo (no profile found)"
-    return choices
+        if str(entry.path) not in {c.value for c in choices}:
+            choices.append(ProfileChoice(str(entry.path), entry.label, entry.is_demo, entry.decomposition))
+    return choices or [ProfileChoice(SYNTHETIC, "synthetic demo (no profile found)")]
 
 
-def default_choice(choices: dict[str, str]) -> str:
-    """The env folder, else the first demo (KFAC preferred), else the first entry."""
-    values = list(choices)
-    if os.environ.get("LEMS_PROFILE_DIR") and str(Path(os.environ["LEMS_PROFILE_DIR"])) in choices:
-        return str(Path(os.environ["LEMS_PROFILE_DIR"]))
-    demos = [v for v in values if choices[v].startswith("[demo]")]
-    kfac = [v for v in demos if "kfac" in choices[v].lower()]
-    return (kfac or demos or values)[0]
+def default_choice(choices: list[ProfileChoice]) -> str:
+    """The $LEMS_PROFILE_DIR folder, else a demo profile (KFAC-SVD first), else the first entry."""
+    env_dir = _env_profile_dir()
+    if env_dir:
+        return env_dir
+    demos = [c for c in choices if c.is_demo]
+    kfac = [c for c in demos if c.decomposition == "kfac"]
+    return (kfac or demos or choices)[0].value
+
+
+def _env_profile_dir() -> str | None:
+    """$LEMS_PROFILE_DIR when it names a profile folder."""
+    folder = os.environ.get("LEMS_PROFILE_DIR")
+    return str(Path(folder)) if folder and (Path(folder) / "profile.json").is_file() else None
 
 
 def select_profile(path: str) -> None:
@@ -188,9 +201,10 @@ def sidebar() -> None:
     """Profile picker and a small cache / jobs status, on every page."""
     with st.sidebar:
         choices = profile_choices()
-        if st.session_state.get(PROFILE_KEY) not in choices:
+        labels = {c.value: c.label for c in choices}
+        if st.session_state.get(PROFILE_KEY) not in labels:
             st.session_state[PROFILE_KEY] = default_choice(choices)
-        st.selectbox("Profile", list(choices), format_func=choices.get, key=PROFILE_KEY,
+        st.selectbox("Profile", list(labels), format_func=labels.get, key=PROFILE_KEY,
                      help="Spectra + sensitivities of one model under one decomposition (built on Home).")
         if is_synthetic():
             st.warning("No profile found: showing a **synthetic demo** profile (made-up spectra).")

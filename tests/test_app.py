@@ -259,3 +259,21 @@ def _wait_for_job(at: AppTest, key: str, seconds: float = 20):
 
     job = job_registry().get(at.session_state[key])
     return job.wait(seconds)
+
+
+def test_opens_on_the_kfac_demo_profile_by_default(tmp_path, monkeypatch):
+    demo = tmp_path / "demo"
+    for decomposition in ("svd_llm", "kfac"):
+        profile = synthetic_profile()
+        profile.decomposition = decomposition
+        profile.save(demo / decomposition)
+    monkeypatch.setattr("lems_core.cache.DEMO_DIR", demo)
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LEMS_PROFILE_DIR", raising=False)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    picker = at.sidebar.selectbox(key="profile_choice")
+    assert picker.value == str(demo / "kfac") and len(picker.options) == 2
+    assert {m.label: m.value for m in at.metric}["Decomposition"] == "kfac"
+    picker.set_value(str(demo / "svd_llm")).run()
+    assert {m.label: m.value for m in at.metric}["Decomposition"] == "svd_llm"

@@ -10,12 +10,19 @@ import streamlit as st
 
 from lems_core import ui_data
 from lems_core.allocators import ALLOCATORS, Allocation, allocate
+from lems_core.jobs import DONE
 from lems_core.plan import PlanError, RankPlan
 from app_pages import common
 
+try:
+    from lems_core import ars  # importing it registers the "ars" allocator
+except ImportError:  # ARS is not part of this checkout yet
+    ars = None
+
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
+ARS_JOB, ARS_SEEN = "ars_job_id", "ars_job_seen"
 LIVE_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs", "asvd", "ars") if m in ALLOCATORS]
-DEFAULT_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs") if m in LIVE_METHODS]
+DEFAULT_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs", "ars") if m in LIVE_METHODS]
 
 profile = common.current_profile()
 profile_id = common.current_profile_id()
@@ -146,7 +153,10 @@ def live_allocation() -> None:
         plan = st.session_state[UPLOADED_PLAN]
         allocations["uploaded"] = Allocation(plan.method, plan.budget, plan.ranks())
     for method, message in failed.items():
-        st.warning(f"{ui_data.method_label(method)}: {message}")
+        if method == "ars":  # expected at most budgets: plans exist only where ARS was trained
+            st.info(f"ARS: {message}", icon=":material/school:")
+        else:
+            st.warning(f"{ui_data.method_label(method)}: {message}")
     if not allocations:
         st.info("No method could allocate at this budget.")
         return
@@ -154,6 +164,54 @@ def live_allocation() -> None:
     headline(allocations, table)
     plan_panel(allocations)
     comparison_views(allocations, table, params)
+
+
+def ars_section() -> None:
+    """Train ARS plans for this profile in the background (they then appear as "ARS" above)."""
+    if ars is None:
+        return
+    with st.expander("Train ARS plans (learned rank selection)", expanded=False):
+        st.caption("ARS trains a small hypernetwork over the rank masks of the real model, one run per budget "
+                   "(minutes on a CPU for the demo model with the cpu-small preset). Plans are cached.")
+        if common.is_synthetic():
+            st.info("ARS needs a real model: pick or build a real profile.")
+            return
+        with st.form("ars_form"):
+            col1, col2, col3 = st.columns(3)
+            budgets = col1.text_input("Budgets (kept fractions)", value=f"{st.session_state.budget:.2f}")
+            presets = list(ars.PRESETS)
+            preset = col2.selectbox("Preset", presets, index=presets.index("cpu-small") if "cpu-small" in presets else 0)
+            device = col3.selectbox("Device", common.devices())
+            submitted = st.form_submit_button("Train ARS")
+        if submitted:
+            start_ars_training(budgets, preset, device)
+        ars_progress()
+
+
+def start_ars_training(budgets: str, preset: str, device: str) -> None:
+    try:
+        ratios = ui_data.parse_budgets(budgets)
+    except ValueError as exc:
+        st.error(f"Budgets: {exc}")
+        return
+    if not ratios or common.job_registry().active("ars"):
+        st.error("Give at least one budget; only one ARS training runs at a time.")
+        return
+    job = ars.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset, device)
+    st.session_state[ARS_JOB] = job.id
+
+
+@st.fragment(run_every=1)
+def ars_progress() -> None:
+    """Polls the ARS training job; when it ends, forget cached solves and redraw the comparison."""
+    state = common.show_job(ARS_JOB, "ARS training")
+    if state is None or not state.done:
+        return
+    if st.session_state.get(ARS_SEEN) != state.id:
+        solve.clear()
+    common.rerun_app_once(state, ARS_SEEN)
+    if state.status == DONE:
+        st.success(f"ARS trained {len(state.result)} plan(s) in {state.elapsed:.0f} s.")
 
 
 def _label(key: str) -> str:
@@ -168,3 +226,4 @@ st.caption(f"{profile.model_source} · {profile.decomposition} · {len(profile.l
 with st.expander("Upload a plan", expanded=False):
     upload_section()
 live_allocation()
+ars_section()

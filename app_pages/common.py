@@ -15,7 +15,7 @@ from pathlib import Path
 import streamlit as st
 
 from lems_core.error_model import ErrorModelParams
-from lems_core.jobs import JobRegistry
+from lems_core.jobs import CANCELLED, FAILED, JobRegistry, JobState
 from lems_core.profile import Profile, ProfileError, synthetic_profile
 
 SYNTHETIC = "synthetic"  # picker value of the synthetic demo profile
@@ -194,6 +194,43 @@ def bias_controls() -> None:
 def _follow_profile_ref_ratio(ref_ratio: float) -> None:
     if st.session_state.em_use_scale:
         st.session_state.em_ref_ratio = ref_ratio
+
+
+# ---------------------------------------------------------------------- jobs
+def devices() -> list[str]:
+    """Devices a job may run on: CUDA first when present."""
+    import torch
+
+    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+
+
+def show_job(state_key: str, what: str) -> JobState | None:
+    """Progress + cancel of the job whose id is in session_state[state_key], or its outcome
+    when it ended badly (cancelled / failed, with the traceback). Call it from a
+    ``st.fragment(run_every=1)``. Returns the job's snapshot (None when there is no job);
+    a page shows its own success view when ``state.status == DONE``.
+    """
+    job = job_registry().get(st.session_state.get(state_key))
+    if job is None:
+        return None
+    state = job.snapshot()
+    if not state.done:
+        st.progress(state.fraction, text=f"{state.name}: {state.message} ({state.elapsed:.0f} s)")
+        st.button(f"Cancel {what}", on_click=job.cancel, key=f"cancel_{state_key}")
+    elif state.status == CANCELLED:
+        st.warning(f"{what.capitalize()} cancelled after {state.elapsed:.0f} s.")
+    elif state.status == FAILED:
+        st.error(f"{what.capitalize()} failed: {state.error}")
+        with st.expander("Traceback"):
+            st.code(state.traceback)
+    return state
+
+
+def rerun_app_once(state: JobState, seen_key: str) -> None:
+    """One full rerun when a job has finished, so parts outside the polling fragment redraw."""
+    if state.done and st.session_state.get(seen_key) != state.id:
+        st.session_state[seen_key] = state.id
+        st.rerun()
 
 
 # ------------------------------------------------------------------- sidebar

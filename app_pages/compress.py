@@ -4,7 +4,7 @@ from functools import partial
 import streamlit as st
 
 from lems_core import ui_data
-from lems_core.jobs import for_each
+from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan
 from app_pages import common
 
@@ -70,7 +70,7 @@ def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan
 
 def run_form(plans: dict[str, RankPlan]) -> None:
     """Which plans, datasets, window cap and device; submitting starts one background job."""
-    devices = _devices()
+    devices = common.devices()
     with st.form("evaluate"):
         chosen = st.multiselect("Plans", list(plans), default=list(plans)[:1],
                                 help="The current plan (Allocate page), an uploaded one, or plans saved to the cache.")
@@ -104,25 +104,14 @@ def run_form(plans: dict[str, RankPlan]) -> None:
 @st.fragment(run_every=1)
 def job_panel() -> None:
     """Progress and cancel of the running evaluation; one full rerun when it ends, to refresh the results."""
-    job = common.job_registry().get(st.session_state.get(EVAL_JOB))
-    if job is None:
+    state = common.show_job(EVAL_JOB, "evaluation")
+    if state is None or not state.done:
         return
-    state = job.snapshot()
-    if not state.done:
-        st.progress(state.fraction, text=f"{state.message} ({state.elapsed:.0f} s)")
-        st.button("Cancel evaluation", on_click=job.cancel, key="cancel_eval")
-        return
-    if st.session_state.get(EVAL_SEEN) != job.id:
-        st.session_state[EVAL_SEEN] = job.id
-        st.rerun()  # the results section outside this fragment must redraw
-    if state.status == "done":
+    common.rerun_app_once(state, EVAL_SEEN)
+    if state.status == DONE:
         st.success(f"Evaluated {len(state.result)} plan(s) in {state.elapsed:.0f} s.")
-    elif state.status == "cancelled":
-        st.warning("Evaluation cancelled; plans finished before the cancel are stored.")
-    else:
-        st.error(f"Evaluation failed: {state.error}")
-        with st.expander("Traceback"):
-            st.code(state.traceback)
+    elif state.status == CANCELLED:
+        st.caption("Plans evaluated before the cancel are stored.")
 
 
 def results_section() -> None:
@@ -145,12 +134,6 @@ def results_section() -> None:
         dataset = st.radio("Dataset", datasets, horizontal=True, key="results_dataset")
         st.plotly_chart(ui_data.ppl_vs_ratio_figure(frame, dataset), key="ppl_ratio_fig")
     st.dataframe(frame, hide_index=True)
-
-
-def _devices() -> list[str]:
-    import torch
-
-    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
 
 
 if common.is_synthetic():

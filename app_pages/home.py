@@ -2,6 +2,7 @@
 import streamlit as st
 
 from lems_core import ui_data
+from lems_core.jobs import DONE
 from app_pages import common
 
 BUILD_JOB = "build_job_id"
@@ -42,7 +43,7 @@ def build_form() -> None:
     except ImportError as exc:
         st.info(f"Building profiles is not available yet ({exc}).")
         return
-    device_options = _devices()
+    device_options = common.devices()
     with st.form("build_profile"):
         source = st.text_input("Model source", value="demo",
                                help="`demo` (SmolLM2-135M GGUF), a Hugging Face hub id, a local folder or a .gguf file")
@@ -62,38 +63,21 @@ def build_form() -> None:
 
 @st.fragment(run_every=1)
 def build_progress() -> None:
-    """Polls the build job: progress bar, cancel button, outcome."""
-    job = common.job_registry().get(st.session_state.get(BUILD_JOB))
-    if job is None:
+    """Polls the build job: progress bar and cancel, then the outcome."""
+    state = common.show_job(BUILD_JOB, "build")
+    if state is None or not state.done:
         return
-    state = job.snapshot()
-    if not state.done:
-        st.progress(state.fraction, text=f"{state.name}: {state.message} ({state.elapsed:.0f} s)")
-        st.button("Cancel build", on_click=job.cancel, key="cancel_build")
-        return
-    if state.status == "done":
+    if state.status == DONE:
         st.success(f"Profile built in {state.elapsed:.0f} s: `{state.result}`")
         if st.button("Open this profile", type="primary", key="open_built", on_click=_open_built,
                      args=(str(state.result),)):
             st.rerun()  # full rerun so the sidebar picker shows the new profile
-    elif state.status == "cancelled":
-        st.warning("Build cancelled.")
-    else:
-        st.error(f"Build failed: {state.error}")
-        with st.expander("Traceback"):
-            st.code(state.traceback)
     st.button("Dismiss", on_click=lambda: st.session_state.pop(BUILD_JOB, None), key="dismiss_build")
 
 
 def _open_built(path: str) -> None:
     common.select_profile(path)
     st.session_state.pop(BUILD_JOB, None)
-
-
-def _devices() -> list[str]:
-    import torch
-
-    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
 
 
 def _index(options, value) -> int:

@@ -277,3 +277,24 @@ def test_opens_on_the_kfac_demo_profile_by_default(tmp_path, monkeypatch):
     assert {m.label: m.value for m in at.metric}["Decomposition"] == "kfac"
     picker.set_value(str(demo / "svd_llm")).run()
     assert {m.label: m.value for m in at.metric}["Decomposition"] == "svd_llm"
+
+
+def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
+    ars = pytest.importorskip("lems_core.ars")
+    goto(app, "app_pages/allocate.py")
+    assert "ars" in app.multiselect(key="compare_methods").value
+    assert any(i.value.startswith("ARS: no ARS plan") for i in app.info)
+
+    def fake_run(profile_folder, ratios, preset_name="cpu-small", device=None, cache_dir=None,
+                 progress=None, cancel=None):
+        progress(0.5, "training")
+        return [{"ratio": r} for r in ratios]
+
+    monkeypatch.setattr(ars, "run_ars_job", fake_run)
+    form_text = next(t for t in app.text_input if t.label.startswith("Budgets"))
+    form_text.set_value("0.7, 0.8")
+    _button(app, "Train ARS").click().run()
+    state = _wait_for_job(app, "ars_job_id")
+    assert state.status == "done" and state.result == [{"ratio": 0.7}, {"ratio": 0.8}]
+    app.run()
+    assert any("ARS trained 2 plan(s)" in s.value for s in app.success)

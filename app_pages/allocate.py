@@ -111,9 +111,8 @@ def plan_panel(allocations: dict[str, Allocation]) -> None:
         st.toast(f"Saved {path.name}")
 
 
-def comparison_views(allocations: dict[str, Allocation], table, params) -> None:
+def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> None:
     """Side by side: summary table, block x kind heatmaps, difference, error per block, per-layer bars."""
-    ranks = {label: alloc.ranks for label, alloc in allocations.items()}
     st.dataframe(table, hide_index=True,
                  column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
                                 "predicted error": st.column_config.NumberColumn(format="%.4g"),
@@ -126,7 +125,7 @@ def comparison_views(allocations: dict[str, Allocation], table, params) -> None:
         fig = ui_data.heatmap_figure(ui_data.kept_fraction_grid(profile, r), _label(label), "kept",
                                      text=ui_data.rank_grid(profile, r), zrange=(0.0, 1.0))
         cols[i % len(cols)].plotly_chart(fig, key=f"heat_{label}")
-    diff, errors = st.columns(2)
+    diff, error_col = st.columns(2)
     with diff:
         a, b = st.columns(2)
         first = a.selectbox("Difference: A", list(ranks), format_func=_label, key="diff_a")
@@ -134,7 +133,7 @@ def comparison_views(allocations: dict[str, Allocation], table, params) -> None:
         fig = ui_data.heatmap_figure(ui_data.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         st.plotly_chart(fig, key="diff_fig")
-    errors.plotly_chart(ui_data.error_by_block_figure(profile, ranks, params), key="error_block_fig")
+    error_col.plotly_chart(ui_data.error_by_block_figure(profile, errors), key="error_block_fig")
     st.plotly_chart(ui_data.per_layer_figure(profile, ranks), key="per_layer_fig")
 
 
@@ -160,10 +159,12 @@ def live_allocation() -> None:
     if not allocations:
         st.info("No method could allocate at this budget.")
         return
-    table = ui_data.comparison_table(profile, allocations, params)
+    ranks = {label: alloc.ranks for label, alloc in allocations.items()}
+    errors = ui_data.predicted_error_tables(profile, ranks, params)
+    table = ui_data.comparison_table(profile, allocations, errors)
     headline(allocations, table)
     plan_panel(allocations)
-    comparison_views(allocations, table, params)
+    comparison_views(ranks, table, errors)
 
 
 def ars_section() -> None:

@@ -283,30 +283,36 @@ def per_layer_figure(profile: Profile, allocations: Mapping[str, Mapping[str, in
     return fig
 
 
-def error_by_block_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]],
-                          params: ErrorModelParams) -> go.Figure:
-    """Predicted error (current error model) summed per block, one bar group per method."""
+def predicted_error_tables(profile: Profile, ranks_by_label: Mapping[str, Mapping[str, int | None]],
+                           params: ErrorModelParams) -> dict[str, dict[str, float]]:
+    """Per label, the LEMS surrogate error of every layer under one error model (so labels compare)."""
+    return {label: predicted_errors(profile, ranks, params) for label, ranks in ranks_by_label.items()}
+
+
+def error_by_block_figure(profile: Profile, errors: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """Predicted error summed per block, one bar group per label (``predicted_error_tables`` output)."""
+    blocks = np.array([l.block for l in profile.layers])
     fig = go.Figure()
-    for method, ranks in allocations.items():
-        frame = ranks_frame(profile, ranks, predicted_errors(profile, ranks, params))
-        per_block = frame.groupby("block")["predicted error"].sum()
-        fig.add_trace(go.Bar(x=per_block.index, y=per_block.values, name=method_label(method),
-                             marker_color=METHOD_COLORS.get(method)))
+    for label, per_layer in errors.items():
+        sums = np.bincount(blocks, weights=[per_layer[l.name] for l in profile.layers], minlength=profile.num_blocks)
+        fig.add_trace(go.Bar(x=np.arange(profile.num_blocks), y=sums, name=method_label(label),
+                             marker_color=METHOD_COLORS.get(label)))
     fig.update_layout(barmode="group", title="Predicted error per block (current error model)",
                       xaxis_title="block", yaxis_title="Σ ε_l", height=340, margin=dict(t=50, b=40))
     return fig
 
 
-def comparison_table(profile: Profile, allocations: Mapping[str, object], params: ErrorModelParams) -> pd.DataFrame:
+def comparison_table(profile: Profile, allocations: Mapping[str, object],
+                     errors: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
     """One row per allocation: realised ratio, params, dense layers, predicted error, solve time.
 
     ``allocations`` maps a label to an object with ``ranks`` (and optionally ``objective``
-    and ``solve_seconds``) such as ``allocators.Allocation``. Predicted error is
-    recomputed for every method under the same error model, so the column is comparable.
+    and ``solve_seconds``) such as ``allocators.Allocation``; ``errors`` holds the same
+    labels' per-layer errors under one error model (``predicted_error_tables``).
     """
     rows = []
     for label, alloc in allocations.items():
-        frame = ranks_frame(profile, alloc.ranks, predicted_errors(profile, alloc.ranks, params))
+        frame = ranks_frame(profile, alloc.ranks, errors[label])
         rows.append({
             "method": method_label(label),
             "realised ratio": frame["params"].sum() / profile.total_params,

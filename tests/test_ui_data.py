@@ -129,16 +129,20 @@ def test_heatmap_figure_ranges_and_labels(profile, allocations):
 
 
 def test_comparison_table_scores_every_method_under_one_model(profile, allocations):
-    table = ui_data.comparison_table(profile, allocations, PARAMS).set_index("method")
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    errors = ui_data.predicted_error_tables(profile, ranks, PARAMS)
+    assert errors["lems"] == pytest.approx(predicted_errors(profile, ranks["lems"], PARAMS))
+    table = ui_data.comparison_table(profile, allocations, errors).set_index("method")
     assert list(table.index) == ["LEMS", "Uniform", "MRCS"]
     for key, label in (("lems", "LEMS"), ("uniform", "Uniform"), ("mrcs", "MRCS")):
         assert table.loc[label, "realised ratio"] == pytest.approx(realised_ratio(profile, allocations[key].ranks))
         assert table.loc[label, "realised ratio"] <= 0.7 + 1e-9
     assert table.loc["LEMS", "predicted error"] == pytest.approx(allocations["lems"].objective)
     assert table.loc["LEMS", "predicted error"] <= table["predicted error"].min() + 1e-12
-    per_block = ui_data.error_by_block_figure(profile, {k: a.ranks for k, a in allocations.items()}, PARAMS)
+    per_block = ui_data.error_by_block_figure(profile, errors)
+    assert len(per_block.data[0].y) == 4
     assert sum(per_block.data[0].y) == pytest.approx(table.loc["LEMS", "predicted error"])
-    bars = ui_data.per_layer_figure(profile, {k: a.ranks for k, a in allocations.items()})
+    bars = ui_data.per_layer_figure(profile, ranks)
     assert [t.name for t in bars.data] == ["LEMS", "Uniform", "MRCS"] and len(bars.data[0].x) == 28
 
 

@@ -34,12 +34,18 @@ def available_plans() -> dict[str, RankPlan]:
     return plans
 
 
-def evaluate_and_store(plan: RankPlan, progress, cancel, **options):
-    """Evaluate one plan and persist the result (runs inside the background job)."""
+def evaluate_and_store(plan: RankPlan, progress, cancel, profile_calibration: dict, **options):
+    """Evaluate one plan and persist the result (runs inside the background job).
+
+    Factors come from the calibration recorded in the plan, else from the current
+    profile's (a plan from elsewhere may not record one).
+    """
+    from lems_core.calibration import CalibrationConfig
     from lems_core.pipeline import evaluate_plan
     from lems_core.results import ResultStore
 
-    result = evaluate_plan(plan, progress=progress, cancel=cancel, **options)
+    calibration = CalibrationConfig.from_dict(plan.meta.get("calibration") or profile_calibration)
+    result = evaluate_plan(plan, progress=progress, cancel=cancel, calibration=calibration, **options)
     ResultStore(common.cache_dir()).add(result)
     return result.to_dict()
 
@@ -94,8 +100,8 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     if common.job_registry().active("eval"):
         st.error("An evaluation is already running; wait for it or cancel it.")
         return
-    task = partial(evaluate_and_store, datasets=list(datasets), max_windows=int(windows) or None,
-                   seq_len=int(seq_len), device=device)
+    task = partial(evaluate_and_store, profile_calibration=profile.calibration, datasets=list(datasets),
+                   max_windows=int(windows) or None, seq_len=int(seq_len), device=device)
     job = common.job_registry().submit(f"evaluate {len(selected)} plan(s)", for_each, task,
                                        list(selected.values()), meta={"kind": "eval"})
     st.session_state[EVAL_JOB] = job.id

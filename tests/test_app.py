@@ -298,3 +298,40 @@ def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
     assert state.status == "done" and state.result == [{"ratio": 0.7}, {"ratio": 0.8}]
     app.run()
     assert any("ARS trained 2 plan(s)" in s.value for s in app.success)
+
+
+def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
+    pytest.importorskip("lems_core.results")
+    import lems_core.pipeline as pipeline
+
+    seen = []
+
+    def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
+                      calibration=None, **_):
+        seen.append((plan.method, round(plan.budget, 2), calibration.to_dict(), tuple(datasets), max_windows))
+        progress(0.5, "perplexity")
+        summary = plan.summary
+        return pipeline.EvalResult(
+            method=plan.method, decomposition=plan.decomposition, budget=plan.budget,
+            realised_ratio=summary["realised_ratio"], ppl={d: 10 + 20 * (1 - plan.budget) for d in datasets},
+            dense_ppl={d: 10.0 for d in datasets}, kl=0.1, params_kept=summary["params_kept"],
+            params_total=summary["params_total"], seconds=0.1, device="cpu", model_source=plan.model_source,
+            fingerprint=plan.fingerprint)
+
+    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    goto(app, "app_pages/allocate.py")
+    goto(app, "app_pages/compress.py")
+    assert any("No stored results" in i.value for i in app.info)
+    app.multiselect[1].set_value(["lems", "uniform"])  # new plans of ...
+    _button(app, "Compress & evaluate").click().run()
+    state = _wait_for_job(app, "eval_job_id")
+    assert state.status == "done", state.error
+    assert len(seen) == 1 + 2 * 3  # the current plan + 2 methods x 3 default budgets
+    assert seen[0][0] == "lems" and seen[0][2]["dataset"] == "synthetic"  # the profile's calibration
+    assert seen[0][3] == ("wikitext2",) and seen[0][4] == 16
+    app.run()
+    assert any("Evaluated 7 plan(s)" in s.value for s in app.success)
+    table = app.dataframe[0].value
+    assert len(table) == 7 and set(table["method"]) == {"LEMS", "Uniform"}
+    fig = json.loads(charts(app)[0].proto.spec)
+    assert fig["layout"]["title"]["text"].startswith("Perplexity on wikitext2")

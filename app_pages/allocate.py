@@ -10,6 +10,7 @@ import streamlit as st
 
 from lems_core import ui_data
 from lems_core.allocators import ALLOCATORS, Allocation, allocate
+from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE
 from lems_core.plan import PlanError, RankPlan
 from app_pages import common
@@ -34,8 +35,6 @@ st.session_state.setdefault("plan_method", "lems")
 @st.cache_data(max_entries=1024, show_spinner=False)
 def solve(_profile, profile_id: str, method: str, ratio: float, params: dict) -> Allocation:
     """One allocator run, cached per (profile, method, budget, error model)."""
-    from lems_core.error_model import ErrorModelParams
-
     return allocate(_profile, method, ratio, params=ErrorModelParams.from_dict(params))
 
 
@@ -147,6 +146,7 @@ def live_allocation() -> None:
     st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=ui_data.method_label,
                    help="ATP needs model evaluations and is not solved live; ASVD needs measured points.")
     params = common.error_model_params(profile)
+    st.caption(ui_data.error_model_summary(params, profile.kl_ref is not None))
     allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params)
     if UPLOADED_PLAN in st.session_state:
         plan = st.session_state[UPLOADED_PLAN]

@@ -197,6 +197,18 @@ def error_curves_figure(profile: Profile, names: list[str], params: ErrorModelPa
     return fig
 
 
+def error_model_summary(params: ErrorModelParams, has_scale: bool = True) -> str:
+    """One line naming the three terms as currently set, e.g. for a caption."""
+    shape = f"shape: energy power {params.energy_power}, normalised at ratio {params.ref_ratio:g}"
+    if params.use_scale:
+        scale = "scale: measured KL"
+    else:
+        scale = "scale: off" + ("" if has_scale else " (no KL measured in this profile)")
+    bias = "bias: off" if params.bias_form == "constant" else \
+        f"bias: {params.bias_form}, α={params.alpha:g}, γ={params.gamma:g}"
+    return f"Error model — {shape} · {scale} · {bias}"
+
+
 def depth_bias_figure(num_blocks: int, params: ErrorModelParams) -> go.Figure:
     """β_b, the per-block weight of errors (propagation bias), for the current alpha/gamma."""
     beta = depth_bias(num_blocks, params)

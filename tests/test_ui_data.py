@@ -89,6 +89,13 @@ def test_depth_bias_figure_runs_from_one_plus_gamma_to_one(profile):
     assert list(flat.data[0].y) == [1.0] * 4
 
 
+def test_error_model_summary_names_the_three_terms():
+    text = ui_data.error_model_summary(PARAMS)
+    assert "energy power 2" in text and "ratio 0.1" in text and "measured KL" in text and "γ=5" in text
+    off = ui_data.error_model_summary(ErrorModelParams(use_scale=False, bias_form="constant"), has_scale=False)
+    assert "scale: off (no KL measured" in off and "bias: off" in off
+
+
 def test_kept_fraction_and_ranks_frame(profile, allocations):
     layer = profile.layers[0]  # 64 x 64, eq rank 32
     assert ui_data.kept_fraction(layer, None) == 1.0

@@ -3,7 +3,9 @@ from functools import partial
 
 import streamlit as st
 
-from lems_core import ui_data
+from lems_core import pipeline, ui_data
+from lems_core.allocators import allocate
+from lems_core.calibration import CalibrationConfig
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan
 from app_pages import common
@@ -40,20 +42,16 @@ def evaluate_and_store(plan: RankPlan, progress, cancel, profile_calibration: di
     Factors come from the calibration recorded in the plan, else from the current
     profile's (a plan from elsewhere may not record one).
     """
-    from lems_core.calibration import CalibrationConfig
-    from lems_core.pipeline import evaluate_plan
     from lems_core.results import ResultStore
 
     calibration = CalibrationConfig.from_dict(plan.meta.get("calibration") or profile_calibration)
-    result = evaluate_plan(plan, progress=progress, cancel=cancel, calibration=calibration, **options)
+    result = pipeline.evaluate_plan(plan, progress=progress, cancel=cancel, calibration=calibration, **options)
     ResultStore(common.cache_dir()).add(result)
     return result.to_dict()
 
 
 def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan]:
     """Plans of ``methods`` at each budget under the current error model; failures are shown, not raised."""
-    from lems_core.allocators import allocate
-
     if not methods or not budgets_text.strip():
         return {}
     try:

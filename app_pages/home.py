@@ -1,7 +1,9 @@
 """Home: what the current profile holds, and building a new profile in the background."""
 import streamlit as st
 
-from lems_core import ui_data
+from lems_core import pipeline, ui_data
+from lems_core.calibration import PRESETS
+from lems_core.decomposition import METHODS
 from lems_core.jobs import DONE
 from app_pages import common
 
@@ -36,13 +38,6 @@ def show_profile_summary() -> None:
 
 def build_form() -> None:
     """Form to build a profile from a model source; starts a background job."""
-    try:
-        from lems_core.calibration import PRESETS
-        from lems_core.decomposition import METHODS
-        from lems_core.pipeline import build_profile
-    except ImportError as exc:
-        st.info(f"Building profiles is not available yet ({exc}).")
-        return
     device_options = common.devices()
     with st.form("build_profile"):
         source = st.text_input("Model source", value="demo",
@@ -56,7 +51,7 @@ def build_form() -> None:
         submitted = st.form_submit_button("Build profile", type="primary")
     if submitted:
         job = common.job_registry().submit(
-            f"build {source} / {decomposition}", build_profile, source, decomposition,
+            f"build {source} / {decomposition}", pipeline.build_profile, source, decomposition,
             calibration=PRESETS[preset], device=device, meta={"kind": "build"})
         st.session_state[BUILD_JOB] = job.id
 

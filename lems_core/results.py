@@ -1,0 +1,37 @@
+"""Measured results (perplexity, KL, params per plan), kept in the cache's diskcache index.
+
+Values are plain JSON (the index uses JSONDisk), so reading them never unpickles.
+Each result is one key `result:<timestamp>:<hash>`; `all()` returns them oldest first.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cache import index, key_of
+
+PREFIX = "result:"
+
+
+class ResultStore:
+    """Append-only store of `EvalResult.to_dict()` records."""
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def add(self, result) -> str:
+        record = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        json.dumps(record)  # fail here, not inside the cache, if something is not JSON
+        key = f"{PREFIX}{record.get('created', '')}:{key_of(record)}"
+        with index(self.cache_dir) as store:
+            store[key] = record
+        return key
+
+    def all(self) -> list[dict]:
+        with index(self.cache_dir) as store:
+            keys = sorted(k for k in store.iterkeys() if isinstance(k, str) and k.startswith(PREFIX))
+            return [store[k] for k in keys if k in store]
+
+    def remove(self, key: str) -> None:
+        with index(self.cache_dir) as store:
+            store.pop(key, None)

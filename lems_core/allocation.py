@@ -176,13 +176,13 @@ def _pareto(table: _Table) -> _Table:
 def _tolerances(table: _Table, budget: float) -> tuple[float, float]:
     """Absolute slack on the budget (float summation noise) and on the objective.
 
-    Rows are monotone after `_pareto`, so their extreme values sit at both ends.
+    budget: 4 * eps * n_groups * max(|budget|, sum of each group's largest |cost|);
+    objective: 1e-12 * sum of each group's largest |error|.
     """
-    last = (np.arange(table.n.size), table.n - 1)
-    cost_scale = max(abs(budget), float(np.maximum(np.abs(table.cost[:, 0]), np.abs(table.cost[last])).sum()))
-    err_scale = float(np.maximum(np.abs(table.err[:, 0]), np.abs(table.err[last])).sum())
-    budget_tol = 4.0 * _EPS * table.n.size * cost_scale
-    return budget_tol, _OBJ_RTOL * err_scale
+    valid = table.valid
+    cost_scale = max(abs(budget), float(np.where(valid, np.abs(table.cost), 0.0).max(axis=1).sum()))
+    err_scale = float(np.where(valid, np.abs(table.err), 0.0).max(axis=1).sum())
+    return 4.0 * _EPS * table.n.size * cost_scale, _OBJ_RTOL * err_scale
 
 
 # ------------------------------------------------------------------ LP relaxation
@@ -201,7 +201,7 @@ def _non_convex_points(cost: np.ndarray, err: np.ndarray, n: np.ndarray) -> np.n
         return bad
     last = n - 1
     rows = np.arange(n.size)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         step = cost[:, 1:] - cost[:, :-1]
         drop = err[:, :-1] - err[:, 1:]
         toward_next = drop[:, :-1] * step[:, 1:] <= drop[:, 1:] * step[:, :-1]
@@ -251,7 +251,7 @@ class _Segments:
 
 
 def _hull_segments(hull: _Table) -> _Segments:
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # a subnormal step may overflow to inf
         step = hull.cost[:, 1:] - hull.cost[:, :-1]
         drop = hull.err[:, :-1] - hull.err[:, 1:]
         real = np.arange(step.shape[1]) < (hull.n - 1)[:, None]
@@ -401,9 +401,10 @@ def _reduced_cost_excess(shifted: _Table, slack: float, multiplier: float) -> tu
     bound L(lam) = sum_l min_j rc[l, j] - lam * slack. Padding gets excess inf.
     """
     valid = shifted.valid
-    reduced = np.where(valid, shifted.err + multiplier * np.where(valid, shifted.cost, 0.0), np.inf)
-    row_min = reduced.min(axis=1)
-    return reduced - row_min[:, None], float(row_min.sum()) - multiplier * slack
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the bound is finite
+        reduced = np.where(valid, shifted.err + multiplier * np.where(valid, shifted.cost, 0.0), np.inf)
+        row_min = reduced.min(axis=1)
+        return reduced - row_min[:, None], float(row_min.sum()) - multiplier * slack
 
 
 @dataclass
@@ -413,14 +414,16 @@ class _Suffix:
     after_row: int  # the rows after this one are covered
     breakpoints: np.ndarray  # budget at which each segment starts, plus the total
     values: np.ndarray  # LP value (= greedy integer value) at each breakpoint
-    slopes: np.ndarray  # error drop per cost of each segment, then 0
+    steps: np.ndarray  # cost of each segment, then inf
+    drops: np.ndarray  # error drop of each segment, then 0
 
     def evaluate(self, left: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """LP value, greedy integer value and greedy prefix length for budgets `left`."""
         k = np.maximum(np.searchsorted(self.breakpoints, left, side="right") - 1, 0)
         greedy = self.values[k]
-        lp = greedy - np.maximum(left - self.breakpoints[k], 0.0) * self.slopes[k]
-        return lp, greedy, k
+        with np.errstate(over="ignore"):  # subnormal step: the fraction clips to 1
+            fraction = np.clip((left - self.breakpoints[k]) / self.steps[k], 0.0, 1.0)
+        return greedy - fraction * self.drops[k], greedy, k
 
 
 class _SuffixBounds:
@@ -439,7 +442,7 @@ class _SuffixBounds:
         segments = _hull_segments(self.hull)
         order = _greedy_order(segments, np.arange(segments.row.size))
         self.row, self.step, self.drop = segments.row[order], segments.step[order], segments.drop[order]
-        self.slopes = np.append(self.drop / self.step, 0.0)
+        self.steps, self.drops = np.append(self.step, np.inf), np.append(self.drop, 0.0)
         self.suffix_err = np.append(np.cumsum(shifted.err[::-1, 0])[::-1], 0.0)
         self.table = None
         rows = shifted.n.size
@@ -457,7 +460,7 @@ class _SuffixBounds:
     def after(self, r: int) -> _Suffix:
         breakpoints, values = self.table if self.table is not None else self._tabulate(np.array([r]))
         r_in = r if self.table is not None else 0
-        return _Suffix(r, breakpoints[r_in], values[r_in], self.slopes)
+        return _Suffix(r, breakpoints[r_in], values[r_in], self.steps, self.drops)
 
     def greedy_columns(self, suffix: _Suffix, prefix: int) -> np.ndarray:
         """Column per row of the greedy completion that takes the first `prefix` segments."""
@@ -533,10 +536,14 @@ class _ExactSearch:
                 self.offer(table, choice)
             if self.fixed_err + relax.bound >= self.target:
                 return  # the LP bound proves the incumbent optimal
-            excess, lagrangian = _reduced_cost_excess(shifted, slack, relax.multiplier)
+            multiplier = relax.multiplier
+            excess, lagrangian = _reduced_cost_excess(shifted, slack, multiplier)
+            if not np.isfinite(lagrangian):  # overflow from a subnormal cost step: lam = 0 is safe
+                multiplier = 0.0
+                excess, lagrangian = _reduced_cost_excess(shifted, slack, multiplier)
             useful = excess < self.target - self.fixed_err - lagrangian
             if useful.sum() == table.n.sum():
-                self._state_dp(shifted, slack, excess, relax.multiplier)
+                self._state_dp(shifted, slack, excess, multiplier)
                 return
             table = self.fix_single_option_rows(table.keep(useful))
             first_round = False
@@ -655,8 +662,9 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     input.
     """
     cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
-    table = _pareto(_table_from_groups(cost_arrays, error_arrays))
+    table = _table_from_groups(cost_arrays, error_arrays)
     budget_tol, obj_tol = _tolerances(table, budget)
+    table = _pareto(table)
     min_cost = float(table.cost[:, 0].sum())
     if min_cost > budget + budget_tol:
         raise InfeasibleBudgetError(min_cost, budget)

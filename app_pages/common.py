@@ -250,9 +250,10 @@ def sidebar() -> None:
 
 @st.cache_data(ttl=20, show_spinner=False)
 def _cache_summary(folder: str) -> dict:
+    from lems_core.results import ResultStore
     from lems_core.ui_data import cache_summary
 
-    return cache_summary(Path(folder))
+    return cache_summary(Path(folder)) | {"results": len(ResultStore(folder).all())}
 
 
 def _cache_status() -> None:

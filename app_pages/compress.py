@@ -8,6 +8,7 @@ from lems_core.allocators import allocate
 from lems_core.calibration import CalibrationConfig
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan
+from lems_core.results import ResultStore
 from app_pages import common
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
@@ -42,8 +43,6 @@ def evaluate_and_store(plan: RankPlan, progress, cancel, profile_calibration: di
     Factors come from the calibration recorded in the plan, else from the current
     profile's (a plan from elsewhere may not record one).
     """
-    from lems_core.results import ResultStore
-
     calibration = CalibrationConfig.from_dict(plan.meta.get("calibration") or profile_calibration)
     result = pipeline.evaluate_plan(plan, progress=progress, cancel=cancel, calibration=calibration, **options)
     ResultStore(common.cache_dir()).add(result)
@@ -91,7 +90,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         submitted = st.form_submit_button("Compress & evaluate", type="primary")
     if not submitted:
         return
-    selected = {c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text)
+    selected = ui_data.unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text))
     if not selected or not datasets:
         st.error("Choose at least one plan and one dataset.")
         return
@@ -120,11 +119,6 @@ def job_panel() -> None:
 
 def results_section() -> None:
     """Stored results as a table and perplexity vs realised ratio per method."""
-    try:
-        from lems_core.results import ResultStore
-    except ImportError as exc:
-        st.info(f"Stored results are not available yet ({exc}).")
-        return
     records = ResultStore(common.cache_dir()).all()
     show_all = st.toggle("Results of all models", value=False, key="results_all")
     if not show_all:

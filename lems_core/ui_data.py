@@ -354,6 +354,17 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def unique_plans(plans: Mapping[str, object]) -> dict[str, object]:
+    """Drop plans that repeat an earlier one (same method, decomposition and ranks); keeps the first label."""
+    seen, kept = set(), {}
+    for label, plan in plans.items():
+        identity = (plan.method, plan.decomposition, tuple(sorted(plan.ranks().items(), key=lambda kv: kv[0])))
+        if identity not in seen:
+            seen.add(identity)
+            kept[label] = plan
+    return kept
+
+
 def parse_budgets(text: str) -> list[float]:
     """"0.6, 0.7 0.8" -> [0.6, 0.7, 0.8] (kept fractions in (0, 1], sorted, unique); ValueError names a bad entry."""
     budgets = set()

@@ -301,7 +301,6 @@ def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
 
 
 def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
-    pytest.importorskip("lems_core.results")
     import lems_core.pipeline as pipeline
 
     seen = []
@@ -326,12 +325,12 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
     _button(app, "Compress & evaluate").click().run()
     state = _wait_for_job(app, "eval_job_id")
     assert state.status == "done", state.error
-    assert len(seen) == 1 + 2 * 3  # the current plan + 2 methods x 3 default budgets
-    assert seen[0][0] == "lems" and seen[0][2]["dataset"] == "synthetic"  # the profile's calibration
+    assert len(seen) == 2 * 3  # 2 methods x 3 default budgets; the current plan (LEMS @ 0.8) is one of them
+    assert seen[0][:2] == ("lems", 0.8) and seen[0][2]["dataset"] == "synthetic"  # the profile's calibration
     assert seen[0][3] == ("wikitext2",) and seen[0][4] == 16
     app.run()
-    assert any("Evaluated 7 plan(s)" in s.value for s in app.success)
+    assert any("Evaluated 6 plan(s)" in s.value for s in app.success)
     table = app.dataframe[0].value
-    assert len(table) == 7 and set(table["method"]) == {"LEMS", "Uniform"}
+    assert len(table) == 6 and set(table["method"]) == {"LEMS", "Uniform"}
     fig = json.loads(charts(app)[0].proto.spec)
     assert fig["layout"]["title"]["text"].startswith("Perplexity on wikitext2")

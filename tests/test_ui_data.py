@@ -178,6 +178,14 @@ def test_results_frame_and_ppl_plot():
     assert len(ui_data.ppl_vs_ratio_figure(frame, "c4").data) == 0
 
 
+def test_unique_plans_drops_repeats(profile, allocations):
+    lems = allocations["lems"].to_plan(profile)
+    again = allocate(profile, "lems", 0.7, params=PARAMS).to_plan(profile, meta={"note": "same ranks"})
+    uniform = allocations["uniform"].to_plan(profile)
+    kept = ui_data.unique_plans({"a": lems, "b": again, "c": uniform})
+    assert list(kept) == ["a", "c"]
+
+
 def test_parse_budgets():
     assert ui_data.parse_budgets("0.8, 0.6 0.7;0.6") == [0.6, 0.7, 0.8]
     assert ui_data.parse_budgets("  ") == []

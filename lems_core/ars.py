@@ -1,0 +1,799 @@
+"""ARS: Adaptive Rank Selection (Gao et al., NAACL 2024; methods.md §4.6).
+
+A learned rank allocator. Every compressible Linear W (m x n) is written in its
+full (whitened) SVD, W = left @ right with min(m, n) components, and a binary
+mask m_l on the components selects which ones are kept. The masks come from a
+small hypernetwork: a GRU reads a fixed random input z, one step per layer, and
+a per-layer linear head turns the hidden state into one logit per component.
+Masks are straight-through Gumbel-sigmoid samples of those logits (hard 0/1
+forward with threshold 0.5, sigmoid gradient backward). Only the hypernetwork
+trains; the language model and its factors are frozen. The loss (§4.6 step 4) is
+
+    CE(f(x; m)) + lam * log(max(T(m), p T_total) / (p T_total)) + gamma * mean_l ||m_l s_l - m'_l s_l||^2
+
+with T(m_l) = (m_l + n_l) 1^T m_l (capped at m_l n_l: a layer at or above its
+break-even rank is stored dense, methods.md §0), p the kept-fraction budget, and
+m'_l the top-k mask with k = 1^T m_l (pushes the mask toward the singular-value
+order). The final rank of a layer is the sum of its (noise-free) mask, rounded
+to a multiple of 8, dense at or above the break-even rank, then repaired
+deterministically until the budget holds (and, by default, budget the one-sided
+penalty left unused is spent again; the raw learned ranks stay in the info).
+
+Choices that the paper leaves open, taken from the third-party implementation
+LEMS used (sidhantls/adaptive-rank-selection-svd): tau = 0.4, +3 logit bias (all
+components start kept, so training starts from the dense model), threshold 0.5,
+Adam lr 1e-3, lam = 16, gamma = 10; GRU -> LayerNorm -> GELU -> head. Our own
+choices (documented where they are made): the noise-free final mask (noise
+replaced by its median), a straight-through budget cap, per-layer normalised
+spectra in the alignment term, and the repair / fill rules.
+
+Training is minutes on CPU for the demo model (preset "cpu-small") and its
+results are cached: in the diskcache index (keyed by profile, decomposition,
+ratio and config) and, for the demo, as committed plans under cache/demo/ars/.
+The ``ars`` allocator only ever reads those; it never trains.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocators import Allocation, BudgetBelowMinimumError, params_of, realised_ratio, register_allocator
+from .cache import DEMO_DIR, index, key_of
+from .compression import set_module
+from .decomposition import DecompositionOptions, Decomposer, Factorization
+from .evaluation import check_cancel
+from .model import LayerInfo, LoadedModel
+from .plan import PlanError, RankPlan, layer_param_cost
+from .profile import Profile
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+COMMITTED_DIR = DEMO_DIR / "ars"
+METHOD = "ars"
+CURVE_POINTS = 200  # loss-curve points kept in a plan's meta (the Allocation keeps every step)
+
+
+# =========================================================================== config
+@dataclass(frozen=True)
+class ARSConfig:
+    """Hyper-parameters of one ARS training run; all of them are part of the cache key."""
+
+    steps: int = 2000  # hypernetwork updates (§4.6 step 5: 2000 for LLMs)
+    batch_windows: int = 2  # calibration windows per step (third-party default batch size 2)
+    seq_len: int | None = None  # crop windows to this many tokens (None: the calibration length)
+    lam: float = 16.0  # weight of the budget penalty R(T(m), p T_total)
+    gamma_align: float = 10.0  # weight of the alignment term
+    lr: float = 1e-3  # Adam learning rate
+    tau: float = 0.4  # Gumbel-sigmoid temperature
+    logit_bias: float = 3.0  # added to every logit so training starts with (almost) all components kept
+    threshold: float = 0.5  # hard mask = sigmoid(.) > threshold
+    noise: str = "gumbel"  # "gumbel" (reference implementation) or "logistic" (binary Concrete)
+    z_size: int = 32  # width of the fixed random GRU input
+    hidden_size: int = 64  # GRU hidden size
+    rank_multiple: int = 8  # final ranks are multiples of this (methods.md §1.4)
+    fill_budget: bool = True  # spend budget the one-sided penalty left unused (see fill_to_budget)
+    seed: int = 42
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ARSConfig":
+        return ARSConfig(**{f.name: d[f.name] for f in fields(ARSConfig) if f.name in d})
+
+
+# "cpu-small": a short run for the demo model (SmolLM2-135M) on a shared 2-core CPU:
+# measured ~4.3 s per step at 128 tokens on one thread (6.8 s at 256 tokens), so 80
+# steps are ~6 min per ratio. The 10x higher learning rate makes up for the 25x fewer
+# steps: logits start at +3 and must cross ~-0.37 for a component to be dropped, which
+# takes ~15 steps at lr 1e-2 (~150 at 1e-3); the remaining steps refine the selection.
+PRESETS = {
+    "reference": ARSConfig(),
+    "cpu-small": ARSConfig(steps=80, batch_windows=1, seq_len=128, lr=1e-2),
+}
+
+
+def preset(name: str, **overrides) -> ARSConfig:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown ARS preset {name!r}: choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# =========================================================================== masks
+NOISE_MEDIAN = {"gumbel": -math.log(math.log(2.0)), "logistic": 0.0}
+
+
+def sample_noise(shape, kind: str, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """Gumbel(0, 1) noise -log(-log u) (the reference implementation's), or logistic
+    noise log u - log(1 - u) (the difference of two Gumbels, binary-Concrete form)."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp(1e-6, 1 - 1e-6)
+    if kind == "gumbel":
+        return -torch.log(-torch.log(u))
+    if kind == "logistic":
+        return torch.log(u) - torch.log1p(-u)
+    raise ValueError(f"noise must be 'gumbel' or 'logistic', got {kind!r}")
+
+
+def gumbel_sigmoid_mask(logits: torch.Tensor, tau: float, threshold: float,
+                        generator: torch.Generator | None, noise: str = "gumbel") -> torch.Tensor:
+    """Straight-through Gumbel-sigmoid: hard 0/1 forward, d sigmoid((l+g)/tau) backward.
+
+    With the reference implementation's single Gumbel sample g and the +3 logit bias,
+    a component is dropped with probability exp(-e^3) ~ 2e-9, so training starts from
+    the dense model; logistic noise would already drop ~5% of all components (top ones
+    included) at the first step. Without a generator, g is replaced by the noise's
+    median: the deterministic mask keeps exactly the components kept in more than half
+    of the samples (used for the final ranks).
+    """
+    if generator is None:
+        noisy = logits + NOISE_MEDIAN[noise]
+    else:
+        noisy = logits + sample_noise(logits.shape, noise, generator, logits.device, logits.dtype)
+    soft = torch.sigmoid(noisy / tau)
+    hard = (soft > threshold).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly 0/1 forward (x - x == 0), sigmoid gradient backward
+
+
+class Hypernetwork(nn.Module):
+    """GRU over a fixed random z (one step per layer) + one linear head per layer.
+
+    Head l maps the GRU state of step l to one logit per singular component of layer
+    l (components = min(m, n): with every mask at 1 the masked model is the dense one,
+    since the full whitened SVD is exact). ``logit_bias`` is added to all logits.
+    """
+
+    def __init__(self, components: list[int], z_size: int, hidden_size: int, logit_bias: float, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.register_buffer("z", torch.randn(1, len(components), z_size))
+            self.gru = nn.GRU(z_size, hidden_size, batch_first=True)
+            self.norm = nn.LayerNorm(hidden_size)
+            self.heads = nn.ModuleList(nn.Linear(hidden_size, k) for k in components)
+        self.logit_bias = logit_bias
+
+    def forward(self) -> list[torch.Tensor]:
+        states, _ = self.gru(self.z)
+        states = F.gelu(self.norm(states[0]))
+        return [head(states[i]) + self.logit_bias for i, head in enumerate(self.heads)]
+
+
+class MaskedLinear(nn.Module):
+    """y = left @ diag(mask) @ right @ x (+ bias), frozen factors, mask set per step.
+
+    Computed in float32 whatever the model dtype (the mask gradient is a sum over
+    tokens that fp16 would lose), and cast back to the input dtype.
+    """
+
+    def __init__(self, factors: Factorization, bias: torch.Tensor | None, device: torch.device):
+        super().__init__()
+        self.register_buffer("left", factors.left.detach().float().to(device))
+        self.register_buffer("right", factors.right.detach().float().to(device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x.float(), self.right) * self.mask
+        return F.linear(h, self.left, self.bias).to(x.dtype)
+
+
+@contextlib.contextmanager
+def masked_model(model: nn.Module, layers: list[LayerInfo], factors: dict[str, Factorization]):
+    """Swap every compressible Linear for a MaskedLinear and freeze the model; undo on exit."""
+    device = next(model.parameters()).device
+    originals = {l.name: model.get_submodule(l.name) for l in layers}
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    masked = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for l in layers:
+            masked[l.name] = MaskedLinear(factors[l.name], originals[l.name].bias, device)
+            set_module(model, l.name, masked[l.name])
+        yield [masked[l.name] for l in layers]
+    finally:
+        for name, module in originals.items():
+            set_module(model, name, module)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, True))
+
+
+# =========================================================================== loss terms
+def kept_params(masks: list[torch.Tensor], layers: list[LayerInfo]) -> torch.Tensor:
+    """sum_l min((m_l + n_l) 1^T m_l, m_l n_l), differentiable in the masks.
+
+    The cap is straight-through: its value counts a layer past break-even as dense
+    (methods.md §0), its gradient is that of the uncapped count. A plain min would
+    give layers above break-even (every layer, at the start) no budget gradient at
+    all, and nothing would ever be pruned.
+    """
+    total = masks[0].new_zeros(())
+    for mask, l in zip(masks, layers):
+        count = (l.out_features + l.in_features) * mask.sum()
+        total = total + count - (count - l.params).clamp(min=0).detach()
+    return total
+
+
+def budget_penalty(kept: torch.Tensor, target: float) -> torch.Tensor:
+    """R(T, pT_total) = log(max(T, pT_total) / (pT_total)): zero at or under budget (§4.6 step 4)."""
+    return torch.log((kept / target).clamp(min=1.0))
+
+
+def alignment_loss(masks: list[torch.Tensor], spectra: list[torch.Tensor]) -> torch.Tensor:
+    """mean_l ||m_l * s_l - m'_l * s_l||^2 with m'_l the top-k mask, k = 1^T m_l (§4.6 step 4).
+
+    ``spectra`` are normalised to unit Euclidean norm per layer, so each layer's term
+    is the fraction of its spectral energy kept out of order (in [0, 1]) and layers of
+    different scale (whitened spectra differ by orders of magnitude) weigh the same.
+    """
+    total = masks[0].new_zeros(())
+    for mask, s in zip(masks, spectra):
+        k = int(mask.detach().sum().round().item())
+        top = torch.zeros_like(s)
+        top[:k] = 1.0
+        total = total + ((mask - top) * s).pow(2).sum()
+    return total / len(masks)
+
+
+def unit_spectra(factors: dict[str, Factorization], layers: list[LayerInfo], device) -> list[torch.Tensor]:
+    """Each layer's singular values (the masked components) divided by their norm."""
+    out = []
+    for l in layers:
+        f = factors[l.name]
+        s = torch.as_tensor(np.asarray(f.sigma[: f.max_rank], dtype=np.float64))
+        out.append((s / s.norm().clamp(min=1e-30)).float().to(device))
+    return out
+
+
+# =========================================================================== training
+@dataclass
+class _Batches:
+    """Seeded cycling order over the calibration windows, ``size`` windows per step."""
+
+    windows: torch.Tensor
+    size: int
+    seed: int
+
+    def __post_init__(self):
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._order: list[int] = []
+
+    def next(self) -> torch.Tensor:
+        picked = []
+        while len(picked) < self.size:
+            if not self._order:
+                self._order = torch.randperm(self.windows.shape[0], generator=self._gen).tolist()
+            picked.append(self._order.pop(0))
+        return self.windows[picked]
+
+
+def check_factors(layers: list[LayerInfo], factors: dict[str, Factorization]) -> None:
+    """Every layer needs all min(m, n) components (W exact when every mask is 1)."""
+    for l in layers:
+        f = factors.get(l.name)
+        want = min(l.out_features, l.in_features)
+        if f is None or f.max_rank != want:
+            got = "none" if f is None else f"{f.max_rank} components"
+            raise ValueError(f"ARS needs all {want} components of {l.name} (got {got}): "
+                             f"factorise with Decomposer(..., keep=min(m, n))")
+
+
+def train_masks(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    factors: dict[str, Factorization],
+    windows: torch.Tensor,
+    ratio: float,
+    config: ARSConfig,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[list[np.ndarray], list[dict]]:
+    """Train the hypernetwork; return the final noise-free masks (0/1 per component) and the loss curve.
+
+    No caching, no rounding: this is the optimisation of §4.6 step 4 alone.
+    """
+    check_factors(layers, factors)
+    device = next(model.parameters()).device
+    hyper = Hypernetwork([factors[l.name].max_rank for l in layers], config.z_size, config.hidden_size,
+                         config.logit_bias, config.seed).to(device)
+    optimizer = torch.optim.Adam(hyper.parameters(), lr=config.lr)
+    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+    crop = windows[:, : config.seq_len] if config.seq_len else windows
+    batches = _Batches(crop, config.batch_windows, config.seed + 2)
+    spectra = unit_spectra(factors, layers, device)
+    target = ratio * sum(l.params for l in layers)
+    curve = []
+    with masked_model(model, layers, factors) as modules:
+        for step in range(config.steps):
+            check_cancel(cancel)
+            record = _train_step(model, hyper, modules, layers, spectra, batches.next().to(device), target,
+                                 config, noise, optimizer)
+            curve.append(record)
+            if progress:
+                progress((step + 1) / config.steps, f"ARS step {step + 1}/{config.steps}: loss {record['loss']:.3f}, "
+                                                    f"kept {record['kept_ratio']:.3f}")
+    with torch.no_grad():
+        final = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, None, config.noise) for lg in hyper()]
+    return [m.cpu().numpy().round().astype(np.int8) for m in final], curve
+
+
+def _train_step(model, hyper, modules, layers, spectra, ids, target, config, noise, optimizer) -> dict:
+    """One update of the hypernetwork; returns the step's loss terms."""
+    masks = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, noise, config.noise) for lg in hyper()]
+    for module, mask in zip(modules, masks):
+        module.mask = mask
+    logits = model(ids, use_cache=False).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    kept = kept_params(masks, layers)
+    budget = budget_penalty(kept, target)
+    align = alignment_loss(masks, spectra)
+    loss = ce + config.lam * budget + config.gamma_align * align
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    for module in modules:
+        module.mask = None
+    total = sum(l.params for l in layers)
+    return {"loss": loss.item(), "ce": ce.item(), "budget": budget.item(), "align": align.item(),
+            "kept_ratio": kept.item() / total}
+
+
+# =========================================================================== masks -> ranks
+def round_rank(layer: LayerInfo, kept: int, multiple: int) -> int | None:
+    """Mask sum -> rank: nearest multiple, at least one multiple (or 1), dense at break-even."""
+    upper = min(layer.out_features, layer.in_features)
+    step = multiple if multiple and multiple <= upper else 1
+    rank = min(max(step * int(round(kept / step)), step), upper)
+    return None if rank >= layer.eq_rank else rank
+
+
+def _energy_cumsums(profile: Profile) -> list[np.ndarray]:
+    """Per layer: [0, cumulative s_i^2 / sum s^2] (kept energy fraction by rank)."""
+    out = []
+    for l in profile.layers:
+        e = np.asarray(profile.spectra[l.name], np.float64) ** 2
+        out.append(np.concatenate([[0.0], np.cumsum(e) / max(e.sum(), 1e-300)]))
+    return out
+
+
+def _next_cut(layer: LayerInfo, rank: int | None, cum: np.ndarray, multiple: int) -> tuple[float, int] | None:
+    """(energy lost per parameter saved, new rank) of the next cut of one layer, or None at the minimum.
+
+    A dense layer goes to the largest multiple below its break-even rank; a factorised
+    one loses ``multiple`` ranks.
+    """
+    upper = min(layer.out_features, layer.in_features)
+    step = multiple if multiple and multiple <= upper else 1
+    if rank is None:
+        new = ((layer.eq_rank - 1) // step) * step
+    else:
+        new = rank - step
+    if new < step:
+        return None
+    saved = layer_param_cost(layer.out_features, layer.in_features, rank) - layer.rank_params(new)
+    kept_now = 1.0 if rank is None else cum[rank]
+    lost = kept_now - cum[new]
+    return lost / max(saved, 1), new
+
+
+def repair_to_budget(profile: Profile, ranks: dict, ratio: float, multiple: int) -> tuple[dict, int]:
+    """Cut ranks until params_of <= ratio * total; returns (ranks, number of cuts).
+
+    Deterministic greedy: always cut the layer whose next cut (``multiple`` ranks, or
+    dense -> factorised) loses the least normalised spectral energy (sum s_i^2 / sum s^2
+    of the profile's spectrum) per parameter saved; ties go to the earlier layer.
+    Raises BudgetBelowMinimumError when every layer is at its minimum rank.
+    """
+    ranks = dict(ranks)
+    budget = ratio * profile.total_params
+    excess = params_of(profile, ranks) - budget
+    cums = _energy_cumsums(profile)
+    heap = []
+    for i, l in enumerate(profile.layers):
+        cut = _next_cut(l, ranks[l.name], cums[i], multiple)
+        if cut:
+            heapq.heappush(heap, (cut[0], i, cut[1]))
+    cuts = 0
+    while excess > budget * 1e-12:
+        if not heap:
+            raise BudgetBelowMinimumError(METHOD, ratio, realised_ratio(profile, ranks), profile.total_params,
+                                          "every layer is at its minimum rank")
+        _, i, new = heapq.heappop(heap)
+        l = profile.layers[i]
+        excess -= layer_param_cost(l.out_features, l.in_features, ranks[l.name]) - l.rank_params(new)
+        ranks[l.name] = new
+        cuts += 1
+        cut = _next_cut(l, new, cums[i], multiple)
+        if cut:
+            heapq.heappush(heap, (cut[0], i, cut[1]))
+    return ranks, cuts
+
+
+def _next_add(layer: LayerInfo, rank: int | None, cum: np.ndarray, multiple: int) -> tuple[float, int | None, int] | None:
+    """(energy gained per parameter, new rank or None = dense, extra params) of the next
+    ``multiple`` ranks for a layer, or None when it is already dense."""
+    if rank is None:
+        return None
+    upper = min(layer.out_features, layer.in_features)
+    step = multiple if multiple and multiple <= upper else 1
+    new = rank + step
+    new = None if new >= layer.eq_rank else new
+    extra = layer_param_cost(layer.out_features, layer.in_features, new) - layer.rank_params(rank)
+    gained = (1.0 if new is None else cum[new]) - cum[rank]
+    return gained / max(extra, 1), new, extra
+
+
+def fill_to_budget(profile: Profile, ranks: dict, ratio: float, multiple: int) -> tuple[dict, int]:
+    """Spend budget left over: add ``multiple`` ranks (or go dense) where the most normalised
+    energy is gained per parameter, as long as the budget still holds; returns (ranks, adds).
+
+    ARS's budget penalty is one-sided (§4.6 step 4), so a run can end under its budget;
+    plans compared at one budget should use it. Deterministic (ties: earlier layer); the
+    mirror image of ``repair_to_budget``.
+    """
+    ranks = dict(ranks)
+    room = ratio * profile.total_params - params_of(profile, ranks)
+    cums = _energy_cumsums(profile)
+    heap = []
+    for i, l in enumerate(profile.layers):
+        add = _next_add(l, ranks[l.name], cums[i], multiple)
+        if add:
+            heapq.heappush(heap, (-add[0], i, add[1], add[2]))
+    adds = 0
+    while heap:
+        _, i, new, extra = heapq.heappop(heap)
+        if extra > room:
+            continue  # does not fit; a smaller step elsewhere may
+        l = profile.layers[i]
+        ranks[l.name], room, adds = new, room - extra, adds + 1
+        add = _next_add(l, new, cums[i], multiple)
+        if add:
+            heapq.heappush(heap, (-add[0], i, add[1], add[2]))
+    return ranks, adds
+
+
+def allocation_from_masks(profile: Profile, ratio: float, masks: list[np.ndarray], config: ARSConfig,
+                          info: dict | None = None) -> Allocation:
+    """Ranks = mask sums rounded to multiples (§4.6 step 6), repaired to the budget
+    (and, with ``config.fill_budget``, the slack spent); the raw learned ranks and
+    ratio stay in ``info`` so the effect of rounding and repair is visible."""
+    learned = {l.name: int(m.sum()) for l, m in zip(profile.layers, masks)}
+    rounded = {l.name: round_rank(l, learned[l.name], config.rank_multiple) for l in profile.layers}
+    ranks, cuts = repair_to_budget(profile, rounded, ratio, config.rank_multiple)
+    adds = 0
+    if config.fill_budget:
+        ranks, adds = fill_to_budget(profile, ranks, ratio, config.rank_multiple)
+    info = dict(info or {})
+    info.update({
+        "learned_ranks": learned,
+        "learned_ratio": _ratio_of_sums(profile, learned),
+        "rounded_ratio": realised_ratio(profile, rounded),
+        "repair_cuts": cuts,
+        "fill_adds": adds,
+        "params_kept": params_of(profile, ranks),
+        "params_total": profile.total_params,
+        "realised_ratio": realised_ratio(profile, ranks),
+        "dense_layers": sum(r is None for r in ranks.values()),
+        "config": config.to_dict(),
+    })
+    return Allocation(METHOD, ratio, ranks, info=info)
+
+
+def _ratio_of_sums(profile: Profile, kept: dict[str, int]) -> float:
+    """Kept fraction of the raw mask sums (capped at dense), before rounding and repair."""
+    total = sum(min(l.rank_params(kept[l.name]), l.params) for l in profile.layers)
+    return total / profile.total_params
+
+
+# =========================================================================== factors and data
+def _profile_options(profile: Profile) -> DecompositionOptions:
+    """The decomposition options a profile was built with (stored as strings), or the defaults."""
+    stored = (profile.meta.get("settings") or {}).get("options") or {}
+    values = {}
+    for f in fields(DecompositionOptions):
+        if f.name not in stored:
+            continue
+        raw = stored[f.name]
+        if f.name == "dtype":
+            values[f.name] = getattr(torch, str(raw).rsplit(".", 1)[-1])
+        elif isinstance(getattr(DecompositionOptions, f.name), float):
+            values[f.name] = float(raw)
+        else:
+            values[f.name] = str(raw)
+    return DecompositionOptions(**values)
+
+
+def calibration_ids(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
+    """The profile's calibration windows (the same ones its statistics came from)."""
+    from .calibration import CalibrationConfig
+    from .pipeline import calibration_windows
+
+    calib, _ = calibration_windows(loaded, CalibrationConfig.from_dict(profile.calibration))
+    return calib
+
+
+def full_factorizations(loaded: LoadedModel, profile: Profile, calib_ids: torch.Tensor,
+                        cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
+    """All min(m, n) components of every layer under the profile's decomposition.
+
+    The statistics come from the pipeline's cache (computed there if missing); the
+    factors themselves are not cached: they are ~2x the model's Linear weights, and a
+    trained ARS result is cached instead. Rank-dependent methods use their base
+    whitening, as their profiles do.
+    """
+    from .calibration import CalibrationConfig
+    from .pipeline import BASE_DECOMPOSITION, stage, statistics_for
+
+    method = BASE_DECOMPOSITION.get(profile.decomposition, profile.decomposition)
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    stats = statistics_for(loaded, calib_ids, cfg, method, cache_dir, stage(progress, 0, 0.5))
+    decomposer = Decomposer(method, _profile_options(profile))
+    out = {}
+    for i, l in enumerate(profile.layers):
+        weight = loaded.model.get_submodule(l.name).weight
+        out[l.name] = decomposer(l, weight, stats.inputs.get(l.name), stats.grad_gram.get(l.name),
+                                 stats.fisher.get(l.name), keep=min(l.out_features, l.in_features))
+        if progress:
+            progress(0.5 + 0.5 * (i + 1) / len(profile.layers), f"full factors {i + 1}/{len(profile.layers)}")
+    return out
+
+
+def spectrum_mismatch(profile: Profile, factors: dict[str, Factorization]) -> float:
+    """Largest relative difference between the profile's spectra and the factors' (should be ~0)."""
+    worst = 0.0
+    for l in profile.layers:
+        a, b = np.asarray(profile.spectra[l.name]), np.asarray(factors[l.name].sigma)
+        worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30)))
+    return worst
+
+
+# =========================================================================== caching
+def _ratio_key(ratio: float) -> float:
+    return round(float(ratio), 4)
+
+
+def cache_key(profile: Profile, ratio: float, config: ARSConfig) -> str:
+    """Index key of one trained result: profile identity, decomposition, ratio, config."""
+    return "ars:" + key_of(profile.key, profile.decomposition, _ratio_key(ratio), config.to_dict())
+
+
+def latest_key(profile: Profile, ratio: float) -> str:
+    """Index key of the most recent result for (profile, ratio), whatever its config."""
+    return "ars-latest:" + key_of(profile.key, profile.decomposition, _ratio_key(ratio))
+
+
+def committed_plan_path(profile: Profile, ratio: float) -> Path:
+    """cache/demo/ars/<fingerprint>-<decomposition>-<ratio>.json (written by bench/ars_demo.py)."""
+    return COMMITTED_DIR / f"{profile.fingerprint}-{profile.decomposition}-{_ratio_key(ratio):g}.json"
+
+
+def allocation_to_plan(profile: Profile, alloc: Allocation) -> RankPlan:
+    """The plan of a trained allocation; meta carries the calibration (for evaluation) and ARS info."""
+    info = dict(alloc.info)
+    curve = info.pop("loss_curve", [])
+    info["loss_curve"] = _thin(curve, CURVE_POINTS)
+    info["profile_key"] = profile.key
+    meta = {"calibration": profile.calibration, "ars": info}
+    return alloc.to_plan(profile, meta=meta)
+
+
+def _thin(curve: list[dict], points: int) -> list[dict]:
+    """At most ``points`` evenly spaced records (first and last kept), values rounded."""
+    if len(curve) > points:
+        idx = np.unique(np.linspace(0, len(curve) - 1, points).round().astype(int))
+        curve = [dict(curve[i], step=int(i)) for i in idx]
+    return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
+
+
+def _allocation_from_plan(plan: RankPlan, ratio: float) -> Allocation:
+    info = dict(plan.meta.get("ars") or {})
+    info["plan_created"] = plan.created
+    return Allocation(METHOD, ratio, plan.ranks(), solve_seconds=float(plan.meta.get("solve_seconds") or 0.0),
+                      info=info)
+
+
+def _store(profile: Profile, ratio: float, config: ARSConfig, plan: RankPlan, cache_dir: Path | None) -> None:
+    store = index(cache_dir)
+    doc = plan.to_dict()
+    store[cache_key(profile, ratio, config)] = doc
+    store[latest_key(profile, ratio)] = doc
+
+
+def _plan_from_doc(doc: dict, profile: Profile) -> RankPlan:
+    return RankPlan.from_json(json.dumps(doc), layers=profile.layers, fingerprint=profile.fingerprint)
+
+
+def _matches(plan: RankPlan, profile: Profile, ratio: float, config: ARSConfig | None) -> bool:
+    ars = plan.meta.get("ars") or {}
+    return (plan.method == METHOD and plan.decomposition == profile.decomposition
+            and math.isclose(plan.budget, _ratio_key(ratio), abs_tol=1e-6)
+            and ars.get("profile_key") == profile.key
+            and (config is None or ars.get("config") == config.to_dict()))
+
+
+def cached_ars_plan(profile: Profile, ratio: float, config: ARSConfig | None = None,
+                    cache_dir: Path | None = None) -> RankPlan | None:
+    """A trained ARS plan for (profile, ratio): from the index, else the committed demo plan, else None.
+
+    With ``config`` only a plan trained with exactly that config is returned; without,
+    the most recent one. Plans are validated against the profile's layers and model.
+    """
+    store = index(cache_dir)
+    key = cache_key(profile, ratio, config) if config else latest_key(profile, ratio)
+    doc = store.get(key)
+    if doc is not None:
+        try:
+            return _plan_from_doc(doc, profile)
+        except PlanError as exc:
+            log.warning("ignoring a cached ARS plan that does not validate: %s", exc)
+    path = committed_plan_path(profile, ratio)
+    if path.is_file():
+        try:
+            plan = RankPlan.load(path, layers=profile.layers, fingerprint=profile.fingerprint)
+        except PlanError as exc:
+            log.warning("ignoring committed ARS plan %s: %s", path, exc)
+            return None
+        if _matches(plan, profile, ratio, config):
+            return plan
+    return None
+
+
+# =========================================================================== entry points
+def train_ars(
+    loaded: LoadedModel,
+    profile: Profile,
+    ratio: float,
+    config: ARSConfig | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    factors: dict[str, Factorization] | None = None,
+    windows: torch.Tensor | None = None,
+    force: bool = False,
+) -> Allocation:
+    """Train ARS for ``profile`` at kept fraction ``ratio`` (cached: a repeat returns at once).
+
+    Runs on the model's device. ``factors`` (full, see ``full_factorizations``) and
+    ``windows`` (calibration token ids) default to the profile's own; pass them only
+    if they are exactly those (tests, callers that already hold them), since they are
+    not part of the cache key.
+    """
+    config = config or PRESETS["reference"]
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio is the kept fraction and must lie in (0, 1], got {ratio}")
+    if loaded.fingerprint != profile.fingerprint:
+        raise ValueError(f"profile is for model {profile.fingerprint}, loaded model is {loaded.fingerprint}")
+    if not force:
+        plan = cached_ars_plan(profile, ratio, config, cache_dir)
+        if plan is not None:
+            return _allocation_from_plan(plan, ratio)
+    started = time.perf_counter()
+    windows = calibration_ids(loaded, profile) if windows is None else windows
+    check_cancel(cancel)
+    if factors is None:
+        factors = full_factorizations(loaded, profile, windows, cache_dir, _stage(progress, 0.0, 0.15))
+    factor_seconds = time.perf_counter() - started
+    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config,
+                               _stage(progress, 0.15, 1.0), cancel)
+    seconds = time.perf_counter() - started
+    info = {"loss_curve": curve, "seconds": round(seconds, 2), "factor_seconds": round(factor_seconds, 2),
+            "train_seconds": round(seconds - factor_seconds, 2), "device": str(loaded.device),
+            "spectrum_mismatch": spectrum_mismatch(profile, factors)}
+    alloc = allocation_from_masks(profile, ratio, masks, config, info)
+    alloc.solve_seconds = seconds
+    _store(profile, ratio, config, allocation_to_plan(profile, alloc), cache_dir)
+    return alloc
+
+
+def _stage(progress: Progress | None, lo: float, hi: float) -> Progress | None:
+    from .pipeline import stage
+
+    return stage(progress, lo, hi)
+
+
+def allocate_ars(profile: Profile, ratio: float, config: ARSConfig | None = None,
+                 cache_dir: Path | None = None) -> Allocation:
+    """The ``ars`` allocator: the ranks of a trained (cached or committed) plan; never trains."""
+    plan = cached_ars_plan(profile, ratio, config, cache_dir)
+    if plan is None:
+        raise ValueError(f"no ARS plan trained for ratio {ratio:g}: run `python -m lems_core ars --profile <profile "
+                         f"folder> --ratio {ratio:g}` or launch training in the app")
+    return _allocation_from_plan(plan, ratio)
+
+
+register_allocator(METHOD, allocate_ars)
+
+
+def run_ars_job(profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
+                device: str | None = None, cache_dir: Path | None = None,
+                progress: Progress | None = None, cancel: threading.Event | None = None) -> list[dict]:
+    """Load the profile's model and train every ratio in turn; returns the plans as dicts.
+
+    The function the app submits as a background job (see ``launch_ars_training``)
+    and the CLI runs in the foreground.
+    """
+    from .pipeline import get_model
+
+    profile = Profile.load(profile_folder)
+    loaded = get_model(profile.model_source, device)
+    config = preset(preset_name)
+    plans = []
+    for i, ratio in enumerate(ratios):
+        alloc = train_ars(loaded, profile, ratio, config, cache_dir, _stage(progress, i / len(ratios),
+                                                                           (i + 1) / len(ratios)), cancel)
+        plans.append(allocation_to_plan(profile, alloc).to_dict())
+    return plans
+
+
+def launch_ars_training(registry, profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
+                        device: str | None = None, cache_dir: Path | None = None):
+    """Start ARS training as a background job of a ``jobs.JobRegistry`` (meta kind "ars").
+
+    Training swaps the shared model's Linears in place for its duration (restored on
+    exit, cancel or error), like ``pipeline.compressed``: do not evaluate the same
+    model from another job meanwhile.
+    """
+    label = ", ".join(f"{r:g}" for r in ratios)
+    return registry.submit(f"ARS training ({preset_name}) at {label}", run_ars_job, str(profile_folder),
+                           list(ratios), preset_name, device, cache_dir,
+                           meta={"kind": "ars", "profile": str(profile_folder), "ratios": list(ratios),
+                                 "preset": preset_name})
+
+
+# =========================================================================== command line
+def add_cli_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``ars`` subcommand to ``python -m lems_core`` (``sub`` = its subparsers)."""
+    sp = sub.add_parser("ars", help="train ARS (learned rank selection) for a profile; results are cached")
+    sp.add_argument("--profile", required=True, help="profile folder (contains profile.json)")
+    sp.add_argument("--ratio", required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
+    sp.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--cache-dir", default=None)
+    sp.add_argument("-o", "--output", default=None, help="write the plan here ({ratio} is replaced)")
+    sp.set_defaults(fn=cmd_ars)
+    return sp
+
+
+def cmd_ars(args) -> int:
+    ratios = [float(x) for x in str(args.ratio).split(",") if x.strip()]
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    plans = run_ars_job(args.profile, ratios, args.preset, args.device, cache_dir,
+                        progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True))
+    print()
+    for ratio, doc in zip(ratios, plans):
+        s = doc["summary"]
+        ars = doc["meta"]["ars"]
+        print(f"ARS at {ratio:g}: learned {ars['learned_ratio']:.4f}, realised {s['realised_ratio']:.4f} "
+              f"after {ars['repair_cuts']} repair cuts, {ars['seconds']:.0f} s")
+        if args.output:
+            out = Path(args.output.replace("{ratio}", f"{ratio:g}"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1))
+            print(f"  plan -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lems_core.ars")
+    add_cli_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ars", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

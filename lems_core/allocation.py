@@ -34,6 +34,18 @@ class InfeasibleBudgetError(ValueError):
         )
 
 
+class MCKPSearchLimitError(RuntimeError):
+    """The exact search hit its size limit; carries the best solution found and a bound."""
+
+    def __init__(self, choice: list[int], value: float, lower_bound: float, max_candidates: int):
+        self.choice, self.value, self.lower_bound = choice, float(value), float(lower_bound)
+        super().__init__(
+            f"exact MCKP search stopped: one step needed more than {max_candidates} partial "
+            f"solutions; best found {self.value:.10g}, lower bound {self.lower_bound:.10g} "
+            f"(gap {self.value - self.lower_bound:.3g}); use solve_mckp_pulp with a time limit or "
+            f"raise max_candidates")
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -393,6 +405,22 @@ def _shift_costs(table: _Table, budget: float) -> tuple[_Table, float]:
     return shifted, budget - float(base.sum())
 
 
+def _round_down_to_cost_grid(shifted: _Table, slack: float, budget_tol: float) -> float:
+    """The largest reachable slack when all (shifted) costs are integers.
+
+    Every choice then costs a multiple of g = gcd(costs), so slack can drop to a
+    multiple of g: this closes LP gaps caused by budget that no choice can use (as with
+    parameter counts, which are multiples of 8 (m + n) for ranks in steps of 8).
+    """
+    costs = shifted.cost[shifted.valid]
+    if slack <= 0 or not np.all(costs < 2.0 ** 53) or not np.array_equal(costs, np.round(costs)):
+        return slack
+    grid = int(np.gcd.reduce(costs.astype(np.int64)))
+    if grid == 0:
+        return slack
+    return float(np.floor((slack + budget_tol) / grid) * grid)
+
+
 def _reduced_cost_excess(shifted: _Table, slack: float, multiplier: float) -> tuple[np.ndarray, float]:
     """Excess of each option's reduced cost over its row minimum, and the Lagrangian bound.
 
@@ -482,17 +510,25 @@ def _suffix_lagrangian_terms(shifted: _Table, multiplier: float) -> np.ndarray:
 # --------------------------------------------------------------------- exact search
 
 
+class _SearchLimit(Exception):
+    """The state DP would expand more candidates in one step than allowed."""
+
+
 class _ExactSearch:
     """Lagrangian bound, reduced-cost fixing, then a Pareto-state dynamic program.
 
     The incumbent (`best_value`, `best_choice`) only moves to strictly better solutions
-    (by more than `obj_tol`); groups fixed for good sit in `fixed_*`.
+    (by more than `obj_tol`); groups fixed for good sit in `fixed_*`; `lower_bound` is
+    the best proven bound on the optimum.
     """
 
-    def __init__(self, n_groups: int, budget: float, budget_tol: float, obj_tol: float):
+    def __init__(self, n_groups: int, budget: float, budget_tol: float, obj_tol: float,
+                 max_candidates: int):
         self.budget = budget
         self.budget_tol = budget_tol
         self.obj_tol = obj_tol
+        self.max_candidates = max_candidates
+        self.lower_bound = -np.inf
         self.best_value = np.inf
         self.best_choice = np.full(n_groups, -1, dtype=np.int64)
         self.fixed_choice = np.full(n_groups, -1, dtype=np.int64)
@@ -528,13 +564,15 @@ class _ExactSearch:
             shifted, slack = _shift_costs(table, self.budget - self.fixed_cost)
             if slack < -self.budget_tol:
                 return  # what is left cannot beat the incumbent within the budget
+            slack = _round_down_to_cost_grid(shifted, slack, self.budget_tol)
             relax = _lp_relaxation(shifted, slack, self.budget_tol)
             for choice in relax.roundings:
                 # Polishing scans the whole table per upgrade: wait until fixing shrank it.
                 if not first_round:
                     choice = _spend_leftover(shifted, choice, slack, self.budget_tol)
                 self.offer(table, choice)
-            if self.fixed_err + relax.bound >= self.target:
+            self.lower_bound = max(self.lower_bound, self.fixed_err + relax.bound)
+            if self.lower_bound >= self.target:
                 return  # the LP bound proves the incumbent optimal
             multiplier = relax.multiplier
             excess, lagrangian = _reduced_cost_excess(shifted, slack, multiplier)
@@ -576,6 +614,8 @@ class _ExactSearch:
         for r in range(shifted.n.size):
             state_bound = state_err + multiplier * state_cost + lagrange_terms[r]
             counts = np.searchsorted(excess[r], self.target - state_bound, side="left")
+            if counts.sum() > self.max_candidates:
+                raise _SearchLimit
             parent = np.repeat(np.arange(counts.size), counts)
             slot = np.arange(parent.size) - np.repeat(np.cumsum(counts) - counts, counts)
             cost = state_cost[parent] + option_cost[r, slot]
@@ -638,7 +678,8 @@ def _trace_back(history: list[tuple[np.ndarray, np.ndarray]], state: int) -> np.
     return columns
 
 
-def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float) -> list[int]:
+def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, *,
+               max_candidates: int = 1_000_000) -> list[int]:
     """Exact multiple-choice knapsack: one option per group, minimal error, cost <= budget.
 
     Algorithm (vectorised over groups):
@@ -651,15 +692,19 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
          more than UB - LB cannot be in a better solution and is removed; 2-3 repeat on
          the smaller problem until nothing more goes;
       4. the groups that keep several options are solved exactly by a dynamic program
-         over Pareto-optimal (cost, error) states with LP-bound pruning, in the spirit of
-         Pisinger's core algorithm for the MCKP (1995), first restricted to options of
-         small reduced-cost excess and widened until it is conclusive.
+         over Pareto-optimal (cost, error) states with Lagrangian and LP-bound pruning,
+         in the spirit of Pisinger's core algorithms for the MCKP (1995); groups with
+         coarse cost steps go first, and greedy completions of the states keep lowering
+         the target while it runs.
 
     Returns the option index per group (ties: some optimal choice). The objective is
     optimal up to 1e-12 of the summed per-group error magnitudes; the budget holds up
     to float summation noise (4 * eps * n_groups relative). Raises InfeasibleBudgetError
     when even the cheapest option of every group exceeds the budget, ValueError on bad
-    input.
+    input, and MCKPSearchLimitError (with the best solution found and a lower bound)
+    when one DP step would expand more than `max_candidates` partial solutions; that
+    only happens on subset-sum-like instances (e.g. errors exactly linear in real-valued
+    costs), which are hard for ILP solvers as well.
     """
     cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
     table = _table_from_groups(cost_arrays, error_arrays)
@@ -668,8 +713,12 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     min_cost = float(table.cost[:, 0].sum())
     if min_cost > budget + budget_tol:
         raise InfeasibleBudgetError(min_cost, budget)
-    search = _ExactSearch(len(cost_arrays), budget, budget_tol, obj_tol)
-    search.run(table)
+    search = _ExactSearch(len(cost_arrays), budget, budget_tol, obj_tol, max_candidates)
+    try:
+        search.run(table)
+    except _SearchLimit:
+        raise MCKPSearchLimitError([int(j) for j in search.best_choice], search.best_value,
+                                   search.lower_bound, max_candidates) from None
     choice = [int(j) for j in search.best_choice]
     if total_cost(cost_arrays, choice) > budget + budget_tol:  # pragma: no cover - safety net
         raise RuntimeError("internal error: solve_mckp produced a solution over budget")

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lems_core.allocation as allocation
-from lems_core.allocation import (InfeasibleBudgetError, PulpRun, objective, run_pulp_mckp,
+from lems_core.allocation import (InfeasibleBudgetError, MCKPSearchLimitError, PulpRun, objective, run_pulp_mckp,
                                   solve_mckp, solve_mckp_pulp, total_cost)
 
 REL = 1e-9
@@ -267,14 +267,30 @@ def test_option_order_and_duplicates_do_not_change_the_optimum():
     assert total_cost(shuffled_costs, choice) <= budget * (1 + REL)
 
 
-def test_tied_groups_where_lp_bound_is_never_integral():
-    """Identical groups with a half-unit of slack: the LP bound stays 0.5 below the optimum."""
+@pytest.mark.parametrize("unit", [1.0, 0.7])  # 0.7: no integer cost grid to round the budget to
+def test_tied_groups_where_lp_bound_is_never_integral(unit):
+    """Identical groups with half a unit of slack: the LP bound stays below the optimum."""
     groups = 40
-    costs = [np.array([0.0, 1.0])] * groups
+    costs = [np.array([0.0, unit])] * groups
     errors = [np.array([1.0, 0.0])] * groups
-    choice = solve_mckp(costs, errors, groups / 2 + 0.5)
+    choice = solve_mckp(costs, errors, unit * (groups / 2 + 0.5))
     assert objective(errors, choice) == groups / 2
-    assert total_cost(costs, choice) == groups / 2
+    assert total_cost(costs, choice) == pytest.approx(unit * groups / 2)
+
+
+def test_subset_sum_like_instance_stops_at_the_search_limit_with_a_bound():
+    """Errors exactly linear in real costs: the optimum is a subset-sum; the limit must hold."""
+    rng = np.random.default_rng(0)
+    costs = [np.sort(rng.uniform(0, 10, 10)) for _ in range(30)]
+    errors = [10 - c for c in costs]
+    budget = sum(c.mean() for c in costs)
+    with pytest.raises(MCKPSearchLimitError, match="more than 20000 partial solutions") as info:
+        solve_mckp(costs, errors, budget, max_candidates=20_000)
+    found = info.value
+    assert total_cost(costs, found.choice) <= budget
+    assert objective(errors, found.choice) == pytest.approx(found.value)
+    assert found.lower_bound <= found.value < found.lower_bound + 1e-3
+    assert found.lower_bound == pytest.approx(300 - budget)  # LP: the whole budget converts at slope 1
 
 
 # ------------------------------------------------------------------ (d) bad inputs

@@ -49,8 +49,24 @@ class MCKPSearchLimitError(RuntimeError):
 # ----------------------------------------------------------------------------- inputs
 
 
-def _validated(costs, errors, budget) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """Float64 views of the groups, after checking shapes and finiteness."""
+@dataclass
+class _Problem:
+    """Validated input: float64 groups, also flattened (all groups back to back)."""
+
+    costs: list[np.ndarray]
+    errors: list[np.ndarray]
+    budget: float
+    flat_cost: np.ndarray
+    flat_err: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+
+def _validated(costs, errors, budget) -> _Problem:
+    """Check shapes, sizes and finiteness with specific messages."""
     if len(costs) != len(errors):
         raise ValueError(f"costs has {len(costs)} groups but errors has {len(errors)}")
     if len(costs) == 0:
@@ -70,11 +86,14 @@ def _validated(costs, errors, budget) -> tuple[list[np.ndarray], list[np.ndarray
             raise ValueError(f"group {g} has no options")
         if c.shape != e.shape:
             raise ValueError(f"group {g}: {c.size} costs but {e.size} errors")
+    flat = {}
     for name, arrays in (("costs", cost_arrays), ("errors", error_arrays)):
-        if not np.isfinite(np.concatenate(arrays)).all():
+        flat[name] = np.concatenate(arrays)
+        if not np.isfinite(flat[name]).all():
             g = next(g for g, a in enumerate(arrays) if not np.isfinite(a).all())
             raise ValueError(f"group {g}: {name} contain non-finite values")
-    return cost_arrays, error_arrays, budget
+    lengths = np.array([c.size for c in cost_arrays], dtype=np.int64)
+    return _Problem(cost_arrays, error_arrays, budget, flat["costs"], flat["errors"], lengths)
 
 
 def _check_choice(groups: Sequence, choice: Sequence[int]) -> None:
@@ -136,6 +155,11 @@ class _Table:
         return _Table(self.gid[selected], self.cost[selected, :width],
                       self.err[selected, :width], self.idx[selected, :width], n)
 
+    def trimmed(self) -> "_Table":
+        """The same table without all-padding columns at the right (views)."""
+        width = int(self.n.max())
+        return _Table(self.gid, self.cost[:, :width], self.err[:, :width], self.idx[:, :width], self.n)
+
     def at(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cost and error of one column per row."""
         rows = np.arange(columns.size)
@@ -155,13 +179,13 @@ def _compact(mask: np.ndarray, arrays: Sequence[np.ndarray]) -> tuple[list[np.nd
     return out, counts
 
 
-def _table_from_groups(costs: list[np.ndarray], errors: list[np.ndarray]) -> _Table:
-    lengths = np.array([c.size for c in costs], dtype=np.int64)
+def _table_from_groups(problem: _Problem) -> _Table:
+    lengths = problem.lengths
     valid = np.arange(int(lengths.max())) < lengths[:, None]
     cost = np.full(valid.shape, np.inf)
     err = np.full(valid.shape, np.inf)
-    cost[valid] = np.concatenate(costs)
-    err[valid] = np.concatenate(errors)
+    cost[valid] = problem.flat_cost
+    err[valid] = problem.flat_err
     idx = np.where(valid, np.arange(valid.shape[1]), -1)
     return _Table(np.arange(lengths.size), cost, err, idx, lengths)
 
@@ -185,16 +209,16 @@ def _pareto(table: _Table) -> _Table:
     return _Table(table.gid, cost, err, idx, table.n).keep(keep)
 
 
-def _tolerances(table: _Table, budget: float) -> tuple[float, float]:
+def _tolerances(problem: _Problem) -> tuple[float, float]:
     """Absolute slack on the budget (float summation noise) and on the objective.
 
     budget: 4 * eps * n_groups * max(|budget|, sum of each group's largest |cost|);
     objective: 1e-12 * sum of each group's largest |error|.
     """
-    valid = table.valid
-    cost_scale = max(abs(budget), float(np.where(valid, np.abs(table.cost), 0.0).max(axis=1).sum()))
-    err_scale = float(np.where(valid, np.abs(table.err), 0.0).max(axis=1).sum())
-    return 4.0 * _EPS * table.n.size * cost_scale, _OBJ_RTOL * err_scale
+    largest_cost = np.maximum.reduceat(np.abs(problem.flat_cost), problem.starts).sum()
+    largest_err = np.maximum.reduceat(np.abs(problem.flat_err), problem.starts).sum()
+    cost_scale = max(abs(problem.budget), float(largest_cost))
+    return 4.0 * _EPS * problem.lengths.size * cost_scale, _OBJ_RTOL * float(largest_err)
 
 
 # ------------------------------------------------------------------ LP relaxation
@@ -227,29 +251,45 @@ def _lower_hull(table: _Table) -> _Table:
     """Lower convex hull of each row's Pareto points; its `idx` is the column in `table`.
 
     All points found above a chord are removed at once and the rows that changed are
-    tested again, until every row is convex.
+    tested again, until every row is convex. A row that only lost one block of points
+    right before its last point needs no second test: the point before the block was
+    tested against the chord to the last point, everything else kept its neighbours.
     """
-    width = table.cost.shape[1]
-    hull_col = np.broadcast_to(np.arange(width), table.cost.shape).copy()
-    hull_n = table.n.copy()
+    columns = np.broadcast_to(np.arange(table.cost.shape[1]), table.cost.shape)
+    hull = _Table(table.gid, table.cost, table.err, columns, table.n)
+    copied = False
     work = np.flatnonzero(table.n >= 3)
-    cost, err, col, n = table.cost[work], table.err[work], hull_col[work], table.n[work]
+    if work.size == table.n.size:
+        cost, err, col, n = table.cost, table.err, columns, table.n
+    else:
+        cost, err, col, n = table.cost[work], table.err[work], columns[work], table.n[work]
     while work.size:
         bad = _non_convex_points(cost, err, n)
         changed = bad.any(axis=1)
         if not changed.any():
             break
         work, bad, n = work[changed], bad[changed], n[changed]
+        removed = bad.sum(axis=1)
+        tail_only = removed == n - 1 - np.argmax(bad, axis=1)
         alive = (np.arange(cost.shape[1]) < n[:, None]) & ~bad
         (cost, err, col), n = _compact(alive, (cost[changed], err[changed], col[changed]))
-        hull_col[work, :col.shape[1]] = col
-        hull_n[work] = n
-    hull_col = hull_col[:, :int(hull_n.max())]
-    valid = np.arange(hull_col.shape[1]) < hull_n[:, None]
-    hull_col[~valid] = 0
-    cost = np.where(valid, np.take_along_axis(table.cost, hull_col, axis=1), np.inf)
-    err = np.where(valid, np.take_along_axis(table.err, hull_col, axis=1), np.inf)
-    return _Table(table.gid, cost, err, hull_col, hull_n)
+        if work.size == hull.n.size:  # every row changed: the compacted arrays are the hull
+            hull, copied = _Table(hull.gid, cost, err, col, n.copy()), True
+        else:
+            if not copied:
+                hull = _Table(hull.gid, hull.cost.copy(), hull.err.copy(), hull.idx.copy(), hull.n.copy())
+                copied = True
+            width = cost.shape[1]
+            for full, part, fill in ((hull.cost, cost, np.inf), (hull.err, err, np.inf), (hull.idx, col, -1)):
+                full[work, :width] = part
+                full[work, width:] = fill
+            hull.n[work] = n
+        retest = ~tail_only & (n >= 3)
+        if not retest.all():
+            work, n = work[retest], n[retest]
+            width = int(n.max()) if n.size else 0
+            cost, err, col = cost[retest, :width], err[retest, :width], col[retest, :width]
+    return hull.trimmed()
 
 
 @dataclass
@@ -333,7 +373,7 @@ class _Relaxation:
 
 
 def _lp_relaxation(shifted: _Table, slack: float, budget_tol: float) -> _Relaxation:
-    """Greedy LP solution of the MCKP (Sinha & Zoltners 1979).
+    """Greedy LP solution of the MCKP (Sinha & Zoltners 1979) on a Pareto table.
 
     Costs are shifted so that column 0 of every row costs 0 and `slack` is the budget
     left after paying column 0 everywhere. Filling lower-hull segments in order of
@@ -558,9 +598,11 @@ class _ExactSearch:
 
     def run(self, table: _Table) -> None:
         """Bound and fix until fixing stalls, then finish with the state DP."""
-        table = self.fix_single_option_rows(table)
         first_round = True
-        while table.n.size:
+        while True:
+            table = self.fix_single_option_rows(table)
+            if not table.n.size:
+                break
             shifted, slack = _shift_costs(table, self.budget - self.fixed_cost)
             if slack < -self.budget_tol:
                 return  # what is left cannot beat the incumbent within the budget
@@ -583,7 +625,7 @@ class _ExactSearch:
             if useful.sum() == table.n.sum():
                 self._state_dp(shifted, slack, excess, multiplier)
                 return
-            table = self.fix_single_option_rows(table.keep(useful))
+            table = table.keep(useful)
             first_round = False
         if self.fixed_cost <= self.budget + self.budget_tol and self.fixed_err < self.target:
             self.best_value = self.fixed_err
@@ -616,6 +658,16 @@ class _ExactSearch:
             counts = np.searchsorted(excess[r], self.target - state_bound, side="left")
             if counts.sum() > self.max_candidates:
                 raise _SearchLimit
+            if r < shifted.n.size - 1 and counts.min() == counts.max() == 1:
+                # Every state can only afford the row's best option: shift them all, no
+                # new dominance or completions (the last row always takes the full path).
+                state_cost, state_err = state_cost + option_cost[r, 0], state_err + option_err[r, 0]
+                (alive,) = np.nonzero(slack - state_cost >= -self.budget_tol)
+                state_cost, state_err = state_cost[alive], state_err[alive]
+                history.append((alive, np.zeros(alive.size, dtype=np.int64)))
+                if not alive.size:
+                    return
+                continue
             parent = np.repeat(np.arange(counts.size), counts)
             slot = np.arange(parent.size) - np.repeat(np.cumsum(counts) - counts, counts)
             cost = state_cost[parent] + option_cost[r, slot]
@@ -706,21 +758,22 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     only happens on subset-sum-like instances (e.g. errors exactly linear in real-valued
     costs), which are hard for ILP solvers as well.
     """
-    cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
-    table = _table_from_groups(cost_arrays, error_arrays)
-    budget_tol, obj_tol = _tolerances(table, budget)
-    table = _pareto(table)
+    problem = _validated(costs, errors, budget)
+    budget = problem.budget
+    raw = _table_from_groups(problem)
+    budget_tol, obj_tol = _tolerances(problem)
+    table = _pareto(raw)
     min_cost = float(table.cost[:, 0].sum())
     if min_cost > budget + budget_tol:
         raise InfeasibleBudgetError(min_cost, budget)
-    search = _ExactSearch(len(cost_arrays), budget, budget_tol, obj_tol, max_candidates)
+    search = _ExactSearch(problem.lengths.size, budget, budget_tol, obj_tol, max_candidates)
     try:
         search.run(table)
     except _SearchLimit:
         raise MCKPSearchLimitError([int(j) for j in search.best_choice], search.best_value,
                                    search.lower_bound, max_candidates) from None
     choice = [int(j) for j in search.best_choice]
-    if total_cost(cost_arrays, choice) > budget + budget_tol:  # pragma: no cover - safety net
+    if float(raw.cost[np.arange(len(choice)), choice].sum()) > budget + budget_tol:  # pragma: no cover
         raise RuntimeError("internal error: solve_mckp produced a solution over budget")
     return choice
 
@@ -763,7 +816,8 @@ def run_pulp_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], bud
     """Solve the MCKP as a PuLP ILP and report status and time instead of raising."""
     import pulp
 
-    cost_arrays, error_arrays, budget = _validated(costs, errors, budget)
+    problem = _validated(costs, errors, budget)
+    cost_arrays, error_arrays, budget = problem.costs, problem.errors, problem.budget
     start = time.perf_counter()
     backend = _pulp_solver(pulp, solver, time_limit, gap_rel, gap_abs, msg)
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)

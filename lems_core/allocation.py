@@ -6,8 +6,10 @@ summed error is minimal and the summed cost stays within the budget:
 
     min  sum_l e[l, x_l]   s.t.  sum_l c[l, x_l] <= budget.
 
-`solve_mckp` solves this exactly with numpy only and in milliseconds; `solve_mckp_pulp`
-states the same ILP for PuLP (HiGHS or CBC) and serves as the reference.
+`solve_mckp` solves this exactly with numpy only and in milliseconds (LP bound over the
+lower convex hulls, reduced-cost fixing, then a bounded state DP over the few groups
+left); `solve_mckp_pulp` / `run_pulp_mckp` state the same ILP for PuLP (HiGHS or CBC)
+and serve as the reference. `objective` and `total_cost` score a choice.
 """
 from __future__ import annotations
 
@@ -645,6 +647,7 @@ class _ExactSearch:
         order = _coarse_rows_first(shifted)
         shifted = shifted.rows(order)
         excess = excess[order, :shifted.cost.shape[1]]
+        # Each row's options by rising excess: a state takes a prefix of them.
         by_excess = np.argsort(excess, axis=1, kind="stable")
         excess = np.take_along_axis(excess, by_excess, axis=1)
         option_cost = np.take_along_axis(shifted.cost, by_excess, axis=1)
@@ -679,11 +682,10 @@ class _ExactSearch:
             completed = np.where(fits, err + greedy, np.inf)
             best = int(np.argmin(completed)) if completed.size else -1
             if best >= 0 and self.fixed_err + completed[best] < self.target:
-                head = _trace_back(history, int(parent[best]))
+                head = np.append(_trace_back(history, int(parent[best])), slot[best])
+                head = by_excess[np.arange(r + 1), head]  # sorted slots -> table columns
                 tail = suffixes.greedy_columns(suffix, int(prefix[best]))[r + 1:]
-                columns = np.concatenate([head, [slot[best]], tail])
-                columns[:r + 1] = by_excess[np.arange(r + 1), columns[:r + 1]]
-                self.offer(shifted, columns)
+                self.offer(shifted, np.concatenate([head, tail]))
             (which,) = np.nonzero(fits & (self.fixed_err + err + lp < self.target))
             if not which.size:
                 return
@@ -737,8 +739,10 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     Algorithm (vectorised over groups):
       1. drop dominated options (more cost without strictly less error);
       2. LP relaxation by the greedy fill of lower-convex-hull segments (Sinha & Zoltners
-         1979): the LP bound LB, the optimal multiplier lam and an integer solution
-         (hull vertices plus a greedy spend of the leftover budget) giving UB;
+         1979): the LP bound LB, the optimal multiplier lam and integer solutions (the LP
+         rounded down, and rounded up with repair, plus a greedy spend of the leftover
+         budget) giving UB; with integer costs the budget first drops to a multiple of
+         their gcd, the most any choice can use;
       3. reduced-cost variable fixing from the Lagrangian relaxation of the budget row:
          an option whose reduced cost err + lam*cost exceeds its group's minimum by
          more than UB - LB cannot be in a better solution and is removed; 2-3 repeat on

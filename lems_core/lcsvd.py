@@ -48,13 +48,17 @@ Ranks = dict[str, "int | None"]
 
 @dataclass(frozen=True)
 class LcOptions:
-    """LC-SVD block training knobs ([RECON] defaults, §3.3 steps 4-5)."""
+    """LC-SVD block training knobs ([RECON] defaults, §3.3 steps 4-5).
+
+    The defaults are sized for a CPU: 4 calibration sequences per step and at most 50
+    steps per block (a full-batch step on 16 x 512 tokens of a 135M model takes seconds).
+    """
 
     lr: float = 1e-3  # Adam on the subspace parameters
-    max_steps: int = 100  # step cap per block
+    max_steps: int = 50  # step cap per block (the reconstruction suggests 200-500 on a GPU)
     window: int = 10  # stop when mean loss of the last window improved < tol vs the window before
     tol: float = 1e-3
-    batches_per_step: int = 0  # calibration batches per Adam step; 0 = all (full-batch)
+    batches_per_step: int = 4  # calibration batches per Adam step (mini-batch); 0 = all (full-batch)
     target: str = "fp"  # "fp": FP block on FP hidden states; "local": original block on compressed inputs
     batch_size: int = 1  # calibration sequences per forward
 

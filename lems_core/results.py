@@ -1,11 +1,13 @@
 """Measured results (perplexity, KL, params per plan), kept in the cache's diskcache index.
 
 Values are plain JSON (the index uses JSONDisk), so reading them never unpickles.
-Each result is one key `result:<timestamp>:<hash>`; `all()` returns them oldest first.
+Each result is one key `result:<insertion time in ns>:<hash>`; `all()` returns them oldest
+first (the record's own `created` stamp has one-second resolution, too coarse to order by).
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .cache import index, key_of
@@ -22,7 +24,7 @@ class ResultStore:
     def add(self, result) -> str:
         record = result.to_dict() if hasattr(result, "to_dict") else dict(result)
         json.dumps(record)  # fail here, not inside the cache, if something is not JSON
-        key = f"{PREFIX}{record.get('created', '')}:{key_of(record)}"
+        key = f"{PREFIX}{time.time_ns():020d}:{key_of(record)}"
         with index(self.cache_dir) as store:
             store[key] = record
         return key

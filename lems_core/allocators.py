@@ -716,6 +716,13 @@ def _asvd_cost(profile: Profile, chosen: dict[int, float], cost_model: str) -> f
 ALLOCATORS: dict[str, Callable[..., Allocation]] = {}
 
 
+# Allocators that score candidate plans on the model: name -> the score they want
+# ("ppl": search-set perplexity, "kl": KL to the dense model; see pipeline.score_function).
+# erc_plc and lcsvd_search are registered by seed_methods. ASVD needs no scorer: it reads
+# sensitivities measured into the profile.
+MODEL_SCORED: dict[str, str] = {"atp": "ppl", "erc_plc": "kl", "lcsvd_search": "ppl"}
+
+
 def register_allocator(name: str, fn: Callable[..., Allocation]) -> None:
     """Make ``fn(profile, ratio, ...) -> Allocation`` available to ``allocate`` under ``name``.
 

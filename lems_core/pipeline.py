@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from . import __version__
+from .allocators import MODEL_SCORED, allocate
 from .cache import index, key_of, load_tensors, profiles_dir, save_tensors, tensor_path
 from .calibration import CalibrationConfig, SEARCH_SEED_OFFSET, sample_windows
 from .compression import compress_model, restore_dense
 from .data import load_text
-from .decomposition import DecompositionOptions, Decomposer, Factorization
+from .decomposition import METHODS as STATIC_DECOMPOSITIONS, DecompositionOptions, Decomposer, Factorization
 from .evaluation import Cancelled, check_cancel, kl_to_reference, model_logits, perplexity, token_windows
 from .model import LayerInfo, LoadedModel, compressible_layers, load_model
 from .profile import Profile, ProfileError
@@ -194,6 +195,7 @@ def build_profile(
     search_batch: int = 4,
 ) -> Path:
     """Compute (or reuse) the profile for (model, calibration, decomposition); return its folder."""
+    check_decomposition(decomposition)
     loaded = source if isinstance(source, LoadedModel) else get_model(source, device)
     options = options or DecompositionOptions()
     settings = {"ref_ratio": ref_ratio, "extra_ratios": sorted(extra_ratios), "scale": measure_scale,
@@ -247,7 +249,7 @@ def add_measured_points(
         raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
     cfg = CalibrationConfig.from_dict(profile.calibration)
     _, search_ids = calibration_windows(loaded, cfg)
-    base = BASE_DECOMPOSITION.get(profile.decomposition, profile.decomposition)
+    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
     factors = factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=stage(progress, 0, 0.1))
     sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
                               batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
@@ -271,9 +273,37 @@ def register_rank_dependent(name: str, fn: Callable, base: str) -> None:
     NEEDS.setdefault(name, NEEDS[base])
 
 
+def ensure_seed_methods() -> None:
+    """Register the seed methods (saes, erc, lcsvd; erc_plc, lcsvd_search) if nothing imported them yet.
+
+    Imported lazily: seed_methods imports this module, so it cannot be imported at the top.
+    """
+    from . import seed_methods  # noqa: F401  (registers on import)
+
+
+def decomposition_names() -> list[str]:
+    """Every decomposition a plan can be factorised with: the static ones, then the rank-dependent ones."""
+    ensure_seed_methods()
+    return [*STATIC_DECOMPOSITIONS, *(n for n in RANK_DEPENDENT if n not in STATIC_DECOMPOSITIONS)]
+
+
+def check_decomposition(decomposition: str) -> str:
+    """``decomposition`` if it is known (registering the seed methods on demand); else a ValueError naming the known ones."""
+    if decomposition in STATIC_DECOMPOSITIONS or decomposition in RANK_DEPENDENT:
+        return decomposition
+    names = decomposition_names()
+    if decomposition not in names:
+        raise ValueError(f"unknown decomposition {decomposition!r}; known: {', '.join(names)}")
+    return decomposition
+
+
 def plan_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, ranks: dict[str, int | None],
                         cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
-    """Factors to compress with `ranks`: sliced from the static cache, or computed for these ranks."""
+    """Factors to compress with `ranks`: sliced from the static cache, or computed for these ranks.
+
+    Any name of ``decomposition_names()`` works, whether or not ``seed_methods`` was imported.
+    """
+    check_decomposition(decomposition)
     if decomposition in RANK_DEPENDENT:
         calib_ids, _ = calibration_windows(loaded, cfg)
         return RANK_DEPENDENT[decomposition](loaded, cfg, ranks, calib_ids, cache_dir, progress)
@@ -339,19 +369,23 @@ def evaluate_plan(
     cache_dir: Path | None = None,
     calibration: CalibrationConfig | None = None,
     with_kl: bool = True,
+    decomposition: str | None = None,
 ) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
 
     The plan must be for the loaded model (fingerprint check). Factorisations use
-    the calibration config recorded in the plan (or `calibration`).
+    the calibration config recorded in the plan (or `calibration`) and the plan's
+    decomposition, or `decomposition` (any of ``decomposition_names()``: rank-dependent
+    ones are computed for the plan's ranks); the result records the one used.
     """
     started = time.perf_counter()
+    decomposition = check_decomposition(decomposition or plan.decomposition)
     loaded = get_model(plan.model_source, device)
     if plan.fingerprint != loaded.fingerprint:
         raise ValueError(f"Plan is for model {plan.fingerprint}, but {plan.model_source} loads as {loaded.fingerprint}")
     cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
     ranks = plan.ranks()
-    factors = plan_factorizations(loaded, cfg, plan.decomposition, ranks, cache_dir, stage(progress, 0, 0.3))
+    factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, stage(progress, 0, 0.3))
     kl = None
     ppl, dense_ppl = {}, {}
     ref_logits, search_ids = None, None
@@ -371,12 +405,13 @@ def evaluate_plan(
             kl = kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
     summary = plan.summary
     return EvalResult(
-        method=plan.method, decomposition=plan.decomposition, budget=plan.budget,
+        method=plan.method, decomposition=decomposition, budget=plan.budget,
         realised_ratio=summary["realised_ratio"], ppl=ppl, dense_ppl=dense_ppl, kl=kl,
         params_kept=summary["params_kept"], params_total=summary["params_total"],
         seconds=round(time.perf_counter() - started, 1), device=str(loaded.device),
         model_source=plan.model_source, fingerprint=plan.fingerprint,
-        settings={"seq_len": seq_len, "max_windows": max_windows, "calibration": cfg.to_dict()},
+        settings={"seq_len": seq_len, "max_windows": max_windows, "calibration": cfg.to_dict(),
+                  "plan_decomposition": plan.decomposition},
     )
 
 
@@ -400,5 +435,90 @@ def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], sear
     return score
 
 
+# ------------------------------------------------------------------ model-scored allocators
+def score_function(profile: Profile, kind: str, device: str | None = None, cache_dir: Path | None = None,
+                   cancel: threading.Event | None = None) -> Callable[[dict], float]:
+    """score_fn(ranks) on the profile's search windows: ``kind`` "kl" or "ppl" (loads the profile's model).
+
+    Candidates are compressed with the profile's static factors (the base whitening for
+    a rank-dependent decomposition: refactorising every candidate would be far too slow).
+    """
+    if kind not in ("kl", "ppl"):
+        raise ValueError(f"score kind must be 'kl' or 'ppl', got {kind!r}")
+    loaded = get_model(profile.model_source, device)
+    if loaded.fingerprint != profile.fingerprint:
+        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    _, search = calibration_windows(loaded, cfg)
+    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
+    factors = factorizations_for(loaded, cfg, base, cache_dir=cache_dir)
+    return (make_ppl_scorer if kind == "ppl" else make_kl_scorer)(loaded, factors, search, cancel=cancel)
+
+
+def allocate_on_model(profile: Profile, method: str, budget: float, params=None, device: str | None = None,
+                      cache_dir: Path | None = None, progress: Progress | None = None,
+                      cancel: threading.Event | None = None):
+    """Allocation of a model-scored allocator (MODEL_SCORED: atp, erc_plc, lcsvd_search) at ``budget``.
+
+    Builds the scorer of the method's kind (``score_function``) and reports each scored
+    candidate through ``progress`` (the allocators do not know how many they will score).
+    """
+    ensure_seed_methods()
+    key = method.strip().lower().replace("-", "_")
+    if key not in MODEL_SCORED:
+        raise ValueError(f"{method!r} is not a model-scored allocator; those are: {', '.join(MODEL_SCORED)}")
+    if progress:
+        progress(0.0, f"{key}: loading the model and scorer")
+    score = score_function(profile, MODEL_SCORED[key], device, cache_dir, cancel)
+    count = 0
+
+    def counted(ranks: dict) -> float:
+        nonlocal count
+        check_cancel(cancel)
+        value = score(ranks)
+        count += 1
+        if progress:
+            progress(count / (count + 10), f"{key} @ {budget:g}: scored {count} candidate(s)")
+        return value
+    return allocate(profile, key, budget, params=params, score_fn=counted)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A plan still to be built inside a background job: allocator ``method`` at kept fraction ``budget``."""
+
+    method: str
+    budget: float
+
+
+def evaluate_and_store(item, progress: Progress | None = None, cancel: threading.Event | None = None, *,
+                       profile: Profile, cache_dir: Path | None = None, params=None, decomposition: str | None = None,
+                       device: str | None = None, **options) -> dict:
+    """One item of the app's evaluation job: a RankPlan, or a PlanRequest solved here on the model first.
+
+    The plan is evaluated (factorised with ``decomposition`` or its own, calibration from
+    the plan, else the profile's) and the result is added to the ResultStore of ``cache_dir``.
+    Returns the result's dict, or {"method", "budget", "error"} for a request that could
+    not be allocated (a ValueError such as an infeasible budget), so the other items still run.
+    """
+    from .results import ResultStore
+
+    if isinstance(item, PlanRequest):
+        try:
+            alloc = allocate_on_model(profile, item.method, item.budget, params, device, cache_dir,
+                                      stage(progress, 0, 0.5), cancel)
+        except ValueError as exc:  # e.g. no feasible candidate at this budget: skip it, keep the job going
+            return {"method": item.method, "budget": item.budget, "error": str(exc)}
+        item = alloc.to_plan(profile, meta={"calibration": profile.calibration})
+        progress = stage(progress, 0.5, 1.0)
+    calibration = CalibrationConfig.from_dict(item.meta.get("calibration") or profile.calibration)
+    result = evaluate_plan(item, progress=progress, cancel=cancel, calibration=calibration, device=device,
+                           cache_dir=cache_dir, decomposition=decomposition, **options)
+    ResultStore(cache_dir).add(result)
+    return result.to_dict()
+
+
 __all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for", "statistics_for", "get_model",
-           "compressed", "make_kl_scorer", "make_ppl_scorer", "Cancelled", "calibration_windows"]
+           "compressed", "make_kl_scorer", "make_ppl_scorer", "Cancelled", "calibration_windows", "plan_factorizations",
+           "decomposition_names", "check_decomposition", "score_function", "allocate_on_model", "PlanRequest",
+           "evaluate_and_store"]

@@ -14,8 +14,10 @@ Rank-dependent factors are cached like static ones: one safetensors file per
 SVD-LLM v2 truncation needs no registration: it is the static decomposition
 "svd_llm_v2" of decomposition.py.
 
-Import it after ``pipeline`` is defined (from ``lems_core/__init__`` or at the end of
-pipeline.py), since it calls ``pipeline.register_rank_dependent``.
+Import it after ``pipeline`` is defined, since it calls ``pipeline.register_rank_dependent``.
+``pipeline.ensure_seed_methods()`` does that lazily: ``plan_factorizations``,
+``evaluate_plan``, ``decomposition_names`` and ``allocate_on_model`` call it, so the
+names work without importing this module first.
 """
 from __future__ import annotations
 

@@ -90,3 +90,103 @@ def test_corrupt_tensor_cache_entry_reads_as_missing(tmp_path):
     assert torch.equal(load_tensors(path)["a"], torch.ones(3))
     path.write_bytes(b"\x00" * 20)
     assert load_tensors(path) is None and not path.exists()
+
+
+# ---------------------------------------------------------------- decompositions by name
+def test_seed_decompositions_resolve_in_a_fresh_interpreter():
+    """Importing pipeline alone (no seed_methods) is enough to know saes/erc/lcsvd: no import cycle."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "from lems_core import pipeline\n"
+            "assert 'lems_core.seed_methods' not in sys.modules\n"
+            "assert pipeline.check_decomposition('lcsvd') == 'lcsvd'\n"
+            "assert 'lems_core.seed_methods' in sys.modules\n"
+            "print(','.join(pipeline.decomposition_names()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().split(",") == ["svd", "asvd", "fwsvd", "svd_llm", "svd_llm_v2", "kfac",
+                                             "saes", "erc", "lcsvd"]
+
+
+@pytest.fixture()
+def fresh_registry():
+    """The rank-dependent registry as if lems_core.seed_methods had never been imported (restored after)."""
+    import sys
+
+    import lems_core
+    import lems_core.pipeline as pipeline
+
+    saved = dict(pipeline.RANK_DEPENDENT), dict(pipeline.BASE_DECOMPOSITION), sys.modules.pop("lems_core.seed_methods", None)
+    pipeline.RANK_DEPENDENT.clear()
+    pipeline.BASE_DECOMPOSITION.clear()
+    had_attr = hasattr(lems_core, "seed_methods")
+    old_attr = lems_core.__dict__.pop("seed_methods", None)
+    yield pipeline
+    pipeline.RANK_DEPENDENT.clear()
+    pipeline.RANK_DEPENDENT.update(saved[0])
+    pipeline.BASE_DECOMPOSITION.clear()
+    pipeline.BASE_DECOMPOSITION.update(saved[1])
+    sys.modules.pop("lems_core.seed_methods", None)  # imported again by the test: forget it, as before
+    lems_core.__dict__.pop("seed_methods", None)
+    if saved[2] is not None:
+        sys.modules["lems_core.seed_methods"] = saved[2]
+    if had_attr:
+        lems_core.seed_methods = old_attr
+
+
+def test_plan_factorizations_runs_saes_without_importing_seed_methods(fresh_registry, loaded, corpus, tmp_path):
+    from lems_core.model import compressible_layers
+    from lems_core.saes import saes_factorizations
+
+    pipeline = fresh_registry
+    layers = compressible_layers(loaded.model)
+    ranks = {l.name: (l.eq_rank // 2 if l.block == 1 else None) for l in layers}
+    factors = pipeline.plan_factorizations(loaded, _cfg(corpus), "saes", ranks, cache_dir=tmp_path / "cache")
+    assert "saes" in pipeline.RANK_DEPENDENT and pipeline.BASE_DECOMPOSITION["saes"] == "svd_llm"
+    planned = {n for n, r in ranks.items() if r is not None}
+    assert set(factors) == planned
+    calib_ids, _ = pipeline.calibration_windows(loaded, _cfg(corpus))
+    expected = saes_factorizations(loaded.model, ranks, calib_ids)[0]
+    for name in planned:
+        assert factors[name].left.shape[1] == ranks[name]
+        got, want = factors[name].left @ factors[name].right, expected[name].left @ expected[name].right
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_unknown_decomposition_is_a_clear_error(fresh_registry, loaded, corpus):
+    from lems_core.pipeline import evaluate_plan
+    from lems_core.plan import plan_from_ranks
+    from lems_core.profile import synthetic_profile
+
+    with pytest.raises(ValueError, match=r"unknown decomposition 'nope'; known: svd, .*kfac, saes, erc, lcsvd"):
+        fresh_registry.plan_factorizations(loaded, _cfg(corpus), "nope", {})
+    profile = synthetic_profile(num_blocks=2)
+    plan = plan_from_ranks(profile, {l.name: None for l in profile.layers}, "uniform")
+    with pytest.raises(ValueError, match="unknown decomposition 'svd-llm'"):  # before any model is loaded
+        evaluate_plan(plan, ["wikitext2"], decomposition="svd-llm")
+
+
+def test_evaluate_plan_uses_the_decomposition_argument(loaded, corpus, tmp_path, monkeypatch):
+    import lems_core.pipeline as pipeline
+    from lems_core.model import compressible_layers
+    from lems_core.plan import from_loadconfig
+
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    used = []
+    real = pipeline.plan_factorizations
+    monkeypatch.setattr(pipeline, "plan_factorizations",
+                        lambda l, cfg, decomposition, *a, **k: used.append(decomposition) or real(l, cfg, decomposition, *a, **k))
+    layers = compressible_layers(loaded.model)
+    plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, "tiny-llama", loaded.fingerprint,
+                           decomposition="kfac", meta={"calibration": _cfg(corpus).to_dict()})
+    result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c",
+                                    decomposition="svd_llm_v2", with_kl=False)
+    assert used == ["svd_llm_v2"] and result.decomposition == "svd_llm_v2"
+    assert result.settings["plan_decomposition"] == "kfac"
+    result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c",
+                                    with_kl=False)
+    assert used[-1] == "kfac" and result.decomposition == "kfac"

@@ -76,30 +76,14 @@ def cmd_profile(args) -> int:
     return 0
 
 
-NEEDS_MODEL = {"atp": "ppl", "lcsvd_search": "ppl", "erc_plc": "kl"}
-
-
-def _scorer(profile, kind: str, device):
-    """score_fn(ranks) on the profile's search windows: KL or perplexity (loads the model)."""
-    from .calibration import CalibrationConfig
-    from .pipeline import calibration_windows, factorizations_for, get_model, make_kl_scorer, make_ppl_scorer
-
-    loaded = get_model(profile.model_source, device)
-    if loaded.fingerprint != profile.fingerprint:
-        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
-    cfg = CalibrationConfig.from_dict(profile.calibration)
-    _, search = calibration_windows(loaded, cfg)
-    factors = factorizations_for(loaded, cfg, profile.decomposition)
-    return (make_ppl_scorer if kind == "ppl" else make_kl_scorer)(loaded, factors, search)
-
-
 def cmd_allocate(args) -> int:
-    from . import seed_methods  # noqa: F401  (registers the seed-method allocators)
-    from .allocators import allocate, fit_bias
+    from .allocators import MODEL_SCORED, allocate, fit_bias
+    from .pipeline import ensure_seed_methods, score_function
     from .error_model import ErrorModelParams
     from .plan import plan_from_allocation
     from .profile import Profile
 
+    ensure_seed_methods()  # registers the seed-method allocators (erc_plc, lcsvd_search)
     profile = Profile.load(args.profile)
     params = ErrorModelParams(energy_power=args.energy_power, ref_ratio=profile.ref_ratio, use_scale=not args.no_scale,
                               alpha=args.alpha, gamma=args.gamma)
@@ -107,12 +91,12 @@ def cmd_allocate(args) -> int:
     if args.fit_bias:
         if method != "lems":
             raise ValueError("--fit-bias applies to --method lems")
-        fit = fit_bias(profile, args.ratio, _scorer(profile, "kl", args.device), params, n_trials=args.trials)
+        fit = fit_bias(profile, args.ratio, score_function(profile, "kl", args.device), params, n_trials=args.trials)
         params, allocation = fit.params, fit.allocation
         for t in fit.trials:
             print(f"trial {t['trial']}: alpha {t['alpha']:.3f} gamma {t['gamma']:.3f} KL {t['score']:.5f}")
     else:
-        score_fn = _scorer(profile, NEEDS_MODEL[method], args.device) if method in NEEDS_MODEL else None
+        score_fn = score_function(profile, MODEL_SCORED[method], args.device) if method in MODEL_SCORED else None
         allocation = allocate(profile, method, args.ratio, params=params, score_fn=score_fn)
     plan = plan_from_allocation(profile, allocation, params)
     plan.save(args.output)
@@ -125,38 +109,46 @@ def cmd_allocate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .pipeline import evaluate_plan
+    from .pipeline import check_decomposition, evaluate_plan
     from .plan import RankPlan
 
     plan = RankPlan.load(args.plan)
-    with progress_bar(f"evaluate {plan.method}") as bar:
-        result = evaluate_plan(plan, args.datasets.split(","), args.max_windows, args.seq_len, args.device, progress=bar)
+    decomposition = check_decomposition(args.decomposition or plan.decomposition)
+    with progress_bar(f"evaluate {plan.method} ({decomposition})") as bar:
+        result = evaluate_plan(plan, args.datasets.split(","), args.max_windows, args.seq_len, args.device, progress=bar,
+                               decomposition=decomposition)
     print(json.dumps(result.to_dict(), indent=1))
     return 0
 
 
 def cmd_compress(args) -> int:
     from .compression import count_parameters, save_compressed
-    from .pipeline import compressed, get_model, plan_factorizations
+    from .pipeline import check_decomposition, compressed, get_model, plan_factorizations
     from .calibration import CalibrationConfig
     from .plan import RankPlan
 
     plan = RankPlan.load(args.plan)
+    decomposition = check_decomposition(args.decomposition or plan.decomposition)
     loaded = get_model(plan.model_source, args.device)
     plan = RankPlan.load(args.plan, layers=None, fingerprint=loaded.fingerprint)
     cfg = CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
-    with progress_bar("factorise") as bar:
-        factors = plan_factorizations(loaded, cfg, plan.decomposition, plan.ranks(), progress=bar)
+    with progress_bar(f"factorise ({decomposition})") as bar:
+        factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), progress=bar)
     dense_params = count_parameters(loaded.model)
     with compressed(loaded, plan.ranks(), factors) as applied:
         params = count_parameters(loaded.model)
         save_compressed(loaded.model, loaded.tokenizer, applied, args.output,
-                        meta={"plan": json.loads(plan.to_json()), "dense_params": dense_params})
-    print(f"saved {args.output}: {params:,} parameters (dense {dense_params:,})")
+                        meta={"plan": json.loads(plan.to_json()), "decomposition": decomposition,
+                              "dense_params": dense_params})
+    print(f"saved {args.output}: {params:,} parameters (dense {dense_params:,}), factorised with {decomposition}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocators import ALLOCATORS, MODEL_SCORED
+    from .pipeline import decomposition_names
+
+    decompositions = ", ".join(decomposition_names())  # also registers the seed-method allocators
     p = argparse.ArgumentParser(prog="python -m lems_core", description="SVD compression and rank allocation for causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -180,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("profile", help="build a profile (spectra + sensitivities)")
     model_args(sp)
-    sp.add_argument("--decomposition", default="kfac")
+    sp.add_argument("--decomposition", default="kfac", help=f"one of {decompositions} (default kfac)")
     sp.add_argument("--preset", default="cpu", help="reference | gpu-small | cpu | cpu-tiny")
     for name, typ in [("n-samples", int), ("seq-len", int), ("seed", int), ("n-search", int)]:
         sp.add_argument(f"--{name}", type=typ, default=None)
@@ -193,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("allocate", help="allocate ranks over a profile and write a rank plan")
     sp.add_argument("--profile", required=True)
-    sp.add_argument("--method", default="lems")
+    sp.add_argument("--method", default="lems",
+                    help=f"one of {', '.join(sorted(ALLOCATORS))} (default lems); {', '.join(MODEL_SCORED)} "
+                         "score candidates on the model (loads it)")
     sp.add_argument("--ratio", type=float, required=True, help="kept fraction of compressible params")
     sp.add_argument("--energy-power", type=int, default=2)
     sp.add_argument("--no-scale", action="store_true")
@@ -212,12 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq-len", type=int, default=512)
     sp.add_argument("--max-windows", type=int, default=16)
     sp.add_argument("--device", default=None)
+    sp.add_argument("--decomposition", default=None,
+                    help=f"factorise the plan's ranks with this decomposition instead of the plan's own: {decompositions} "
+                         "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("compress", help="compress with a plan and save the low-rank model")
     sp.add_argument("--plan", required=True)
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--device", default=None)
+    sp.add_argument("--decomposition", default=None,
+                    help=f"factorise the plan's ranks with this decomposition instead of the plan's own: {decompositions} "
+                         "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
     sp.set_defaults(fn=cmd_compress)
     return p
 

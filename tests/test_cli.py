@@ -32,3 +32,105 @@ def test_allocate_reports_bad_input_without_traceback(profile_dir, tmp_path, cap
     assert not (tmp_path / "p.json").exists()
     assert main(["allocate", "--profile", str(tmp_path), "--ratio", "0.5", "-o", str(tmp_path / "p.json")]) == 2
     assert "not a profile folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- evaluate / compress with --decomposition
+class _ByteTokenizer:
+    """Bytes as tokens (vocab 256), enough for the tiny models; saves nothing."""
+
+    def __call__(self, text, return_tensors=None):
+        import torch
+
+        class Out:
+            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
+        return Out()
+
+    def save_pretrained(self, folder):
+        pass
+
+
+@pytest.fixture()
+def tiny_plan(tmp_path, monkeypatch):
+    """A uniform keep-0.5 svd_llm plan for a tiny llama that pipeline.get_model returns; cache in tmp_path."""
+    import numpy as np
+
+    import lems_core.pipeline as pipeline
+    from lems_core.calibration import CalibrationConfig
+    from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+    from lems_core.plan import from_loadconfig
+
+    model = tiny_model("llama", seed=8)
+    loaded = LoadedModel(model, _ByteTokenizer(), "tiny-llama", model_fingerprint(model))
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "model", "rank", "layer", "the", "of", "and"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)))
+    cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=3, seq_len=48, seed=1, n_search=2)
+    layers = compressible_layers(model)
+    plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, "tiny-llama", loaded.fingerprint, method="uniform",
+                           decomposition="svd_llm", meta={"calibration": cfg.to_dict()})
+    return plan.save(tmp_path / "plan.json"), corpus
+
+
+def _evaluate(plan_path, corpus, capsys, *extra) -> dict:
+    assert main(["evaluate", "--plan", str(plan_path), "--datasets", str(corpus), "--seq-len", "32",
+                 "--max-windows", "2", "--device", "cpu", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_factorises_with_another_decomposition(tiny_plan, capsys):
+    plan_path, corpus = tiny_plan
+    own = _evaluate(plan_path, corpus, capsys)
+    erc = _evaluate(plan_path, corpus, capsys, "--decomposition", "erc")
+    assert own["decomposition"] == "svd_llm" and erc["decomposition"] == "erc"
+    assert erc["settings"]["plan_decomposition"] == "svd_llm"
+    assert erc["realised_ratio"] == own["realised_ratio"]  # same ranks ...
+    assert erc["kl"] != pytest.approx(own["kl"], rel=1e-6)  # ... other factors
+
+
+def test_compress_records_the_decomposition_and_rejects_unknown_names(tiny_plan, tmp_path, capsys):
+    plan_path, _ = tiny_plan
+    out = tmp_path / "compressed"
+    assert main(["compress", "--plan", str(plan_path), "-o", str(out), "--decomposition", "erc"]) == 0
+    from lems_core.compression import RANKS_FILE
+
+    meta = json.loads((out / RANKS_FILE).read_text())["meta"]
+    assert meta["decomposition"] == "erc" and meta["plan"]["decomposition"] == "svd_llm"
+    assert "factorised with erc" in capsys.readouterr().out
+    assert main(["evaluate", "--plan", str(plan_path), "--decomposition", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown decomposition 'nope'" in err and "saes" in err and "kfac" in err
+
+
+def test_cli_help_lists_seed_decompositions_and_model_scored_allocators():
+    from lems_core.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    evaluate_help, allocate_help = sub["evaluate"].format_help(), sub["allocate"].format_help()
+    for name in ("saes", "erc", "lcsvd", "svd_llm_v2"):
+        assert name in evaluate_help and name in sub["compress"].format_help()
+    for name in ("atp", "erc_plc", "lcsvd_search"):
+        assert name in allocate_help
+
+
+@pytest.mark.parametrize("method, kind", [("atp", "ppl"), ("erc_plc", "kl"), ("lcsvd_search", "ppl")])
+def test_model_scored_allocators_use_the_pipeline_scorer(profile_dir, tmp_path, monkeypatch, method, kind):
+    import lems_core.pipeline as pipeline
+
+    asked, scored = [], []
+
+    def fake_score_function(profile, score_kind, device=None, *args, **kwargs):
+        asked.append((profile.fingerprint, score_kind, device))
+        return lambda ranks: scored.append(ranks) or float(sum(r or 0 for r in ranks.values()) % 7)
+
+    monkeypatch.setattr(pipeline, "score_function", fake_score_function)
+    out = tmp_path / "plan.json"
+    assert main(["allocate", "--profile", str(profile_dir), "--method", method, "--ratio", "0.7",
+                 "--device", "cpu", "-o", str(out)]) == 0
+    profile = Profile.load(profile_dir)
+    assert asked == [(profile.fingerprint, kind, "cpu")] and scored
+    plan = RankPlan.load(out, layers=profile.layers, fingerprint=profile.fingerprint)
+    assert plan.method == method and plan.summary["realised_ratio"] <= 0.7 + 1e-9

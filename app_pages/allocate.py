@@ -9,7 +9,7 @@ import json
 import streamlit as st
 
 from lems_core import ui_data
-from lems_core.allocators import ALLOCATORS, Allocation, allocate
+from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE
 from lems_core.plan import PlanError, RankPlan
@@ -144,7 +144,10 @@ def live_allocation() -> None:
     with st.expander("Error model (shape · scale · bias)", expanded=False):
         common.error_model_controls(profile)
     st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=ui_data.method_label,
-                   help="ATP needs model evaluations and is not solved live; ASVD needs measured points.")
+                   help="Allocators solved live from the profile; ASVD needs measured points.")
+    scored = ", ".join(ui_data.method_label(m) for m in MODEL_SCORED)
+    st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
+               "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
     params = common.error_model_params(profile)
     st.caption(ui_data.error_model_summary(params, profile.kl_ref is not None))
     allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params)

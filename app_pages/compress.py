@@ -4,8 +4,7 @@ from functools import partial
 import streamlit as st
 
 from lems_core import pipeline, ui_data
-from lems_core.allocators import allocate
-from lems_core.calibration import CalibrationConfig
+from lems_core.allocators import MODEL_SCORED, allocate
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan
 from lems_core.results import ResultStore
@@ -13,7 +12,8 @@ from app_pages import common
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
 DATASETS = ("wikitext2", "ptb", "c4")
-GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")
+GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")  # solved here, from the profile
+MODEL_SCORED_METHODS = tuple(MODEL_SCORED)  # atp, erc_plc, lcsvd_search: solved inside the job, on the model
 
 profile = common.current_profile()
 st.title("Compress & evaluate")
@@ -37,20 +37,11 @@ def available_plans() -> dict[str, RankPlan]:
     return plans
 
 
-def evaluate_and_store(plan: RankPlan, progress, cancel, profile_calibration: dict, **options):
-    """Evaluate one plan and persist the result (runs inside the background job).
+def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan | pipeline.PlanRequest]:
+    """Plans of ``methods`` at each budget under the current error model; failures are shown, not raised.
 
-    Factors come from the calibration recorded in the plan, else from the current
-    profile's (a plan from elsewhere may not record one).
+    Model-scored methods become PlanRequests, allocated later inside the evaluation job.
     """
-    calibration = CalibrationConfig.from_dict(plan.meta.get("calibration") or profile_calibration)
-    result = pipeline.evaluate_plan(plan, progress=progress, cancel=cancel, calibration=calibration, **options)
-    ResultStore(common.cache_dir()).add(result)
-    return result.to_dict()
-
-
-def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan]:
-    """Plans of ``methods`` at each budget under the current error model; failures are shown, not raised."""
     if not methods or not budgets_text.strip():
         return {}
     try:
@@ -61,14 +52,22 @@ def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan
     params, plans = common.error_model_params(profile), {}
     for method in methods:
         for budget in budgets:
+            label = f"new: {ui_data.method_label(method)} @ {budget:.2f}"
+            if method in MODEL_SCORED:
+                plans[label] = pipeline.PlanRequest(method, budget)
+                continue
             try:
                 alloc = allocate(profile, method, budget, params=params)
             except ValueError as exc:
                 st.warning(f"{ui_data.method_label(method)} at {budget:g}: {exc}")
                 continue
-            plans[f"new: {ui_data.method_label(method)} @ {budget:.2f}"] = alloc.to_plan(
-                profile, meta={"calibration": profile.calibration})
+            plans[label] = alloc.to_plan(profile, meta={"calibration": profile.calibration})
     return plans
+
+
+def _method_option(method: str) -> str:
+    label = ui_data.method_label(method)
+    return f"{label} (scored on the model)" if method in MODEL_SCORED else label
 
 
 def run_form(plans: dict[str, RankPlan]) -> None:
@@ -78,9 +77,19 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         chosen = st.multiselect("Plans", list(plans), default=list(plans)[:1],
                                 help="The current plan (Allocate page), an uploaded one, or plans saved to the cache.")
         gen1, gen2 = st.columns(2)
-        new_methods = gen1.multiselect("…and/or new plans of", GENERATED_METHODS, format_func=ui_data.method_label,
-                                       help="Solved with the current error model (Allocate page settings).")
+        new_methods = gen1.multiselect(
+            "…and/or new plans of", GENERATED_METHODS + MODEL_SCORED_METHODS, format_func=_method_option,
+            help="LEMS and the baselines are solved now with the current error model (Allocate page settings). "
+                 f"{', '.join(ui_data.method_label(m) for m in MODEL_SCORED_METHODS)} score candidate plans on the "
+                 "model, so they are built inside the evaluation job (slower: one model pass per candidate).")
         budgets_text = gen2.text_input("at budgets (kept fractions)", value="0.6, 0.7, 0.8")
+        decompositions = [ui_data.PLAN_DECOMPOSITION, *pipeline.decomposition_names()]
+        factorise_with = st.selectbox(
+            "Factorise with", decompositions, key="factorise_with",
+            format_func=lambda name: ui_data.decomposition_label(name, pipeline.RANK_DEPENDENT),
+            help="Each plan's ranks factorised with its own decomposition (the profile's), or with another one. "
+                 "SAES-SVD, ERC-SVD and LC-SVD are computed for each plan's ranks (closed-loop / trained): "
+                 "slower, cached per plan.")
         col1, col2, col3, col4 = st.columns(4)
         datasets = col1.multiselect("Datasets", DATASETS, default=["wikitext2"])
         windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 16, step=8,
@@ -97,8 +106,9 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     if common.job_registry().active("eval"):
         st.error("An evaluation is already running; wait for it or cancel it.")
         return
-    task = partial(evaluate_and_store, profile_calibration=profile.calibration, datasets=list(datasets),
-                   max_windows=int(windows) or None, seq_len=int(seq_len), device=device)
+    task = partial(pipeline.evaluate_and_store, profile=profile, cache_dir=common.cache_dir(),
+                   params=common.error_model_params(profile), decomposition=factorise_with or None,
+                   datasets=list(datasets), max_windows=int(windows) or None, seq_len=int(seq_len), device=device)
     job = common.job_registry().submit(f"evaluate {len(selected)} plan(s)", for_each, task,
                                        list(selected.values()), meta={"kind": "eval"})
     st.session_state[EVAL_JOB] = job.id
@@ -112,7 +122,10 @@ def job_panel() -> None:
         return
     common.rerun_app_once(state, EVAL_SEEN)
     if state.status == DONE:
-        st.success(f"Evaluated {len(state.result)} plan(s) in {state.elapsed:.0f} s.")
+        skipped = [r for r in state.result if "error" in r]
+        st.success(f"Evaluated {len(state.result) - len(skipped)} plan(s) in {state.elapsed:.0f} s.")
+        for r in skipped:
+            st.warning(f"{ui_data.method_label(r['method'])} at {r['budget']:g}: {r['error']}")
     elif state.status == CANCELLED:
         st.caption("Plans evaluated before the cancel are stored.")
 

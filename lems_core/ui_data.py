@@ -36,9 +36,24 @@ METHOD_LABELS = {
     "asvd": "ASVD (STRS)",
     "atp": "ATP",
     "ars": "ARS",
+    "erc_plc": "ERC-SVD (PLC)",
+    "lcsvd_search": "LC-SVD search",
 }
 METHOD_COLORS = {"lems": "#1f77b4", "uniform": "#7f7f7f", "svdllm_v2": "#ff7f0e", "mrcs": "#2ca02c",
-                 "asvd": "#9467bd", "ars": "#8c564b", "atp": "#e377c2", "uploaded": "#17becf"}
+                 "asvd": "#9467bd", "ars": "#8c564b", "atp": "#e377c2", "uploaded": "#17becf",
+                 "erc_plc": "#bcbd22", "lcsvd_search": "#d62728"}
+DECOMPOSITION_LABELS = {
+    "svd": "SVD",
+    "asvd": "ASVD",
+    "fwsvd": "FWSVD",
+    "svd_llm": "SVD-LLM",
+    "svd_llm_v2": "SVD-LLM V2",
+    "kfac": "K-FAC",
+    "saes": "SAES-SVD",
+    "erc": "ERC-SVD (REC)",
+    "lcsvd": "LC-SVD",
+}
+PLAN_DECOMPOSITION = ""  # "factorise with" choice that keeps each plan's own decomposition
 _LABELLED_ROWS = 16  # heatmaps with at most this many blocks get cell labels
 _LOG_FLOOR = 1e-12  # residual energy reaches exactly 0 at full rank; log axes need > 0
 
@@ -46,6 +61,14 @@ _LOG_FLOOR = 1e-12  # residual energy reaches exactly 0 at full rank; log axes n
 def method_label(method: str) -> str:
     """Display name of an allocator method ("lems" -> "LEMS")."""
     return METHOD_LABELS.get(method, method)
+
+
+def decomposition_label(name: str, rank_dependent: Iterable[str] = ()) -> str:
+    """Display name of a decomposition ("saes" -> "SAES-SVD (saes)"); rank-dependent ones are marked."""
+    if name == PLAN_DECOMPOSITION:
+        return "plan's own decomposition"
+    label = f"{DECOMPOSITION_LABELS[name]} ({name})" if name in DECOMPOSITION_LABELS else name
+    return f"{label}, per plan (slower)" if name in set(rank_dependent) else label
 
 
 def human_count(n: float) -> str:
@@ -355,10 +378,17 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def unique_plans(plans: Mapping[str, object]) -> dict[str, object]:
-    """Drop plans that repeat an earlier one (same method, decomposition and ranks); keeps the first label."""
+    """Drop plans that repeat an earlier one (same method, decomposition and ranks); keeps the first label.
+
+    Items that are not plans yet (``pipeline.PlanRequest``: solved later, on the model)
+    have no ranks to compare: equal requests are kept once.
+    """
     seen, kept = set(), {}
     for label, plan in plans.items():
-        identity = (plan.method, plan.decomposition, tuple(sorted(plan.ranks().items(), key=lambda kv: kv[0])))
+        if not hasattr(plan, "ranks"):
+            identity = plan
+        else:
+            identity = (plan.method, plan.decomposition, tuple(sorted(plan.ranks().items(), key=lambda kv: kv[0])))
         if identity not in seen:
             seen.add(identity)
             kept[label] = plan

@@ -334,3 +334,60 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
     assert len(table) == 6 and set(table["method"]) == {"LEMS", "Uniform"}
     fig = json.loads(charts(app)[0].proto.spec)
     assert fig["layout"]["title"]["text"].startswith("Perplexity on wikitext2")
+
+
+def test_compress_page_offers_decompositions_and_model_scored_methods(app):
+    goto(app, "app_pages/compress.py")
+    picker = app.selectbox(key="factorise_with")
+    assert picker.options[0] == "plan's own decomposition" and picker.value == ""
+    for name in ("saes", "erc", "lcsvd", "svd_llm", "kfac"):
+        assert any(f"({name})" in o for o in picker.options), name
+    assert all("slower" in o for o in picker.options if any(f"({n})" in o for n in ("saes", "erc", "lcsvd")))
+    new_plans = app.multiselect[1].options
+    for label in ("LEMS", "ATP (scored on the model)", "ERC-SVD (PLC) (scored on the model)",
+                  "LC-SVD search (scored on the model)"):
+        assert label in new_plans
+
+
+def test_allocate_page_points_to_model_scored_methods(app):
+    goto(app, "app_pages/allocate.py")
+    assert any("ATP" in c.value and "Compress & evaluate page" in c.value for c in app.caption)
+
+
+def test_model_scored_plans_are_built_in_the_job_and_factorised_as_chosen(app, monkeypatch):
+    import lems_core.pipeline as pipeline
+
+    seen, asked = [], []
+
+    def fake_score_function(profile, kind, device=None, cache_dir=None, cancel=None):
+        asked.append(kind)
+        if kind == "kl":  # erc_plc: a failing scorer must not stop the other plans
+            raise ValueError("no model behind this profile")
+        return lambda ranks: float(sum(r or 0 for r in ranks.values()) % 5)
+
+    def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
+                      calibration=None, decomposition=None, **_):
+        seen.append((plan.method, round(plan.budget, 2), decomposition))
+        summary = plan.summary
+        return pipeline.EvalResult(
+            method=plan.method, decomposition=decomposition or plan.decomposition, budget=plan.budget,
+            realised_ratio=summary["realised_ratio"], ppl={d: 12.0 for d in datasets}, dense_ppl={d: 10.0 for d in datasets},
+            kl=0.1, params_kept=summary["params_kept"], params_total=summary["params_total"], seconds=0.1, device="cpu",
+            model_source=plan.model_source, fingerprint=plan.fingerprint)
+
+    monkeypatch.setattr(pipeline, "score_function", fake_score_function)
+    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    goto(app, "app_pages/compress.py")
+    app.multiselect[1].set_value(["uniform", "atp", "erc_plc"])
+    next(t for t in app.text_input if t.label.startswith("at budgets")).set_value("0.7")
+    app.selectbox(key="factorise_with").set_value("saes")
+    _button(app, "Compress & evaluate").click().run()
+    state = _wait_for_job(app, "eval_job_id")
+    assert state.status == "done", state.error
+    assert sorted(seen) == [("atp", 0.7, "saes"), ("uniform", 0.7, "saes")]
+    assert sorted(asked) == ["kl", "ppl"]
+    app.run()
+    assert any("Evaluated 2 plan(s)" in s.value for s in app.success)
+    assert any("ERC-SVD (PLC) at 0.7" in w.value and "no model behind" in w.value for w in app.warning)
+    table = app.dataframe[0].value
+    assert set(table["method"]) == {"ATP", "Uniform"} and set(table["decomposition"]) == {"saes"}

@@ -220,3 +220,21 @@ def test_human_units():
     assert ui_data.human_count(12) == "12"
     assert ui_data.human_bytes(1536) == "1.5 KB" and ui_data.human_bytes(3 * 1024**4) == "3.07e+03 GB"
     assert ui_data.method_label("svdllm_v2") == "SVD-LLM V2" and ui_data.method_label("new") == "new"
+
+
+def test_labels_of_seed_methods_and_decompositions():
+    assert ui_data.method_label("erc_plc") == "ERC-SVD (PLC)" and ui_data.method_label("lcsvd_search") == "LC-SVD search"
+    assert ui_data.decomposition_label(ui_data.PLAN_DECOMPOSITION) == "plan's own decomposition"
+    assert ui_data.decomposition_label("svd_llm") == "SVD-LLM (svd_llm)"
+    assert ui_data.decomposition_label("saes", ["saes", "erc"]) == "SAES-SVD (saes), per plan (slower)"
+    assert ui_data.decomposition_label("new") == "new"
+
+
+def test_unique_plans_keeps_plan_requests_once():
+    from lems_core.pipeline import PlanRequest
+
+    profile = synthetic_profile(num_blocks=2)
+    plan = allocate(profile, "uniform", 0.7).to_plan(profile)
+    kept = ui_data.unique_plans({"a": plan, "b": PlanRequest("atp", 0.7), "c": PlanRequest("atp", 0.7),
+                                 "d": PlanRequest("atp", 0.8), "e": plan})
+    assert list(kept) == ["a", "b", "d"]

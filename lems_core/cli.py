@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"factorise the plan's ranks with this decomposition instead of the plan's own: {decompositions} "
                          "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
     sp.set_defaults(fn=cmd_compress)
+
+    from .ars import add_cli_parser as add_ars_parser
+
+    add_ars_parser(sub)  # `ars`: train ARS for a profile at one or more ratios (cached)
     return p
 
 

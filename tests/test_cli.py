@@ -134,3 +134,24 @@ def test_model_scored_allocators_use_the_pipeline_scorer(profile_dir, tmp_path, 
     assert asked == [(profile.fingerprint, kind, "cpu")] and scored
     plan = RankPlan.load(out, layers=profile.layers, fingerprint=profile.fingerprint)
     assert plan.method == method and plan.summary["realised_ratio"] <= 0.7 + 1e-9
+
+
+def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, capsys):
+    """`python -m lems_core ars` is wired in: ratios parsed, the job called, one plan file per ratio."""
+    from lems_core import ars
+
+    calls = []
+
+    def fake_job(profile, ratios, preset_name, device, cache_dir, progress=None, cancel=None):
+        calls.append((profile, ratios, preset_name))
+        progress(1.0, "done")
+        return [{"summary": {"realised_ratio": r - 0.01},
+                 "meta": {"ars": {"learned_ratio": r, "repair_cuts": 0, "seconds": 1.0}}} for r in ratios]
+
+    monkeypatch.setattr(ars, "run_ars_job", fake_job)
+    out = tmp_path / "ars-{ratio}.json"
+    code = main(["ars", "--profile", str(tmp_path), "--ratio", "0.8,0.6", "-o", str(out)])
+    assert code == 0
+    assert calls == [(str(tmp_path), [0.8, 0.6], "cpu-small")]
+    assert json.loads((tmp_path / "ars-0.6.json").read_text())["summary"]["realised_ratio"] == pytest.approx(0.59)
+    assert "ARS at 0.8" in capsys.readouterr().out

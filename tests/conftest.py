@@ -29,3 +29,24 @@ def tiny_llama():
 def tiny_ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (4, 64), generator=g)
+
+
+@pytest.fixture()
+def one_thread():
+    """One BLAS thread: tiny matmuls on a shared 2-core box are ~10x slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random llama (seed 0), one per test module."""
+    from lems_core.model import tiny_model
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))

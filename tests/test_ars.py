@@ -13,14 +13,7 @@ from lems_core.model import LoadedModel, compressible_layers, model_fingerprint,
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
 
-
-class ByteTokenizer:
-    """Bytes as tokens (vocab 256), enough for the tiny models."""
-
-    def __call__(self, text, return_tensors=None):
-        class Out:
-            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-        return Out()
+from helpers import ByteTokenizer
 
 
 @pytest.fixture(autouse=True)

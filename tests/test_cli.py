@@ -6,6 +6,8 @@ from lems_core.cli import main
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
 
+from helpers import ByteTokenizer
+
 
 @pytest.fixture()
 def profile_dir(tmp_path):
@@ -35,20 +37,6 @@ def test_allocate_reports_bad_input_without_traceback(profile_dir, tmp_path, cap
 
 
 # ---------------------------------------------------------------- evaluate / compress with --decomposition
-class _ByteTokenizer:
-    """Bytes as tokens (vocab 256), enough for the tiny models; saves nothing."""
-
-    def __call__(self, text, return_tensors=None):
-        import torch
-
-        class Out:
-            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-        return Out()
-
-    def save_pretrained(self, folder):
-        pass
-
-
 @pytest.fixture()
 def tiny_plan(tmp_path, monkeypatch):
     """A uniform keep-0.5 svd_llm plan for a tiny llama that pipeline.get_model returns; cache in tmp_path."""
@@ -60,7 +48,7 @@ def tiny_plan(tmp_path, monkeypatch):
     from lems_core.plan import from_loadconfig
 
     model = tiny_model("llama", seed=8)
-    loaded = LoadedModel(model, _ByteTokenizer(), "tiny-llama", model_fingerprint(model))
+    loaded = LoadedModel(model, ByteTokenizer(), "tiny-llama", model_fingerprint(model))
     monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

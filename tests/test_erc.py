@@ -14,23 +14,10 @@ from lems_core.pipeline import calibration_windows, factorizations_for, plan_fac
 from lems_core.profile import synthetic_profile
 from lems_core.statistics import collect_input_stats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import ByteTokenizer
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +122,6 @@ def test_plc_with_final_error_on_tiny_model(model, ids, base):
 
 
 # ----------------------------------------------------------------- pipeline
-class ByteTokenizer:
-    def __call__(self, text, return_tensors=None):
-        class Out:
-            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-        return Out()
-
-
 def test_erc_through_the_pipeline(tmp_path):
     m = tiny_model("llama", seed=5)
     loaded = LoadedModel(m, ByteTokenizer(), "tiny-llama", model_fingerprint(m))

@@ -14,27 +14,10 @@ from lems_core.model import LoadedModel, compressible_layers, model_fingerprint,
 from lems_core.profile import synthetic_profile
 from lems_core.statistics import collect_input_stats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import ByteTokenizer, uniform_ranks
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
-
-
-def uniform_ranks(model, keep):
-    return {l.name: max(1, int(keep * l.eq_rank)) for l in compressible_layers(model)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------- decomposition
@@ -80,12 +63,6 @@ def test_minibatch_training_and_local_target_run(model, ids):
 def test_lcsvd_through_the_pipeline(tmp_path, monkeypatch):
     assert pipeline.BASE_DECOMPOSITION["lcsvd"] == "svd_llm" and "lcsvd" in pipeline.RANK_DEPENDENT
     monkeypatch.setitem(pipeline.RANK_DEPENDENT, "lcsvd", seed_methods.make_lcsvd(LcOptions(max_steps=3)))
-
-    class ByteTokenizer:
-        def __call__(self, text, return_tensors=None):
-            class Out:
-                input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-            return Out()
 
     m = tiny_model("llama", seed=6)
     loaded = LoadedModel(m, ByteTokenizer(), "tiny-llama", model_fingerprint(m))

@@ -10,14 +10,7 @@ from lems_core.model import LoadedModel, model_fingerprint, tiny_model
 from lems_core.pipeline import build_profile, factorizations_for
 from lems_core.profile import Profile, ProfileError
 
-
-class ByteTokenizer:
-    """Bytes as tokens (vocab 256), enough for the tiny models."""
-
-    def __call__(self, text, return_tensors=None):
-        class Out:
-            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-        return Out()
+from helpers import ByteTokenizer
 
 
 @pytest.fixture()

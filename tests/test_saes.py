@@ -13,28 +13,10 @@ from lems_core.saes import (FsFoa, GroupStats, SaesOptions, Whitening, aces_beta
                             saes_factorizations)
 from lems_core.statistics import collect_input_stats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One BLAS thread: on a shared 2-core box two threads spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import ByteTokenizer, uniform_ranks
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
-
-
-def uniform_ranks(model, keep):
-    return {l.name: max(1, int(keep * l.eq_rank)) for l in compressible_layers(model)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------- CEALC
@@ -162,13 +144,6 @@ def test_dense_layers_are_skipped_and_model_untouched(model, ids):
 
 
 # ----------------------------------------------------------------- through the pipeline
-class ByteTokenizer:
-    def __call__(self, text, return_tensors=None):
-        class Out:
-            input_ids = torch.tensor([list(text.encode("utf-8", "replace"))]) % 256
-        return Out()
-
-
 @pytest.fixture()
 def loaded():
     m = tiny_model("llama", seed=3)

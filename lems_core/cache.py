@@ -39,7 +39,8 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checksums of tensors and profiles)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +59,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    sidecar = {"sha256": _sha256_file(tmp), "meta": meta or {}}
+    sidecar = {"sha256": sha256_file(tmp), "meta": meta or {}}
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(sidecar))
 
@@ -72,7 +73,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
         return None
     try:
         expected = json.loads(sidecar.read_text())["sha256"]
-        if _sha256_file(path) != expected:
+        if sha256_file(path) != expected:
             raise ValueError("checksum mismatch")
         return load_file(str(path))
     except Exception as exc:  # corrupt entry: drop it and let the caller recompute

@@ -127,18 +127,21 @@ def statistics_for(
         else:
             stats.inputs = _input_stats_from_tensors(cached, layers)
     if "grads" in needs:
-        path = tensor_path("grads", key_of(*base, "grads"), cache_dir)
-        stats.grad_gram = load_tensors(path) or {}
-        if not stats.grad_gram:
-            stats.grad_gram = collect_grad_grams(loaded.model, calib_ids, layers, progress=stage(progress, 0.5, 1))
-            save_tensors(path, stats.grad_gram)
+        stats.grad_gram = _cached_tensors(tensor_path("grads", key_of(*base, "grads"), cache_dir), lambda: collect_grad_grams(
+            loaded.model, calib_ids, layers, progress=stage(progress, 0.5, 1)))
     if "fisher" in needs:
-        path = tensor_path("fisher", key_of(*base, "fisher"), cache_dir)
-        stats.fisher = load_tensors(path) or {}
-        if not stats.fisher:
-            stats.fisher = collect_fisher_rows(loaded.model, calib_ids, layers, progress=stage(progress, 0, 1))
-            save_tensors(path, stats.fisher)
+        stats.fisher = _cached_tensors(tensor_path("fisher", key_of(*base, "fisher"), cache_dir), lambda: collect_fisher_rows(
+            loaded.model, calib_ids, layers, progress=stage(progress, 0, 1)))
     return stats
+
+
+def _cached_tensors(path: Path, compute: Callable[[], dict]) -> dict:
+    """The tensors saved at ``path``, else ``compute()`` saved there (a corrupt file counts as missing)."""
+    tensors = load_tensors(path)
+    if not tensors:
+        tensors = compute()
+        save_tensors(path, tensors)
+    return tensors
 
 
 # ------------------------------------------------------------------ factorisations

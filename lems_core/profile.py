@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import sha256_file
 from .model import LayerInfo
 
 PROFILE_SCHEMA = "lems-profile/1"
@@ -75,7 +76,7 @@ class Profile:
         tensors = {name: np.ascontiguousarray(s, dtype=np.float64) for name, s in self.spectra.items()}
         tmp_spectra = folder / (SPECTRA_FILE + ".tmp")
         save_file(tensors, str(tmp_spectra))
-        spectra_sha = _sha256(tmp_spectra)
+        spectra_sha = sha256_file(tmp_spectra)
         doc = {
             "schema": self.schema,
             "model_source": self.model_source,
@@ -111,7 +112,7 @@ class Profile:
             raise ProfileError(f"{json_path} is not valid JSON: {exc}") from exc
         if doc.get("schema") != PROFILE_SCHEMA:
             raise ProfileError(f"{json_path}: schema {doc.get('schema')!r}, expected {PROFILE_SCHEMA!r}")
-        if doc.get("spectra_sha256") != _sha256(spectra_path):
+        if doc.get("spectra_sha256") != sha256_file(spectra_path):
             raise ProfileError(f"{spectra_path} does not match its checksum in {PROFILE_JSON} (corrupt or replaced)")
         try:
             spectra = load_file(str(spectra_path))
@@ -150,14 +151,6 @@ class Profile:
 def profile_key(fingerprint: str, calibration: dict, decomposition: str, settings: dict | None = None) -> str:
     payload = json.dumps([fingerprint, calibration, decomposition, settings or {}], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def synthetic_profile(num_blocks: int = 4, hidden: int = 64, inter: int = 160, kv: int = 32, seed: int = 0) -> Profile:

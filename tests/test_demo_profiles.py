@@ -25,3 +25,17 @@ def test_demo_profile_matches_schema(folder):
         alloc = allocate(profile, "lems", ratio)
         assert alloc.info["realised_ratio"] <= ratio + 1e-9
     assert any(e.is_demo and e.path == folder for e in list_profiles())
+
+
+@pytest.mark.parametrize("ratio", [0.8, 0.6])
+def test_committed_ars_plans_serve_the_demo_profile(ratio, tmp_path):
+    """The ARS plans beside the KFAC demo profile validate and are used without training."""
+    from lems_core import ars
+
+    profile = Profile.load(next(d for d in DIRS if d.name == "smollm2-135m-kfac"))
+    assert ars.committed_plan_path(profile, ratio).is_file()
+    plan = ars.cached_ars_plan(profile, ratio, cache_dir=tmp_path)  # empty index: the committed file
+    assert plan is not None and plan.method == "ars" and plan.fingerprint == profile.fingerprint
+    assert plan.summary["realised_ratio"] <= ratio + 1e-9
+    alloc = allocate(profile, "ars", ratio, cache_dir=tmp_path)  # no model given: must not train
+    assert alloc.ranks == plan.ranks()

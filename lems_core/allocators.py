@@ -21,6 +21,7 @@ Other modules add methods with ``register_allocator``.
 from __future__ import annotations
 
 import heapq
+import importlib
 import inspect
 import math
 import time
@@ -741,6 +742,24 @@ for _name, _fn in {"uniform": allocate_uniform, "lems": allocate_lems, "svdllm_v
     register_allocator(_name, _fn)
 
 
+PLUGIN_MODULES = ("ars", "seed_methods")  # modules that register allocators of their own on import
+
+
+def register_plugin_allocators() -> None:
+    """Import the modules registering ARS and the seed-method allocators (erc_plc, lcsvd_search).
+
+    Lazy because they import this module; after it, ``ALLOCATORS`` lists every method.
+    """
+    for name in PLUGIN_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+
+
+def allocator_names() -> list[str]:
+    """Every allocation method ``allocate`` accepts, sorted."""
+    register_plugin_allocators()
+    return sorted(ALLOCATORS)
+
+
 def allocate(
     profile: Profile,
     method: str,
@@ -751,6 +770,8 @@ def allocate(
 ) -> Allocation:
     """Run allocator ``method`` by name; ``options`` go to that allocator."""
     key = _normalise_method(method)
+    if key not in ALLOCATORS:
+        register_plugin_allocators()
     if key not in ALLOCATORS:
         raise ValueError(f"unknown allocation method {method!r}; known: {', '.join(sorted(ALLOCATORS))}")
     fn = ALLOCATORS[key]

@@ -145,7 +145,7 @@ def cmd_compress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocators import ALLOCATORS, MODEL_SCORED
+    from .allocators import MODEL_SCORED, allocator_names
     from .pipeline import decomposition_names
 
     decompositions = ", ".join(decomposition_names())  # also registers the seed-method allocators
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("allocate", help="allocate ranks over a profile and write a rank plan")
     sp.add_argument("--profile", required=True)
     sp.add_argument("--method", default="lems",
-                    help=f"one of {', '.join(sorted(ALLOCATORS))} (default lems); {', '.join(MODEL_SCORED)} "
+                    help=f"one of {', '.join(allocator_names())} (default lems); {', '.join(MODEL_SCORED)} "
                          "score candidates on the model (loads it)")
     sp.add_argument("--ratio", type=float, required=True, help="kept fraction of compressible params")
     sp.add_argument("--energy-power", type=int, default=2)

@@ -467,3 +467,23 @@ def test_non_finite_scores_rank_last(profile):
     calls.clear()
     atp = A.allocate_atp(profile, 0.7, flaky)
     assert atp.info["beta_total"] != 0.0 and atp.info["trials"][0]["score"] == math.inf
+
+
+def test_allocate_finds_ars_and_seed_allocators_without_importing_them():
+    """A fresh interpreter that imports only allocators still knows 'ars', 'erc_plc', 'lcsvd_search'."""
+    import subprocess
+    import sys
+
+    code = ("from lems_core.allocators import allocate, allocator_names\n"
+            "from lems_core.profile import synthetic_profile\n"
+            "names = allocator_names()\n"
+            "assert {'ars', 'erc_plc', 'lcsvd_search', 'lems', 'uniform'} <= set(names), names\n"
+            "try:\n"
+            "    allocate(synthetic_profile(), 'ars', 0.123)\n"
+            "except ValueError as exc:\n"
+            "    assert 'no ARS plan trained' in str(exc), exc\n"
+            "else:\n"
+            "    raise AssertionError('ars at 0.123 cannot have a plan')\n")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

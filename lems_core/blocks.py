@@ -72,8 +72,12 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(inner.norm(hidden))
 
 
-def logits_from_block(model: nn.Module, start: int, items: list[BlockInput]) -> list[torch.Tensor]:
-    """Logits of every batch, running blocks `start..end` on their cached inputs."""
+def logits_from_block(model: nn.Module, start: int, items: list[BlockInput], first_position: int = 0) -> list[torch.Tensor]:
+    """Logits of every batch, running blocks `start..end` on their cached inputs.
+
+    Only positions from `first_position` on go through the head (the KL skips the
+    first eighth, and the vocabulary projection is a large part of a small model).
+    """
     blocks = decoder_blocks(model)
     outputs = []
     with torch.no_grad():
@@ -81,5 +85,5 @@ def logits_from_block(model: nn.Module, start: int, items: list[BlockInput]) -> 
             hidden = item.hidden
             for block in blocks[start:]:
                 hidden = run_block(block, BlockInput(hidden, item.kwargs))
-            outputs.append(head_logits(model, hidden))
+            outputs.append(head_logits(model, hidden[:, first_position:]))
     return outputs

@@ -88,14 +88,26 @@ def perplexity(
     return PerplexityResult(math.exp(mean), mean, count, n, skipped)
 
 
+def reference_log_probs(ref_logits: torch.Tensor, temperature: float = KL_TEMPERATURE,
+                        skip_fraction: float = KL_SKIP_FRACTION) -> torch.Tensor:
+    """log p_ref at temperature T on the scored positions (after the first `skip_fraction`), as [N, V] float32."""
+    start = int(skip_fraction * ref_logits.shape[1])
+    return F.log_softmax(ref_logits[:, start:].float() / temperature, dim=-1).flatten(0, 1)
+
+
+def kl_from_log_probs(p_log: torch.Tensor, scored_logits: torch.Tensor,
+                      temperature: float = KL_TEMPERATURE) -> tuple[float, int]:
+    """(sum of per-position KL(p_ref || q), positions) given log p_ref and the logits of the scored positions only."""
+    q_log = F.log_softmax(scored_logits.float() / temperature, dim=-1).flatten(0, 1)
+    kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
+    return kl.item(), p_log.shape[0]
+
+
 def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, temperature: float = KL_TEMPERATURE,
                    skip_fraction: float = KL_SKIP_FRACTION) -> tuple[float, int]:
     """(sum of per-position KL(p_ref || q), number of positions) for one batch [B, T, V]."""
     start = int(skip_fraction * ref_logits.shape[1])
-    p_log = F.log_softmax(ref_logits[:, start:].float() / temperature, dim=-1).flatten(0, 1)
-    q_log = F.log_softmax(logits[:, start:].float() / temperature, dim=-1).flatten(0, 1)
-    kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
-    return kl.item(), p_log.shape[0]
+    return kl_from_log_probs(reference_log_probs(ref_logits, temperature, skip_fraction), logits[:, start:], temperature)
 
 
 @torch.no_grad()

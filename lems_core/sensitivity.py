@@ -10,7 +10,7 @@ the head. That is about half the naive cost (bench/sensitivity.py measures it).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,10 +20,11 @@ from torch import nn
 from .blocks import BlockInput, advance, capture_block_inputs, logits_from_block
 from .compression import LowRankLinear, set_module
 from .decomposition import Factorization
-from .evaluation import check_cancel, kl_from_logits
+from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, kl_from_logits, reference_log_probs
 from .model import LayerInfo, decoder_blocks
 
 Progress = Callable[[float, str], None]
+LOG_PROB_CACHE_BYTES = 2 << 30  # float32 reference log-probs kept in memory up to this size
 
 
 @dataclass
@@ -32,6 +33,17 @@ class DenseReference:
 
     logits: list[torch.Tensor]  # one bf16 tensor per batch
     nll: float
+    _log_probs: dict = field(default_factory=dict, repr=False)
+
+    def log_probs(self, batch: int, device) -> torch.Tensor:
+        """log p_ref of one batch on the scored positions; kept after the first use when
+        all batches fit in LOG_PROB_CACHE_BYTES (saves a softmax over the vocabulary per layer)."""
+        if batch in self._log_probs:
+            return self._log_probs[batch]
+        p_log = reference_log_probs(self.logits[batch].to(device))
+        if sum(l.numel() for l in self.logits) * 4 <= LOG_PROB_CACHE_BYTES:
+            self._log_probs[batch] = p_log
+        return p_log
 
     @property
     def ppl(self) -> float:
@@ -58,9 +70,10 @@ def dense_reference(model: nn.Module, items: list[BlockInput], windows: torch.Te
 
 
 def _kl_suffix(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference) -> float:
+    first = int(KL_SKIP_FRACTION * items[0].hidden.shape[1])  # positions the KL scores
     total, count = 0.0, 0
-    for out, ref_logits in zip(logits_from_block(model, start, items), ref.logits):
-        s, n = kl_from_logits(ref_logits.to(out.device), out)
+    for i, out in enumerate(logits_from_block(model, start, items, first)):
+        s, n = kl_from_log_probs(ref.log_probs(i, out.device), out)
         total, count = total + s, count + n
     return total / max(count, 1)
 

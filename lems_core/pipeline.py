@@ -247,13 +247,7 @@ def add_measured_points(
     new = sorted(set(ratios) - set(profile.measured) - {profile.ref_ratio})
     if not new:
         return profile
-    loaded = get_model(profile.model_source, device)
-    if loaded.fingerprint != profile.fingerprint:
-        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
-    cfg = CalibrationConfig.from_dict(profile.calibration)
-    _, search_ids = calibration_windows(loaded, cfg)
-    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
-    factors = factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=stage(progress, 0, 0.1))
+    loaded, search_ids, factors = _profile_model(profile, device, cache_dir, stage(progress, 0, 0.1))
     sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
                               batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
     profile.measured.update(sweep)
@@ -438,6 +432,20 @@ def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], sear
     return score
 
 
+def _profile_model(profile: Profile, device: str | None, cache_dir: Path | None, progress: Progress | None = None):
+    """(loaded model, search windows, static factors) of a profile; the model must match its fingerprint.
+
+    A rank-dependent decomposition's profile gets its base whitening's factors.
+    """
+    loaded = get_model(profile.model_source, device)
+    if loaded.fingerprint != profile.fingerprint:
+        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    _, search_ids = calibration_windows(loaded, cfg)
+    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
+    return loaded, search_ids, factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=progress)
+
+
 # ------------------------------------------------------------------ model-scored allocators
 def score_function(profile: Profile, kind: str, device: str | None = None, cache_dir: Path | None = None,
                    cancel: threading.Event | None = None) -> Callable[[dict], float]:
@@ -448,13 +456,7 @@ def score_function(profile: Profile, kind: str, device: str | None = None, cache
     """
     if kind not in ("kl", "ppl"):
         raise ValueError(f"score kind must be 'kl' or 'ppl', got {kind!r}")
-    loaded = get_model(profile.model_source, device)
-    if loaded.fingerprint != profile.fingerprint:
-        raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
-    cfg = CalibrationConfig.from_dict(profile.calibration)
-    _, search = calibration_windows(loaded, cfg)
-    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
-    factors = factorizations_for(loaded, cfg, base, cache_dir=cache_dir)
+    loaded, search, factors = _profile_model(profile, device, cache_dir)
     return (make_ppl_scorer if kind == "ppl" else make_kl_scorer)(loaded, factors, search, cancel=cancel)
 
 

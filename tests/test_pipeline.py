@@ -183,3 +183,19 @@ def test_evaluate_plan_uses_the_decomposition_argument(loaded, corpus, tmp_path,
     result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c",
                                     with_kl=False)
     assert used[-1] == "kfac" and result.decomposition == "kfac"
+
+
+def test_add_measured_points_grows_a_profile_without_changing_its_key(loaded, corpus, tmp_path, monkeypatch):
+    """Extra ratios are measured into the same folder; the profile key (and so plans tied to it) stays."""
+    from lems_core import pipeline
+    from lems_core.pipeline import add_measured_points
+
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, **kw: loaded)
+    cache = tmp_path / "cache"
+    folder = build_profile(loaded, "svd_llm", _cfg(corpus), cache_dir=cache)
+    before = Profile.load(folder)
+    grown = add_measured_points(folder, (0.5, 0.9), cache_dir=cache)
+    assert set(grown.measured) == {0.5, 0.9} and grown.key == before.key
+    reloaded = Profile.load(folder)
+    assert np.array_equal(reloaded.measured[0.9], grown.measured[0.9])
+    assert np.mean(reloaded.measured[0.9] <= reloaded.measured[0.5]) > 0.8  # keeping more hurts less

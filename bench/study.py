@@ -5,6 +5,7 @@ Table 2 (uniform allocation, each decomposition) at 0.8 and 0.6, on the committe
 demo profiles. Every row is a real compression + perplexity run; nothing is copied.
 
     python bench/study.py [--windows 16] [--seq-len 512] [--out bench/study_results.md]
+        [--allocators uniform,lems] [--decompositions kfac,svd_llm]   (subsets, e.g. to add a row)
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def run(args) -> list[str]:
     ppl_score = make_ppl_scorer(loaded, kfac_factors, search)
     table1 = {}
     for ratio in args.ratios:
-        for method in ALLOCATORS:
+        for method in args.allocators:
             started = time.perf_counter()
             try:
                 if method == "lems_fit":
@@ -70,10 +71,10 @@ def run(args) -> list[str]:
                 traceback.print_exc()
             table1[(method, ratio)] = cell
             print(f"[{time.perf_counter() - started:6.1f}s] kfac {method} {ratio}: {cell}", flush=True)
-    lines += _table("Table 1: KFAC-SVD, each allocator (WikiText-2 PPL, realised ratio)", ALLOCATORS, args.ratios, table1)
+    lines += _table("Table 1: KFAC-SVD, each allocator (WikiText-2 PPL, realised ratio)", args.allocators, args.ratios, table1)
 
     table2 = {}
-    for decomposition in DECOMPOSITIONS:
+    for decomposition in args.decompositions:
         for ratio in args.ratios:
             started = time.perf_counter()
             try:
@@ -85,7 +86,7 @@ def run(args) -> list[str]:
                 traceback.print_exc()
             table2[(decomposition, ratio)] = cell
             print(f"[{time.perf_counter() - started:6.1f}s] uniform {decomposition} {ratio}: {cell}", flush=True)
-    lines += [""] + _table("Table 2: uniform allocation, each decomposition (WikiText-2 PPL)", DECOMPOSITIONS, args.ratios, table2)
+    lines += [""] + _table("Table 2: uniform allocation, each decomposition (WikiText-2 PPL)", args.decompositions, args.ratios, table2)
     lines += ["", f"Settings: demo SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), CPU; calibration "
               f"{cfg.n_samples}x{cfg.seq_len} tokens of WikiText-2 validation (seed {cfg.seed}), search set "
               f"{cfg.n_search}x{cfg.seq_len}; perplexity on the first {windows.shape[0]} non-overlapping "
@@ -109,14 +110,21 @@ def _table(title: str, rows: list[str], ratios: list[float], cells: dict) -> lis
     return out
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--out", default="bench/study_results.md")
+    parser.add_argument("--allocators", type=_names, default=ALLOCATORS, help="comma-separated subset of Table 1")
+    parser.add_argument("--decompositions", type=_names, default=DECOMPOSITIONS, help="comma-separated subset of Table 2")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when other jobs share the CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     lines = run(args)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

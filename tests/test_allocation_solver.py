@@ -112,18 +112,23 @@ def tiny_groups(values):
     return st.lists(group, min_size=2, max_size=5)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(groups=tiny_groups(st.integers(0, 6)), budget=st.integers(-2, 30))
-def test_tiny_integer_instances_match_brute_force(groups, budget):
-    """Small integers: many equal costs, equal errors and zero errors; some budgets infeasible."""
-    costs = [np.array(c, dtype=float) for c, _ in groups]
-    errors = [np.array(e, dtype=float) for _, e in groups]
+def assert_matches_brute_force(costs, errors, budget):
+    """The solver raises InfeasibleBudgetError exactly when brute force finds nothing, else is optimal."""
     reference = brute_force(costs, errors, budget)
     if reference is None:
         with pytest.raises(InfeasibleBudgetError):
             solve_mckp(costs, errors, budget)
     else:
         assert_optimal(costs, errors, budget, reference)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups=tiny_groups(st.integers(0, 6)), budget=st.integers(-2, 30))
+def test_tiny_integer_instances_match_brute_force(groups, budget):
+    """Small integers: many equal costs, equal errors and zero errors; some budgets infeasible."""
+    costs = [np.array(c, dtype=float) for c, _ in groups]
+    errors = [np.array(e, dtype=float) for _, e in groups]
+    assert_matches_brute_force(costs, errors, budget)
 
 
 @settings(max_examples=200, deadline=None)
@@ -145,12 +150,7 @@ def test_seeded_tiny_instances_with_negative_values_match_brute_force():
         costs = [rng.integers(-5, 8, int(rng.integers(1, 6))).astype(float) for _ in range(groups)]
         errors = [rng.normal(0, 3, c.size).round(1) for c in costs]
         budget = float(rng.integers(-10, 25))
-        reference = brute_force(costs, errors, budget)
-        if reference is None:
-            with pytest.raises(InfeasibleBudgetError):
-                solve_mckp(costs, errors, budget)
-        else:
-            assert_optimal(costs, errors, budget, reference)
+        assert_matches_brute_force(costs, errors, budget)
 
 
 def test_subnormal_cost_steps_are_handled():

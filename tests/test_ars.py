@@ -13,7 +13,7 @@ from lems_core.model import LoadedModel, compressible_layers, model_fingerprint,
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
 
-from helpers import ByteTokenizer
+from helpers import tiny_loaded
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +31,8 @@ FAST = ars.ARSConfig(steps=25, batch_windows=2, seq_len=32, lr=0.05, seed=3)
 @pytest.fixture(scope="module")
 def setup():
     """(loaded, profile, full factors, windows) for a tiny llama under plain SVD."""
-    model = tiny_model("llama", seed=5)
-    loaded = LoadedModel(model, ByteTokenizer(), "tiny-llama", model_fingerprint(model))
+    loaded = tiny_loaded(5)
+    model = loaded.model
     layers = compressible_layers(model)
     decomposer = Decomposer("svd")
     factors = {l.name: decomposer(l, model.get_submodule(l.name).weight, keep=min(l.out_features, l.in_features))

@@ -6,7 +6,7 @@ from lems_core.cli import main
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
 
-from helpers import ByteTokenizer
+from helpers import tiny_loaded
 
 
 @pytest.fixture()
@@ -47,8 +47,8 @@ def tiny_plan(tmp_path, monkeypatch):
     from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
     from lems_core.plan import from_loadconfig
 
-    model = tiny_model("llama", seed=8)
-    loaded = LoadedModel(model, ByteTokenizer(), "tiny-llama", model_fingerprint(model))
+    loaded = tiny_loaded(8)
+    model = loaded.model
     monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

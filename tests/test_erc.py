@@ -14,7 +14,7 @@ from lems_core.pipeline import calibration_windows, factorizations_for, plan_fac
 from lems_core.profile import synthetic_profile
 from lems_core.statistics import collect_input_stats
 
-from helpers import ByteTokenizer
+from helpers import tiny_loaded
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,8 +123,8 @@ def test_plc_with_final_error_on_tiny_model(model, ids, base):
 
 # ----------------------------------------------------------------- pipeline
 def test_erc_through_the_pipeline(tmp_path):
-    m = tiny_model("llama", seed=5)
-    loaded = LoadedModel(m, ByteTokenizer(), "tiny-llama", model_fingerprint(m))
+    loaded = tiny_loaded(5)
+    m = loaded.model
     path = tmp_path / "corpus.txt"
     path.write_text("".join(chr(c) for c in np.random.default_rng(0).integers(32, 127, 20000)))
     cfg = CalibrationConfig(dataset=str(path), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)

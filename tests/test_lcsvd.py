@@ -14,7 +14,7 @@ from lems_core.model import LoadedModel, compressible_layers, model_fingerprint,
 from lems_core.profile import synthetic_profile
 from lems_core.statistics import collect_input_stats
 
-from helpers import ByteTokenizer, uniform_ranks
+from helpers import uniform_ranks, tiny_loaded
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,8 +64,8 @@ def test_lcsvd_through_the_pipeline(tmp_path, monkeypatch):
     assert pipeline.BASE_DECOMPOSITION["lcsvd"] == "svd_llm" and "lcsvd" in pipeline.RANK_DEPENDENT
     monkeypatch.setitem(pipeline.RANK_DEPENDENT, "lcsvd", seed_methods.make_lcsvd(LcOptions(max_steps=3)))
 
-    m = tiny_model("llama", seed=6)
-    loaded = LoadedModel(m, ByteTokenizer(), "tiny-llama", model_fingerprint(m))
+    loaded = tiny_loaded(6)
+    m = loaded.model
     path = tmp_path / "corpus.txt"
     path.write_text("".join(chr(c) for c in np.random.default_rng(0).integers(32, 127, 20000)))
     cfg = CalibrationConfig(dataset=str(path), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)

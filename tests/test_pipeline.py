@@ -10,13 +10,12 @@ from lems_core.model import LoadedModel, model_fingerprint, tiny_model
 from lems_core.pipeline import build_profile, factorizations_for
 from lems_core.profile import Profile, ProfileError
 
-from helpers import ByteTokenizer
+from helpers import tiny_loaded
 
 
 @pytest.fixture()
 def loaded():
-    model = tiny_model("llama", seed=8)
-    return LoadedModel(model, ByteTokenizer(), "tiny-llama", model_fingerprint(model))
+    return tiny_loaded(8)
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from lems_core.saes import (FsFoa, GroupStats, SaesOptions, Whitening, aces_beta
                             saes_factorizations)
 from lems_core.statistics import collect_input_stats
 
-from helpers import ByteTokenizer, uniform_ranks
+from helpers import uniform_ranks, tiny_loaded
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,8 +146,7 @@ def test_dense_layers_are_skipped_and_model_untouched(model, ids):
 # ----------------------------------------------------------------- through the pipeline
 @pytest.fixture()
 def loaded():
-    m = tiny_model("llama", seed=3)
-    return LoadedModel(m, ByteTokenizer(), "tiny-llama", model_fingerprint(m))
+    return tiny_loaded(3)
 
 
 @pytest.fixture()

@@ -8,17 +8,13 @@ import json
 
 import streamlit as st
 
-from lems_core import ui_data
-from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate
+from lems_core import pipeline
+from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate, ars
+from lems_core.cache import plans_dir
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE
-from lems_core.plan import PlanError, RankPlan
-from app_pages import common
-
-try:
-    from lems_core import ars  # importing it registers the "ars" allocator
-except ImportError:  # ARS is not part of this checkout yet
-    ars = None
+from lems_core.plan import PlanError, RankPlan, parse_budgets, plan_file_name
+from app_pages import common, figures, tables
 
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
 ARS_JOB, ARS_SEEN = "ars_job_id", "ars_job_seen"
@@ -63,7 +59,7 @@ def upload_section() -> None:
         st.error(f"Cannot use {uploaded.name}: {exc}")
         return
     st.session_state[UPLOADED_PLAN] = plan
-    st.success(f"Loaded {uploaded.name}: {ui_data.method_label(plan.method)} plan, budget {plan.budget:.3f}, "
+    st.success(f"Loaded {uploaded.name}: {tables.method_label(plan.method)} plan, budget {plan.budget:.3f}, "
                f"realised {plan.summary['realised_ratio']:.4f}. It is compared below as “uploaded”.")
 
 
@@ -77,7 +73,7 @@ def headline(allocations: dict[str, Allocation], table) -> None:
     cols[1].metric("LEMS objective (Σ ε)", f"{lems.objective:.4g}")
     cols[2].metric("LEMS realised ratio", f"{lems.info['realised_ratio']:.4f}")
     error = table.set_index("method")["predicted error"]
-    ours, base = error[ui_data.method_label("lems")], error.get(ui_data.method_label("uniform"))
+    ours, base = error[tables.method_label("lems")], error.get(tables.method_label("uniform"))
     delta = f"{100 * (ours - base) / base:+.1f} % vs uniform" if base else None
     cols[3].metric("LEMS predicted error", f"{ours:.4g}", delta, delta_color="inverse")
 
@@ -95,9 +91,9 @@ def plan_panel(allocations: dict[str, Allocation]) -> None:
     summary = plan.summary
     st.container(key="plan_summary").markdown(f"**Current plan:** {_label(choice)} at budget {plan.budget:.2f} → realised ratio "
                 f"{summary['realised_ratio']:.4f}, {summary['num_layers'] - summary['dense_layers']} layers factorised, "
-                f"{summary['dense_layers']} dense, {ui_data.human_count(summary['params_kept'])} of "
-                f"{ui_data.human_count(summary['params_total'])} params")
-    name = ui_data.plan_file_name(plan.method, plan.budget, plan.fingerprint)
+                f"{summary['dense_layers']} dense, {tables.human_count(summary['params_kept'])} of "
+                f"{tables.human_count(summary['params_total'])} params")
+    name = plan_file_name(plan.method, plan.budget, plan.fingerprint)
     col1, col2, col3 = st.columns(3)
     col1.download_button("Download plan JSON", plan.to_json(), file_name=name, mime="application/json",
                          on_click="ignore", key="download_plan", icon=":material/download:")
@@ -106,7 +102,7 @@ def plan_panel(allocations: dict[str, Allocation]) -> None:
                          on_click="ignore", key="download_loadconfig",
                          help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense).")
     if col3.button("Save plan to cache", key="save_plan", icon=":material/save:"):
-        path = plan.save(ui_data.plans_dir(common.cache_dir()) / name)
+        path = plan.save(plans_dir(common.cache_dir()) / name)
         st.toast(f"Saved {path.name}")
 
 
@@ -121,19 +117,19 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
                "Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), cells show the rank (D = dense).")
     cols = st.columns(min(3, len(ranks)))
     for i, (label, r) in enumerate(ranks.items()):
-        fig = ui_data.heatmap_figure(ui_data.kept_fraction_grid(profile, r), _label(label), "kept",
-                                     text=ui_data.rank_grid(profile, r), zrange=(0.0, 1.0))
+        fig = figures.heatmap_figure(tables.kept_fraction_grid(profile, r), _label(label), "kept",
+                                     text=tables.rank_grid(profile, r), zrange=(0.0, 1.0))
         cols[i % len(cols)].plotly_chart(fig, key=f"heat_{label}")
     diff, error_col = st.columns(2)
     with diff:
         a, b = st.columns(2)
         first = a.selectbox("Difference: A", list(ranks), format_func=_label, key="diff_a")
         second = b.selectbox("minus B", list(ranks), index=min(1, len(ranks) - 1), format_func=_label, key="diff_b")
-        fig = ui_data.heatmap_figure(ui_data.difference_grid(profile, ranks[first], ranks[second]),
+        fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         st.plotly_chart(fig, key="diff_fig")
-    error_col.plotly_chart(ui_data.error_by_block_figure(profile, errors), key="error_block_fig")
-    st.plotly_chart(ui_data.per_layer_figure(profile, ranks), key="per_layer_fig")
+    error_col.plotly_chart(figures.error_by_block_figure(profile, errors), key="error_block_fig")
+    st.plotly_chart(figures.per_layer_figure(profile, ranks), key="per_layer_fig")
 
 
 @st.fragment
@@ -143,13 +139,13 @@ def live_allocation() -> None:
               help="ρ of methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible Linears.")
     with st.expander("Error model (shape · scale · bias)", expanded=False):
         common.error_model_controls(profile)
-    st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=ui_data.method_label,
+    st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=tables.method_label,
                    help="Allocators solved live from the profile; ASVD needs measured points.")
-    scored = ", ".join(ui_data.method_label(m) for m in MODEL_SCORED)
+    scored = ", ".join(tables.method_label(m) for m in MODEL_SCORED)
     st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
                "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
     params = common.error_model_params(profile)
-    st.caption(ui_data.error_model_summary(params, profile.kl_ref is not None))
+    st.caption(tables.error_model_summary(params, profile.kl_ref is not None))
     allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params)
     if UPLOADED_PLAN in st.session_state:
         plan = st.session_state[UPLOADED_PLAN]
@@ -158,13 +154,13 @@ def live_allocation() -> None:
         if method == "ars":  # expected at most budgets: plans exist only where ARS was trained
             st.info(f"ARS: {message}", icon=":material/school:")
         else:
-            st.warning(f"{ui_data.method_label(method)}: {message}")
+            st.warning(f"{tables.method_label(method)}: {message}")
     if not allocations:
         st.info("No method could allocate at this budget.")
         return
     ranks = {label: alloc.ranks for label, alloc in allocations.items()}
-    errors = ui_data.predicted_error_tables(profile, ranks, params)
-    table = ui_data.comparison_table(profile, allocations, errors)
+    errors = tables.predicted_error_tables(profile, ranks, params)
+    table = tables.comparison_table(profile, allocations, errors)
     headline(allocations, table)
     plan_panel(allocations)
     comparison_views(ranks, table, errors)
@@ -172,8 +168,6 @@ def live_allocation() -> None:
 
 def ars_section() -> None:
     """Train ARS plans for this profile in the background (they then appear as "ARS" above)."""
-    if ars is None:
-        return
     with st.expander("Train ARS plans (learned rank selection)", expanded=False):
         st.caption("ARS trains a small hypernetwork over the rank masks of the real model, one run per budget "
                    "(minutes on a CPU for the demo model with the cpu-small preset). Plans are cached.")
@@ -194,14 +188,14 @@ def ars_section() -> None:
 
 def start_ars_training(budgets: str, preset: str, device: str) -> None:
     try:
-        ratios = ui_data.parse_budgets(budgets)
+        ratios = parse_budgets(budgets)
     except ValueError as exc:
         st.error(f"Budgets: {exc}")
         return
     if not ratios or common.job_registry().active("ars"):
         st.error("Give at least one budget; only one ARS training runs at a time.")
         return
-    job = ars.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset, device)
+    job = pipeline.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset, device)
     st.session_state[ARS_JOB] = job.id
 
 
@@ -220,8 +214,8 @@ def ars_progress() -> None:
 
 def _label(key: str) -> str:
     if key == "uploaded" and UPLOADED_PLAN in st.session_state:
-        return f"uploaded ({ui_data.method_label(st.session_state[UPLOADED_PLAN].method)})"
-    return ui_data.method_label(key)
+        return f"uploaded ({tables.method_label(st.session_state[UPLOADED_PLAN].method)})"
+    return tables.method_label(key)
 
 
 st.title("Allocate")

@@ -1,6 +1,7 @@
 """Streamlit glue shared by app.py and the pages: cached resources, the current
 profile, session-state keys and the shared sidebar. No computation lives here
-(that is lems_core/ui_data.py); this module only wires core calls to widgets.
+(that is lems_core, drawn as tables by app_pages/tables.py and as Plotly figures by
+app_pages/figures.py); this module only wires core calls to widgets.
 
 Environment variables (used by the tests, handy for users):
     LEMS_CACHE_DIR    cache folder (read by lems_core.cache.default_cache_dir)
@@ -251,7 +252,7 @@ def sidebar() -> None:
 @st.cache_data(ttl=20, show_spinner=False)
 def _cache_summary(folder: str) -> dict:
     from lems_core.results import ResultStore
-    from lems_core.ui_data import cache_summary
+    from app_pages.tables import cache_summary
 
     return cache_summary(Path(folder)) | {"results": len(ResultStore(folder).all())}
 

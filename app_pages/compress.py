@@ -3,12 +3,13 @@ from functools import partial
 
 import streamlit as st
 
-from lems_core import pipeline, ui_data
+from lems_core import pipeline
 from lems_core.allocators import MODEL_SCORED, allocate
+from lems_core.cache import saved_plans
 from lems_core.jobs import CANCELLED, DONE, for_each
-from lems_core.plan import PlanError, RankPlan
+from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.results import ResultStore
-from app_pages import common
+from app_pages import common, figures, tables
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -27,8 +28,8 @@ def available_plans() -> dict[str, RankPlan]:
     for key, label in (("current_plan", "current"), ("uploaded_plan", "uploaded")):
         plan = st.session_state.get(key)
         if plan is not None and plan.fingerprint == profile.fingerprint:
-            plans[f"{label}: {ui_data.method_label(plan.method)} @ {plan.budget:.2f}"] = plan
-    for path in ui_data.saved_plans(common.cache_dir()):
+            plans[f"{label}: {tables.method_label(plan.method)} @ {plan.budget:.2f}"] = plan
+    for path in saved_plans(common.cache_dir()):
         try:
             plan = RankPlan.load(path, layers=profile.layers, fingerprint=profile.fingerprint)
         except PlanError:
@@ -45,28 +46,28 @@ def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan
     if not methods or not budgets_text.strip():
         return {}
     try:
-        budgets = ui_data.parse_budgets(budgets_text)
+        budgets = parse_budgets(budgets_text)
     except ValueError as exc:
         st.error(f"Budgets: {exc}")
         return {}
     params, plans = common.error_model_params(profile), {}
     for method in methods:
         for budget in budgets:
-            label = f"new: {ui_data.method_label(method)} @ {budget:.2f}"
+            label = f"new: {tables.method_label(method)} @ {budget:.2f}"
             if method in MODEL_SCORED:
                 plans[label] = pipeline.PlanRequest(method, budget)
                 continue
             try:
                 alloc = allocate(profile, method, budget, params=params)
             except ValueError as exc:
-                st.warning(f"{ui_data.method_label(method)} at {budget:g}: {exc}")
+                st.warning(f"{tables.method_label(method)} at {budget:g}: {exc}")
                 continue
             plans[label] = alloc.to_plan(profile, meta={"calibration": profile.calibration})
     return plans
 
 
 def _method_option(method: str) -> str:
-    label = ui_data.method_label(method)
+    label = tables.method_label(method)
     return f"{label} (scored on the model)" if method in MODEL_SCORED else label
 
 
@@ -80,13 +81,13 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         new_methods = gen1.multiselect(
             "…and/or new plans of", GENERATED_METHODS + MODEL_SCORED_METHODS, format_func=_method_option,
             help="LEMS and the baselines are solved now with the current error model (Allocate page settings). "
-                 f"{', '.join(ui_data.method_label(m) for m in MODEL_SCORED_METHODS)} score candidate plans on the "
+                 f"{', '.join(tables.method_label(m) for m in MODEL_SCORED_METHODS)} score candidate plans on the "
                  "model, so they are built inside the evaluation job (slower: one model pass per candidate).")
         budgets_text = gen2.text_input("at budgets (kept fractions)", value="0.6, 0.7, 0.8")
-        decompositions = [ui_data.PLAN_DECOMPOSITION, *pipeline.decomposition_names()]
+        decompositions = [tables.PLAN_DECOMPOSITION, *pipeline.decomposition_names()]
         factorise_with = st.selectbox(
             "Factorise with", decompositions, key="factorise_with",
-            format_func=lambda name: ui_data.decomposition_label(name, pipeline.RANK_DEPENDENT),
+            format_func=lambda name: tables.decomposition_label(name, pipeline.RANK_DEPENDENT),
             help="Each plan's ranks factorised with its own decomposition (the profile's), or with another one. "
                  "SAES-SVD, ERC-SVD and LC-SVD are computed for each plan's ranks (closed-loop / trained): "
                  "slower, cached per plan.")
@@ -99,7 +100,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         submitted = st.form_submit_button("Compress & evaluate", type="primary")
     if not submitted:
         return
-    selected = ui_data.unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text))
+    selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text))
     if not selected or not datasets:
         st.error("Choose at least one plan and one dataset.")
         return
@@ -125,7 +126,7 @@ def job_panel() -> None:
         skipped = [r for r in state.result if "error" in r]
         st.success(f"Evaluated {len(state.result) - len(skipped)} plan(s) in {state.elapsed:.0f} s.")
         for r in skipped:
-            st.warning(f"{ui_data.method_label(r['method'])} at {r['budget']:g}: {r['error']}")
+            st.warning(f"{tables.method_label(r['method'])} at {r['budget']:g}: {r['error']}")
     elif state.status == CANCELLED:
         st.caption("Plans evaluated before the cancel are stored.")
 
@@ -139,11 +140,11 @@ def results_section() -> None:
     if not records:
         st.info("No stored results for this model yet.")
         return
-    frame = ui_data.results_frame(records)
-    datasets = ui_data.ppl_datasets(frame)
+    frame = tables.results_frame(records)
+    datasets = tables.ppl_datasets(frame)
     if datasets:
         dataset = st.radio("Dataset", datasets, horizontal=True, key="results_dataset")
-        st.plotly_chart(ui_data.ppl_vs_ratio_figure(frame, dataset), key="ppl_ratio_fig")
+        st.plotly_chart(figures.ppl_vs_ratio_figure(frame, dataset), key="ppl_ratio_fig")
     st.dataframe(frame, hide_index=True)
 
 

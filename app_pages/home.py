@@ -1,11 +1,11 @@
 """Home: what the current profile holds, and building a new profile in the background."""
 import streamlit as st
 
-from lems_core import pipeline, ui_data
+from lems_core import pipeline
 from lems_core.calibration import PRESETS
-from lems_core.decomposition import METHODS
+from lems_core.decompositions import METHODS
 from lems_core.jobs import DONE
-from app_pages import common
+from app_pages import common, tables
 
 BUILD_JOB = "build_job_id"
 
@@ -17,7 +17,7 @@ st.caption("Low-rank SVD compression of LLMs: how many ranks each weight matrix 
 def show_profile_summary() -> None:
     """Headline metrics, the per-kind table and the full layer table of the current profile."""
     profile = common.current_profile()
-    summary = ui_data.profile_summary(profile)
+    summary = tables.profile_summary(profile)
     st.subheader("Current profile")
     if common.is_synthetic():
         st.warning("This is a **synthetic demo** profile with made-up spectra; build a real one below.")
@@ -29,10 +29,10 @@ def show_profile_summary() -> None:
     if profile.calibration:
         st.caption("Calibration: " + ", ".join(f"{k}={v}" for k, v in profile.calibration.items()))
     st.markdown("**Layers by kind**")
-    st.dataframe(ui_data.kind_table(profile), hide_index=True,
+    st.dataframe(tables.kind_table(profile), hide_index=True,
                  column_config={"share of params": st.column_config.ProgressColumn(min_value=0, max_value=1)})
     with st.expander(f"All {len(profile.layers)} layers", expanded=False):
-        st.dataframe(ui_data.layer_table(profile), hide_index=True, height=360,
+        st.dataframe(tables.layer_table(profile), hide_index=True, height=360,
                      column_config={"KL scale": st.column_config.NumberColumn(format="%.4g")})
 
 

@@ -1,9 +1,8 @@
 """Sensitivity: the measured KL scale per layer, fitted error curves vs measured points, depth bias."""
 import streamlit as st
 
-from lems_core import ui_data
 from lems_core.model import KINDS
-from app_pages import common
+from app_pages import common, figures, tables
 
 profile = common.current_profile()
 params = common.error_model_params(profile)
@@ -16,21 +15,21 @@ st.subheader("Scale: measured KL per layer")
 if profile.kl_ref is None:
     st.info("This profile has no KL measurements; the error model falls back to shape × bias.")
 else:
-    st.plotly_chart(ui_data.kl_scale_figure(profile), key="kl_scale_fig")
+    st.plotly_chart(figures.kl_scale_figure(profile), key="kl_scale_fig")
 
 st.subheader("Fitted error curves vs measured points")
-ratios = ui_data.measured_ratios(profile)
+ratios = tables.measured_ratios(profile)
 st.caption("Lines: scale × shape for the current error model (no bias: each point is a single-layer "
            f"measurement). Crosses: measured KL at ratios {', '.join(f'{r:g}' for r in ratios) or '(none)'}."
            + ("" if len(ratios) > 1 else " Only the reference point is measured, so every line passes through "
               "its cross by construction; extra measured ratios test the shape."))
 col1, col2 = st.columns(2)
-blocks = col1.multiselect("Blocks", list(range(profile.num_blocks)), default=ui_data.default_blocks(profile.num_blocks),
+blocks = col1.multiselect("Blocks", list(range(profile.num_blocks)), default=tables.default_blocks(profile.num_blocks),
                           key="sens_blocks")
 kinds = col2.multiselect("Kinds", list(KINDS), default=["q", "down"], key="sens_kinds")
-names = ui_data.select_layers(profile, blocks, kinds)
+names = tables.select_layers(profile, blocks, kinds)
 if names:
-    st.plotly_chart(ui_data.error_curves_figure(profile, names, params), key="error_curves_fig")
+    st.plotly_chart(figures.error_curves_figure(profile, names, params), key="error_curves_fig")
 else:
     st.info("Pick at least one block and one kind.")
 
@@ -38,5 +37,5 @@ st.subheader("Bias: depth multiplier")
 left, right = st.columns([1, 2])
 with left:
     common.bias_controls()
-right.plotly_chart(ui_data.depth_bias_figure(profile.num_blocks, common.error_model_params(profile)),
+right.plotly_chart(figures.depth_bias_figure(profile.num_blocks, common.error_model_params(profile)),
                    key="depth_bias_fig")

@@ -1,9 +1,8 @@
 """Spectra: singular values and residual-energy curves per layer, and a block x kind heatmap."""
 import streamlit as st
 
-from lems_core import ui_data
 from lems_core.model import KINDS
-from app_pages import common
+from app_pages import common, figures, tables
 
 profile = common.current_profile()
 st.title("Spectra")
@@ -13,11 +12,11 @@ st.caption(f"Singular values of the **{profile.decomposition}** matrices (whiten
 blocks = list(range(profile.num_blocks))
 kinds = [k for k in KINDS if any(l.kind == k for l in profile.layers)]
 col1, col2, col3 = st.columns([3, 3, 1])
-chosen_blocks = col1.multiselect("Blocks", blocks, default=ui_data.default_blocks(profile.num_blocks), key="spec_blocks")
+chosen_blocks = col1.multiselect("Blocks", blocks, default=tables.default_blocks(profile.num_blocks), key="spec_blocks")
 chosen_kinds = col2.multiselect("Kinds", kinds, default=kinds, key="spec_kinds")
 power = col3.radio("Energy power", (2, 1), horizontal=True, key="spec_power",
                    help="2 = energy σ² (reference 'energy2'), 1 = σ")
-names = ui_data.select_layers(profile, chosen_blocks, chosen_kinds)
+names = tables.select_layers(profile, chosen_blocks, chosen_kinds)
 
 if not names:
     st.info("Pick at least one block and one kind.")
@@ -25,12 +24,12 @@ else:
     if len(names) > 60:
         st.caption(f"{len(names)} layers selected; narrow the selection for a readable plot.")
     left, right = st.columns(2)
-    left.plotly_chart(ui_data.spectra_figure(profile, names), key="spectra_fig")
-    right.plotly_chart(ui_data.residual_energy_figure(profile, names, power, profile.ref_ratio), key="residual_fig")
+    left.plotly_chart(figures.spectra_figure(profile, names), key="spectra_fig")
+    right.plotly_chart(figures.residual_energy_figure(profile, names, power, profile.ref_ratio), key="residual_fig")
 
 st.subheader("Energy kept, block x kind")
 ratio = st.slider("Kept ratio c (rank = int(c · eq rank))", 0.05, 0.95, float(profile.ref_ratio), 0.05,
                   key="spec_ratio", help=f"The profile's reference ratio is {profile.ref_ratio:g}.")
-grid = ui_data.energy_kept_grid(profile, ratio, power)
-st.plotly_chart(ui_data.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
+grid = tables.energy_kept_grid(profile, ratio, power)
+st.plotly_chart(figures.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
                 key="energy_grid_fig")

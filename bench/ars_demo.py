@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lems_core import ars
+from lems_core import pipeline
+from lems_core.allocators import ars
 from lems_core.pipeline import get_model
 from lems_core.profile import Profile
 
@@ -61,15 +62,15 @@ def main() -> None:
     print(f"model loaded in {time.perf_counter() - started:.1f} s", flush=True)
 
     started = time.perf_counter()
-    calib = ars.calibration_ids(loaded, profile)
-    factors = ars.full_factorizations(loaded, profile, calib, cache_dir, printer(started, 0.25))
+    calib = pipeline.calibration_ids(loaded, profile)
+    factors = pipeline.full_factorizations(loaded, profile, calib, cache_dir, printer(started, 0.25))
     print(f"full factors in {time.perf_counter() - started:.1f} s "
           f"(spectrum mismatch vs profile {ars.spectrum_mismatch(profile, factors):.2e})", flush=True)
 
     out_dir = Path(args.out_dir)
     for ratio in (float(r) for r in args.ratios.split(",")):
         started = time.perf_counter()
-        alloc = ars.train_ars(loaded, profile, ratio, config, cache_dir, printer(started), factors=factors,
+        alloc = pipeline.train_ars(loaded, profile, ratio, config, cache_dir, printer(started), factors=factors,
                               windows=calib, force=args.force)
         plan = ars.allocation_to_plan(profile, alloc)
         path = plan.save(out_dir / ars.committed_plan_path(profile, ratio).name)

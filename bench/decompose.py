@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lems_core.decomposition import METHODS, Decomposer
+from lems_core.decompositions import METHODS, Decomposer
 from lems_core.model import compressible_layers
 from lems_core.pipeline import calibration_windows, get_model, statistics_for
 from scripts.build_demo_profiles import DEMO_CALIBRATION

@@ -21,7 +21,7 @@ import pulp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lems_core.allocation import objective, run_pulp_mckp, solve_mckp, total_cost  # noqa: E402
+from lems_core.solver import objective, run_pulp_mckp, solve_mckp, total_cost  # noqa: E402
 from lems_core.error_model import residual_energy  # noqa: E402
 
 

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lems_core import pipeline, seed_methods
+from lems_core import pipeline
 from lems_core.allocators import allocate, realised_ratio
 from lems_core.data import load_text
-from lems_core.erc import make_final_error_scorer, rec_factorizations
-from lems_core.evaluation import perplexity, token_windows
-from lems_core.lcsvd import LcOptions
+from lems_core.decompositions.erc import rec_factorizations
+from lems_core.decompositions.lcsvd import LcOptions
+from lems_core.evaluation import make_final_error_scorer, perplexity, token_windows
 from lems_core.model import compressible_layers
 from lems_core.profile import Profile
 from scripts.build_demo_profiles import DEMO_CALIBRATION
@@ -51,9 +51,7 @@ def main() -> None:
     parser.add_argument("--lcsvd-candidates", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if (args.lc_steps, args.lc_batches) != (LcOptions().max_steps, LcOptions().batches_per_step):
-        options = LcOptions(max_steps=args.lc_steps, batches_per_step=args.lc_batches)
-        pipeline.RANK_DEPENDENT["lcsvd"] = seed_methods.make_lcsvd(options)
+    lc_options = LcOptions(max_steps=args.lc_steps, batches_per_step=args.lc_batches)  # the defaults unless asked
 
     started = time.perf_counter()
     loaded = pipeline.get_model("demo", "cpu")
@@ -91,7 +89,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ranks = ranks_for(row)
         dec = decomposition.get(row, row)
-        factors = pipeline.plan_factorizations(loaded, cfg, dec, ranks)
+        factors = pipeline.plan_factorizations(loaded, cfg, dec, ranks, options=lc_options if dec == "lcsvd" else None)
         with pipeline.compressed(loaded, ranks, factors):
             ppl = perplexity(loaded.model, windows).ppl
         allocator = {"erc_full": "erc_plc", "lcsvd_full": "lcsvd_search"}.get(row, "uniform")

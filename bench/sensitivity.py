@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lems_core.calibration import preset
-from lems_core.decomposition import Decomposer
+from lems_core.decompositions import Decomposer
 from lems_core.evaluation import model_logits
 from lems_core.model import KINDS, compressible_layers
 from lems_core.pipeline import calibration_windows, get_model

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lems_core import seed_methods  # noqa: F401  (registers SAES/ERC/LC-SVD)
 from lems_core.allocators import allocate, fit_bias
 from lems_core.cache import DEMO_DIR
 from lems_core.calibration import CalibrationConfig

@@ -1,7 +1,7 @@
 """LEMS Explorer core: SVD compression of causal LMs and global rank allocation.
 
 Data flow, one module per step:
-model -> calibration -> statistics -> decomposition -> sensitivity -> profile
--> allocation (solver) / allocators -> plan -> compression -> evaluation.
+model -> calibration -> statistics -> decompositions/ -> sensitivity -> profile
+-> error_model + budget -> allocators/ (+ solver) -> plan -> compression -> evaluation.
 """
 __version__ = "0.1.0"

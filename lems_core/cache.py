@@ -5,6 +5,7 @@ Layout under the cache folder (default ./cache, or $LEMS_CACHE_DIR):
     profiles/<key>/            profile.json + spectra.safetensors
     tensors/<kind>/<key>.safetensors   statistics and factorisations, with a sha256 sidecar
     index/                     diskcache: results, ARS plans, job records (JSON, never pickle)
+    plans/                     rank plans saved by the app (plan JSON files)
     demo/                      committed demo profiles and plans (never evicted)
 
 diskcache is used with `eviction_policy="none"` (its 1 GB default would silently
@@ -133,3 +134,21 @@ def list_profiles(cache_dir: Path | None = None, include_demo: bool = True) -> l
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping unreadable profile %s: %s", folder, exc)
     return sorted(entries, key=lambda e: (not e.is_demo, e.created), reverse=False)
+
+
+def plans_dir(cache_dir: Path) -> Path:
+    """Where the app saves rank plans: ``<cache>/plans``."""
+    return Path(cache_dir) / "plans"
+
+
+def saved_plans(cache_dir: Path) -> list[Path]:
+    """Saved plan files, newest first."""
+    folder = plans_dir(cache_dir)
+    files = folder.glob("*.json") if folder.is_dir() else []
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def folder_size(folder: Path) -> int:
+    """Total bytes of the files under a folder (0 when missing)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0

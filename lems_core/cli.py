@@ -78,12 +78,11 @@ def cmd_profile(args) -> int:
 
 def cmd_allocate(args) -> int:
     from .allocators import MODEL_SCORED, allocate, fit_bias
-    from .pipeline import ensure_seed_methods, score_function
+    from .pipeline import score_function
     from .error_model import ErrorModelParams
     from .plan import plan_from_allocation
     from .profile import Profile
 
-    ensure_seed_methods()  # registers the seed-method allocators (erc_plc, lcsvd_search)
     profile = Profile.load(args.profile)
     params = ErrorModelParams(energy_power=args.energy_power, ref_ratio=profile.ref_ratio, use_scale=not args.no_scale,
                               alpha=args.alpha, gamma=args.gamma)
@@ -144,11 +143,34 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_ars(args) -> int:
+    """Train ARS for a profile at each ratio (cached), print the budget bookkeeping, write the plans."""
+    from . import pipeline
+
+    ratios = [float(x) for x in str(args.ratio).split(",") if x.strip()]
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    plans = pipeline.run_ars_job(args.profile, ratios, args.preset, args.device, cache_dir,
+                                 progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True))
+    print()
+    for ratio, doc in zip(ratios, plans):
+        s = doc["summary"]
+        info = doc["meta"]["ars"]
+        print(f"ARS at {ratio:g}: learned {info['learned_ratio']:.4f}, realised {s['realised_ratio']:.4f} "
+              f"after {info['repair_cuts']} repair cuts, {info['seconds']:.0f} s")
+        if args.output:
+            out = Path(args.output.replace("{ratio}", f"{ratio:g}"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1))
+            print(f"  plan -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .allocators import MODEL_SCORED, allocator_names
+    from .allocators.ars import PRESETS as ARS_PRESETS
     from .pipeline import decomposition_names
 
-    decompositions = ", ".join(decomposition_names())  # also registers the seed-method allocators
+    decompositions = ", ".join(decomposition_names())
     p = argparse.ArgumentParser(prog="python -m lems_core", description="SVD compression and rank allocation for causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -220,9 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
     sp.set_defaults(fn=cmd_compress)
 
-    from .ars import add_cli_parser as add_ars_parser
-
-    add_ars_parser(sub)  # `ars`: train ARS for a profile at one or more ratios (cached)
+    sp = sub.add_parser("ars", help="train ARS (learned rank selection) for a profile; results are cached")
+    sp.add_argument("--profile", required=True, help="profile folder (contains profile.json)")
+    sp.add_argument("--ratio", required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
+    sp.add_argument("--preset", default="cpu-small", choices=sorted(ARS_PRESETS))
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--cache-dir", default=None)
+    sp.add_argument("-o", "--output", default=None, help="write the plan here ({ratio} is replaced)")
+    sp.set_defaults(fn=cmd_ars)
     return p
 
 

@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from .decomposition import Factorization
 from .model import LayerInfo, compressible_layers
 
 RANKS_FILE = "ranks.json"
 WEIGHTS_FILE = "model.safetensors"
 COMPRESSED_SCHEMA = "lems-compressed/1"
+
+
+class Factors(Protocol):
+    """What compression reads of a factorisation (``decompositions.Factorization`` is one).
+
+    A protocol, not an import: the closed-loop decompositions compress blocks with
+    this module, so it cannot import them back.
+    """
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class LowRankLinear(nn.Module):
@@ -62,7 +71,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def compress_model(
     model: nn.Module,
     ranks: dict[str, int | None],
-    factorization_of: Callable[[LayerInfo], Factorization],
+    factorization_of: Callable[[LayerInfo], Factors],
     progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, int | None]:
     """Replace planned Linears in place; return the ranks actually applied (None = dense).

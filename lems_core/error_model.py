@@ -6,12 +6,18 @@
   normalised to 1 at the reference rank r_ref = int(ref_ratio * eq_l);
 - scale  KL_l(r_ref): the measured KL with only layer l compressed (or 1 when off);
 - bias   beta_b: per-block depth multiplier, harmonic form ("harmonicv2").
+
+The profile-level helpers at the end take anything with ``layers``, ``num_blocks``,
+``spectra``, ``kl_ref`` and ``ref_ratio`` (a ``Profile``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .budget import Ranks, dense_if_break_even
 
 BIAS_FORMS = ("harmonic", "constant", "linear")
 
@@ -87,3 +93,43 @@ def layer_errors(
     """eps_l at each rank: bias x scale x shape."""
     scale = kl_scale if (params.use_scale and kl_scale is not None) else 1.0
     return block_bias * scale * spectral_shape(sigma, ranks, eq_rank, params)
+
+
+def block_biases(profile, params: ErrorModelParams) -> np.ndarray:
+    """beta_b per layer (methods.md §1.2); blocks come from LayerInfo.block."""
+    return depth_bias(profile.num_blocks, params)[[l.block for l in profile.layers]]
+
+
+def kl_scales(profile, params: ErrorModelParams) -> np.ndarray | None:
+    """The per-layer KL scale, or None when the error model does not use it."""
+    if not params.use_scale:
+        return None
+    if profile.kl_ref is None:
+        raise ValueError(
+            "the error model uses the measured KL scale (use_scale=True) but this profile has no "
+            "kl_ref measurements: measure them, or set use_scale=False for a spectrum-only model"
+        )
+    if not math.isclose(params.ref_ratio, profile.ref_ratio, rel_tol=1e-9):
+        raise ValueError(
+            f"error model ref_ratio {params.ref_ratio} differs from the profile's measurement point "
+            f"{profile.ref_ratio}: the spectral shape must be normalised where the KL was measured"
+        )
+    return np.asarray(profile.kl_ref, dtype=np.float64)
+
+
+def predicted_errors(profile, ranks: Ranks, params: ErrorModelParams) -> dict[str, float]:
+    """The LEMS surrogate error of each layer at arbitrary ranks (dense: 0).
+
+    Lets any allocation be scored under the same error model (e.g. uniform vs LEMS).
+    """
+    biases, scales = block_biases(profile, params), kl_scales(profile, params)
+    out = {}
+    for i, layer in enumerate(profile.layers):
+        rank = dense_if_break_even(layer, ranks[layer.name])
+        if rank is None:
+            out[layer.name] = 0.0
+            continue
+        scale = None if scales is None else float(scales[i])
+        err = layer_errors(profile.spectra[layer.name], np.array([rank]), layer.eq_rank, float(biases[i]), scale, params)
+        out[layer.name] = float(err[0])
+    return out

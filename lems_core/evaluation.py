@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import BlockInput, capture_block_inputs, run_block
+from .compression import compress_model, restore_dense
+from .model import decoder_blocks
+
 KL_TEMPERATURE = 0.6
 KL_SKIP_FRACTION = 0.125  # positions 256.. of 2048
 
@@ -139,3 +143,44 @@ def kl_to_reference(model: nn.Module, windows: torch.Tensor, ref_logits: Sequenc
         s, n = kl_from_logits(ref_logits[i].to(device), logits)
         total, count = total + s, count + n
     return total / max(count, 1)
+
+
+# ------------------------------------------------------------------ final-layer output error (ERC-SVD PLC)
+def make_final_error_scorer(model: nn.Module, input_ids: torch.Tensor,
+                            factors_for: Callable[[dict], dict],
+                            batch_size: int = 1) -> Callable[[dict], float]:
+    """score_fn(ranks) = ||h_N^c - h_N||_F / ||h_N||_F of the last decoder block's output.
+
+    PLC's k-selection metric ([RECON] definition, §2.3). Block-0 inputs and the dense
+    outputs are computed once; each call compresses the model in place with
+    ``factors_for(ranks)``, runs the blocks, and restores the dense Linears.
+    """
+    items = capture_block_inputs(model, input_ids, batch_size)
+    reference = _final_hidden(model, items)
+    ref_norm = sum(float(r.double().pow(2).sum()) for r in reference)
+
+    def score(ranks: dict) -> float:
+        planned = {n: r for n, r in ranks.items() if r is not None}
+        originals = {name: model.get_submodule(name) for name in planned}
+        factors = factors_for(ranks)
+        try:
+            compress_model(model, planned, lambda l: factors[l.name])
+            outputs = _final_hidden(model, items)
+        finally:
+            restore_dense(model, originals)
+        err = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, reference))
+        return (err / max(ref_norm, 1e-300)) ** 0.5
+    return score
+
+
+@torch.no_grad()
+def _final_hidden(model: nn.Module, items: list[BlockInput]) -> list[torch.Tensor]:
+    blocks = decoder_blocks(model)
+    outputs = []
+    for item in items:
+        hidden = item.hidden
+        for block in blocks:
+            hidden = run_block(block, BlockInput(hidden, item.kwargs))
+        outputs.append(hidden)
+    return outputs
+

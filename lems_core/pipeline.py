@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .allocators import MODEL_SCORED, allocate
+from .allocators import MODEL_SCORED, Allocation, allocate, ars
 from .cache import index, key_of, load_tensors, profiles_dir, save_tensors, tensor_path
 from .calibration import CalibrationConfig, SEARCH_SEED_OFFSET, sample_windows
 from .compression import compress_model, restore_dense
 from .data import load_text
-from .decomposition import METHODS as STATIC_DECOMPOSITIONS, DecompositionOptions, Decomposer, Factorization
+from .decompositions import (DecompositionOptions, DecompositionSpec, Decomposer, Factorization, MethodOptions, base_of,
+                             check_decomposition, decomposition_names, spec_of)
+from .decompositions import BASE_DECOMPOSITION, RANK_DEPENDENT  # noqa: F401  (re-exported for the app and tests)
 from .evaluation import Cancelled, check_cancel, kl_to_reference, model_logits, perplexity, token_windows
 from .model import LayerInfo, LoadedModel, compressible_layers, load_model
 from .profile import Profile, ProfileError
@@ -33,15 +35,6 @@ from .statistics import (INPUT_GROUP, InputStats, Statistics, collect_fisher_row
                          iter_block_input_stats)
 
 Progress = Callable[[float, str], None]
-
-NEEDS = {
-    "svd": set(),
-    "asvd": {"inputs"},
-    "fwsvd": {"fisher"},
-    "svd_llm": {"inputs"},
-    "svd_llm_v2": {"inputs"},
-    "kfac": {"inputs", "grads"},
-}
 
 
 def stage(progress: Progress | None, lo: float, hi: float) -> Progress | None:
@@ -112,7 +105,7 @@ def statistics_for(
 ) -> Statistics:
     """The statistics a decomposition needs, from cache or computed now (and cached)."""
     layers = compressible_layers(loaded.model)
-    needs = NEEDS[decomposition]
+    needs = spec_of(decomposition).needs
     stats = Statistics()
     base = (loaded.fingerprint, statistics_key(cfg))
     if "inputs" in needs:
@@ -157,9 +150,8 @@ def factorizations_for(
     path = tensor_path("factors", key, cache_dir)
     cached = load_tensors(path)
     if cached is not None:
-        return {l.name: Factorization(cached[f"{l.name}.sigma"].numpy(), cached[f"{l.name}.left"].to(loaded.device),
-                                      cached[f"{l.name}.right"].to(loaded.device)) for l in layers}
-    if calib_ids is None and NEEDS[decomposition]:
+        return _factors_from_tensors(cached, [l.name for l in layers], loaded.device)
+    if calib_ids is None and spec_of(decomposition).needs:
         calib_ids, _ = calibration_windows(loaded, cfg)
     stats = statistics_for(loaded, calib_ids, cfg, decomposition, cache_dir, stage(progress, 0, 0.6))
     decomposer = Decomposer(decomposition, options)
@@ -170,15 +162,27 @@ def factorizations_for(
                                         stats.fisher.get(layer.name))
         if progress:
             progress(0.6 + 0.4 * (i + 1) / len(layers), f"decomposing {layer.name}")
-    tensors = {}
-    for name, f in result.items():
-        tensors.update({f"{name}.sigma": torch.from_numpy(f.sigma), f"{name}.left": f.left.cpu(), f"{name}.right": f.right.cpu()})
-    save_tensors(path, tensors, {"decomposition": decomposition})
+    save_tensors(path, _factors_to_tensors(result), {"decomposition": decomposition})
     return result
 
 
 def _options_dict(options: DecompositionOptions) -> dict:
     return {k: str(v) for k, v in asdict(options).items()}
+
+
+def _factors_to_tensors(factors: dict[str, Factorization]) -> dict[str, torch.Tensor]:
+    """One safetensors entry per (layer, sigma/left/right); the cache format of static and per-plan factors."""
+    tensors = {}
+    for name, f in factors.items():
+        tensors.update({f"{name}.sigma": torch.from_numpy(f.sigma.copy()), f"{name}.left": f.left.cpu(),
+                        f"{name}.right": f.right.cpu()})
+    return tensors
+
+
+def _factors_from_tensors(stored: dict[str, torch.Tensor], names, device) -> dict[str, Factorization]:
+    """The Factorizations of ``names`` from a cache file's tensors, on ``device``."""
+    return {n: Factorization(stored[f"{n}.sigma"].numpy(), stored[f"{n}.left"].to(device), stored[f"{n}.right"].to(device))
+            for n in names}
 
 
 # ------------------------------------------------------------------ profile
@@ -210,7 +214,7 @@ def build_profile(
     started = time.perf_counter()
     calib_ids, search_ids = calibration_windows(loaded, calibration)
     check_cancel(cancel)
-    base = BASE_DECOMPOSITION.get(decomposition, decomposition)  # rank-dependent methods profile their base spectra
+    base = base_of(decomposition)  # rank-dependent methods profile their base spectra
     factors = factorizations_for(loaded, calibration, base, options, cache_dir, stage(progress, 0, 0.4), calib_ids)
     layers = compressible_layers(loaded.model)
     kl_ref, measured, dense = None, {}, {}
@@ -255,56 +259,48 @@ def add_measured_points(
     return profile
 
 
-# ------------------------------------------------------------------ rank-dependent decompositions
-# Methods whose factors depend on the ranks of the whole plan (closed-loop or
-# block-collaborative methods: SAES-SVD, ERC-SVD, LC-SVD) register here:
-#   fn(loaded, cfg, ranks, calib_ids, cache_dir, progress) -> {layer name: Factorization}
-# Their profiles use the spectra of their base whitening (static factorizations).
-RANK_DEPENDENT: dict[str, Callable] = {}
-BASE_DECOMPOSITION: dict[str, str] = {}  # e.g. "saes" -> "svd_llm"
-
-
-def register_rank_dependent(name: str, fn: Callable, base: str) -> None:
-    RANK_DEPENDENT[name] = fn
-    BASE_DECOMPOSITION[name] = base
-    NEEDS.setdefault(name, NEEDS[base])
-
-
-def ensure_seed_methods() -> None:
-    """Register the seed methods (saes, erc, lcsvd; erc_plc, lcsvd_search) if nothing imported them yet.
-
-    Imported lazily: seed_methods imports this module, so it cannot be imported at the top.
-    """
-    from . import seed_methods  # noqa: F401  (registers on import)
-
-
-def decomposition_names() -> list[str]:
-    """Every decomposition a plan can be factorised with: the static ones, then the rank-dependent ones."""
-    ensure_seed_methods()
-    return [*STATIC_DECOMPOSITIONS, *(n for n in RANK_DEPENDENT if n not in STATIC_DECOMPOSITIONS)]
-
-
-def check_decomposition(decomposition: str) -> str:
-    """``decomposition`` if it is known (registering the seed methods on demand); else a ValueError naming the known ones."""
-    if decomposition in STATIC_DECOMPOSITIONS or decomposition in RANK_DEPENDENT:
-        return decomposition
-    names = decomposition_names()
-    if decomposition not in names:
-        raise ValueError(f"unknown decomposition {decomposition!r}; known: {', '.join(names)}")
-    return decomposition
-
-
+# ------------------------------------------------------------------ per-plan factorisations
 def plan_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, ranks: dict[str, int | None],
-                        cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
+                        cache_dir: Path | None = None, progress: Progress | None = None,
+                        options: MethodOptions | None = None) -> dict[str, Factorization]:
     """Factors to compress with `ranks`: sliced from the static cache, or computed for these ranks.
 
-    Any name of ``decomposition_names()`` works, whether or not ``seed_methods`` was imported.
+    Any name of ``decomposition_names()`` works. ``options`` are the method's own
+    (DecompositionOptions for a static one, e.g. LcOptions for lcsvd); default: the
+    registry's. A rank-dependent method's factors hold only the planned layers.
     """
-    check_decomposition(decomposition)
-    if decomposition in RANK_DEPENDENT:
-        calib_ids, _ = calibration_windows(loaded, cfg)
-        return RANK_DEPENDENT[decomposition](loaded, cfg, ranks, calib_ids, cache_dir, progress)
-    return factorizations_for(loaded, cfg, decomposition, cache_dir=cache_dir, progress=progress)
+    spec = spec_of(decomposition)
+    options = spec.options if options is None else options
+    if not isinstance(options, type(spec.options)):
+        raise TypeError(f"{decomposition} takes {type(spec.options).__name__}, not {type(options).__name__}")
+    if not spec.rank_dependent:
+        return factorizations_for(loaded, cfg, decomposition, options, cache_dir=cache_dir, progress=progress)
+    return _rank_dependent_factorizations(loaded, cfg, spec, ranks, options, cache_dir, progress)
+
+
+def _rank_dependent_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, spec: DecompositionSpec, ranks: dict,
+                                   options: MethodOptions, cache_dir: Path | None,
+                                   progress: Progress | None) -> dict[str, Factorization]:
+    """A rank-dependent method's factors for ``ranks``, cached as one safetensors file per plan.
+
+    Key: model fingerprint, calibration config, method, its options' ``to_dict()`` and
+    the plan's ranks. The base's static factors are computed (or read from their
+    cache) first when the spec asks for them (ERC).
+    """
+    plan = {name: (None if r is None else int(r)) for name, r in sorted(ranks.items())}
+    path = tensor_path("factors", key_of(loaded.fingerprint, cfg.to_dict(), spec.name, options.to_dict(), plan), cache_dir)
+    stored = load_tensors(path)
+    if stored is not None:
+        return _factors_from_tensors(stored, dict.fromkeys(k.rsplit(".", 1)[0] for k in stored), loaded.device)
+    calib_ids, _ = calibration_windows(loaded, cfg)
+    base = None
+    if spec.base_factors:
+        base = factorizations_for(loaded, cfg, spec.base, cache_dir=cache_dir, progress=stage(progress, 0, 0.8),
+                                  calib_ids=calib_ids)
+        progress = stage(progress, 0.8, 1.0)
+    factors = spec.factorizations(loaded.model, ranks, calib_ids, options, base, progress)
+    save_tensors(path, _factors_to_tensors(factors), {"decomposition": spec.name})
+    return factors
 
 
 # ------------------------------------------------------------------ compression + evaluation
@@ -442,7 +438,7 @@ def _profile_model(profile: Profile, device: str | None, cache_dir: Path | None,
         raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
     cfg = CalibrationConfig.from_dict(profile.calibration)
     _, search_ids = calibration_windows(loaded, cfg)
-    base = BASE_DECOMPOSITION.get(check_decomposition(profile.decomposition), profile.decomposition)
+    base = base_of(profile.decomposition)
     return loaded, search_ids, factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=progress)
 
 
@@ -468,7 +464,6 @@ def allocate_on_model(profile: Profile, method: str, budget: float, params=None,
     Builds the scorer of the method's kind (``score_function``) and reports each scored
     candidate through ``progress`` (the allocators do not know how many they will score).
     """
-    ensure_seed_methods()
     key = method.strip().lower().replace("-", "_")
     if key not in MODEL_SCORED:
         raise ValueError(f"{method!r} is not a model-scored allocator; those are: {', '.join(MODEL_SCORED)}")
@@ -527,3 +522,117 @@ __all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for",
            "compressed", "make_kl_scorer", "make_ppl_scorer", "Cancelled", "calibration_windows", "plan_factorizations",
            "decomposition_names", "check_decomposition", "score_function", "allocate_on_model", "PlanRequest",
            "evaluate_and_store"]
+
+
+# ------------------------------------------------------------------ ARS training (allocators/ars.py)
+def _profile_options(profile: Profile) -> DecompositionOptions:
+    """The decomposition options a profile was built with (stored as strings), or the defaults."""
+    stored = (profile.meta.get("settings") or {}).get("options") or {}
+    values = {}
+    for f in fields(DecompositionOptions):
+        if f.name not in stored:
+            continue
+        raw = stored[f.name]
+        if f.name == "dtype":
+            values[f.name] = getattr(torch, str(raw).rsplit(".", 1)[-1])
+        elif isinstance(getattr(DecompositionOptions, f.name), float):
+            values[f.name] = float(raw)
+        else:
+            values[f.name] = str(raw)
+    return DecompositionOptions(**values)
+
+
+def calibration_ids(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
+    """The profile's calibration windows (the same ones its statistics came from)."""
+    calib, _ = calibration_windows(loaded, CalibrationConfig.from_dict(profile.calibration))
+    return calib
+
+
+def full_factorizations(loaded: LoadedModel, profile: Profile, calib_ids: torch.Tensor,
+                        cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
+    """All min(m, n) components of every layer under the profile's decomposition.
+
+    The statistics come from the cache (computed there if missing); the factors
+    themselves are not cached: they are ~2x the model's Linear weights, and a trained
+    ARS result is cached instead. Rank-dependent methods use their base whitening, as
+    their profiles do.
+    """
+    method = BASE_DECOMPOSITION.get(profile.decomposition, profile.decomposition)
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    stats = statistics_for(loaded, calib_ids, cfg, method, cache_dir, stage(progress, 0, 0.5))
+    decomposer = Decomposer(method, _profile_options(profile))
+    out = {}
+    for i, l in enumerate(profile.layers):
+        weight = loaded.model.get_submodule(l.name).weight
+        out[l.name] = decomposer(l, weight, stats.inputs.get(l.name), stats.grad_gram.get(l.name),
+                                 stats.fisher.get(l.name), keep=min(l.out_features, l.in_features))
+        if progress:
+            progress(0.5 + 0.5 * (i + 1) / len(profile.layers), f"full factors {i + 1}/{len(profile.layers)}")
+    return out
+
+
+def train_ars(
+    loaded: LoadedModel,
+    profile: Profile,
+    ratio: float,
+    config: ars.ARSConfig | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    factors: dict[str, Factorization] | None = None,
+    windows: torch.Tensor | None = None,
+    force: bool = False,
+) -> Allocation:
+    """Train ARS for ``profile`` at kept fraction ``ratio`` (cached: a repeat returns at once).
+
+    Runs on the model's device. ``factors`` (full, see ``full_factorizations``) and
+    ``windows`` (calibration token ids) default to the profile's own; pass them only
+    if they are exactly those (tests, callers that already hold them), since they are
+    not part of the cache key.
+    """
+    config = config or ars.PRESETS["reference"]
+    if not force:
+        plan = ars.cached_ars_plan(profile, ratio, config, cache_dir)
+        if plan is not None:
+            return ars.allocation_from_plan(plan, ratio)
+    started = time.perf_counter()
+    windows = calibration_ids(loaded, profile) if windows is None else windows
+    check_cancel(cancel)
+    if factors is None:
+        factors = full_factorizations(loaded, profile, windows, cache_dir, stage(progress, 0.0, 0.15))
+    return ars.train_ars_on(loaded, profile, ratio, windows, factors, config, cache_dir, stage(progress, 0.15, 1.0),
+                            cancel, factor_seconds=time.perf_counter() - started)
+
+
+def run_ars_job(profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
+                device: str | None = None, cache_dir: Path | None = None,
+                progress: Progress | None = None, cancel: threading.Event | None = None) -> list[dict]:
+    """Load the profile's model and train every ratio in turn; returns the plans as dicts.
+
+    The function the app submits as a background job (see ``launch_ars_training``)
+    and the CLI runs in the foreground.
+    """
+    profile = Profile.load(profile_folder)
+    loaded = get_model(profile.model_source, device)
+    config = ars.preset(preset_name)
+    plans = []
+    for i, ratio in enumerate(ratios):
+        alloc = train_ars(loaded, profile, ratio, config, cache_dir, stage(progress, i / len(ratios), (i + 1) / len(ratios)),
+                          cancel)
+        plans.append(ars.allocation_to_plan(profile, alloc).to_dict())
+    return plans
+
+
+def launch_ars_training(registry, profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
+                        device: str | None = None, cache_dir: Path | None = None):
+    """Start ARS training as a background job of a ``jobs.JobRegistry`` (meta kind "ars").
+
+    Training swaps the shared model's Linears in place for its duration (restored on
+    exit, cancel or error), like ``compressed``: do not evaluate the same model from
+    another job meanwhile.
+    """
+    label = ", ".join(f"{r:g}" for r in ratios)
+    return registry.submit(f"ARS training ({preset_name}) at {label}", run_ars_job, str(profile_folder),
+                           list(ratios), preset_name, device, cache_dir,
+                           meta={"kind": "ars", "profile": str(profile_folder), "ratios": list(ratios),
+                                 "preset": preset_name})

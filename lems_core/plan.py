@@ -6,10 +6,9 @@ A plan says, for every compressible Linear of one model, which rank to keep
 applied to the wrong model, or with a typo in a layer name, would silently
 compress the wrong thing.
 
-Parameter accounting (methods.md §0), used everywhere in the project:
-a rank-r factorisation of an m x n matrix stores r(m+n) parameters, a dense one
-m*n. A rank r >= eq_rank = floor(mn/(m+n)) would not save anything (break-even
-rule), so such a rank is stored as dense.
+Parameter accounting (methods.md §0) lives in ``budget.py``: a rank-r
+factorisation of an m x n matrix stores r(m+n) parameters, a dense one m*n, and a
+rank r >= eq_rank = floor(mn/(m+n)) is stored as dense (break-even rule).
 
 The reference implementation stores allocations as ``{layer: ratio}`` with
 rank = int(ratio * eq_rank) ("loadconfig" files); ``to_loadconfig`` /
@@ -21,11 +20,15 @@ import json
 import math
 import numbers
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Mapping
 
+from .budget import eq_rank_of, layer_param_cost, normalise_rank  # noqa: F401  (re-exported)
+from .error_model import predicted_errors
 from .model import LayerInfo
 
 PLAN_SCHEMA = "lems-rank-plan/1"
@@ -38,27 +41,6 @@ _LISTED_NAMES = 5  # how many offending layer names an error message quotes
 
 class PlanError(ValueError):
     """A rank plan is malformed or does not fit the model it is applied to."""
-
-
-# --------------------------------------------------------------------------- accounting
-def eq_rank_of(out_features: int, in_features: int) -> int:
-    """floor(mn/(m+n)): the rank whose factorisation costs as much as the dense matrix."""
-    return (out_features * in_features) // (out_features + in_features)
-
-
-def normalise_rank(out_features: int, in_features: int, rank: int | None) -> int | None:
-    """Apply the break-even rule: a rank >= eq_rank is stored as dense (None)."""
-    if rank is None or rank >= eq_rank_of(out_features, in_features):
-        return None
-    return int(rank)
-
-
-def layer_param_cost(out_features: int, in_features: int, rank: int | None) -> int:
-    """Parameters a layer stores at ``rank``: r(m+n) when factorised, m*n when dense."""
-    rank = normalise_rank(out_features, in_features, rank)
-    if rank is None:
-        return out_features * in_features
-    return rank * (out_features + in_features)
 
 
 def check_rank(name: str, out_features: int, in_features: int, rank) -> int | None:
@@ -421,11 +403,50 @@ def plan_from_allocation(profile, allocation, params=None, meta: dict | None = N
     meta = {"objective": allocation.objective, "solve_seconds": allocation.solve_seconds, **(meta or {})}
     error_model, errors = allocation.info.get("error_model"), allocation.predicted_error
     if errors is None and params is not None:
-        from .allocators import predicted_errors  # allocators imports this module
-
         try:
             errors, error_model = predicted_errors(profile, allocation.ranks, params), params.to_dict()
         except ValueError as exc:
             meta["predicted_error_note"] = str(exc)
     return plan_from_ranks(profile, allocation.ranks, allocation.method, predicted_error=errors,
                            error_model=error_model, meta=meta, budget=allocation.ratio)
+
+
+# --------------------------------------------------------------------------- files and lists
+def plan_file_name(method: str, ratio: float, fingerprint: str) -> str:
+    """A readable, filesystem-safe name such as ``lems_r0.800_ab12cd34.json``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{method}_r{ratio:.3f}_{fingerprint[:8]}")
+    return f"{safe}.json"
+
+
+def parse_budgets(text: str) -> list[float]:
+    """"0.6, 0.7 0.8" -> [0.6, 0.7, 0.8] (kept fractions in (0, 1], sorted, unique); ValueError names a bad entry."""
+    budgets = set()
+    for token in re.split(r"[,\s;]+", text.strip()):
+        if not token:
+            continue
+        try:
+            value = float(token)
+        except ValueError:
+            raise ValueError(f"{token!r} is not a number") from None
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"budget {token} is not a kept fraction in (0, 1]")
+        budgets.add(round(value, 6))
+    return sorted(budgets)
+
+
+def unique_plans(plans: Mapping[str, object]) -> dict[str, object]:
+    """Drop plans that repeat an earlier one (same method, decomposition and ranks); keeps the first label.
+
+    Items that are not plans yet (``pipeline.PlanRequest``: solved later, on the model)
+    have no ranks to compare: equal requests are kept once.
+    """
+    seen, kept = set(), {}
+    for label, plan in plans.items():
+        if not hasattr(plan, "ranks"):
+            identity = plan
+        else:
+            identity = (plan.method, plan.decomposition, tuple(sorted(plan.ranks().items(), key=lambda kv: kv[0])))
+        if identity not in seen:
+            seen.add(identity)
+            kept[label] = plan
+    return kept

@@ -19,7 +19,7 @@ from torch import nn
 
 from .blocks import BlockInput, advance, capture_block_inputs, logits_from_block
 from .compression import LowRankLinear, set_module
-from .decomposition import Factorization
+from .decompositions import Factorization
 from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, kl_from_logits, reference_log_probs
 from .model import LayerInfo, decoder_blocks
 

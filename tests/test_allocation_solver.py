@@ -1,4 +1,4 @@
-"""Exact MCKP solver (lems_core.allocation) against independent references.
+"""Exact MCKP solver (lems_core.solver) against independent references.
 
 References: brute-force enumeration (tiny instances), a dynamic program over integer
 budgets (medium instances, written here independently of the solver), and the PuLP
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lems_core.allocation as allocation
-from lems_core.allocation import (InfeasibleBudgetError, MCKPSearchLimitError, PulpRun, objective, run_pulp_mckp,
+import lems_core.solver as allocation
+from lems_core.solver import (InfeasibleBudgetError, MCKPSearchLimitError, PulpRun, objective, run_pulp_mckp,
                                   solve_mckp, solve_mckp_pulp, total_cost)
 
 REL = 1e-9

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lems_core import allocators as A
-from lems_core.allocation import InfeasibleBudgetError
+from lems_core.solver import InfeasibleBudgetError
 from lems_core.error_model import ErrorModelParams
 from lems_core.model import LayerInfo
 from lems_core.plan import RankPlan
@@ -371,7 +371,7 @@ def test_atp_picks_the_spread_the_score_prefers(profile):
     assert prefer_flat.objective == min(t["score"] for t in prefer_flat.info["trials"] if t["feasible"])
     best = prefer_spread.info["beta_total"]
     k = A.atp_block_ratios(profile.num_blocks, 0.6, best)
-    assert all(prefer_spread.ranks[l.name] == A._rank_at_ratio(l, float(k[l.block])) for l in profile.layers)
+    assert all(prefer_spread.ranks[l.name] == A.rank_at_ratio(l, float(k[l.block])) for l in profile.layers)
 
 
 # ----------------------------------------------------------------- ASVD

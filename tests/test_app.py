@@ -280,7 +280,8 @@ def test_opens_on_the_kfac_demo_profile_by_default(tmp_path, monkeypatch):
 
 
 def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
-    ars = pytest.importorskip("lems_core.ars")
+    from lems_core import pipeline
+
     goto(app, "app_pages/allocate.py")
     assert "ars" in app.multiselect(key="compare_methods").value
     assert any(i.value.startswith("ARS: no ARS plan") for i in app.info)
@@ -290,7 +291,7 @@ def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
         progress(0.5, "training")
         return [{"ratio": r} for r in ratios]
 
-    monkeypatch.setattr(ars, "run_ars_job", fake_run)
+    monkeypatch.setattr(pipeline, "run_ars_job", fake_run)
     form_text = next(t for t in app.text_input if t.label.startswith("Budgets"))
     form_text.set_value("0.7, 0.8")
     _button(app, "Train ARS").click().run()

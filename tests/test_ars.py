@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from lems_core import ars
+from lems_core import pipeline
+from lems_core.allocators import ars
 from lems_core.allocators import allocate, realised_ratio
 from lems_core.calibration import CalibrationConfig
-from lems_core.decomposition import Decomposer
+from lems_core.decompositions import Decomposer
 from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
@@ -45,7 +46,7 @@ def setup():
 
 def _train(setup, ratio=0.5, config=FAST, cache_dir=None, **kw):
     loaded, profile, factors, windows = setup
-    return ars.train_ars(loaded, profile, ratio, config, cache_dir=cache_dir, factors=factors, windows=windows, **kw)
+    return pipeline.train_ars(loaded, profile, ratio, config, cache_dir=cache_dir, factors=factors, windows=windows, **kw)
 
 
 def test_all_ones_mask_reproduces_the_dense_model_and_is_undone(setup):
@@ -151,8 +152,8 @@ def test_cached_result_returns_without_training(setup, tmp_path, monkeypatch):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(ars, "train_masks", no_training)
-    monkeypatch.setattr(ars, "full_factorizations", no_training)
-    again = ars.train_ars(loaded, profile, 0.7, config, cache_dir=tmp_path)  # no factors/windows needed
+    monkeypatch.setattr(pipeline, "full_factorizations", no_training)
+    again = pipeline.train_ars(loaded, profile, 0.7, config, cache_dir=tmp_path)  # no factors/windows needed
     assert again.ranks == first.ranks
     plan = ars.cached_ars_plan(profile, 0.7, cache_dir=tmp_path)
     assert plan is not None and plan.ranks() == first.ranks
@@ -190,10 +191,10 @@ def test_pipeline_path_computes_full_factors_from_cached_statistics(setup, tmp_p
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     layers = compressible_layers(loaded.model)
     profile = Profile("tiny-llama", loaded.fingerprint, "svd_llm", cfg.to_dict(), layers, {})
-    calib = ars.calibration_ids(loaded, profile)
-    factors = ars.full_factorizations(loaded, profile, calib, cache_dir=tmp_path)
+    calib = pipeline.calibration_ids(loaded, profile)
+    factors = pipeline.full_factorizations(loaded, profile, calib, cache_dir=tmp_path)
     profile.spectra = {n: f.sigma for n, f in factors.items()}
-    alloc = ars.train_ars(loaded, profile, 0.6, ars.ARSConfig(steps=2, batch_windows=1), cache_dir=tmp_path)
+    alloc = pipeline.train_ars(loaded, profile, 0.6, ars.ARSConfig(steps=2, batch_windows=1), cache_dir=tmp_path)
     assert alloc.info["spectrum_mismatch"] < 1e-6
     assert realised_ratio(profile, alloc.ranks) <= 0.6
     assert json.loads(ars.allocation_to_plan(profile, alloc).to_json())["method"] == "ars"

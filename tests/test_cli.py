@@ -126,7 +126,7 @@ def test_model_scored_allocators_use_the_pipeline_scorer(profile_dir, tmp_path, 
 
 def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, capsys):
     """`python -m lems_core ars` is wired in: ratios parsed, the job called, one plan file per ratio."""
-    from lems_core import ars
+    from lems_core import pipeline
 
     calls = []
 
@@ -136,7 +136,7 @@ def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, ca
         return [{"summary": {"realised_ratio": r - 0.01},
                  "meta": {"ars": {"learned_ratio": r, "repair_cuts": 0, "seconds": 1.0}}} for r in ratios]
 
-    monkeypatch.setattr(ars, "run_ars_job", fake_job)
+    monkeypatch.setattr(pipeline, "run_ars_job", fake_job)
     out = tmp_path / "ars-{ratio}.json"
     code = main(["ars", "--profile", str(tmp_path), "--ratio", "0.8,0.6", "-o", str(out)])
     assert code == 0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lems_core.compression import LowRankLinear, compress_model, count_parameters, load_compressed, save_compressed
-from lems_core.decomposition import Decomposer
+from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers, tiny_model
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lems_core.decomposition import METHODS, DecompositionOptions, Decomposer, cholesky_lower
+from lems_core.decompositions import METHODS, DecompositionOptions, Decomposer, cholesky_lower
 from lems_core.model import compressible_layers, tiny_model
 from lems_core.statistics import collect_fisher_rows, collect_grad_grams, collect_input_stats
 
@@ -60,7 +60,7 @@ def test_every_method_gives_its_whitened_truncation_error(setup, method):
 
 def test_kfac_exact_orientation_gives_the_kfac_loss(setup):
     """With the exact orientation, tr(E^T G E A) over the shrunk factors = tail sigma^2 (methods.md §2.1)."""
-    from lems_core.decomposition import shrink
+    from lems_core.decompositions import shrink
 
     model, _, layers, inputs, grads, _ = setup
     layer = layers[0]

@@ -10,7 +10,7 @@ from lems_core.compression import compress_model
 from lems_core.data import load_text
 from lems_core.evaluation import perplexity, token_windows
 from lems_core.pipeline import calibration_windows, get_model, statistics_for
-from lems_core.decomposition import Decomposer
+from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers
 
 pytestmark = pytest.mark.slow

@@ -30,7 +30,7 @@ def test_demo_profile_matches_schema(folder):
 @pytest.mark.parametrize("ratio", [0.8, 0.6])
 def test_committed_ars_plans_serve_the_demo_profile(ratio, tmp_path):
     """The ARS plans beside the KFAC demo profile validate and are used without training."""
-    from lems_core import ars
+    from lems_core.allocators import ars
 
     profile = Profile.load(next(d for d in DIRS if d.name == "smollm2-135m-kfac"))
     assert ars.committed_plan_path(profile, ratio).is_file()

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from lems_core import seed_methods  # noqa: F401  (registers erc / erc_plc)
 from lems_core.allocators import BudgetBelowMinimumError, allocate, params_of, realised_ratio
 from lems_core.calibration import CalibrationConfig
-from lems_core.decomposition import Decomposer
-from lems_core.erc import (allocate_erc_plc, make_final_error_scorer, plc_candidates, plc_keep_ratio,
-                           rec_factorization, rec_factorizations, rec_ranks)
+from lems_core.decompositions import Decomposer
+from lems_core.decompositions.erc import rec_factorization, rec_factorizations, rec_ranks
+from lems_core.allocators.erc_plc import allocate_erc_plc, plc_candidates, plc_keep_ratio
+from lems_core.evaluation import make_final_error_scorer
 from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
 from lems_core.pipeline import calibration_windows, factorizations_for, plan_factorizations
 from lems_core.profile import synthetic_profile

@@ -1,15 +1,18 @@
 """LC-SVD (other-seed-methods.md §3, reconstructed): block-collaborative subspaces and the rank search."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from lems_core import pipeline, seed_methods
+from lems_core import pipeline
 from lems_core.allocators import allocate, params_of
 from lems_core.calibration import CalibrationConfig
-from lems_core.decomposition import Decomposer
-from lems_core.erc import block_params, make_final_error_scorer
-from lems_core.lcsvd import (LcOptions, allocate_lcsvd_search, lcsvd_factorizations, project_to_budget,
-                             sensitivity_prior, svd_llm_subspace)
+from lems_core.decompositions import SPECS, Decomposer
+from lems_core.decompositions.lcsvd import LcOptions, lcsvd_factorizations, svd_llm_subspace
+from lems_core.budget import block_params
+from lems_core.evaluation import make_final_error_scorer
+from lems_core.allocators.lcsvd_search import allocate_lcsvd_search, project_to_budget, sensitivity_prior
 from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
 from lems_core.profile import synthetic_profile
 from lems_core.statistics import collect_input_stats
@@ -62,7 +65,7 @@ def test_minibatch_training_and_local_target_run(model, ids):
 
 def test_lcsvd_through_the_pipeline(tmp_path, monkeypatch):
     assert pipeline.BASE_DECOMPOSITION["lcsvd"] == "svd_llm" and "lcsvd" in pipeline.RANK_DEPENDENT
-    monkeypatch.setitem(pipeline.RANK_DEPENDENT, "lcsvd", seed_methods.make_lcsvd(LcOptions(max_steps=3)))
+    monkeypatch.setitem(SPECS, "lcsvd", replace(SPECS["lcsvd"], options=LcOptions(max_steps=3)))
 
     loaded = tiny_loaded(6)
     m = loaded.model

@@ -86,16 +86,14 @@ def test_corrupt_tensor_cache_entry_reads_as_missing(tmp_path):
 
 # ---------------------------------------------------------------- decompositions by name
 def test_seed_decompositions_resolve_in_a_fresh_interpreter():
-    """Importing pipeline alone (no seed_methods) is enough to know saes/erc/lcsvd: no import cycle."""
+    """Importing pipeline alone is enough to know saes/erc/lcsvd (the registry names all nine)."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import sys\n"
             "from lems_core import pipeline\n"
-            "assert 'lems_core.seed_methods' not in sys.modules\n"
             "assert pipeline.check_decomposition('lcsvd') == 'lcsvd'\n"
-            "assert 'lems_core.seed_methods' in sys.modules\n"
             "print(','.join(pipeline.decomposition_names()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
@@ -104,37 +102,11 @@ def test_seed_decompositions_resolve_in_a_fresh_interpreter():
                                              "saes", "erc", "lcsvd"]
 
 
-@pytest.fixture()
-def fresh_registry():
-    """The rank-dependent registry as if lems_core.seed_methods had never been imported (restored after)."""
-    import sys
-
-    import lems_core
-    import lems_core.pipeline as pipeline
-
-    saved = dict(pipeline.RANK_DEPENDENT), dict(pipeline.BASE_DECOMPOSITION), sys.modules.pop("lems_core.seed_methods", None)
-    pipeline.RANK_DEPENDENT.clear()
-    pipeline.BASE_DECOMPOSITION.clear()
-    had_attr = hasattr(lems_core, "seed_methods")
-    old_attr = lems_core.__dict__.pop("seed_methods", None)
-    yield pipeline
-    pipeline.RANK_DEPENDENT.clear()
-    pipeline.RANK_DEPENDENT.update(saved[0])
-    pipeline.BASE_DECOMPOSITION.clear()
-    pipeline.BASE_DECOMPOSITION.update(saved[1])
-    sys.modules.pop("lems_core.seed_methods", None)  # imported again by the test: forget it, as before
-    lems_core.__dict__.pop("seed_methods", None)
-    if saved[2] is not None:
-        sys.modules["lems_core.seed_methods"] = saved[2]
-    if had_attr:
-        lems_core.seed_methods = old_attr
-
-
-def test_plan_factorizations_runs_saes_without_importing_seed_methods(fresh_registry, loaded, corpus, tmp_path):
+def test_plan_factorizations_runs_saes_from_the_registry(loaded, corpus, tmp_path):
+    from lems_core import pipeline
     from lems_core.model import compressible_layers
-    from lems_core.saes import saes_factorizations
+    from lems_core.decompositions.saes import saes_factorizations
 
-    pipeline = fresh_registry
     layers = compressible_layers(loaded.model)
     ranks = {l.name: (l.eq_rank // 2 if l.block == 1 else None) for l in layers}
     factors = pipeline.plan_factorizations(loaded, _cfg(corpus), "saes", ranks, cache_dir=tmp_path / "cache")
@@ -149,13 +121,13 @@ def test_plan_factorizations_runs_saes_without_importing_seed_methods(fresh_regi
         assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_unknown_decomposition_is_a_clear_error(fresh_registry, loaded, corpus):
-    from lems_core.pipeline import evaluate_plan
+def test_unknown_decomposition_is_a_clear_error(loaded, corpus):
+    from lems_core.pipeline import evaluate_plan, plan_factorizations
     from lems_core.plan import plan_from_ranks
     from lems_core.profile import synthetic_profile
 
     with pytest.raises(ValueError, match=r"unknown decomposition 'nope'; known: svd, .*kfac, saes, erc, lcsvd"):
-        fresh_registry.plan_factorizations(loaded, _cfg(corpus), "nope", {})
+        plan_factorizations(loaded, _cfg(corpus), "nope", {})
     profile = synthetic_profile(num_blocks=2)
     plan = plan_from_ranks(profile, {l.name: None for l in profile.layers}, "uniform")
     with pytest.raises(ValueError, match="unknown decomposition 'svd-llm'"):  # before any model is loaded

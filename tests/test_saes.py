@@ -3,14 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from lems_core import seed_methods  # noqa: F401  (registers saes/erc/lcsvd)
 from lems_core.calibration import CalibrationConfig
-from lems_core.decomposition import Decomposer
-from lems_core.erc import make_final_error_scorer
+from lems_core.decompositions import Decomposer
+from lems_core.evaluation import make_final_error_scorer
 from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
 from lems_core.pipeline import BASE_DECOMPOSITION, RANK_DEPENDENT, plan_factorizations, statistics_for
-from lems_core.saes import (FsFoa, GroupStats, SaesOptions, Whitening, aces_beta, cealc_factorization, fs_foa,
-                            saes_factorizations)
+from lems_core.decompositions.saes import (FsFoa, GroupStats, SaesOptions, Whitening, aces_beta, cealc_factorization,
+                                           fs_foa, saes_factorizations)
 from lems_core.statistics import collect_input_stats
 
 from helpers import uniform_ranks, tiny_loaded

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lems_core.decomposition import Decomposer
+from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers, tiny_model
 from lems_core.sensitivity import dense_reference, layer_kl_sweep, naive_layer_kl
 from lems_core.blocks import capture_block_inputs

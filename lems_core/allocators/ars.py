@@ -30,11 +30,11 @@ spectra in the alignment term, and the repair / fill rules.
 Training is minutes on CPU for the demo model (preset "cpu-small") and its
 results are cached: in the diskcache index (keyed by profile, decomposition,
 ratio and config) and, for the demo, as committed plans under cache/demo/ars/.
-The ``ars`` allocator only ever reads those; it never trains.
+The ``ars`` allocator only ever reads those; it never trains. ``pipeline.train_ars``
+loads what training needs for a profile (windows, full factors) and calls ``train_ars_on``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import heapq
 import json
@@ -51,14 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocators import Allocation, BudgetBelowMinimumError, params_of, realised_ratio, register_allocator
-from .cache import DEMO_DIR, index, key_of
-from .compression import set_module
-from .decomposition import DecompositionOptions, Decomposer, Factorization
-from .evaluation import check_cancel
-from .model import LayerInfo, LoadedModel
-from .plan import PlanError, RankPlan, layer_param_cost
-from .profile import Profile
+from ..budget import layer_param_cost, params_of, realised_ratio
+from ..cache import DEMO_DIR, index, key_of
+from ..compression import set_module
+from ..decompositions import Factorization
+from ..evaluation import check_cancel
+from ..model import LayerInfo, LoadedModel
+from ..plan import PlanError, RankPlan
+from ..profile import Profile
+from .base import Allocation, BudgetBelowMinimumError
 
 log = logging.getLogger(__name__)
 
@@ -500,59 +501,7 @@ def _ratio_of_sums(profile: Profile, kept: dict[str, int]) -> float:
     return total / profile.total_params
 
 
-# =========================================================================== factors and data
-def _profile_options(profile: Profile) -> DecompositionOptions:
-    """The decomposition options a profile was built with (stored as strings), or the defaults."""
-    stored = (profile.meta.get("settings") or {}).get("options") or {}
-    values = {}
-    for f in fields(DecompositionOptions):
-        if f.name not in stored:
-            continue
-        raw = stored[f.name]
-        if f.name == "dtype":
-            values[f.name] = getattr(torch, str(raw).rsplit(".", 1)[-1])
-        elif isinstance(getattr(DecompositionOptions, f.name), float):
-            values[f.name] = float(raw)
-        else:
-            values[f.name] = str(raw)
-    return DecompositionOptions(**values)
-
-
-def calibration_ids(loaded: LoadedModel, profile: Profile) -> torch.Tensor:
-    """The profile's calibration windows (the same ones its statistics came from)."""
-    from .calibration import CalibrationConfig
-    from .pipeline import calibration_windows
-
-    calib, _ = calibration_windows(loaded, CalibrationConfig.from_dict(profile.calibration))
-    return calib
-
-
-def full_factorizations(loaded: LoadedModel, profile: Profile, calib_ids: torch.Tensor,
-                        cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Factorization]:
-    """All min(m, n) components of every layer under the profile's decomposition.
-
-    The statistics come from the pipeline's cache (computed there if missing); the
-    factors themselves are not cached: they are ~2x the model's Linear weights, and a
-    trained ARS result is cached instead. Rank-dependent methods use their base
-    whitening, as their profiles do.
-    """
-    from .calibration import CalibrationConfig
-    from .pipeline import BASE_DECOMPOSITION, stage, statistics_for
-
-    method = BASE_DECOMPOSITION.get(profile.decomposition, profile.decomposition)
-    cfg = CalibrationConfig.from_dict(profile.calibration)
-    stats = statistics_for(loaded, calib_ids, cfg, method, cache_dir, stage(progress, 0, 0.5))
-    decomposer = Decomposer(method, _profile_options(profile))
-    out = {}
-    for i, l in enumerate(profile.layers):
-        weight = loaded.model.get_submodule(l.name).weight
-        out[l.name] = decomposer(l, weight, stats.inputs.get(l.name), stats.grad_gram.get(l.name),
-                                 stats.fisher.get(l.name), keep=min(l.out_features, l.in_features))
-        if progress:
-            progress(0.5 + 0.5 * (i + 1) / len(profile.layers), f"full factors {i + 1}/{len(profile.layers)}")
-    return out
-
-
+# =========================================================================== factors
 def spectrum_mismatch(profile: Profile, factors: dict[str, Factorization]) -> float:
     """Largest relative difference between the profile's spectra and the factors' (should be ~0)."""
     worst = 0.0
@@ -600,7 +549,7 @@ def _thin(curve: list[dict], points: int) -> list[dict]:
     return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
 
 
-def _allocation_from_plan(plan: RankPlan, ratio: float) -> Allocation:
+def allocation_from_plan(plan: RankPlan, ratio: float) -> Allocation:
     info = dict(plan.meta.get("ars") or {})
     info["plan_created"] = plan.created
     return Allocation(METHOD, ratio, plan.ranks(), solve_seconds=float(plan.meta.get("solve_seconds") or 0.0),
@@ -654,43 +603,33 @@ def cached_ars_plan(profile: Profile, ratio: float, config: ARSConfig | None = N
 
 
 # =========================================================================== entry points
-def train_ars(
+def train_ars_on(
     loaded: LoadedModel,
     profile: Profile,
     ratio: float,
+    windows: torch.Tensor,
+    factors: dict[str, Factorization],
     config: ARSConfig | None = None,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
-    factors: dict[str, Factorization] | None = None,
-    windows: torch.Tensor | None = None,
-    force: bool = False,
+    factor_seconds: float = 0.0,
 ) -> Allocation:
-    """Train ARS for ``profile`` at kept fraction ``ratio`` (cached: a repeat returns at once).
+    """Train ARS for ``profile`` at kept fraction ``ratio`` on ``windows`` with the full ``factors``.
 
-    Runs on the model's device. ``factors`` (full, see ``full_factorizations``) and
-    ``windows`` (calibration token ids) default to the profile's own; pass them only
-    if they are exactly those (tests, callers that already hold them), since they are
-    not part of the cache key.
+    Runs on the model's device and stores the plan in the cache. ``factors`` must be the
+    profile's own full factorisations and ``windows`` its calibration windows (they are
+    not part of the cache key); ``pipeline.train_ars`` finds both for a profile and
+    returns a cached result without training.
     """
     config = config or PRESETS["reference"]
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio is the kept fraction and must lie in (0, 1], got {ratio}")
     if loaded.fingerprint != profile.fingerprint:
         raise ValueError(f"profile is for model {profile.fingerprint}, loaded model is {loaded.fingerprint}")
-    if not force:
-        plan = cached_ars_plan(profile, ratio, config, cache_dir)
-        if plan is not None:
-            return _allocation_from_plan(plan, ratio)
     started = time.perf_counter()
-    windows = calibration_ids(loaded, profile) if windows is None else windows
-    check_cancel(cancel)
-    if factors is None:
-        factors = full_factorizations(loaded, profile, windows, cache_dir, _stage(progress, 0.0, 0.15))
-    factor_seconds = time.perf_counter() - started
-    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config,
-                               _stage(progress, 0.15, 1.0), cancel)
-    seconds = time.perf_counter() - started
+    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config, progress, cancel)
+    seconds = time.perf_counter() - started + factor_seconds
     info = {"loss_curve": curve, "seconds": round(seconds, 2), "factor_seconds": round(factor_seconds, 2),
             "train_seconds": round(seconds - factor_seconds, 2), "device": str(loaded.device),
             "spectrum_mismatch": spectrum_mismatch(profile, factors)}
@@ -700,12 +639,6 @@ def train_ars(
     return alloc
 
 
-def _stage(progress: Progress | None, lo: float, hi: float) -> Progress | None:
-    from .pipeline import stage
-
-    return stage(progress, lo, hi)
-
-
 def allocate_ars(profile: Profile, ratio: float, config: ARSConfig | None = None,
                  cache_dir: Path | None = None) -> Allocation:
     """The ``ars`` allocator: the ranks of a trained (cached or committed) plan; never trains."""
@@ -713,87 +646,4 @@ def allocate_ars(profile: Profile, ratio: float, config: ARSConfig | None = None
     if plan is None:
         raise ValueError(f"no ARS plan trained for ratio {ratio:g}: run `python -m lems_core ars --profile <profile "
                          f"folder> --ratio {ratio:g}` or launch training in the app")
-    return _allocation_from_plan(plan, ratio)
-
-
-register_allocator(METHOD, allocate_ars)
-
-
-def run_ars_job(profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
-                device: str | None = None, cache_dir: Path | None = None,
-                progress: Progress | None = None, cancel: threading.Event | None = None) -> list[dict]:
-    """Load the profile's model and train every ratio in turn; returns the plans as dicts.
-
-    The function the app submits as a background job (see ``launch_ars_training``)
-    and the CLI runs in the foreground.
-    """
-    from .pipeline import get_model
-
-    profile = Profile.load(profile_folder)
-    loaded = get_model(profile.model_source, device)
-    config = preset(preset_name)
-    plans = []
-    for i, ratio in enumerate(ratios):
-        alloc = train_ars(loaded, profile, ratio, config, cache_dir, _stage(progress, i / len(ratios),
-                                                                           (i + 1) / len(ratios)), cancel)
-        plans.append(allocation_to_plan(profile, alloc).to_dict())
-    return plans
-
-
-def launch_ars_training(registry, profile_folder: str | Path, ratios: list[float], preset_name: str = "cpu-small",
-                        device: str | None = None, cache_dir: Path | None = None):
-    """Start ARS training as a background job of a ``jobs.JobRegistry`` (meta kind "ars").
-
-    Training swaps the shared model's Linears in place for its duration (restored on
-    exit, cancel or error), like ``pipeline.compressed``: do not evaluate the same
-    model from another job meanwhile.
-    """
-    label = ", ".join(f"{r:g}" for r in ratios)
-    return registry.submit(f"ARS training ({preset_name}) at {label}", run_ars_job, str(profile_folder),
-                           list(ratios), preset_name, device, cache_dir,
-                           meta={"kind": "ars", "profile": str(profile_folder), "ratios": list(ratios),
-                                 "preset": preset_name})
-
-
-# =========================================================================== command line
-def add_cli_parser(sub) -> argparse.ArgumentParser:
-    """Add the ``ars`` subcommand to ``python -m lems_core`` (``sub`` = its subparsers)."""
-    sp = sub.add_parser("ars", help="train ARS (learned rank selection) for a profile; results are cached")
-    sp.add_argument("--profile", required=True, help="profile folder (contains profile.json)")
-    sp.add_argument("--ratio", required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
-    sp.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    sp.add_argument("--device", default=None)
-    sp.add_argument("--cache-dir", default=None)
-    sp.add_argument("-o", "--output", default=None, help="write the plan here ({ratio} is replaced)")
-    sp.set_defaults(fn=cmd_ars)
-    return sp
-
-
-def cmd_ars(args) -> int:
-    ratios = [float(x) for x in str(args.ratio).split(",") if x.strip()]
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    plans = run_ars_job(args.profile, ratios, args.preset, args.device, cache_dir,
-                        progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True))
-    print()
-    for ratio, doc in zip(ratios, plans):
-        s = doc["summary"]
-        ars = doc["meta"]["ars"]
-        print(f"ARS at {ratio:g}: learned {ars['learned_ratio']:.4f}, realised {s['realised_ratio']:.4f} "
-              f"after {ars['repair_cuts']} repair cuts, {ars['seconds']:.0f} s")
-        if args.output:
-            out = Path(args.output.replace("{ratio}", f"{ratio:g}"))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(doc, indent=1))
-            print(f"  plan -> {out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lems_core.ars")
-    add_cli_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ars", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return allocation_from_plan(plan, ratio)

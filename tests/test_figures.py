@@ -1,14 +1,16 @@
-"""The app's pure data helpers: tables, grids and figures from core objects."""
+"""The app's tables and figures (app_pages/tables.py, app_pages/figures.py) and the plan/cache helpers they use."""
 import os
 import time
 
 import numpy as np
 import pytest
 
-from lems_core import ui_data
+from app_pages import figures, tables
 from lems_core.allocators import allocate, params_of, predicted_errors, realised_ratio
+from lems_core.cache import folder_size, plans_dir, saved_plans
 from lems_core.error_model import ErrorModelParams
 from lems_core.model import KINDS
+from lems_core.plan import parse_budgets, plan_file_name, unique_plans
 from lems_core.profile import synthetic_profile
 
 PARAMS = ErrorModelParams()
@@ -27,129 +29,129 @@ def allocations(profile):
 
 
 def test_summary_and_layer_tables(profile):
-    summary = ui_data.profile_summary(profile)
+    summary = tables.profile_summary(profile)
     assert summary["Blocks"] == 4 and summary["Compressible layers"] == 28
     assert summary["Extra measured ratios"] == "0.3" and summary["Scale measured"] == "yes"
-    table = ui_data.layer_table(profile)
+    table = tables.layer_table(profile)
     assert len(table) == 28 and list(table["kind"][:7]) == list(KINDS)
     assert table["params"].sum() == profile.total_params
     assert np.allclose(table["KL scale"], profile.kl_ref)
-    kinds = ui_data.kind_table(profile)
+    kinds = tables.kind_table(profile)
     assert list(kinds["kind"]) == list(KINDS) and kinds["share of params"].sum() == pytest.approx(1.0)
 
 
 def test_select_layers_and_default_blocks(profile):
-    names = ui_data.select_layers(profile, [0, 3], ["q", "down"])
+    names = tables.select_layers(profile, [0, 3], ["q", "down"])
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
                      "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj"]
-    assert len(ui_data.select_layers(profile)) == 28
-    assert ui_data.select_layers(profile, [], None) == []
-    assert ui_data.default_blocks(30) == [0, 15, 29] and ui_data.default_blocks(1) == [0]
+    assert len(tables.select_layers(profile)) == 28
+    assert tables.select_layers(profile, [], None) == []
+    assert tables.default_blocks(30) == [0, 15, 29] and tables.default_blocks(1) == [0]
 
 
 def test_spectra_figures_one_line_per_layer_one_legend_entry_per_kind(profile):
-    names = ui_data.select_layers(profile, [0, 1], ["q", "k"])
-    fig = ui_data.spectra_figure(profile, names)
+    names = tables.select_layers(profile, [0, 1], ["q", "k"])
+    fig = figures.spectra_figure(profile, names)
     assert len(fig.data) == 4
     assert [t.name for t in fig.data if t.showlegend] == ["q", "k"]
     assert {t.line.dash for t in fig.data} == {"solid", "dash"}
     assert fig.layout.yaxis.type == "log"
-    resid = ui_data.residual_energy_figure(profile, names, power=2, ref_ratio=0.1)
+    resid = figures.residual_energy_figure(profile, names, power=2, ref_ratio=0.1)
     y = np.asarray(resid.data[0].y)
     assert y[0] == pytest.approx(1.0) and np.all(np.diff(y) <= 1e-15)
     assert max(resid.data[0].x) == pytest.approx(1.0)  # up to the break-even rank
 
 
 def test_energy_kept_grid_is_block_by_kind_and_grows_with_ratio(profile):
-    low, high = ui_data.energy_kept_grid(profile, 0.1), ui_data.energy_kept_grid(profile, 0.5)
+    low, high = tables.energy_kept_grid(profile, 0.1), tables.energy_kept_grid(profile, 0.5)
     assert low.shape == (4, 7) and list(low.columns) == list(KINDS) and list(low.index) == [0, 1, 2, 3]
     assert ((low >= 0) & (low <= 1)).all().all()
     assert (high.to_numpy() >= low.to_numpy()).all()
-    power1 = ui_data.energy_kept_grid(profile, 0.1, power=1)
+    power1 = tables.energy_kept_grid(profile, 0.1, power=1)
     assert not np.allclose(power1.to_numpy(), low.to_numpy())
 
 
 def test_kl_scale_and_error_curves(profile):
-    bars = ui_data.kl_scale_figure(profile)
+    bars = figures.kl_scale_figure(profile)
     assert sum(len(t.x) for t in bars.data) == 28 and {t.name for t in bars.data} == set(KINDS)
-    names = ui_data.select_layers(profile, [0], ["q"])
-    fig = ui_data.error_curves_figure(profile, names, PARAMS)
+    names = tables.select_layers(profile, [0], ["q"])
+    fig = figures.error_curves_figure(profile, names, PARAMS)
     line, markers = fig.data
     assert list(markers.x) == [0.1, 0.3]
     assert list(markers.y) == pytest.approx([profile.kl_ref[0], profile.measured[0.3][0]])
     # the fitted line is the measured scale times a shape that is 1 at the reference ratio
     assert np.all(np.asarray(line.y)[np.asarray(line.x) < 0.1] >= profile.kl_ref[0] - 1e-12)
-    assert ui_data.measured_ratios(profile) == [0.1, 0.3]
+    assert tables.measured_ratios(profile) == [0.1, 0.3]
 
 
 def test_depth_bias_figure_runs_from_one_plus_gamma_to_one(profile):
-    fig = ui_data.depth_bias_figure(4, ErrorModelParams(gamma=3.0))
+    fig = figures.depth_bias_figure(4, ErrorModelParams(gamma=3.0))
     assert list(fig.data[0].y) == pytest.approx([4.0, 3.0, 2.0, 1.0])
-    flat = ui_data.depth_bias_figure(4, ErrorModelParams(bias_form="constant"))
+    flat = figures.depth_bias_figure(4, ErrorModelParams(bias_form="constant"))
     assert list(flat.data[0].y) == [1.0] * 4
 
 
 def test_error_model_summary_names_the_three_terms():
-    text = ui_data.error_model_summary(PARAMS)
+    text = tables.error_model_summary(PARAMS)
     assert "energy power 2" in text and "ratio 0.1" in text and "measured KL" in text and "γ=5" in text
-    off = ui_data.error_model_summary(ErrorModelParams(use_scale=False, bias_form="constant"), has_scale=False)
+    off = tables.error_model_summary(ErrorModelParams(use_scale=False, bias_form="constant"), has_scale=False)
     assert "scale: off (no KL measured" in off and "bias: off" in off
 
 
 def test_kept_fraction_and_ranks_frame(profile, allocations):
     layer = profile.layers[0]  # 64 x 64, eq rank 32
-    assert ui_data.kept_fraction(layer, None) == 1.0
-    assert ui_data.kept_fraction(layer, 8) == pytest.approx(8 * 128 / 4096)
-    assert ui_data.kept_fraction(layer, layer.eq_rank) == 1.0  # break-even counts as dense
+    assert tables.kept_fraction(layer, None) == 1.0
+    assert tables.kept_fraction(layer, 8) == pytest.approx(8 * 128 / 4096)
+    assert tables.kept_fraction(layer, layer.eq_rank) == 1.0  # break-even counts as dense
     ranks = allocations["lems"].ranks
-    frame = ui_data.ranks_frame(profile, ranks, predicted_errors(profile, ranks, PARAMS))
+    frame = tables.ranks_frame(profile, ranks, predicted_errors(profile, ranks, PARAMS))
     assert frame["params"].sum() == params_of(profile, ranks)
     assert frame["dense"].sum() == sum(r is None for r in ranks.values())
     assert frame["predicted error"].sum() == pytest.approx(allocations["lems"].objective)
-    assert "predicted error" not in ui_data.ranks_frame(profile, ranks)
+    assert "predicted error" not in tables.ranks_frame(profile, ranks)
 
 
 def test_grids_and_difference(profile, allocations):
     lems, uniform = allocations["lems"].ranks, allocations["uniform"].ranks
-    grid = ui_data.kept_fraction_grid(profile, lems)
+    grid = tables.kept_fraction_grid(profile, lems)
     assert grid.shape == (4, 7) and ((grid > 0) & (grid <= 1)).all().all()
-    labels = ui_data.rank_grid(profile, lems)
+    labels = tables.rank_grid(profile, lems)
     dense = [(l.block, l.kind) for l in profile.layers if lems[l.name] is None]
     assert all(labels.loc[b, k] == "D" for b, k in dense)
-    assert (ui_data.difference_grid(profile, lems, lems) == 0).all().all()
-    diff = ui_data.difference_grid(profile, lems, uniform)
-    assert np.allclose(diff.to_numpy(), grid.to_numpy() - ui_data.kept_fraction_grid(profile, uniform).to_numpy())
+    assert (tables.difference_grid(profile, lems, lems) == 0).all().all()
+    diff = tables.difference_grid(profile, lems, uniform)
+    assert np.allclose(diff.to_numpy(), grid.to_numpy() - tables.kept_fraction_grid(profile, uniform).to_numpy())
 
 
 def test_heatmap_figure_ranges_and_labels(profile, allocations):
-    diff = ui_data.difference_grid(profile, allocations["lems"].ranks, allocations["uniform"].ranks)
-    fig = ui_data.heatmap_figure(diff, "d", "Δ", diverging=True)
+    diff = tables.difference_grid(profile, allocations["lems"].ranks, allocations["uniform"].ranks)
+    fig = figures.heatmap_figure(diff, "d", "Δ", diverging=True)
     heat = fig.data[0]
     assert heat.zmin == -heat.zmax and heat.zmax == pytest.approx(np.abs(diff.to_numpy()).max())
     assert heat.texttemplate == "%{z:.2f}"
-    text = ui_data.rank_grid(profile, allocations["lems"].ranks)
-    labelled = ui_data.heatmap_figure(ui_data.kept_fraction_grid(profile, allocations["lems"].ranks), "k", "kept",
+    text = tables.rank_grid(profile, allocations["lems"].ranks)
+    labelled = figures.heatmap_figure(tables.kept_fraction_grid(profile, allocations["lems"].ranks), "k", "kept",
                                       text=text, zrange=(0.0, 1.0))
     assert labelled.data[0].texttemplate == "%{text}" and labelled.data[0].zmax == 1.0
-    zeros = ui_data.heatmap_figure(diff * 0, "zero", "Δ", diverging=True)
+    zeros = figures.heatmap_figure(diff * 0, "zero", "Δ", diverging=True)
     assert zeros.data[0].zmax == 1.0  # no division by zero on an all-zero difference
 
 
 def test_comparison_table_scores_every_method_under_one_model(profile, allocations):
     ranks = {k: a.ranks for k, a in allocations.items()}
-    errors = ui_data.predicted_error_tables(profile, ranks, PARAMS)
+    errors = tables.predicted_error_tables(profile, ranks, PARAMS)
     assert errors["lems"] == pytest.approx(predicted_errors(profile, ranks["lems"], PARAMS))
-    table = ui_data.comparison_table(profile, allocations, errors).set_index("method")
+    table = tables.comparison_table(profile, allocations, errors).set_index("method")
     assert list(table.index) == ["LEMS", "Uniform", "MRCS"]
     for key, label in (("lems", "LEMS"), ("uniform", "Uniform"), ("mrcs", "MRCS")):
         assert table.loc[label, "realised ratio"] == pytest.approx(realised_ratio(profile, allocations[key].ranks))
         assert table.loc[label, "realised ratio"] <= 0.7 + 1e-9
     assert table.loc["LEMS", "predicted error"] == pytest.approx(allocations["lems"].objective)
     assert table.loc["LEMS", "predicted error"] <= table["predicted error"].min() + 1e-12
-    per_block = ui_data.error_by_block_figure(profile, errors)
+    per_block = figures.error_by_block_figure(profile, errors)
     assert len(per_block.data[0].y) == 4
     assert sum(per_block.data[0].y) == pytest.approx(table.loc["LEMS", "predicted error"])
-    bars = ui_data.per_layer_figure(profile, ranks)
+    bars = figures.per_layer_figure(profile, ranks)
     assert [t.name for t in bars.data] == ["LEMS", "Uniform", "MRCS"] and len(bars.data[0].x) == 28
 
 
@@ -164,70 +166,70 @@ RECORDS = [
 
 
 def test_results_frame_and_ppl_plot():
-    frame = ui_data.results_frame(RECORDS)
+    frame = tables.results_frame(RECORDS)
     assert list(frame["method"]) == ["LEMS", "Uniform", "LEMS"]
     assert frame.loc[1, "ppl ptb"] == 50.0 and np.isnan(frame.loc[0, "ppl ptb"])
     assert "settings" not in frame and frame.loc[0, "dense ppl wikitext2"] == 15.0
-    assert ui_data.ppl_datasets(frame) == ["wikitext2", "ptb"]
-    fig = ui_data.ppl_vs_ratio_figure(frame, "wikitext2")
+    assert tables.ppl_datasets(frame) == ["wikitext2", "ptb"]
+    fig = figures.ppl_vs_ratio_figure(frame, "wikitext2")
     lems = next(t for t in fig.data if t.name == "LEMS")
     assert list(lems.x) == [0.6, 0.79] and list(lems.y) == [40.0, 20.0]  # sorted by ratio
     assert fig.layout.shapes and fig.layout.shapes[0].y0 == 15.0  # dense reference line
-    only_ptb = ui_data.ppl_vs_ratio_figure(frame, "ptb")
+    only_ptb = figures.ppl_vs_ratio_figure(frame, "ptb")
     assert sum(len(t.x) for t in only_ptb.data) == 1
-    assert len(ui_data.ppl_vs_ratio_figure(frame, "c4").data) == 0
+    assert len(figures.ppl_vs_ratio_figure(frame, "c4").data) == 0
 
 
 def test_unique_plans_drops_repeats(profile, allocations):
     lems = allocations["lems"].to_plan(profile)
     again = allocate(profile, "lems", 0.7, params=PARAMS).to_plan(profile, meta={"note": "same ranks"})
     uniform = allocations["uniform"].to_plan(profile)
-    kept = ui_data.unique_plans({"a": lems, "b": again, "c": uniform})
+    kept = unique_plans({"a": lems, "b": again, "c": uniform})
     assert list(kept) == ["a", "c"]
 
 
 def test_parse_budgets():
-    assert ui_data.parse_budgets("0.8, 0.6 0.7;0.6") == [0.6, 0.7, 0.8]
-    assert ui_data.parse_budgets("  ") == []
-    assert ui_data.parse_budgets("1") == [1.0]
+    assert parse_budgets("0.8, 0.6 0.7;0.6") == [0.6, 0.7, 0.8]
+    assert parse_budgets("  ") == []
+    assert parse_budgets("1") == [1.0]
     with pytest.raises(ValueError, match="'abc' is not a number"):
-        ui_data.parse_budgets("0.5, abc")
+        parse_budgets("0.5, abc")
     with pytest.raises(ValueError, match="not a kept fraction"):
-        ui_data.parse_budgets("0.5, 1.5")
+        parse_budgets("0.5, 1.5")
     with pytest.raises(ValueError, match="not a kept fraction"):
-        ui_data.parse_budgets("0")
+        parse_budgets("0")
 
 
 def test_plan_files_and_cache_summary(tmp_path):
-    assert ui_data.saved_plans(tmp_path) == []
-    name = ui_data.plan_file_name("lems", 0.8, "abcdef0123456789")
+    assert saved_plans(tmp_path) == []
+    name = plan_file_name("lems", 0.8, "abcdef0123456789")
     assert name == "lems_r0.800_abcdef01.json"
-    assert ui_data.plan_file_name("a b/c", 0.5, "x") == "a-b-c_r0.500_x.json"
-    folder = ui_data.plans_dir(tmp_path)
+    assert plan_file_name("a b/c", 0.5, "x") == "a-b-c_r0.500_x.json"
+    folder = plans_dir(tmp_path)
     folder.mkdir()
     old, new = folder / "old.json", folder / "new.json"
     old.write_text("{}")
     new.write_text("{}" * 10)
     os.utime(old, (time.time() - 100, time.time() - 100))
-    assert ui_data.saved_plans(tmp_path) == [new, old]
-    summary = ui_data.cache_summary(tmp_path)
+    assert saved_plans(tmp_path) == [new, old]
+    summary = tables.cache_summary(tmp_path)
     assert summary == {"profiles": 0, "saved plans": 2, "size": "22 B"}
-    assert ui_data.folder_size(tmp_path / "missing") == 0
+    assert folder_size(tmp_path / "missing") == 0
 
 
 def test_human_units():
-    assert ui_data.human_count(172032) == "172k" and ui_data.human_count(1.35e8) == "135M"
-    assert ui_data.human_count(12) == "12"
-    assert ui_data.human_bytes(1536) == "1.5 KB" and ui_data.human_bytes(3 * 1024**4) == "3.07e+03 GB"
-    assert ui_data.method_label("svdllm_v2") == "SVD-LLM V2" and ui_data.method_label("new") == "new"
+    assert tables.human_count(172032) == "172k" and tables.human_count(1.35e8) == "135M"
+    assert tables.human_count(12) == "12"
+    assert tables.human_bytes(1536) == "1.5 KB" and tables.human_bytes(3 * 1024**4) == "3.07e+03 GB"
+    assert tables.method_label("svdllm_v2") == "SVD-LLM V2" and tables.method_label("new") == "new"
 
 
 def test_labels_of_seed_methods_and_decompositions():
-    assert ui_data.method_label("erc_plc") == "ERC-SVD (PLC)" and ui_data.method_label("lcsvd_search") == "LC-SVD search"
-    assert ui_data.decomposition_label(ui_data.PLAN_DECOMPOSITION) == "plan's own decomposition"
-    assert ui_data.decomposition_label("svd_llm") == "SVD-LLM (svd_llm)"
-    assert ui_data.decomposition_label("saes", ["saes", "erc"]) == "SAES-SVD (saes), per plan (slower)"
-    assert ui_data.decomposition_label("new") == "new"
+    assert tables.method_label("erc_plc") == "ERC-SVD (PLC)" and tables.method_label("lcsvd_search") == "LC-SVD search"
+    assert tables.decomposition_label(tables.PLAN_DECOMPOSITION) == "plan's own decomposition"
+    assert tables.decomposition_label("svd_llm") == "SVD-LLM (svd_llm)"
+    assert tables.decomposition_label("saes", ["saes", "erc"]) == "SAES-SVD (saes), per plan (slower)"
+    assert tables.decomposition_label("new") == "new"
 
 
 def test_unique_plans_keeps_plan_requests_once():
@@ -235,6 +237,6 @@ def test_unique_plans_keeps_plan_requests_once():
 
     profile = synthetic_profile(num_blocks=2)
     plan = allocate(profile, "uniform", 0.7).to_plan(profile)
-    kept = ui_data.unique_plans({"a": plan, "b": PlanRequest("atp", 0.7), "c": PlanRequest("atp", 0.7),
-                                 "d": PlanRequest("atp", 0.8), "e": plan})
+    kept = unique_plans({"a": plan, "b": PlanRequest("atp", 0.7), "c": PlanRequest("atp", 0.7),
+                         "d": PlanRequest("atp", 0.8), "e": plan})
     assert list(kept) == ["a", "b", "d"]

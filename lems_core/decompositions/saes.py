@@ -22,27 +22,23 @@ other-seed-methods.md §1. For every Linear W (m x n) with planned rank r:
 Statistics are plain sums over tokens (accumulated with addmm_); the solution does
 not depend on a common scale of (H, Delta), and H is regularised exactly as
 SVD-LLM does (diagonal shift only if the Cholesky fails), so beta = 0 reproduces
-SVD-LLM bit for bit given the same H. The stream helpers here are shared with
-LC-SVD (lcsvd.py).
+SVD-LLM bit for bit given the same H. The two-stream helpers are in streams.py
+(shared with LC-SVD).
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .blocks import BlockInput, advance, capture_block_inputs, run_block
-from .compression import LowRankLinear, is_dense_rank, set_module
-from .decomposition import Factorization, cholesky_lower
-from .model import LayerInfo, compressible_layers, decoder_blocks
-
-Progress = Callable[[float, str], None]
-Ranks = dict[str, "int | None"]
+from ..blocks import BlockInput, advance, capture_block_inputs
+from ..model import LayerInfo, decoder_blocks
+from .base import Factorization, Progress, Ranks, cholesky_lower
+from .streams import layers_by_block, module_input, planned_rank, relative_name, replace_with_factors
 
 # GPTQ true-sequential order of the layer kinds inside a block (§1.3 [RECON]).
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -70,67 +66,12 @@ class SaesOptions:
         return asdict(self)
 
 
-# ============================================================ streams (shared with LC-SVD)
-class _Stop(Exception):
-    pass
-
-
-def layers_by_block(model: nn.Module) -> dict[int, list[LayerInfo]]:
-    """The compressible layers of each block, in the model's within-block order."""
-    out: dict[int, list[LayerInfo]] = {}
-    for layer in compressible_layers(model):
-        out.setdefault(layer.block, []).append(layer)
-    return out
-
-
-def relative_name(layer: LayerInfo) -> str:
-    """The layer's module name inside its decoder block, e.g. ``self_attn.q_proj``."""
-    return layer.name.split(f"layers.{layer.block}.", 1)[1]
-
-
-def planned_rank(layer: LayerInfo, ranks: Ranks) -> int | None:
-    """The rank to factorise at, or None when the plan keeps the layer dense (or omits it)."""
-    rank = ranks.get(layer.name)
-    return None if is_dense_rank(layer, rank) else int(rank)
-
-
-@torch.no_grad()
-def module_input(block: nn.Module, module_name: str, item: BlockInput) -> torch.Tensor:
-    """The input of ``block.<module_name>`` for one batch, as (tokens, features).
-
-    The block runs only up to that module (a pre-hook stops it), so reading the
-    inputs of an early group costs a fraction of a block forward.
-    """
-    box: list[torch.Tensor] = []
-
-    def grab(_module, args):
-        box.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        raise _Stop
-
-    handle = block.get_submodule(module_name).register_forward_pre_hook(grab)
-    try:
-        run_block(block, item)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError(f"block never called {module_name}")
-    return box[0]
-
-
-def replace_with_factors(block: nn.Module, layer: LayerInfo, f: Factorization) -> None:
-    """Swap ``layer`` in ``block`` (a block-local copy) for its two-Linear factorisation."""
-    name = relative_name(layer)
-    linear = block.get_submodule(name)
-    set_module(block, name, LowRankLinear.from_factors(f.left, f.right, linear.bias, linear))
-
-
+# ============================================================ whitened factors (§1.3)
 def whitened_factors(g: torch.Tensor, lower: torch.Tensor, rank: int) -> Factorization:
     """Truncated SVD of a whitened target g and the factors mapped back by K^-1.
 
     left = U_r S_r^1/2, right = S_r^1/2 V_r^T K^-1 (the same mapping as SVD-LLM in
-    decomposition.py, so a whitened target equal to W K gives SVD-LLM's factors).
+    svd_llm.py, so a whitened target equal to W K gives SVD-LLM's factors).
     """
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
     root = s[:rank].sqrt()
@@ -329,3 +270,10 @@ def saes_factorizations(
         if progress:
             progress((b + 1) / len(blocks), f"SAES-SVD: block {b + 1}/{len(blocks)}")
     return factors, betas
+
+
+def factorizations(model: nn.Module, ranks: Ranks, calib_ids: torch.Tensor, options: SaesOptions,
+                   base_factors: dict[str, Factorization] | None = None,
+                   progress: Progress | None = None) -> dict[str, Factorization]:
+    """The registry's rank-dependent entry: SAES-SVD factors of the planned layers (no base factors used)."""
+    return saes_factorizations(model, ranks, calib_ids, options, progress)[0]

@@ -1,0 +1,81 @@
+"""What every allocator shares: the ``Allocation`` it returns and the checks on it.
+
+The arithmetic of the budget (costs, break-even rule, candidate ranks) is in
+``lems_core/budget.py``, shared with ``plan.py``; this module adds the allocator
+side: the typed result, the "below this method's minimum" error, and ``finish``,
+which every allocator calls last so that no plan ever leaves over budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..budget import Ranks, params_of, realised_ratio, within_budget
+from ..error_model import ErrorModelParams
+from ..plan import RankPlan, plan_from_allocation
+from ..profile import Profile
+from ..solver import InfeasibleBudgetError
+
+ScoreFn = Callable[[Ranks], float]
+
+
+@dataclass
+class Allocation:
+    """The result of one allocator run."""
+
+    method: str
+    ratio: float  # the kept-fraction budget it was asked for
+    ranks: Ranks  # layer name -> rank, None = dense
+    predicted_error: dict[str, float] | None = None  # per layer, under the error model used
+    objective: float | None = None  # the allocator's own objective value, when it has one
+    solve_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def to_plan(self, profile: Profile, params: ErrorModelParams | None = None, meta: dict | None = None) -> RankPlan:
+        """The rank plan of this allocation for ``profile``'s model (see ``plan_from_allocation``)."""
+        return plan_from_allocation(profile, self, params, meta)
+
+
+class BudgetBelowMinimumError(InfeasibleBudgetError):
+    """An ``InfeasibleBudgetError`` that says which allocator and which minimum.
+
+    Each method has its own smallest reachable ratio (candidate grids, lower bounds,
+    rank >= 1); asking for less is an error rather than a silently missed budget.
+    """
+
+    def __init__(self, method: str, ratio: float, min_ratio: float, total_params: int, why: str):
+        super().__init__(min_ratio * total_params, ratio * total_params)
+        self.method, self.ratio, self.min_ratio = method, ratio, min_ratio
+        self.args = (f"{method}: budget ratio {ratio:g} is below the method's minimum {min_ratio:.4f} ({why})",)
+
+
+def require_budget(profile: Profile, ranks: Ranks, ratio: float, method: str, why: str) -> None:
+    """Raise BudgetBelowMinimumError when ``ranks`` (the method's cheapest choice) exceed the budget."""
+    if not within_budget(profile, ranks, ratio):
+        raise BudgetBelowMinimumError(method, ratio, realised_ratio(profile, ranks), profile.total_params, why)
+
+
+def finish(profile: Profile, alloc: Allocation) -> Allocation:
+    """Attach the budget bookkeeping every allocator reports, and assert it holds."""
+    alloc.info["params_kept"] = params_of(profile, alloc.ranks)
+    alloc.info["params_total"] = profile.total_params
+    alloc.info["realised_ratio"] = alloc.info["params_kept"] / profile.total_params
+    alloc.info["dense_layers"] = sum(r is None for r in alloc.ranks.values())
+    check_result(profile, alloc)
+    return alloc
+
+
+def check_result(profile: Profile, alloc: Allocation) -> None:
+    """Every allocator, built in or registered, must return ranks within its budget."""
+    if not within_budget(profile, alloc.ranks, alloc.ratio):  # a bug in the allocator, never a user error
+        raise RuntimeError(f"allocator {alloc.method!r} exceeded its budget: realised ratio "
+                           f"{realised_ratio(profile, alloc.ranks):.6f} > {alloc.ratio}")
+
+
+def finite_score(value) -> float:
+    """A caller's score as a float; NaN/inf (e.g. a diverged PPL) ranks last instead of
+    poisoning the comparison."""
+    value = float(value)
+    return value if math.isfinite(value) else math.inf
+

@@ -1,0 +1,148 @@
+"""MRCS: greedy rank reduction under an exponential parameter schedule (methods.md §4.4)."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..budget import BUDGET_TOL, budget_of, check_ratio, dense_if_break_even
+from ..error_model import ErrorModelParams, block_biases
+from ..profile import Profile
+from .base import Allocation, BudgetBelowMinimumError, finish, require_budget
+
+
+class _SpectralLoss:
+    """Fraction of singular-value mass removed at rank r, for all layers at once (energy1/2)."""
+
+    def __init__(self, profile: Profile, power: int):
+        cums = [np.concatenate([[0.0], np.cumsum(np.asarray(profile.spectra[l.name], np.float64) ** power)])
+                for l in profile.layers]
+        self.offsets = np.cumsum([0] + [len(c) for c in cums[:-1]])
+        self.lengths = np.array([len(c) - 1 for c in cums])
+        self.flat = np.concatenate(cums)
+        self.totals = np.array([c[-1] if c[-1] > 0 else 1.0 for c in cums])
+
+    def __call__(self, idx: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        ranks = np.clip(ranks, 0, self.lengths[idx])
+        return 1.0 - self.flat[self.offsets[idx] + ranks] / self.totals[idx]
+
+
+def _mrcs_lower_bounds(profile: Profile, lower_bound: float, multiple: int | None) -> np.ndarray:
+    """floor(lb*eq) rounded up to the rank multiple, at most eq, at least 1 (reference rule)."""
+    bounds = []
+    for l in profile.layers:
+        raw = int(math.floor(l.eq_rank * lower_bound))
+        if multiple and multiple > 1:
+            raw = min(int(math.ceil(raw / multiple) * multiple), l.eq_rank)
+        bounds.append(max(1, raw))
+    return np.array(bounds, dtype=np.int64)
+
+
+def _project_down(ranks: np.ndarray, multiple: int | None) -> np.ndarray:
+    if multiple and multiple > 1:
+        ranks = (ranks // multiple) * multiple
+    return np.maximum(ranks, 1)
+
+
+def allocate_mrcs(
+    profile: Profile,
+    ratio: float,
+    loss: str = "energy1",
+    multiple: int | None = 8,
+    lower_bound: float = 0.3,
+    schedule_gamma: float = 80.0,
+    max_iter: int = 500,
+    params: ErrorModelParams | None = None,
+    clamp_to_lower_bound: bool = False,
+) -> Allocation:
+    """MRCS greedy rank reduction with an exponential schedule (methods.md §4.4).
+
+    Phase 1 (reference): at step t the schedule N_t = P* + (P_0 - P*) e^{-t/gamma_s} asks
+    for Delta = N_{t-1} - N_t fewer parameters; every layer above its lower bound proposes
+    r' = floor(r - Delta/(m+n)) rounded down to the multiple (skipped if below the bound),
+    and the proposal with the smallest loss is applied. ``params`` adds the depth bias
+    (score = loss x beta_b, the reference's memvit_plus ablation). With
+    ``clamp_to_lower_bound`` a proposal below the bound is clamped to it instead of
+    skipped, which keeps the schedule working when Delta is large against every layer
+    (small models at low ratios, where the reference halts at step 1).
+
+    Phase 2 (ours): the reference may stop above the budget (schedule saturated, max_iter,
+    or every proposal skipped because Delta is large). Then the same greedy continues
+    one rank-multiple step at a time (clamped at the lower bound) until the budget holds.
+
+    Accounting differs from the reference on purpose: untouched layers count as dense
+    (m*n, as they are), not eq(m+n).
+    """
+    ratio = check_ratio(ratio)
+    if loss not in ("energy1", "energy2"):
+        raise ValueError("loss must be 'energy1' or 'energy2'")
+    layers = profile.layers
+    lb = _mrcs_lower_bounds(profile, lower_bound, multiple)
+    require_budget(profile, {l.name: int(b) for l, b in zip(layers, lb)}, ratio, "mrcs",
+                    f"every layer at its lower bound {lower_bound:g}*eq")
+    width = np.array([l.out_features + l.in_features for l in layers], dtype=np.float64)
+    dense_cost = np.array([l.params for l in layers], dtype=np.float64)
+    eq = np.array([l.eq_rank for l in layers], dtype=np.int64)
+    bias = block_biases(profile, params) if params is not None else np.ones(len(layers))
+    spectral = _SpectralLoss(profile, 1 if loss == "energy1" else 2)
+    idx_all = np.arange(len(layers))
+
+    ranks = eq.copy()  # the reference starts at eq; eq means "untouched = dense" here
+    touched = np.zeros(len(layers), dtype=bool)
+    target = budget_of(profile, ratio)
+    p_total = float(dense_cost.sum())
+
+    def current() -> float:
+        return float(np.where(touched, ranks * width, dense_cost).sum())
+
+    def apply(i: int, new_rank: int) -> None:
+        ranks[i], touched[i] = new_rank, True
+
+    start = time.perf_counter()
+    steps, t, p = 0, 1, p_total
+    while p > target and t <= max_iter:
+        delta = _schedule(p_total, target, t - 1, schedule_gamma) - _schedule(p_total, target, t, schedule_gamma)
+        if delta <= 0:
+            break
+        proposal = _project_down(np.floor(ranks - delta / width).astype(np.int64), multiple)
+        if clamp_to_lower_bound:
+            proposal = np.maximum(proposal, lb)
+        valid = (ranks > lb) & (proposal < ranks) & (proposal >= lb)
+        if not valid.any():
+            break
+        scores = np.where(valid, spectral(idx_all, proposal) * bias, np.inf)
+        i = int(np.argmin(scores))
+        apply(i, int(proposal[i]))
+        p, t, steps = current(), t + 1, steps + 1
+    phase1 = steps
+
+    while p > target * (1 + BUDGET_TOL):  # phase 2: finish the budget one step at a time
+        proposal = np.maximum(_next_multiple_below(ranks, multiple), lb)
+        valid = proposal < ranks
+        if not valid.any():  # cannot happen after the feasibility check above
+            raise BudgetBelowMinimumError("mrcs", ratio, p / p_total, profile.total_params, "lower bounds reached")
+        scores = np.where(valid, spectral(idx_all, proposal) * bias, np.inf)
+        i = int(np.argmin(scores))
+        apply(i, int(proposal[i]))
+        p, steps = current(), steps + 1
+    seconds = time.perf_counter() - start
+
+    final = {l.name: (dense_if_break_even(l, int(ranks[i])) if touched[i] else None) for i, l in enumerate(layers)}
+    info = {"loss": loss, "multiple": multiple, "lower_bound": lower_bound, "clamp_to_lower_bound": clamp_to_lower_bound,
+            "schedule_steps": phase1,
+            "completion_steps": steps - phase1, "schedule_gamma": schedule_gamma, "max_iter": max_iter,
+            "error_model": params.to_dict() if params is not None else None}
+    return finish(profile, Allocation("mrcs", ratio, final, solve_seconds=seconds, info=info))
+
+
+def _next_multiple_below(ranks: np.ndarray, multiple: int | None) -> np.ndarray:
+    """The largest multiple of ``multiple`` strictly below each rank (rank - 1 without one)."""
+    step = multiple if multiple and multiple > 1 else 1
+    return ((ranks - 1) // step) * step
+
+
+def _schedule(p0: float, target: float, t: int, gamma: float) -> float:
+    """N_t = P* + (P_0 - P*) exp(-t/gamma) (MRCS Eq. 9)."""
+    return target + (p0 - target) * math.exp(-t / gamma)
+

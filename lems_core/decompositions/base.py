@@ -1,0 +1,211 @@
+"""Shared maths of the decompositions: the factor type, options, whiteners and the whitened SVD.
+
+Every static method has the same shape (methods.md §2.3, §3): W (m x n) is mapped to a
+whitened matrix M = P W Q with invertible P (m x m) and Q (n x n), M = U S V^T is taken
+in full, and the rank-r factors are
+
+    left  = P^-1 U_r S_r^1/2      (m x r)
+    right = S_r^1/2 V_r^T Q^-1    (r x n)        so  W_r = left @ right.
+
+The singular values S of M are the spectrum the error model reads. Factors are kept up
+to the break-even rank eq = floor(mn/(m+n)) (a rank at or above it keeps the layer
+dense), so any rank is a slice. A static method only says how it builds P and Q
+(``StaticMethod``); rank-dependent methods produce Factorizations their own way.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import LayerInfo
+from ..statistics import InputStats
+
+Progress = Callable[[float, str], None]
+Ranks = dict[str, "int | None"]
+
+SHRINK_A, SHRINK_G = 0.1, 0.3  # KFAC-SVD shrinkage (methods.md §2.3)
+
+
+@dataclass
+class Factorization:
+    """A layer's whitened spectrum and its low-rank factors up to `left.shape[1]` components."""
+
+    sigma: np.ndarray  # all min(m, n) singular values of the whitened matrix, descending
+    left: torch.Tensor  # m x k
+    right: torch.Tensor  # k x n
+
+    @property
+    def max_rank(self) -> int:
+        return self.left.shape[1]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} outside [1, {self.max_rank}]")
+        return self.left[:, :rank], self.right[:rank]
+
+    def weight(self, rank: int) -> torch.Tensor:
+        left, right = self.factors(rank)
+        return left @ right
+
+
+@dataclass(frozen=True)
+class DecompositionOptions:
+    """Knobs of the static methods; defaults follow the reference implementation ([CODE])."""
+
+    asvd_alpha: float = 1.0  # reference re-implementation: abs-max, alpha 1 (original ASVD: abs-mean, 0.5)
+    asvd_statistic: str = "abs_max"  # or "abs_mean"
+    kfac_orientation: str = "reference"  # "reference": L_G W L_A; "exact": L_G^T W L_A (true K-FAC metric)
+    kfac_shrink_a: float = SHRINK_A
+    kfac_shrink_g: float = SHRINK_G
+    dtype: torch.dtype = torch.float64
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """The statistics of one layer a static method may read (None where not collected)."""
+
+    inputs: InputStats | None = None  # its input's Gram and |x| statistics (shared by q/k/v, gate/up)
+    grad_gram: torch.Tensor | None = None  # output-gradient Gram G (KFAC)
+    fisher: torch.Tensor | None = None  # row-summed empirical Fisher per input column (FWSVD)
+
+
+# ============================================================ whiteners
+@dataclass(frozen=True)
+class Whitener:
+    """An invertible side transform T applied as T @ W (left) or W @ T (right)."""
+
+    apply: Callable[[torch.Tensor], torch.Tensor]  # X -> X @ Q (right) or P @ X (left)
+    undo: Callable[[torch.Tensor], torch.Tensor]  # Y -> Y @ Q^-1 (right) or P^-1 @ Y (left)
+
+
+def identity() -> Whitener:
+    return Whitener(lambda x: x, lambda y: y)
+
+
+def diagonal(scale: torch.Tensor, side: str) -> Whitener:
+    """P or Q = diag(scale): scales the rows (left) or the columns (right) of W."""
+    if side == "right":
+        return Whitener(lambda x: x * scale, lambda y: y / scale)
+    return Whitener(lambda x: scale[:, None] * x, lambda y: y / scale[:, None])
+
+
+def cholesky_right(lower: torch.Tensor) -> Whitener:
+    """Q = L (lower): W L; undo Y L^-1 via a triangular solve."""
+    return Whitener(
+        lambda x: x @ lower,
+        lambda y: torch.linalg.solve_triangular(lower, y, upper=False, left=False),
+    )
+
+
+def cholesky_left(lower: torch.Tensor, transpose: bool) -> Whitener:
+    """P = L (reference orientation) or L^T (exact K-FAC metric), methods.md §2.3 item 5."""
+    p = lower.T if transpose else lower
+    return Whitener(lambda x: p @ x, lambda y: torch.linalg.solve_triangular(p, y, upper=transpose))
+
+
+def cholesky_lower(c: torch.Tensor, tries: int = 3) -> torch.Tensor:
+    """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, §3.5)."""
+    for _ in range(tries + 1):
+        factor, info = torch.linalg.cholesky_ex(c)
+        if int(info) == 0:
+            return factor
+        shift = -torch.linalg.eigvalsh(c)[0].clamp(max=0) + 1e-6 * c.diagonal().abs().mean().clamp(min=1e-12)
+        c = c + shift * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    raise np.linalg.LinAlgError("Cholesky failed after diagonal shifts (matrix far from positive definite)")
+
+
+def shrink(c: torch.Tensor, amount: float) -> torch.Tensor:
+    """(1 - a) C + a mean(diag C) I (methods.md §2.3)."""
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return (1 - amount) * c + amount * c.diagonal().mean() * eye
+
+
+class StaticMethod:
+    """How one static decomposition builds P (``left``) and Q (``right``) of M = P W Q.
+
+    ``needs`` names the statistics it reads ("inputs", "grads", "fisher"); the Decomposer
+    checks they are given. With ``shares_input`` Q depends on the layer's input
+    statistics alone, so layers reading one input (q/k/v, gate/up) share it and the
+    Decomposer builds it once per input. The defaults are the identity (plain SVD).
+    """
+
+    needs: frozenset[str] = frozenset()
+    shares_input: bool = False
+
+    def right(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
+        return identity()
+
+    def left(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
+        return identity()
+
+
+class RankDependent(Protocol):
+    """A decomposition whose factors depend on the whole plan's ranks (closed loop, block training).
+
+    Returns the factors of the planned layers only (dense ones, None or rank >= eq, are
+    left out), each sized to its planned rank. ``base_factors`` are the static factors
+    of the method's base when its spec asks for them (ERC), else None.
+    """
+
+    def __call__(self, model: nn.Module, ranks: Ranks, calib_ids: torch.Tensor, options,
+                 base_factors: dict[str, Factorization] | None, progress: Progress | None) -> dict[str, Factorization]: ...
+
+
+# ============================================================ the whitened SVD
+@contextlib.contextmanager
+def single_threaded_lapack(device: torch.device) -> Iterator[None]:
+    """Run CPU linear algebra on one thread.
+
+    Measured here (2 cores, other processes running): MKL's threaded SVD of a
+    1536 x 576 float64 matrix took 15.5 s on 2 threads and 0.39 s on 1; threaded
+    LAPACK spins when the cores are shared. One thread is never much slower.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def top_singular(m: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All singular values of m and its top-`keep` pair (left m x k, right k x n) with left @ right = U_k S_k V_k^T.
+
+    On CPU the eigendecomposition of the smaller Gram (m m^T or m^T m) is ~3x faster
+    than a thin SVD; the factors are written so their product is the exact projection
+    of m onto the top-k eigenvectors (U U^T m or m V V^T), so tiny singular values
+    never divide anything that matters. On CUDA a thin SVD is used.
+    """
+    if m.device.type != "cpu":
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        root = s[:keep].sqrt()
+        return s, u[:, :keep] * root, root[:, None] * vh[:keep]
+    wide = m.shape[0] <= m.shape[1]
+    lam, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+    s = lam.flip(0).clamp(min=0).sqrt()
+    top = vecs.flip(1)[:, :keep]
+    root = s[:keep].sqrt()
+    safe = root.clamp(min=torch.finfo(m.dtype).tiny ** 0.25)
+    if wide:  # left = U sqrt(S), right = U^T m / sqrt(S)
+        return s, top * root, (top.T @ m) / safe[:, None]
+    return s, (m @ top) / safe, root[:, None] * top.T
+
+
+def factorize(weight: torch.Tensor, left: Whitener, right: Whitener, keep: int) -> Factorization:
+    """Spectrum of the whitened matrix and the mapped-back factors up to `keep` components."""
+    m = right.apply(left.apply(weight))
+    s, lf, rf = top_singular(m, keep)
+    return Factorization(s.double().cpu().numpy(), left.undo(lf).float().contiguous(), right.undo(rf).float().contiguous())
+
+
+def keep_of(layer: LayerInfo, keep: int | None) -> int:
+    """Components to keep: ``keep`` (default the break-even rank), within [1, min(m, n)]."""
+    return max(1, min(keep or layer.eq_rank, layer.out_features, layer.in_features))

@@ -1,0 +1,8 @@
+"""Plain truncated SVD: P = I, Q = I (methods.md §3.1); the spectrum is W's own."""
+from __future__ import annotations
+
+from .base import StaticMethod
+
+
+class Svd(StaticMethod):
+    """No statistics, no whitening: the StaticMethod defaults."""

@@ -1,0 +1,18 @@
+"""SVD-LLM truncation-aware whitening: Q = chol(A), A the input Gram X X^T in float64 (methods.md §3.5).
+
+With A = L L^T, ||(W - W') X||_F = ||(W - W') L||_F, so truncating the SVD of W L
+drops exactly the tail singular values: the whitened spectrum is the activation loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import DecompositionOptions, LayerStats, StaticMethod, Whitener, cholesky_lower, cholesky_right
+
+
+class SvdLlm(StaticMethod):
+    needs = frozenset({"inputs"})
+    shares_input = True
+
+    def right(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
+        return cholesky_right(cholesky_lower(stats.inputs.gram.to(options.dtype).to(device)))

@@ -34,3 +34,4 @@ bench: setup
 	$(PY) bench/mckp.py
 	$(PY) bench/decompose.py
 	$(PY) bench/sensitivity.py
+	$(PY) bench/inference.py

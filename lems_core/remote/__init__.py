@@ -1,0 +1,1 @@
+"""Files copied into an exported model folder (Hugging Face remote code); see ``hf_export``."""

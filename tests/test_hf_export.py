@@ -1,0 +1,128 @@
+"""`compress --format hf`: a folder that transformers loads with remote code, and load_compressed without it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lems_core.cli import main
+from lems_core.compression import count_parameters
+from lems_core.hf_export import CARD_FILE, MODELING_FILE, PLAN_FILE, RANKS_CONFIG_KEY, remote_class_name
+
+from helpers import word_loaded
+
+LOAD_BOTH = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, ids_file, out_file = sys.argv[1:]
+    ids = torch.load(ids_file)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        logits = hf(ids).logits
+        step = hf(ids, use_cache=True)
+        cached = hf.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
+        uncached = hf.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
+    from lems_core.compression import load_compressed
+    native, _, ranks, meta = load_compressed(folder)
+    with torch.no_grad():
+        native_logits = native(ids).logits
+    low_rank = sorted(n for n, m in hf.named_modules() if type(m).__name__ == "LowRankLinear")
+    torch.save({"logits": logits, "native_logits": native_logits, "cached": cached, "uncached": uncached,
+                "has_cache": step.past_key_values is not None, "class": type(hf).__name__,
+                "params": sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values()),
+                "low_rank": low_rank, "tokens": tok("w5 w6 w7").input_ids}, out_file)
+""")
+
+
+@pytest.fixture()
+def hf_plan(tmp_path, monkeypatch):
+    """A tied-embedding tiny llama with a word tokenizer behind pipeline.get_model, and a uniform keep-0.4 svd plan."""
+    import lems_core.pipeline as pipeline
+    from lems_core.model import compressible_layers
+    from lems_core.plan import from_loadconfig
+
+    loaded = word_loaded(5, tie_word_embeddings=True)
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
+    layers = compressible_layers(loaded.model)
+    ratios = {l.name: (1.0 if l.kind == "v" else 0.4) for l in layers}  # v stays dense: a mixed structure
+    plan = from_loadconfig(ratios, layers, "tiny-llama", loaded.fingerprint, method="uniform", decomposition="svd")
+    return loaded, plan, plan.save(tmp_path / "plan.json")
+
+
+def test_hf_export_loads_in_transformers_and_in_lems_with_the_same_logits(hf_plan, tmp_path):
+    import lems_core.pipeline as pipeline
+    from lems_core.calibration import CalibrationConfig
+
+    loaded, plan, plan_path = hf_plan
+    out = tmp_path / "hf"
+    assert main(["compress", "--plan", str(plan_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
+    ids = torch.randint(2, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    dense_params = count_parameters(loaded.model)
+    factors = pipeline.plan_factorizations(loaded, CalibrationConfig(), "svd", plan.ranks())
+    with pipeline.compressed(loaded, plan.ranks(), factors) as applied, torch.no_grad():
+        expected, params = loaded.model(ids).logits, count_parameters(loaded.model)
+    torch.save(ids, tmp_path / "ids.pt")
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": str(pipeline.Path(pipeline.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", LOAD_BOTH, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "o.pt")
+
+    assert got["class"] == "LowRankLlamaForCausalLM"
+    factorised = sorted(n for n, r in applied.items() if r is not None)
+    assert got["low_rank"] == factorised and len(factorised) == 2 * 3 * 3  # q,k,o,gate,up,down x 3 blocks
+    assert got["params"] == params < dense_params  # the low-rank layers stay low-rank in memory
+    torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["native_logits"], expected, rtol=1e-5, atol=1e-5)
+    assert got["has_cache"] and got["cached"].shape == (2, 34)
+    assert torch.equal(got["cached"], got["uncached"])  # the KV cache changes nothing greedy decoding picks
+    assert got["tokens"] == [5, 6, 7]  # the tokenizer travelled with the model
+
+
+def test_hf_export_folder_has_card_plan_tokenizer_and_remote_code(hf_plan, tmp_path, capsys):
+    loaded, plan, plan_path = hf_plan
+    out = tmp_path / "hf"
+    assert main(["compress", "--plan", str(plan_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
+    assert "trust_remote_code" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankLlamaForCausalLM"
+    assert config[RANKS_CONFIG_KEY] == {n: r for n, r in plan.ranks().items() if r is not None}
+    assert config["use_cache"] is True
+    assert "import lems_core" not in (out / MODELING_FILE).read_text()
+    assert json.loads((out / PLAN_FILE).read_text())["layers"] == json.loads(plan_path.read_text())["layers"]
+    assert (out / "tokenizer.json").exists()
+    card = (out / CARD_FILE).read_text()
+    for text in ("tiny-llama", "`uniform` at budget", "`svd`", "trust_remote_code", "load_compressed",
+                 "No evaluation of this plan"):
+        assert text in card, text
+
+
+def test_hf_export_card_lists_the_results_stored_for_the_plan(hf_plan, tmp_path):
+    from lems_core.hf_export import card_for
+    from lems_core.results import ResultStore
+
+    loaded, plan, _ = hf_plan
+    base = {"fingerprint": plan.fingerprint, "method": "uniform", "decomposition": "svd", "budget": plan.budget,
+            "realised_ratio": plan.summary["realised_ratio"], "ppl": {"wikitext2": 12.5}, "dense_ppl": {"wikitext2": 9.0},
+            "kl": 0.25, "device": "cpu", "created": "2026-01-01T00:00:00+00:00"}
+    store = ResultStore(tmp_path / "results")
+    store.add(base)
+    store.add({**base, "decomposition": "kfac", "ppl": {"wikitext2": 99.0}})  # another decomposition: not this folder
+    card = card_for(loaded.model, plan, "svd", plan.ranks(), 1000, store.all()).to_markdown()
+    assert "wikitext2 perplexity 12.500 (dense 9.000)" in card and "KL to dense 0.2500" in card
+    assert "99.000" not in card
+
+
+def test_hf_export_rejects_an_architecture_it_has_no_class_for():
+    from torch import nn
+
+    with pytest.raises(ValueError, match="supports LlamaForCausalLM"):
+        remote_class_name(nn.Linear(2, 2))

@@ -1,0 +1,175 @@
+"""Memory budgets: how many bytes the statistics may hold, and the accounting that enforces it.
+
+A profile build's memory is dominated by the Gram matrices (issue #10): 4 input Grams
+per block (q/k/v and gate/up share one) and, for KFAC, one output-gradient Gram per
+layer. Everything else (weights, activations of a few calibration windows, the
+decomposition's float64 work arrays for one layer) is bounded by one block.
+
+``plan_windows`` groups consecutive blocks into windows whose Grams fit a budget;
+``GramLedger`` counts the live Gram bytes as the statistics code allocates and
+frees them, so a test can check the budget through the code's own accounting.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .model import LayerInfo
+
+FP32 = 4  # bytes per Gram entry (statistics accumulate in float32)
+INPUT_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+class MemoryBudgetError(ValueError):
+    """A budget that cannot be parsed, or one too small for a single block's statistics."""
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'24GB', '512MiB', '1.5G' or a plain number of bytes -> bytes (binary units: 1 GB = 2^30).
+
+    Binary units match what torch.cuda and /proc/meminfo report, so '80GB' on an
+    80 GB card means the card.
+    """
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _UNITS:
+            raise MemoryBudgetError(f"cannot read memory size {text!r}: use e.g. 24GB, 512MB or a number of bytes")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise MemoryBudgetError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes as a short binary-unit string (1.50 GB)."""
+    for unit, size in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: str | torch.device) -> int:
+    """What the device has: free CUDA memory on a GPU, MemAvailable (else total RAM) on CPU.
+
+    The default budget when the user gives none.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+# ------------------------------------------------------------------ what a block's Grams cost
+def input_gram_bytes(layers: Iterable[LayerInfo]) -> int:
+    """Bytes of the distinct input Grams of these layers (one per shared input, n x n fp32)."""
+    seen: dict[tuple[int, str], int] = {}
+    for l in layers:
+        seen[(l.block, INPUT_GROUP[l.kind])] = l.in_features ** 2 * FP32
+    return sum(seen.values())
+
+
+def grad_gram_bytes(layers: Iterable[LayerInfo]) -> int:
+    """Bytes of the output-gradient Grams of these layers (m x m fp32 each, KFAC's G)."""
+    return sum(l.out_features ** 2 * FP32 for l in layers)
+
+
+@dataclass(frozen=True)
+class BlockWindow:
+    """Consecutive blocks whose statistics are collected in one calibration pass."""
+
+    blocks: tuple[int, ...]
+    gram_bytes: int  # peak live Gram bytes this window needs (its G's + one block's A's)
+
+    @property
+    def first(self) -> int:
+        return self.blocks[0]
+
+
+def plan_windows(layers: Sequence[LayerInfo], needs: Iterable[str], budget: int | None) -> list[BlockWindow]:
+    """Group blocks into windows whose live Grams fit ``budget`` bytes (None: one window).
+
+    Input Grams live one block at a time (blocks run in order, each block's A is
+    decomposed and freed before the next); output-gradient Grams of a whole window
+    live together, since one backward pass fills them all. A window therefore costs
+    sum(G of its blocks) + max(A of one of its blocks).
+    """
+    needs = set(needs)
+    blocks = sorted({l.block for l in layers})
+    per_a = {b: input_gram_bytes(l for l in layers if l.block == b) if "inputs" in needs else 0 for b in blocks}
+    per_g = {b: grad_gram_bytes(l for l in layers if l.block == b) if "grads" in needs else 0 for b in blocks}
+    if budget is None:
+        return [BlockWindow(tuple(blocks), sum(per_g.values()) + max(per_a.values(), default=0))]
+    windows, current = [], []
+    for b in blocks:
+        need = per_g[b] + per_a[b]
+        if need > budget:
+            raise MemoryBudgetError(
+                f"memory budget {format_bytes(budget)} is below what one block's statistics need "
+                f"({format_bytes(need)} for block {b}); raise --max-memory")
+        trial = current + [b]
+        if current and sum(per_g[x] for x in trial) + max(per_a[x] for x in trial) > budget:
+            windows.append(current)
+            trial = [b]
+        current = trial
+    windows.append(current)
+    return [BlockWindow(tuple(w), sum(per_g[x] for x in w) + max(per_a[x] for x in w)) for w in windows]
+
+
+# ------------------------------------------------------------------ live accounting
+@dataclass
+class GramLedger:
+    """Counts live Gram bytes: ``take`` when a Gram is allocated, ``release`` when it is freed.
+
+    ``limit`` (bytes, optional) makes ``take`` raise instead of exceeding the budget;
+    ``peak`` is the most ever live at once. Thread-safe (backward hooks may run on
+    autograd's threads).
+    """
+
+    limit: int | None = None
+    live: int = 0
+    peak: int = 0
+    _held: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        with self._lock:
+            if key in self._held:
+                raise RuntimeError(f"Gram {key} is already counted")
+            if self.limit is not None and self.live + size > self.limit:
+                raise MemoryBudgetError(f"allocating Gram {key} ({format_bytes(size)}) would exceed the budget "
+                                        f"{format_bytes(self.limit)} ({format_bytes(self.live)} live)")
+            self._held[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        return tensor
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self.live -= self._held.pop(key, 0)
+
+    def release_prefix(self, prefix: str) -> None:
+        """Release every Gram whose key starts with ``prefix`` (e.g. all of one block)."""
+        with self._lock:
+            for key in [k for k in self._held if k.startswith(prefix)]:
+                self.live -= self._held.pop(key)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return tuple(self._held)

@@ -1,0 +1,27 @@
+"""Several plans evaluated at once, spread over torch.distributed ranks (issue #10).
+
+Under torchrun each rank loads the model on its own GPU and evaluates every
+world-th plan (round robin); rank 0 gathers the results in the plans' order. In a
+single process this is a plain loop.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from . import distributed
+from .pipeline import EvalResult, evaluate_plan
+
+
+def evaluate_plans(plans: Sequence, evaluate: Callable[..., EvalResult] = evaluate_plan, **kwargs) -> list[dict] | None:
+    """``evaluate(plan, **kwargs).to_dict()`` for every plan, sharded across ranks.
+
+    Returns the results in ``plans`` order on rank 0 (and in a single process), None
+    on the other ranks. ``device`` defaults to each rank's own GPU under torchrun.
+    """
+    ctx = distributed.context()
+    if ctx.world > 1 and kwargs.get("device") is None:
+        kwargs["device"] = ctx.device
+    mine = distributed.shard(list(enumerate(plans)), ctx)
+    done = [(i, evaluate(plan, **kwargs).to_dict()) for i, plan in mine]
+    gathered = distributed.gather_lists(ctx, done)
+    return None if gathered is None else [r for _, r in sorted(gathered, key=lambda x: x[0])]

@@ -1,0 +1,88 @@
+"""Models larger than the device: accelerate's ``device_map`` / ``max_memory`` / offload folder.
+
+``load_offloaded`` loads a checkpoint with accelerate's dispatch: the blocks that fit
+``max_memory`` sit on the GPU (or CPU), the rest in CPU RAM or memory-mapped from an
+offload folder on disk, and accelerate's hooks move each block's weights to the
+execution device only while that block runs. Every step here that runs blocks one at
+a time (calibration statistics, the KL sweep's suffix runs, perplexity) therefore
+holds about one block of weights on the device.
+
+A step that reads a weight directly (the decomposition, the fingerprint) must go
+through ``module_weight``: an offloaded Linear's ``weight`` is a meta tensor until
+its hook materialises it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .model import LoadedModel, _weight_sample, default_device, model_fingerprint, resolve_source
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """True when accelerate keeps this module's weights elsewhere (meta until its hook runs)."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and getattr(hook, "offload", False)
+
+
+@contextlib.contextmanager
+def module_weight(model: nn.Module, name: str) -> Iterator[torch.Tensor]:
+    """The weight of Linear ``name`` on a real device for the duration of the block.
+
+    Plain modules yield their weight as is; an accelerate-offloaded one is loaded from
+    its weights map (CPU RAM or the offload folder) and put back on meta afterwards.
+    """
+    module = model.get_submodule(name)
+    with materialized(module):
+        yield module.weight
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with its own parameters on its execution device for the duration (a no-op unless offloaded)."""
+    if not is_offloaded(module):
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, module._hf_hook.execution_device):
+        yield module
+
+
+def offloaded_fingerprint(model: nn.Module) -> str:
+    """``model_fingerprint`` with each offloaded weight materialised in turn (same value as loaded whole)."""
+    def sample_of(name: str) -> torch.Tensor:
+        with module_weight(model, name) as w:
+            return _weight_sample(w).float().cpu().clone()
+    return model_fingerprint(model, sample_of=sample_of)
+
+
+def load_offloaded(
+    source: str, max_memory: dict | None = None, offload_folder: str | Path | None = None,
+    device_map: str | dict = "auto", dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``source`` with accelerate dispatch under ``max_memory`` ({device: "20GB", "cpu": "64GB"}).
+
+    Blocks beyond the budget go to CPU RAM, then to ``offload_folder`` (memory-mapped
+    safetensors). ``device_map`` may also be an explicit {module name: device or "disk"}.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = resolve_source(source)
+    if gguf:
+        raise ValueError("offloaded loading needs a safetensors checkpoint folder; a GGUF file is dequantised whole")
+    if dtype is None:
+        dtype = torch.float16 if default_device().startswith("cuda") else torch.float32
+    kwargs = {"trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs) if (Path(folder) / "tokenizer_config.json").is_file() \
+        or not Path(folder).is_dir() else None
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, max_memory=max_memory,
+        offload_folder=str(offload_folder) if offload_folder else None, **kwargs)
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model, tokenizer, source, offloaded_fingerprint(model))

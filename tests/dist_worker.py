@@ -1,0 +1,45 @@
+"""A profile build on a tiny model, run by tests/test_scale.py under `torchrun --nproc_per_node 2` (gloo).
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py CORPUS CACHE_DIR OUT_JSON
+Rank 0 writes the profile folder's path to OUT_JSON.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+
+from helpers import tiny_loaded  # noqa: E402
+from lems_core import distributed  # noqa: E402
+from lems_core.calibration import CalibrationConfig  # noqa: E402
+from lems_core.multi_eval import evaluate_plans  # noqa: E402
+from lems_core.pipeline import build_profile  # noqa: E402
+
+CFG = dict(split="train", n_samples=3, seq_len=48, seed=1, n_search=2)
+
+
+def main(corpus: str, cache: str, out: str) -> None:
+    torch.set_num_threads(1)
+    ctx = distributed.context()
+    folder = build_profile(tiny_loaded(8), "kfac", CalibrationConfig(dataset=corpus, **CFG), extra_ratios=(0.5,),
+                           cache_dir=Path(cache), force=True)
+    spread = evaluate_plans(["a", "b", "c"], evaluate=_Fake)  # which rank evaluated which plan
+    if ctx.main:
+        Path(out).write_text(json.dumps({"folder": str(folder), "world": ctx.world, "spread": spread}))
+
+
+class _Fake:
+    """Stands in for evaluate_plan: records the plan and the rank that evaluated it."""
+
+    def __init__(self, plan, **kwargs):
+        self.plan, self.device = plan, kwargs.get("device")
+
+    def to_dict(self):
+        return {"plan": self.plan, "rank": distributed.context().rank, "device": self.device}
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

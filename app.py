@@ -24,5 +24,6 @@ PAGES = [
 
 common.keep_widget_state()
 page = st.navigation(PAGES)
+st.session_state[common.PAGE_KEY] = page.url_path  # common.bind re-seeds widgets drawn on a new page
 common.sidebar()
 page.run()

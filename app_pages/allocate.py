@@ -10,39 +10,118 @@ import streamlit as st
 
 from lems_core import pipeline
 from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate, ars
-from lems_core.cache import plans_dir
+from lems_core.allocators.lems import lems_min_budget
+from lems_core.cache import CacheIndexError, plans_dir
+from lems_core.results import ResultStore
+from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstraints, parse_fractions
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE
+from lems_core.model import KINDS
 from lems_core.plan import PlanError, RankPlan, parse_budgets, plan_file_name
 from app_pages import common, figures, tables
 
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
 ARS_JOB, ARS_SEEN = "ars_job_id", "ars_job_seen"
-LIVE_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs", "asvd", "ars") if m in ALLOCATORS]
+LIVE_METHODS = [m for m in ("lems", "lems_fixed", "uniform", "svdllm_v2", "mrcs", "asvd", "ars") if m in ALLOCATORS]
 DEFAULT_METHODS = [m for m in ("lems", "uniform", "svdllm_v2", "mrcs", "ars") if m in LIVE_METHODS]
 
 profile = common.current_profile()
 profile_id = common.current_profile_id()
-st.session_state.setdefault("budget", 0.8)
-st.session_state.setdefault("compare_methods", DEFAULT_METHODS)
-st.session_state.setdefault("plan_method", "lems")
+DEFAULT_BUDGET = 0.8
 
 
 @st.cache_data(max_entries=1024, show_spinner=False)
-def solve(_profile, profile_id: str, method: str, ratio: float, params: dict) -> Allocation:
-    """One allocator run, cached per (profile, method, budget, error model)."""
-    return allocate(_profile, method, ratio, params=ErrorModelParams.from_dict(params))
+def solve(_profile, profile_id: str, method: str, ratio: float, params: dict, constraints: str = "") -> Allocation:
+    """One allocator run, cached per (profile, method, budget, error model, constraints JSON).
+
+    LEMS uses the bias controls (which start from the profile's fit); LEMS (fixed bias)
+    always uses the fixed default alpha=0, gamma=5 with the other error-model settings."""
+    if method == "lems_fixed":
+        defaults = ErrorModelParams()
+        params = {**params, "alpha": defaults.alpha, "gamma": defaults.gamma, "bias_form": defaults.bias_form}
+    return allocate(_profile, method, ratio, params=ErrorModelParams.from_dict(params),
+                    constraints=LayerConstraints.from_dict(json.loads(constraints)) if constraints else None)
 
 
-def solve_all(methods: list[str], ratio: float, params) -> tuple[dict[str, Allocation], dict[str, str]]:
+def solve_all(methods: list[str], ratio: float, params,
+              constraints: LayerConstraints | None = None) -> tuple[dict[str, Allocation], dict[str, str]]:
     """Allocations of every method that can run at this budget, and the messages of those that cannot."""
     done, failed = {}, {}
+    key = "" if constraints is None or constraints.is_empty else constraints.key()
     for method in methods:
         try:
-            done[method] = solve(profile, profile_id, method, ratio, params.to_dict())
+            done[method] = solve(profile, profile_id, method, ratio, params.to_dict(), key)
         except ValueError as exc:  # InfeasibleBudgetError, missing measurements, no ARS plan, ...
-            failed[method] = str(exc)
+            failed[method] = tables.failure_message(method, exc)
     return done, failed
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def lems_minimum(_profile, profile_id: str) -> float:
+    """The smallest budget (2 decimals) at which LEMS has a solution: the slider starts there."""
+    return lems_min_budget(_profile)
+
+
+CONSTRAINT_DEFAULTS = {"lock_blocks": [], "lock_kinds": [], "lock_names": "", "exclude_blocks": [],
+                       "exclude_kinds": [], "exclude_names": "", "min_kept": "", "max_kept": "", "rank_multiple": None}
+
+
+def constraint_controls() -> tuple[bool, LayerConstraints | None]:
+    """The Layer constraints expander: (valid, the constraints or None when none are set).
+
+    Invalid input shows its specific error and drops the kept plan (the caller stops)."""
+    active = _kept_constraints()
+    title = "Layer constraints" + (" (active)" if active is not None and not active.is_empty else "")
+    with st.expander(title, expanded=False):
+        st.caption("**Lock dense**: stays dense, its parameters count in the budget (the others pay for it). "
+                   "**Exclude**: not compressed and outside the budget (the budget applies to the rest). "
+                   "Kept fraction = rank / eq rank. LEMS honours them exactly (they remove knapsack options); "
+                   "Uniform, SVD-LLM V2 and MRCS are projected onto them; ASVD and ARS do not take them.")
+        blocks, kinds = list(range(profile.num_blocks)), [k for k in KINDS if any(l.kind == k for l in profile.layers)]
+        for what in ("lock", "exclude"):
+            a, b, c = st.columns(3)
+            label = "Lock dense" if what == "lock" else "Exclude"
+            a.multiselect(f"{label}: blocks", blocks, **_bind(f"{what}_blocks", allowed=blocks))
+            b.multiselect(f"{label}: kinds", kinds, **_bind(f"{what}_kinds", allowed=kinds))
+            c.text_input(f"{label}: layer names", placeholder="e.g. *.layers.3.mlp.down_proj", **_bind(f"{what}_names"),
+                         help="Comma-separated names or fnmatch patterns.")
+        a, b, c = st.columns(3)
+        a.text_input("Min kept fraction per kind", placeholder="e.g. q=0.3, k=0.5", **_bind("min_kept"))
+        b.text_input("Max kept fraction per kind", placeholder="e.g. down=0.8 (below 1 forbids dense)",
+                     **_bind("max_kept"))
+        c.selectbox("Rank multiple", [None, *RANK_MULTIPLES], **_bind("rank_multiple", allowed=[None, *RANK_MULTIPLES]),
+                    format_func=lambda m: "allocator's own (LEMS: 8)" if m is None else str(m),
+                    help="Every factorised rank a multiple of this (hardware alignment).")
+    constraints = _kept_constraints()
+    if constraints is None:
+        st.error(f"Layer constraints: {st.session_state.get('constraint_error')}")
+        st.session_state.pop(CURRENT_PLAN, None)
+        return False, None
+    return True, None if constraints.is_empty else constraints
+
+
+def _bind(name: str, allowed=None) -> dict:
+    return common.bind(f"con_{name}", CONSTRAINT_DEFAULTS[name], allowed=allowed)
+
+
+def _kept_constraints() -> LayerConstraints | None:
+    """LayerConstraints from the kept control values; None (and the message kept) when they are invalid."""
+    v = {name: common.kept(f"con_{name}", default) for name, default in CONSTRAINT_DEFAULTS.items()}
+
+    def selectors(what: str) -> tuple[str, ...]:
+        names = [n.strip() for n in str(v[f"{what}_names"]).split(",") if n.strip()]
+        return tuple([f"block:{b}" for b in v[f"{what}_blocks"]] + [f"kind:{k}" for k in v[f"{what}_kinds"]]
+                     + [f"name:{n}" for n in names])
+    try:
+        constraints = LayerConstraints(lock_dense=selectors("lock"), exclude=selectors("exclude"),
+                                       min_kept=parse_fractions(v["min_kept"]), max_kept=parse_fractions(v["max_kept"]),
+                                       rank_multiple=v["rank_multiple"])
+        if not constraints.is_empty:
+            constraints.resolve(profile.layers)
+    except ConstraintError as exc:
+        st.session_state["constraint_error"] = str(exc)
+        return None
+    return constraints
 
 
 def upload_section() -> None:
@@ -78,13 +157,24 @@ def headline(allocations: dict[str, Allocation], table) -> None:
     cols[3].metric("LEMS predicted error", f"{ours:.4g}", delta, delta_color="inverse")
 
 
-def plan_panel(allocations: dict[str, Allocation]) -> None:
-    """Choose the plan to keep, show its summary, download it or save it to the cache."""
-    options = list(allocations) + (["uploaded"] if UPLOADED_PLAN in st.session_state else [])
-    if st.session_state.plan_method not in options:
-        st.session_state.plan_method = options[0]
-    st.selectbox("Plan to keep", options, format_func=_label, key="plan_method")
+def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> None:
+    """Choose the plan to keep, show its summary, download it or save it to the cache.
+
+    The kept method is the user's choice only: when it cannot allocate at this budget
+    the page says so and keeps no plan, instead of switching to another method.
+    """
+    choice = common.kept("plan_method", "lems")
+    uploaded = ["uploaded"] if "uploaded" in allocations or choice == "uploaded" else []
+    options = list(dict.fromkeys([*(k for k in allocations if k != "uploaded"), *failed, choice, *uploaded]))
+    st.selectbox("Plan to keep", options, format_func=_label, **common.bind("plan_method", "lems"))
     choice = st.session_state.plan_method
+    if choice not in allocations:
+        st.session_state.pop(CURRENT_PLAN, None)
+        why = failed.get(choice) or ("no plan is uploaded" if choice == "uploaded" else "it is not among the methods")
+        st.container(key="plan_summary").warning(
+            f"**No plan kept:** {_label(choice)} cannot allocate here ({why}). Change the budget or the "
+            "constraints, or choose another plan to keep.", icon=":material/block:")
+        return
     plan = st.session_state[UPLOADED_PLAN] if choice == "uploaded" else allocations[choice].to_plan(
         profile, meta={"calibration": profile.calibration})
     st.session_state[CURRENT_PLAN] = plan
@@ -93,7 +183,7 @@ def plan_panel(allocations: dict[str, Allocation]) -> None:
                 f"{summary['realised_ratio']:.4f}, {summary['num_layers'] - summary['dense_layers']} layers factorised, "
                 f"{summary['dense_layers']} dense, {tables.human_count(summary['params_kept'])} of "
                 f"{tables.human_count(summary['params_total'])} params")
-    name = plan_file_name(plan.method, plan.budget, plan.fingerprint)
+    name = plan_file_name(plan.method, plan.budget, plan.fingerprint, plan.content_hash)
     col1, col2, col3 = st.columns(3)
     col1.download_button("Download plan JSON", plan.to_json(), file_name=name, mime="application/json",
                          on_click="ignore", key="download_plan", icon=":material/download:")
@@ -113,8 +203,10 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
                                 "predicted error": st.column_config.NumberColumn(format="%.4g"),
                                 "objective": st.column_config.NumberColumn(format="%.4g"),
                                 "solve ms": st.column_config.NumberColumn(format="%.1f")})
+    cells = ("cells show the rank (D = dense)" if figures.heatmap_labelled(profile.num_blocks)
+             else "hover a cell for its rank (D = dense)")
     st.caption("Predicted error: the LEMS surrogate Σ ε_l under the current error model, for every method. "
-               "Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), cells show the rank (D = dense).")
+               f"Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), {cells}.")
     cols = st.columns(min(3, len(ranks)))
     for i, (label, r) in enumerate(ranks.items()):
         fig = figures.heatmap_figure(tables.kept_fraction_grid(profile, r), _label(label), "kept",
@@ -128,28 +220,43 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
         fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         st.plotly_chart(fig, key="diff_fig")
-    error_col.plotly_chart(figures.error_by_block_figure(profile, errors), key="error_block_fig")
-    st.plotly_chart(figures.per_layer_figure(profile, ranks), key="per_layer_fig")
+    labels = {label: _label(label) for label in ranks}
+    error_col.plotly_chart(figures.error_by_block_figure(profile, errors, labels), key="error_block_fig")
+    st.plotly_chart(figures.per_block_figure(profile, ranks, labels), key="per_layer_fig")
 
 
 @st.fragment
 def live_allocation() -> None:
     """Budget + error model -> solve every method -> compare, keep and export a plan."""
-    st.slider("Budget: kept fraction of the compressible parameters", 0.10, 0.95, step=0.01, key="budget",
-              help="ρ of methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible Linears.")
+    low = lems_minimum(profile, profile_id)
+    if common.kept("budget", DEFAULT_BUDGET) < low:
+        common.set_kept("budget", low)
+    st.slider("Budget: kept fraction of the compressible parameters", low, 0.95, step=0.01,
+              **common.bind("budget", DEFAULT_BUDGET),
+              help=f"ρ of methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible Linears. It starts at "
+                   f"{low:.2f}, the smallest budget LEMS can meet (every layer at its smallest candidate rank).")
     with st.expander("Error model (shape · scale · bias)", expanded=False):
         common.error_model_controls(profile)
-    st.multiselect("Methods", LIVE_METHODS, key="compare_methods", format_func=tables.method_label,
+    st.multiselect("Methods", LIVE_METHODS, format_func=tables.method_label,
+                   **common.bind("compare_methods", DEFAULT_METHODS),
                    help="Allocators solved live from the profile; ASVD needs measured points.")
+    valid, constraints = constraint_controls()
+    if not valid:
+        return
     scored = ", ".join(tables.method_label(m) for m in MODEL_SCORED)
     st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
                "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
     params = common.error_model_params(profile)
     st.caption(tables.error_model_summary(params, profile.kl_ref is not None))
-    allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params)
+    allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params,
+                                    constraints)
     if UPLOADED_PLAN in st.session_state:
         plan = st.session_state[UPLOADED_PLAN]
         allocations["uploaded"] = Allocation(plan.method, plan.budget, plan.ranks())
+    chosen = common.kept("plan_method", "lems")
+    if chosen not in allocations and chosen not in failed and chosen in LIVE_METHODS:  # kept, not compared
+        extra, extra_failed = solve_all([chosen], float(st.session_state.budget), params, constraints)
+        allocations, failed = allocations | extra, failed | extra_failed
     for method, message in failed.items():
         if method == "ars":  # expected at most budgets: plans exist only where ARS was trained
             st.info(f"ARS: {message}", icon=":material/school:")
@@ -157,13 +264,41 @@ def live_allocation() -> None:
             st.warning(f"{tables.method_label(method)}: {message}")
     if not allocations:
         st.info("No method could allocate at this budget.")
+        plan_panel(allocations, failed)
         return
     ranks = {label: alloc.ranks for label, alloc in allocations.items()}
     errors = tables.predicted_error_tables(profile, ranks, params)
-    table = tables.comparison_table(profile, allocations, errors)
+    table = tables.comparison_table(profile, allocations, errors, {label: _label(label) for label in allocations})
     headline(allocations, table)
-    plan_panel(allocations)
+    plan_panel(allocations, failed)
     comparison_views(ranks, table, errors)
+
+
+@st.cache_data(max_entries=64, show_spinner="Sweeping budgets…")
+def sweep(_profile, profile_id: str, methods: tuple[str, ...], params: dict, constraints: str):
+    return tables.sweep_frame(_profile, methods, ErrorModelParams.from_dict(params),
+                              constraints=LayerConstraints.from_dict(json.loads(constraints)) if constraints else None)
+
+
+def sweep_section() -> None:
+    """Predicted error against the budget for every compared method, measured KL of stored results overlaid."""
+    with st.expander("Budget sweep (predicted error vs kept ratio)", expanded=False):
+        if not st.toggle("Sweep budgets 0.30-0.95", **common.bind("sweep_on", False)):
+            st.caption("Solves every compared method at 14 budgets under the current error model and constraints.")
+            return
+        constraints = _kept_constraints()
+        if constraints is None:
+            st.caption("Fix the layer constraints first.")
+            return
+        key = "" if constraints.is_empty else constraints.key()
+        methods = tuple(m for m in common.kept("compare_methods", DEFAULT_METHODS) if m != "ars")
+        frame = sweep(profile, profile_id, methods, common.error_model_params(profile).to_dict(), key)
+        try:
+            records = ResultStore(common.cache_dir()).all()
+        except CacheIndexError:
+            records = []
+        st.plotly_chart(figures.budget_sweep_figure(frame, tables.measured_points(records, profile.fingerprint)),
+                        key="sweep_fig")
 
 
 def ars_section() -> None:
@@ -202,7 +337,7 @@ def start_ars_training(budgets: str, preset: str, device: str) -> None:
 @st.fragment(run_every=1)
 def ars_progress() -> None:
     """Polls the ARS training job; when it ends, forget cached solves and redraw the comparison."""
-    state = common.show_job(ARS_JOB, "ARS training")
+    state = common.show_job(ARS_JOB, "ARS training", kind="ars")
     if state is None or not state.done:
         return
     if st.session_state.get(ARS_SEEN) != state.id:
@@ -224,4 +359,5 @@ st.caption(f"{profile.model_source} · {profile.decomposition} · {len(profile.l
 with st.expander("Upload a plan", expanded=False):
     upload_section()
 live_allocation()
+sweep_section()
 ars_section()

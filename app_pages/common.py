@@ -21,13 +21,14 @@ from lems_core.profile import Profile, ProfileError, synthetic_profile
 
 SYNTHETIC = "synthetic"  # picker value of the synthetic demo profile
 PROFILE_KEY = "profile_choice"
-# Widget keys whose values must survive page switches (Streamlit drops the state of
-# widgets that are not drawn in a run unless it is re-assigned every run).
-PERSISTENT_KEYS = (
-    PROFILE_KEY, "budget", "em_energy_power", "em_ref_ratio", "em_use_scale", "em_alpha", "em_gamma",
-    "em_bias_form", "compare_methods", "plan_method",
-)
+# Widget keys re-assigned at the top of every run (the sidebar's profile picker, drawn
+# on every page). The other controls keep their values through ``bind``.
+PERSISTENT_KEYS = (PROFILE_KEY,)
 EM_DEFAULTS = ErrorModelParams()
+KEPT = "_kept_values"  # session_state[KEPT]: {control key: value}, never a widget key, never cleaned up
+PAGE_KEY = "_current_page"  # set by app.py before the page runs
+DRAWN_ON = "_drawn_on_page"  # {control key: page that last drew its widget}
+EM_KEYS = ("em_energy_power", "em_ref_ratio", "em_use_scale", "em_alpha", "em_gamma", "em_bias_form")
 
 
 def keep_widget_state() -> None:
@@ -35,6 +36,56 @@ def keep_widget_state() -> None:
     for key in PERSISTENT_KEYS:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
+
+
+def kept(key: str, default=None):
+    """The remembered value of control ``key`` (``default`` until it is first set).
+
+    Streamlit forgets a widget's state when a run does not draw it (another page, a
+    collapsed fragment), and the browser may send defaults on return; the value kept
+    here is a plain session-state entry that survives both.
+    """
+    store = st.session_state.setdefault(KEPT, {})
+    if key not in store:
+        store[key] = st.session_state[key] if key in st.session_state else default
+    return store[key]
+
+
+def set_kept(key: str, value) -> None:
+    """Change a control's remembered value (from a callback or before its widget is drawn)."""
+    st.session_state.setdefault(KEPT, {})[key] = value
+    st.session_state[key] = value
+
+
+def bind(key: str, default=None, on_change=None, args: tuple = (), allowed=None) -> dict:
+    """Keyword arguments for a widget whose value must hold across pages and reruns.
+
+    Seeds the widget from the kept value before it is drawn (so never pass ``value=``,
+    ``index=`` or ``default=`` with it) and keeps the value when the user changes it;
+    ``on_change(*args)`` runs after that. With ``allowed`` (the widget's options), a kept
+    value that is no longer an option (another profile) is dropped from a list, or falls
+    back to ``default``.
+    """
+    value = kept(key, default)
+    if allowed is not None:
+        allowed = list(allowed)
+        value = [v for v in value if v in allowed] if isinstance(value, list) else (
+            value if value in allowed else default)
+        st.session_state[KEPT][key] = value
+    # Assign when the widget is drawn anew (another page drew it last: the widget there is a different
+    # one), lost its state, or disagrees; not on every rerun, because an assignment makes Streamlit push
+    # the value to the browser, which would clobber keypresses still in flight (a slider held down).
+    page, drawn = st.session_state.get(PAGE_KEY), st.session_state.setdefault(DRAWN_ON, {})
+    if key not in st.session_state or st.session_state[key] != value or drawn.get(key) != page:
+        st.session_state[key] = value
+    drawn[key] = page
+    return {"key": key, "on_change": _remember, "args": (key, on_change, tuple(args))}
+
+
+def _remember(key: str, then=None, args: tuple = ()) -> None:
+    st.session_state.setdefault(KEPT, {})[key] = st.session_state[key]
+    if then is not None:
+        then(*args)
 
 
 @st.cache_resource
@@ -111,7 +162,10 @@ def current_profile_id() -> str:
     choice = st.session_state.get(PROFILE_KEY, SYNTHETIC)
     if choice == SYNTHETIC:
         return SYNTHETIC
-    return f"{choice}@{(Path(choice) / 'profile.json').stat().st_mtime}"
+    try:
+        return f"{choice}@{(Path(choice) / 'profile.json').stat().st_mtime}"
+    except OSError:  # removed or set aside meanwhile: current_profile() reports it
+        return f"{choice}@missing"
 
 
 def current_profile() -> Profile:
@@ -136,65 +190,104 @@ def error_model_params(profile: Profile) -> ErrorModelParams:
     The scale is only used when the profile has KL measurements, and then the shape must be
     normalised where they were measured, so the reference ratio follows the profile.
     """
-    init_error_model_state(profile)
-    ss = st.session_state
-    use_scale = bool(ss.em_use_scale) and profile.kl_ref is not None
+    defaults = error_model_defaults(profile)
+    v = {key: kept(key, defaults[key]) for key in EM_KEYS}
+    use_scale = bool(v["em_use_scale"]) and profile.kl_ref is not None
     return ErrorModelParams(
-        energy_power=int(ss.em_energy_power), ref_ratio=float(profile.ref_ratio if use_scale else ss.em_ref_ratio),
-        use_scale=use_scale, alpha=float(ss.em_alpha), gamma=float(ss.em_gamma), bias_form=str(ss.em_bias_form))
+        energy_power=int(v["em_energy_power"]), ref_ratio=float(profile.ref_ratio if use_scale else v["em_ref_ratio"]),
+        use_scale=use_scale, alpha=float(v["em_alpha"]), gamma=float(v["em_gamma"]), bias_form=str(v["em_bias_form"]))
+
+
+FIT_BUDGET = 0.8  # the app's default budget: the bias controls start from the profile's fit nearest to it
+
+
+def error_model_defaults(profile: Profile) -> dict:
+    """The error-model controls' defaults: the reference's settings at the profile's reference ratio,
+    with the depth bias the profile fitted (the reference LEMS always fits it) when it has one."""
+    from lems_core.allocators import fitted_params
+
+    found = fitted_params(profile, FIT_BUDGET)
+    bias = found[0] if found is not None else EM_DEFAULTS
+    return {
+        "em_energy_power": EM_DEFAULTS.energy_power, "em_ref_ratio": float(profile.ref_ratio),
+        "em_use_scale": EM_DEFAULTS.use_scale and profile.kl_ref is not None, "em_alpha": float(bias.alpha),
+        "em_gamma": float(bias.gamma), "em_bias_form": bias.bias_form,
+    }
+
+
+def bias_fit_caption(profile: Profile) -> str:
+    """Where the bias controls' defaults come from."""
+    from lems_core.allocators import fitted_params
+
+    found = fitted_params(profile, FIT_BUDGET)
+    if found is None:
+        return "This profile has no bias fit: the defaults are the fixed α=0, γ=5 (LEMS with a fixed bias)."
+    params, at = found
+    return (f"Defaults: the profile's bias fit at {at:g} (10 seeded trials scored by KL, as the reference LEMS): "
+            f"α={params.alpha:.3f}, γ={params.gamma:.3f}.")
 
 
 def init_error_model_state(profile: Profile) -> None:
-    """Seed the error-model widget keys with the reference defaults (profile's reference ratio)."""
-    defaults = {
-        "em_energy_power": EM_DEFAULTS.energy_power, "em_ref_ratio": float(profile.ref_ratio),
-        "em_use_scale": EM_DEFAULTS.use_scale and profile.kl_ref is not None, "em_alpha": EM_DEFAULTS.alpha,
-        "em_gamma": EM_DEFAULTS.gamma, "em_bias_form": EM_DEFAULTS.bias_form,
-    }
-    for key, value in defaults.items():
-        st.session_state.setdefault(key, value)
+    """Seed the kept error-model values with the reference defaults (profile's reference ratio)."""
+    for key, value in error_model_defaults(profile).items():
+        kept(key, value)
+
+
+def reset_error_model(profile: Profile) -> None:
+    """Back to the reference defaults (a button's on_click: runs before the widgets are drawn)."""
+    for key, value in error_model_defaults(profile).items():
+        set_kept(key, value)
 
 
 def error_model_controls(profile: Profile) -> None:
     """Widgets for the shape (energy power, reference ratio), scale (on/off) and bias terms."""
-    init_error_model_state(profile)
+    defaults = error_model_defaults(profile)
     shape, scale, bias = st.columns(3)
     with shape:
         st.markdown("**Shape** S_l: residual spectral energy")
-        st.radio("Energy power", (2, 1), horizontal=True, key="em_energy_power",
+        st.radio("Energy power", (2, 1), horizontal=True, **bind("em_energy_power", defaults["em_energy_power"]),
                  help="2: energy Σσ² (reference 'energy2'); 1: Σσ")
-        st.slider("Reference ratio", 0.05, 0.9, step=0.05, key="em_ref_ratio",
-                  disabled=bool(st.session_state.em_use_scale) and profile.kl_ref is not None,
+        st.slider("Reference ratio", 0.05, 0.9, step=0.05, **bind("em_ref_ratio", defaults["em_ref_ratio"]),
+                  disabled=bool(kept("em_use_scale", defaults["em_use_scale"])) and profile.kl_ref is not None,
                   help="Where the shape is normalised to 1. With the scale on it is the profile's measurement "
                        f"point ({profile.ref_ratio:g}); turn the scale off to move it.")
     with scale:
         st.markdown("**Scale** KL_l: measured end-to-end KL")
-        st.toggle("Use measured KL scale", key="em_use_scale", disabled=profile.kl_ref is None,
-                  on_change=_follow_profile_ref_ratio, args=(float(profile.ref_ratio),),
+        st.toggle("Use measured KL scale", disabled=profile.kl_ref is None,
+                  **bind("em_use_scale", defaults["em_use_scale"], _follow_profile_ref_ratio, (float(profile.ref_ratio),)),
                   help="Off: spectrum-only model (every layer equally important up to shape and bias).")
         if profile.kl_ref is None:
             st.caption("This profile has no KL measurements.")
     with bias:
         st.markdown("**Bias** β_b: depth multiplier")
-        bias_controls()
+        bias_controls(profile)
+    st.button("Reset error model to defaults", key="em_reset", on_click=reset_error_model, args=(profile,),
+              icon=":material/restart_alt:",
+              help="Energy power 2, measured KL scale at the profile's reference ratio, and the profile's fitted "
+                   "harmonic bias (α=0, γ=5 when it has no fit).")
 
 
-def bias_controls() -> None:
-    """Form, alpha and gamma of the depth bias (shared keys, so every page shows the same values)."""
+def bias_controls(profile: Profile | None = None) -> None:
+    """Form, alpha and gamma of the depth bias (kept values, so every page shows the same ones);
+    they start from the profile's fitted bias when it has one."""
     from lems_core.error_model import BIAS_FORMS
 
-    st.selectbox("Bias form", BIAS_FORMS, key="em_bias_form",
+    d = error_model_defaults(profile) if profile is not None else {
+        "em_bias_form": EM_DEFAULTS.bias_form, "em_alpha": EM_DEFAULTS.alpha, "em_gamma": EM_DEFAULTS.gamma}
+    st.selectbox("Bias form", BIAS_FORMS, **bind("em_bias_form", d["em_bias_form"]),
                  help="harmonic = the reference's harmonicv2 (methods.md §1.2); constant disables the bias")
-    st.slider("Bias α (concentration on early blocks)", 0.0, 3.0, step=0.1, key="em_alpha",
+    st.slider("Bias α (concentration on early blocks)", 0.0, 3.0, step=0.01, **bind("em_alpha", d["em_alpha"]),
               help="Harmonic exponent: 0 = linear from 1+γ (first block) to 1 (last); larger α puts the extra "
                    "weight on the first few blocks.")
-    st.slider("Bias γ (strength)", 0.0, 10.0, step=0.5, key="em_gamma",
+    st.slider("Bias γ (strength)", 0.0, 10.0, step=0.01, **bind("em_gamma", d["em_gamma"]),
               help="Errors in the first block weigh 1+γ times those in the last block.")
+    if profile is not None:
+        st.caption(bias_fit_caption(profile))
 
 
 def _follow_profile_ref_ratio(ref_ratio: float) -> None:
     if st.session_state.em_use_scale:
-        st.session_state.em_ref_ratio = ref_ratio
+        set_kept("em_ref_ratio", ref_ratio)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -205,13 +298,22 @@ def devices() -> list[str]:
     return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
 
 
-def show_job(state_key: str, what: str) -> JobState | None:
+def show_job(state_key: str, what: str, kind: str | None = None) -> JobState | None:
     """Progress + cancel of the job whose id is in session_state[state_key], or its outcome
     when it ended badly (cancelled / failed, with the traceback). Call it from a
     ``st.fragment(run_every=1)``. Returns the job's snapshot (None when there is no job);
     a page shows its own success view when ``state.status == DONE``.
+
+    Jobs belong to the server, not to a browser session: when this session has no job
+    of ``kind`` (a reloaded page, a new tab) the newest running one is adopted, so its
+    progress shows and it can be cancelled from here.
     """
     job = job_registry().get(st.session_state.get(state_key))
+    if job is None and kind is not None:
+        running = job_registry().active(kind)
+        job = running[0] if running else None
+        if job is not None:
+            st.session_state[state_key] = job.id
     if job is None:
         return None
     state = job.snapshot()
@@ -251,10 +353,69 @@ def sidebar() -> None:
 
 @st.cache_data(ttl=20, show_spinner=False)
 def _cache_summary(folder: str) -> dict:
+    from lems_core.cache import CacheIndexError
     from lems_core.results import ResultStore
     from app_pages.tables import cache_summary
 
-    return cache_summary(Path(folder)) | {"results": len(ResultStore(folder).all())}
+    try:
+        results = len(ResultStore(folder).all())
+    except CacheIndexError:
+        results = "index unreadable"
+    return cache_summary(Path(folder)) | {"results": results}
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _cache_problems(folder: str, stamp: tuple) -> list:
+    """health.cache_problems, recomputed only when ``stamp`` (what changed on disk) does."""
+    from lems_core.health import cache_problems
+
+    return cache_problems(Path(folder))
+
+
+def _cache_stamp(folder: Path) -> tuple:
+    """Cheap signature of the entries cache_problems reads: names and modification times."""
+    def mtimes(pattern: str) -> tuple:
+        out = []
+        for p in sorted(folder.glob(pattern)):
+            try:
+                out.append((p.name, p.lstat().st_mtime_ns))
+            except OSError:
+                out.append((p.name, None))
+        return tuple(out)
+    return mtimes("profiles/*/profile.json"), mtimes("profiles/*"), mtimes("plans/*.json"), mtimes("index/cache.db*")
+
+
+def _remove_problem(problem) -> None:
+    """Set one bad entry aside (health.remove_problem) and forget everything read from the cache."""
+    from lems_core.health import remove_problem
+
+    try:
+        moved = remove_problem(problem, cache_dir())
+    except OSError as exc:
+        st.session_state["cache_problem_message"] = f"Could not remove {problem.path}: {exc}"
+    else:
+        st.session_state["cache_problem_message"] = (f"Moved {problem.path.name} to {moved}" if moved
+                                                     else f"Deleted unreadable index row {problem.rowid}")
+    st.cache_data.clear()
+    _load_profile.clear()
+
+
+def cache_problems_panel() -> None:
+    """Every unreadable cache entry, with a button that sets just that one aside (sidebar, every page)."""
+    problems = _cache_problems(str(cache_dir()), _cache_stamp(cache_dir()))
+    message = st.session_state.pop("cache_problem_message", None)
+    if message:
+        st.success(message)
+    if not problems:
+        return
+    with st.expander(f":material/warning: {len(problems)} unreadable cache entr{'y' if len(problems) == 1 else 'ies'}",
+                     expanded=True):
+        st.caption("These are skipped everywhere else. Removing one moves it to the cache's quarantine/ folder "
+                   "(an undecodable index row is deleted); nothing else is touched.")
+        for i, problem in enumerate(problems):
+            st.markdown(f"**{problem.kind}** `{problem.path}`" + (f" row {problem.rowid}" if problem.rowid else ""))
+            st.caption(problem.reason[:300])
+            st.button("Remove", key=f"remove_cache_problem_{i}", on_click=_remove_problem, args=(problem,))
 
 
 def _cache_status() -> None:
@@ -263,5 +424,6 @@ def _cache_status() -> None:
     with st.expander("Cache", expanded=False):
         st.caption(f"`{cache_dir()}`")
         st.caption(" · ".join(f"{k}: {v}" for k, v in summary.items()))
+    cache_problems_panel()
     if running:
         st.info(f"{len(running)} background job(s) running: " + ", ".join(j.name for j in running))

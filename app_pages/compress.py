@@ -1,14 +1,17 @@
 """Compress & evaluate: run chosen plans on the real model in the background, keep the results."""
 from functools import partial
+from pathlib import Path
 
 import streamlit as st
 
 from lems_core import pipeline
 from lems_core.allocators import MODEL_SCORED, allocate
-from lems_core.cache import saved_plans
+from lems_core.cache import CacheIndexError, saved_plans
+from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.results import ResultStore
+from lems_core.zero_shot import PAPER_TASKS, is_local_task
 from app_pages import common, figures, tables
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
@@ -93,32 +96,83 @@ def run_form(plans: dict[str, RankPlan]) -> None:
                  "slower, cached per plan.")
         col1, col2, col3, col4 = st.columns(4)
         datasets = col1.multiselect("Datasets", DATASETS, default=["wikitext2"])
-        windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 16, step=8,
-                                    help="Evaluate at most this many sequences per dataset (faster, noisier).")
-        seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3 if "cuda" in devices else 1)
+        quick = col2.toggle("Quick protocol", value=False,
+                            help=f"Reference protocol (default): all {REFERENCE_EVAL.seq_len}-token windows, as the "
+                                 f"paper. Quick: the first {QUICK_EVAL.max_windows} windows of {QUICK_EVAL.seq_len} "
+                                 "tokens (minutes on a CPU); results are marked 'quick' and are not comparable "
+                                 "with published numbers.")
+        windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 0, step=8,
+                                    help="Only with the reference protocol: evaluate at most this many windows "
+                                         "(the result is then marked 'custom').")
+        seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3,
+                                 help="Only with the reference protocol (2048 = the paper's).")
         device = col4.selectbox("Device", devices)
+        zero_shot_choice = zero_shot_form()
         submitted = st.form_submit_button("Compress & evaluate", type="primary")
     if not submitted:
         return
     selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text))
-    if not selected or not datasets:
-        st.error("Choose at least one plan and one dataset.")
+    zero_shot = zero_shot_options(*zero_shot_choice)
+    if zero_shot is None:
+        return
+    if not selected or not (datasets or zero_shot):
+        st.error("Choose at least one plan and one dataset (or zero-shot task).")
         return
     if common.job_registry().active("eval"):
         st.error("An evaluation is already running; wait for it or cancel it.")
         return
     task = partial(pipeline.evaluate_and_store, profile=profile, cache_dir=common.cache_dir(),
                    params=common.error_model_params(profile), decomposition=factorise_with or None,
-                   datasets=list(datasets), max_windows=int(windows) or None, seq_len=int(seq_len), device=device)
+                   datasets=list(datasets), device=device,
+                   **eval_protocol_options(quick, int(windows), int(seq_len)), **zero_shot)
     job = common.job_registry().submit(f"evaluate {len(selected)} plan(s)", for_each, task,
                                        list(selected.values()), meta={"kind": "eval"})
     st.session_state[EVAL_JOB] = job.id
 
 
+def zero_shot_form() -> tuple[bool, list[str], str, int]:
+    """Zero-shot accuracy (lm-eval) inside the form: on/off, hub tasks (the paper's eight), local YAMLs, doc cap."""
+    on = st.toggle("Zero-shot accuracy (lm-eval)", value=False, key="zero_shot_on",
+                   help="acc and acc_norm of the compressed and the dense model (dense cached per task), as the paper "
+                        "(num_fewshot 0). Slow: the paper's eight tasks take hours on a CPU for the full sets.")
+    z1, z2, z3 = st.columns([3, 2, 1])
+    hub = z1.multiselect("Tasks", PAPER_TASKS, default=list(PAPER_TASKS), key="zero_shot_tasks",
+                         help="lm-eval tasks (default: the paper's eight); their data comes from the Hugging Face hub.")
+    local = z2.text_input("…and/or local task YAMLs", placeholder="path/to/task.yaml, …", key="zero_shot_local",
+                          help="Tasks in lm-eval's YAML format with local data (e.g. dataset_path: json + a jsonl); "
+                               "they run offline.")
+    limit = z3.number_input("Docs per task (0 = all)", 0, 1_000_000, 0, step=100, key="zero_shot_limit",
+                            help="Score at most this many documents per task (faster, noisier; 0 = the full set).")
+    return on, hub, local, int(limit)
+
+
+def zero_shot_options(on: bool, hub: list[str], local: str, limit: int) -> dict | None:
+    """evaluate_plan's tasks / task_limit for the form's choice, {} when off, None (after st.error) when unusable."""
+    if not on:
+        return {}
+    paths = [p.strip() for p in local.split(",") if p.strip()]
+    bad = [p for p in paths if not is_local_task(p) or not Path(p).expanduser().is_file()]
+    if bad:
+        st.error(f"Local zero-shot tasks must be existing .yaml files: {', '.join(bad)}")
+        return None
+    tasks = [*hub, *paths]
+    if not tasks:
+        st.error("Zero-shot accuracy is on: choose at least one task.")
+        return None
+    return {"tasks": tasks, "task_limit": limit or None}
+
+
+def eval_protocol_options(quick: bool, windows: int, seq_len: int) -> dict:
+    """evaluate_plan's max_windows / seq_len for the form's choice (quick overrides the other two)."""
+    if quick:
+        return {"max_windows": QUICK_EVAL.max_windows, "seq_len": QUICK_EVAL.seq_len}
+    return {"max_windows": windows or None, "seq_len": seq_len}
+
+
 @st.fragment(run_every=1)
 def job_panel() -> None:
     """Progress and cancel of the running evaluation; one full rerun when it ends, to refresh the results."""
-    state = common.show_job(EVAL_JOB, "evaluation")
+    state = common.show_job(EVAL_JOB, "evaluation", kind="eval")
     if state is None or not state.done:
         return
     common.rerun_app_once(state, EVAL_SEEN)
@@ -133,7 +187,11 @@ def job_panel() -> None:
 
 def results_section() -> None:
     """Stored results as a table and perplexity vs realised ratio per method."""
-    records = ResultStore(common.cache_dir()).all()
+    try:
+        records = ResultStore(common.cache_dir()).all()
+    except CacheIndexError as exc:  # the sidebar's cache problems list offers to set the index aside
+        st.error(f"Stored results cannot be shown: {exc}")
+        return
     show_all = st.toggle("Results of all models", value=False, key="results_all")
     if not show_all:
         records = [r for r in records if r.get("fingerprint") == profile.fingerprint]
@@ -141,10 +199,17 @@ def results_section() -> None:
         st.info("No stored results for this model yet.")
         return
     frame = tables.results_frame(records)
+    if "protocol" in frame and (frame["protocol"] != "reference").any():
+        st.caption("Rows whose protocol is not 'reference' (quick: 16 x 512 tokens; custom) are not comparable "
+                   "with the paper's 2048-token, all-window numbers.")
     datasets = tables.ppl_datasets(frame)
     if datasets:
         dataset = st.radio("Dataset", datasets, horizontal=True, key="results_dataset")
         st.plotly_chart(figures.ppl_vs_ratio_figure(frame, dataset), key="ppl_ratio_fig")
+    metrics = tables.zero_shot_metrics(frame)
+    if metrics:
+        metric = st.radio("Zero-shot accuracy", metrics, horizontal=True, key="results_zero_shot")
+        st.plotly_chart(figures.accuracy_vs_ratio_figure(frame, metric), key="acc_ratio_fig")
     st.dataframe(frame, hide_index=True)
 
 

@@ -20,14 +20,23 @@ from lems_core.error_model import ErrorModelParams, depth_bias, residual_energy,
 from lems_core.model import KINDS
 from lems_core.profile import Profile
 
-from app_pages.tables import layer_table, method_label, ranks_frame
+from lems_core.budget import layer_param_cost
+
+from app_pages.tables import layer_table, method_label
 
 KIND_COLORS = dict(zip(KINDS, px.colors.qualitative.Plotly))
 METHOD_COLORS = {"lems": "#1f77b4", "uniform": "#7f7f7f", "svdllm_v2": "#ff7f0e", "mrcs": "#2ca02c",
                  "asvd": "#9467bd", "ars": "#8c564b", "atp": "#e377c2", "uploaded": "#17becf",
                  "erc_plc": "#bcbd22", "lcsvd_search": "#d62728"}
-_LABELLED_ROWS = 16  # heatmaps with at most this many blocks get cell labels
+_LABELLED_ROWS = 40  # heatmaps with at most this many blocks get cell labels (the demo has 30, 8B models 32)
 _LOG_FLOOR = 1e-12  # residual energy reaches exactly 0 at full rank; log axes need > 0
+REFERENCE_LINE = "#8c8c8c"  # reference/dense lines: mid grey reads on light and dark themes
+PPL_CEILING = 1e4  # perplexities above this (diverged runs) are drawn at the top edge, marked "off scale"
+
+
+def heatmap_labelled(rows: int) -> bool:
+    """Whether a block x kind heatmap of ``rows`` blocks draws its cell labels (captions say so)."""
+    return rows <= _LABELLED_ROWS
 
 
 # --------------------------------------------------------------------- spectra
@@ -40,7 +49,7 @@ def spectra_figure(profile: Profile, names: list[str]) -> go.Figure:
         fig.add_trace(go.Scatter(x=np.arange(1, len(sigma) + 1), y=np.maximum(sigma, _LOG_FLOOR), mode="lines",
                                  **styles[name]))
     fig.update_layout(title=_titled("Singular values", profile, names), xaxis_title="index i", yaxis_title="σ_i",
-                      yaxis_type="log", legend_title="kind", height=440, margin=dict(t=70, b=40))
+                      yaxis_type="log", legend_title="kind · block", height=440, margin=dict(t=70, b=40))
     return fig
 
 
@@ -55,9 +64,9 @@ def residual_energy_figure(profile: Profile, names: list[str], power: int = 2, r
         fig.add_trace(go.Scatter(x=ranks / max(layer.eq_rank, 1), y=np.maximum(resid, _LOG_FLOOR), mode="lines",
                                  **styles[name]))
     if ref_ratio is not None:
-        fig.add_vline(x=ref_ratio, line_dash="dot", annotation_text=f"reference {ref_ratio:g}")
+        fig.add_vline(x=ref_ratio, line_dash="dot", line_color=REFERENCE_LINE, annotation_text=f"reference {ref_ratio:g}")
     fig.update_layout(title=_titled(f"Residual energy (power {power}) vs kept ratio", profile, names),
-                      xaxis_title="rank / eq rank", yaxis_title="1 − E(r)/E", yaxis_type="log", legend_title="kind",
+                      xaxis_title="rank / eq rank", yaxis_title="1 − E(r)/E", yaxis_type="log", legend_title="kind · block",
                       height=440, margin=dict(t=70, b=40))
     return fig
 
@@ -97,7 +106,7 @@ def error_curves_figure(profile: Profile, names: list[str], params: ErrorModelPa
                                      legendgroup=layer.kind, hovertemplate=styles[name]["hovertemplate"]))
     fig.update_layout(title=_titled("Fitted error curves (lines) vs measured KL (x)", profile, names),
                       xaxis_title="kept ratio c = r / eq rank", yaxis_title="KL (scale × shape)", yaxis_type="log",
-                      legend_title="kind", height=440, margin=dict(t=70, b=40))
+                      legend_title="kind · block", height=440, margin=dict(t=70, b=40))
     return fig
 
 
@@ -117,69 +126,198 @@ def heatmap_figure(grid: pd.DataFrame, title: str, colorbar: str, text: pd.DataF
                    diverging: bool = False, zrange: tuple[float, float] | None = None) -> go.Figure:
     """A block (rows) x kind (columns) heatmap; ``diverging`` centres a red-blue scale on 0.
 
-    Cells are labelled (with ``text``, else the value) when there are at most 16 blocks.
+    Cells are labelled (with ``text``, else the value) when ``heatmap_labelled`` says so.
+    Built as a plain spec (``_figure``): the Allocate page draws one per method on every
+    budget move.
     """
     z = grid.to_numpy(dtype=float)
-    labelled = len(grid) <= _LABELLED_ROWS
+    labelled = heatmap_labelled(len(grid))
     if diverging:
         bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() and np.nanmax(np.abs(z)) > 0 else 1.0
         zrange = (-bound, bound)
-    heat = go.Heatmap(
-        z=z, x=list(grid.columns), y=list(grid.index), colorscale="RdBu" if diverging else "Viridis",
-        zmin=None if zrange is None else zrange[0], zmax=None if zrange is None else zrange[1],
-        colorbar=dict(title=colorbar),
-        text=None if text is None else text.to_numpy(), hovertemplate=_heat_hover(text is not None),
-        texttemplate=("%{text}" if text is not None else "%{z:.2f}") if labelled else None, textfont=dict(size=10))
-    fig = go.Figure(heat)
-    fig.update_layout(title=title, xaxis_title="kind", yaxis_title="block", height=max(300, 60 + 14 * len(grid)),
-                      margin=dict(t=50, b=40))
-    fig.update_yaxes(autorange="reversed", dtick=1 if labelled else None)
-    return fig
+    heat = dict(
+        type="heatmap", z=z, x=list(grid.columns), y=list(grid.index), colorscale="RdBu" if diverging else "Viridis",
+        colorbar=dict(title=dict(text=colorbar)), hovertemplate=_heat_hover(text is not None),
+        textfont=dict(size=10 if len(grid) <= 16 else 8))
+    if zrange is not None:
+        heat |= dict(zmin=zrange[0], zmax=zrange[1])
+    if text is not None:
+        heat["text"] = text.to_numpy()
+    if labelled:
+        heat["texttemplate"] = "%{text}" if text is not None else "%{z:.2f}"
+    return _figure([heat], dict(
+        title=dict(text=title), xaxis=dict(title=dict(text="kind")),
+        yaxis=dict(title=dict(text="block"), autorange="reversed", **({"dtick": 1} if labelled else {})),
+        height=max(300, 60 + (14 if len(grid) > _LABELLED_ROWS else 18) * len(grid)), margin=dict(t=50, b=40)))
+
+
+def _figure(data: list[dict], layout: dict) -> go.Figure:
+    """A Figure from a plain spec, without Plotly's per-property validation (about 4x faster).
+
+    Only for the figures redrawn on every slider move, whose property names are fixed
+    here and checked by tests/test_figures.py (a typo would pass silently otherwise).
+    """
+    return go.Figure(dict(data=data, layout=layout), _validate=False)
+
+
+def per_block_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]],
+                     labels: Mapping[str, str] | None = None) -> go.Figure:
+    """Kept fraction of every block (params kept / dense params of its layers), one line per method.
+
+    One point per block and method instead of one bar per layer and method (1,050 bars
+    for five methods on the demo); the per-layer detail is in the heatmaps' hover.
+    """
+    blocks = np.array([l.block for l in profile.layers])
+    dense = np.bincount(blocks, weights=[l.params for l in profile.layers], minlength=profile.num_blocks)
+    traces = []
+    for method, ranks in allocations.items():
+        costs = [layer_param_cost(l.out_features, l.in_features, ranks.get(l.name)) for l in profile.layers]
+        kept = np.bincount(blocks, weights=costs, minlength=profile.num_blocks)
+        dense_layers = np.bincount(blocks, weights=[c == l.params for c, l in zip(costs, profile.layers)],
+                                   minlength=profile.num_blocks)
+        traces.append(dict(
+            type="scatter", x=np.arange(profile.num_blocks), y=kept / np.maximum(dense, 1), mode="lines+markers",
+            name=(labels or {}).get(method, method_label(method)), line=dict(color=METHOD_COLORS.get(_base(method))),
+            customdata=dense_layers, hovertemplate="block %{x}: kept %{y:.3f}, %{customdata:.0f} dense layer(s)"))
+    return _figure(traces, dict(title=dict(text="Kept fraction per block"), xaxis=dict(title=dict(text="block")),
+                                yaxis=dict(title=dict(text="params kept / dense params"), range=[0, 1.05]),
+                                height=360, margin=dict(t=50, b=40)))
 
 
 def per_layer_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]]) -> go.Figure:
-    """Kept fraction of every layer, grouped bars per method."""
-    fig = go.Figure()
-    for method, ranks in allocations.items():
-        frame = ranks_frame(profile, ranks)
-        fig.add_trace(go.Bar(x=np.arange(len(frame)), y=frame["kept fraction"], name=method_label(method),
-                             marker_color=METHOD_COLORS.get(method),
-                             hovertext=[f"{n}: rank {'dense' if d else int(r)}"
-                                        for n, r, d in zip(frame["name"], frame["rank"], frame["dense"])]))
-    fig.update_layout(barmode="group", title="Kept fraction per layer", xaxis_title="layer (model order)",
-                      yaxis_title="rank params / dense params", height=380, bargap=0.1, margin=dict(t=50, b=40))
-    return fig
+    """Deprecated name of ``per_block_figure`` (the per-layer bars were unreadable on real models)."""
+    return per_block_figure(profile, allocations)
 
 
-def error_by_block_figure(profile: Profile, errors: Mapping[str, Mapping[str, float]]) -> go.Figure:
-    """Predicted error summed per block, one bar group per label (``tables.predicted_error_tables`` output)."""
+def error_by_block_figure(profile: Profile, errors: Mapping[str, Mapping[str, float]],
+                          labels: Mapping[str, str] | None = None) -> go.Figure:
+    """Predicted error summed per block, one line per label (``tables.predicted_error_tables`` output).
+
+    Log y: the first block (bias 1 + γ and the largest KL) is orders of magnitude above
+    the rest, which a linear axis flattens to zero. Blocks left fully dense (error 0)
+    are gaps.
+    """
     blocks = np.array([l.block for l in profile.layers])
-    fig = go.Figure()
+    traces = []
     for label, per_layer in errors.items():
         sums = np.bincount(blocks, weights=[per_layer[l.name] for l in profile.layers], minlength=profile.num_blocks)
-        fig.add_trace(go.Bar(x=np.arange(profile.num_blocks), y=sums, name=method_label(label),
-                             marker_color=METHOD_COLORS.get(label)))
-    fig.update_layout(barmode="group", title="Predicted error per block (current error model)",
-                      xaxis_title="block", yaxis_title="Σ ε_l", height=340, margin=dict(t=50, b=40))
+        traces.append(dict(type="scatter", x=np.arange(profile.num_blocks), y=np.where(sums > 0, sums, np.nan),
+                           mode="lines+markers", name=(labels or {}).get(label, method_label(label)),
+                           line=dict(color=METHOD_COLORS.get(_base(label))), hovertemplate="block %{x}: Σ ε = %{y:.3g}"))
+    return _figure(traces, dict(title=dict(text="Predicted error per block (current error model)"),
+                                xaxis=dict(title=dict(text="block")),
+                                yaxis=dict(title=dict(text="Σ ε_l (log)"), type="log"), height=340,
+                                margin=dict(t=50, b=40)))
+
+
+def budget_sweep_figure(sweep: pd.DataFrame, measured: pd.DataFrame | None = None) -> go.Figure:
+    """Predicted error against realised ratio per method (lines, log y), measured KL overlaid (x, right axis).
+
+    ``sweep`` is ``tables.sweep_frame``; ``measured`` is ``tables.measured_points`` (stored
+    results of this model). The two are on separate log axes: the surrogate is not in KL units.
+    """
+    fig = go.Figure()
+    for method, rows in sweep.groupby("method", sort=False):
+        fig.add_trace(go.Scatter(x=rows["realised ratio"], y=rows["predicted error"], mode="lines+markers",
+                                 name=f"{method} (predicted)", line=dict(color=METHOD_COLORS.get(_base(method))),
+                                 hovertemplate="ratio %{x:.3f}: Σ ε = %{y:.3g}"))
+    if measured is not None and not measured.empty:
+        for method, rows in measured.groupby("method", sort=False):
+            fig.add_trace(go.Scatter(x=rows["realised ratio"], y=rows["kl"], mode="markers", yaxis="y2",
+                                     name=f"{method} (measured KL)", marker=dict(symbol="x", size=10,
+                                     color=METHOD_COLORS.get(_base(method))),
+                                     customdata=rows["protocol"], hovertemplate="ratio %{x:.3f}: KL %{y:.3g} "
+                                                                                "(%{customdata})"))
+        fig.update_layout(yaxis2=dict(title="measured KL (log)", type="log", overlaying="y", side="right"))
+    fig.update_layout(title="Budget sweep: predicted error vs kept ratio", xaxis_title="realised param ratio",
+                      yaxis_title="Σ ε (log)", yaxis_type="log", height=420, margin=dict(t=50, b=40))
     return fig
 
 
 # --------------------------------------------------------------------- results
 def ppl_vs_ratio_figure(frame: pd.DataFrame, dataset: str, ratio_column: str = "realised_ratio") -> go.Figure:
-    """Perplexity on one dataset against the realised param ratio: colour = method, dash = decomposition."""
+    """Perplexity on one dataset against the realised param ratio.
+
+    One line per (method, decomposition, protocol): results measured with different
+    windows / sequence lengths are never joined (LEMS@0.8 is 65.9 on 16 x 512 tokens and
+    52.0 on all 2048-token windows; both are right). Axes are fitted to the finite
+    data: x to the ratios measured, y (log) from below the dense perplexity to the
+    largest value under ``PPL_CEILING``; diverged runs above it sit on the top edge as
+    triangles, with the real value in the hover.
+    """
     column, dense = f"ppl {dataset}", f"dense ppl {dataset}"
-    if column not in frame or frame[column].isna().all():
+    if column not in frame or ratio_column not in frame or frame[column].isna().all():
         return go.Figure(layout=dict(title=f"No perplexity on {dataset} yet", height=200))
+    data = frame.copy()
+    data[column] = pd.to_numeric(data[column], errors="coerce")
+    data[ratio_column] = pd.to_numeric(data[ratio_column], errors="coerce")
+    data = data[np.isfinite(data[column]) & (data[column] > 0) & np.isfinite(data[ratio_column])]
+    if data.empty:
+        return go.Figure(layout=dict(title=f"No finite perplexity on {dataset} yet", height=200))
+    data = data.sort_values(ratio_column)
+    dense_ppl = float(data[dense].median()) if dense in data and data[dense].notna().any() else None
+    in_range = data.loc[data[column] <= PPL_CEILING, column]
+    low = min([float(data[column].min())] + ([dense_ppl] if dense_ppl else []))
+    high = float(in_range.max()) if not in_range.empty else PPL_CEILING
+    top = min(PPL_CEILING, high) * 1.3
+    keys = [c for c in ("method", "decomposition", "protocol") if c in data]
+    several = {c: data[c].nunique() > 1 for c in keys}
+    fig = go.Figure()
+    for group, rows in (data.groupby(keys, sort=False, dropna=False) if keys else [((), data)]):
+        group = group if isinstance(group, tuple) else (group,)
+        values = dict(zip(keys, group))
+        name = " · ".join(str(values[c]) for c in keys if c == "method" or several[c]) or "results"
+        off = rows[column] > PPL_CEILING
+        method = str(values.get("method", ""))
+        fig.add_trace(go.Scatter(
+            x=rows[ratio_column], y=np.where(off, top / 1.15, rows[column]), mode="lines+markers", name=name,
+            line=dict(color=METHOD_COLORS.get(_METHOD_KEYS.get(method, method)),
+                      dash=_DASHES[sorted(data["protocol"].unique()).index(values["protocol"]) % len(_DASHES)]
+                      if "protocol" in values and several.get("protocol") else "solid"),
+            marker=dict(symbol=np.where(off, "triangle-up", "circle"), size=np.where(off, 11, 7)),
+            customdata=rows[[column] + [c for c in _HOVER if c in rows]].astype(object).to_numpy(),
+            hovertemplate="ratio %{x:.4f}<br>ppl %{customdata[0]:.4g}"
+                          + "".join(f"<br>{c} %{{customdata[{i + 1}]}}" for i, c in enumerate(c for c in _HOVER if c in rows))
+                          + f"<extra>{name}</extra>"))
+    if dense_ppl:
+        fig.add_hline(y=dense_ppl, line_dash="dot", line_color=REFERENCE_LINE, annotation_text="dense")
+    lo_x, hi_x = float(data[ratio_column].min()), float(data[ratio_column].max())
+    pad = max(0.02, 0.05 * (hi_x - lo_x))
+    fig.update_xaxes(range=[max(0.0, lo_x - pad), min(1.05, hi_x + pad)])
+    fig.update_yaxes(type="log", range=[np.log10(low / 1.3), np.log10(top)])
+    off_scale = int((data[column] > PPL_CEILING).sum())
+    fig.update_layout(title=dict(text=f"Perplexity on {dataset} vs realised param ratio", subtitle=dict(
+                          text=f"{off_scale} diverged run(s) above {PPL_CEILING:g} drawn at the top edge (▲)"
+                          if off_scale else "one line per method, decomposition and protocol")),
+                      xaxis_title="realised param ratio", yaxis_title="perplexity (log)", height=440,
+                      margin=dict(t=70, b=40))
+    return fig
+
+
+_HOVER = ("budget", "decomposition", "protocol", "windows", "seq len", "kl")
+_METHOD_KEYS = {method_label(k): k for k in METHOD_COLORS}
+
+
+def _base(label: str) -> str:
+    """The method key of a comparison label ("uploaded" stays itself)."""
+    return _METHOD_KEYS.get(label, label)
+
+
+def accuracy_vs_ratio_figure(frame: pd.DataFrame, column: str, ratio_column: str = "realised_ratio") -> go.Figure:
+    """A zero-shot accuracy column ("mean acc", "acc piqa", ...) against the realised param ratio, per method."""
+    if column not in frame or frame[column].isna().all():
+        return go.Figure(layout=dict(title=f"No {column} yet", height=200))
     data = frame.dropna(subset=[column]).sort_values(ratio_column)
     several = "decomposition" in data and data["decomposition"].nunique() > 1
     fig = px.line(data, x=ratio_column, y=column, color="method" if "method" in data else None, markers=True,
-                  line_dash="decomposition" if several else None, log_y=True,
-                  hover_data=[c for c in ("budget", "decomposition", "kl", "device") if c in data],
+                  line_dash="decomposition" if several else None,
+                  hover_data=[c for c in ("budget", "decomposition", "device") if c in data],
                   color_discrete_map={method_label(k): v for k, v in METHOD_COLORS.items()})
+    dense = f"dense {column}"
     if dense in data and data[dense].notna().any():
         fig.add_hline(y=float(data[dense].median()), line_dash="dot", annotation_text="dense")
-    fig.update_layout(title=f"Perplexity on {dataset} vs realised param ratio", xaxis_title="realised param ratio",
-                      yaxis_title="perplexity", height=420, margin=dict(t=50, b=40))
+    fig.update_layout(title=f"Zero-shot {column} vs realised param ratio", xaxis_title="realised param ratio",
+                      yaxis_title=column, height=420, margin=dict(t=50, b=40))
     return fig
 
 
@@ -194,15 +332,14 @@ def _block_dashes(profile: Profile, names: list[str]) -> dict[int, str]:
 
 
 def _line_styles(profile: Profile, names: list[str]) -> dict[str, dict]:
-    """Scatter kwargs per layer: colour by kind, dash by block, one legend entry per kind."""
-    dashes, shown, styles = _block_dashes(profile, names), set(), {}
+    """Scatter kwargs per layer: colour by kind, dash by block; the legend names both (grouped by kind)."""
+    dashes, styles = _block_dashes(profile, names), {}
     for name in names:
         layer = profile.layer(name)
         styles[name] = dict(
-            name=layer.kind, legendgroup=layer.kind, showlegend=layer.kind not in shown,
+            name=f"{layer.kind} · block {layer.block}", legendgroup=layer.kind, legendgrouptitle_text=layer.kind,
             line=dict(color=KIND_COLORS.get(layer.kind), width=1.5, dash=dashes[layer.block]),
             hovertemplate=f"{name}<br>x=%{{x:.3g}}, y=%{{y:.3g}}<extra>block {layer.block}</extra>")
-        shown.add(layer.kind)
     return styles
 
 

@@ -2,9 +2,10 @@
 import streamlit as st
 
 from lems_core import pipeline
-from lems_core.calibration import PRESETS
+from lems_core.calibration import PRESETS, default_preset, preset as calibration_preset
 from lems_core.decompositions import METHODS
 from lems_core.jobs import DONE
+from lems_core.memory import MemoryBudgetError, parse_bytes
 from app_pages import common, tables
 
 BUILD_JOB = "build_job_id"
@@ -26,6 +27,8 @@ def show_profile_summary() -> None:
         col.metric(label, summary[label])
     st.caption(" · ".join(f"**{k}**: {v}" for k, v in summary.items()
                           if k not in ("Model", "Decomposition", "Blocks", "Compressible params")))
+    with st.expander(f"Model card: {summary['Model']}", expanded=False, key="model_card"):
+        st.markdown("\n".join(f"- **{k}**: {v}" for k, v in tables.model_card(profile).items()))
     if profile.calibration:
         st.caption("Calibration: " + ", ".join(f"{k}={v}" for k, v in profile.calibration.items()))
     st.markdown("**Layers by kind**")
@@ -45,21 +48,30 @@ def build_form() -> None:
         col1, col2, col3 = st.columns(3)
         decomposition = col1.selectbox("Decomposition", METHODS, index=_index(METHODS, "kfac"))
         preset = col2.selectbox("Calibration preset", list(PRESETS),
-                                index=_index(list(PRESETS), "gpu-small" if "cuda" in device_options else "cpu"),
-                                format_func=lambda n: f"{n} ({PRESETS[n].n_samples}x{PRESETS[n].seq_len})")
+                                index=_index(list(PRESETS), default_preset(device_options[0])),
+                                format_func=lambda n: f"{n} ({PRESETS[n].n_samples}x{PRESETS[n].seq_len}, "
+                                                      f"{PRESETS[n].n_search} search)")
         device = col3.selectbox("Device", device_options)
+        budget = st.text_input("Memory budget", value="", placeholder="what the device has",
+                               help="memory for statistics + decomposition, e.g. 24GB or 512MB; blocks are "
+                                    "processed in windows that fit it (empty: what the device has free)")
         submitted = st.form_submit_button("Build profile", type="primary")
     if submitted:
+        try:
+            max_memory = parse_bytes(budget) if budget.strip() else None
+        except MemoryBudgetError as exc:
+            st.error(str(exc))
+            return
         job = common.job_registry().submit(
             f"build {source} / {decomposition}", pipeline.build_profile, source, decomposition,
-            calibration=PRESETS[preset], device=device, meta={"kind": "build"})
+            calibration=calibration_preset(preset), device=device, max_memory=max_memory, meta={"kind": "build"})
         st.session_state[BUILD_JOB] = job.id
 
 
 @st.fragment(run_every=1)
 def build_progress() -> None:
     """Polls the build job: progress bar and cancel, then the outcome."""
-    state = common.show_job(BUILD_JOB, "build")
+    state = common.show_job(BUILD_JOB, "build", kind="build")
     if state is None or not state.done:
         return
     if state.status == DONE:

@@ -16,6 +16,7 @@ if profile.kl_ref is None:
     st.info("This profile has no KL measurements; the error model falls back to shape × bias.")
 else:
     st.plotly_chart(figures.kl_scale_figure(profile), key="kl_scale_fig")
+st.caption(tables.kl_floor_caption(profile))
 
 st.subheader("Fitted error curves vs measured points")
 ratios = tables.measured_ratios(profile)
@@ -24,9 +25,10 @@ st.caption("Lines: scale × shape for the current error model (no bias: each poi
            + ("" if len(ratios) > 1 else " Only the reference point is measured, so every line passes through "
               "its cross by construction; extra measured ratios test the shape."))
 col1, col2 = st.columns(2)
-blocks = col1.multiselect("Blocks", list(range(profile.num_blocks)), default=tables.default_blocks(profile.num_blocks),
-                          key="sens_blocks")
-kinds = col2.multiselect("Kinds", list(KINDS), default=["q", "down"], key="sens_kinds")
+blocks = col1.multiselect("Blocks", list(range(profile.num_blocks)),
+                          **common.bind("sens_blocks", tables.default_blocks(profile.num_blocks),
+                                       allowed=range(profile.num_blocks)))
+kinds = col2.multiselect("Kinds", list(KINDS), **common.bind("sens_kinds", ["q", "down"], allowed=KINDS))
 names = tables.select_layers(profile, blocks, kinds)
 if names:
     st.plotly_chart(figures.error_curves_figure(profile, names, params), key="error_curves_fig")
@@ -36,6 +38,8 @@ else:
 st.subheader("Bias: depth multiplier")
 left, right = st.columns([1, 2])
 with left:
-    common.bias_controls()
+    common.bias_controls(profile)
+    st.button("Reset error model to defaults", key="em_reset_sensitivity", on_click=common.reset_error_model,
+              args=(profile,), icon=":material/restart_alt:")
 right.plotly_chart(figures.depth_bias_figure(profile.num_blocks, common.error_model_params(profile)),
                    key="depth_bias_fig")

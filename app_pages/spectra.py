@@ -12,9 +12,10 @@ st.caption(f"Singular values of the **{profile.decomposition}** matrices (whiten
 blocks = list(range(profile.num_blocks))
 kinds = [k for k in KINDS if any(l.kind == k for l in profile.layers)]
 col1, col2, col3 = st.columns([3, 3, 1])
-chosen_blocks = col1.multiselect("Blocks", blocks, default=tables.default_blocks(profile.num_blocks), key="spec_blocks")
-chosen_kinds = col2.multiselect("Kinds", kinds, default=kinds, key="spec_kinds")
-power = col3.radio("Energy power", (2, 1), horizontal=True, key="spec_power",
+chosen_blocks = col1.multiselect("Blocks", blocks, **common.bind("spec_blocks", tables.default_blocks(profile.num_blocks),
+                                                                      allowed=blocks))
+chosen_kinds = col2.multiselect("Kinds", kinds, **common.bind("spec_kinds", kinds, allowed=kinds))
+power = col3.radio("Energy power", (2, 1), horizontal=True, **common.bind("spec_power", 2),
                    help="2 = energy σ² (reference 'energy2'), 1 = σ")
 names = tables.select_layers(profile, chosen_blocks, chosen_kinds)
 
@@ -28,8 +29,9 @@ else:
     right.plotly_chart(figures.residual_energy_figure(profile, names, power, profile.ref_ratio), key="residual_fig")
 
 st.subheader("Energy kept, block x kind")
-ratio = st.slider("Kept ratio c (rank = int(c · eq rank))", 0.05, 0.95, float(profile.ref_ratio), 0.05,
-                  key="spec_ratio", help=f"The profile's reference ratio is {profile.ref_ratio:g}.")
+ratio = st.slider("Kept ratio c (rank = int(c · eq rank))", 0.05, 0.95, step=0.05,
+                  **common.bind("spec_ratio", float(profile.ref_ratio)),
+                  help=f"The profile's reference ratio is {profile.ref_ratio:g}.")
 grid = tables.energy_kept_grid(profile, ratio, power)
 st.plotly_chart(figures.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
                 key="energy_grid_fig")

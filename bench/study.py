@@ -31,7 +31,7 @@ from lems_core.pipeline import (calibration_windows, compressed, factorizations_
 from lems_core.plan import plan_from_allocation
 from lems_core.profile import Profile
 
-ALLOCATORS = ["uniform", "lems", "lems_fit", "svdllm_v2", "atp", "mrcs", "asvd", "ars", "erc_plc", "lcsvd_search"]
+ALLOCATORS = ["uniform", "lems", "lems_fixed", "lems_fit", "lems_mp", "svdllm_v2", "atp", "mrcs", "asvd", "ars", "erc_plc", "lcsvd_search"]
 DECOMPOSITIONS = ["svd", "asvd", "fwsvd", "svd_llm", "svd_llm_v2", "kfac", "saes", "erc", "lcsvd"]
 
 
@@ -89,9 +89,10 @@ def run(args) -> list[str]:
     lines += ["", f"Settings: demo SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), CPU; calibration "
               f"{cfg.n_samples}x{cfg.seq_len} tokens of WikiText-2 validation (seed {cfg.seed}), search set "
               f"{cfg.n_search}x{cfg.seq_len}; perplexity on the first {windows.shape[0]} non-overlapping "
-              f"{args.seq_len}-token windows of WikiText-2 test; LEMS with reference defaults (energy power 2, "
-              f"ref ratio 0.1, KL scale, harmonic bias alpha=0 gamma=5); lems_fit = 10-trial seeded (alpha, gamma) "
-              f"search scored by KL on the search set."]
+              f"{args.seq_len}-token windows of WikiText-2 test; lems = the reference LEMS (energy power 2, "
+              f"ref ratio 0.1, KL scale, harmonic bias fitted in the profile at the nearest of its fit ratios); "
+              f"lems_fixed = the same with the fixed bias alpha=0 gamma=5; lems_fit = 10-trial seeded (alpha, gamma) "
+              f"search scored by KL on the search set at exactly this ratio."]
     return lines
 
 

@@ -58,11 +58,25 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    sidecar = {"sha256": sha256_file(tmp), "meta": meta or {}}
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    tmp, tmp_sidecar = _unique_temp(path), _unique_temp(path.with_suffix(".json"))
+    try:  # unique temporary names: two processes computing the same entry never share one
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp_sidecar.write_text(json.dumps({"sha256": sha256_file(tmp), "meta": meta or {}}))
+        os.replace(tmp, path)
+        os.replace(tmp_sidecar, path.with_suffix(".json"))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_sidecar.unlink(missing_ok=True)
+
+
+def _unique_temp(path: Path) -> Path:
+    """A new empty temporary file beside ``path`` (``.<name>.<random>.tmp``)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # not mkstemp's 0600: the cache may be shared
+    return Path(tmp)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
@@ -84,13 +98,70 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+class CacheIndexError(ValueError):
+    """The cache's index database cannot be opened (not a database, unreadable)."""
+
+
+CORRUPT_KEY = "\x00corrupt-key:"  # what a row whose key cannot be decoded is listed as
+
+
+def _safe_disk():
+    """diskcache's JSONDisk, hardened: a row it cannot decode reads as missing, never as pickle.
+
+    JSONDisk only ever writes raw zlib-compressed JSON; a row in pickle/text mode, with a
+    non-raw key or with a file name outside the index folder has been tampered with.
+    A bad value raises an OSError subclass, which diskcache treats as a missing entry
+    (``get`` returns the default); a bad key is listed as ``CORRUPT_KEY + <digest>``,
+    which matches no real key. ``health.cache_problems`` lists such rows.
+    """
+    import sqlite3
+    import zlib
+
+    import diskcache
+    from diskcache.core import MODE_BINARY, MODE_RAW
+
+    class SafeJSONDisk(diskcache.JSONDisk):
+        def get(self, key, raw):
+            try:
+                if not raw:
+                    raise ValueError("non-raw key")
+                return super().get(key, raw)
+            except (ValueError, zlib.error, TypeError, UnicodeDecodeError, RecursionError):
+                data = bytes(key) if isinstance(key, (bytes, sqlite3.Binary)) else str(key).encode()
+                return CORRUPT_KEY + hashlib.sha256(data).hexdigest()[:16]
+
+        def fetch(self, mode, filename, value, read):
+            if mode not in (MODE_RAW, MODE_BINARY) or (filename and (os.path.isabs(filename) or ".." in filename)):
+                raise CorruptEntryError(f"index row in mode {mode} / file {filename!r} was not written by JSONDisk")
+            try:
+                return super().fetch(mode, filename, value, read)
+            except (ValueError, zlib.error, TypeError, UnicodeDecodeError, RecursionError) as exc:
+                raise CorruptEntryError(f"index row cannot be decoded: {exc}") from exc
+
+    return SafeJSONDisk
+
+
+class CorruptEntryError(OSError):
+    """An index row that cannot be decoded (diskcache reads it as a missing entry)."""
+
+
+def index_folder(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "index"
+
+
 def index(cache_dir: Path | None = None):
-    """The diskcache index: JSON values, no eviction."""
+    """The diskcache index: JSON values, no eviction; CacheIndexError when its database is unreadable."""
+    import sqlite3
+
     import diskcache
 
-    folder = (cache_dir or default_cache_dir()) / "index"
+    folder = index_folder(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    return diskcache.Cache(str(folder), disk=diskcache.JSONDisk, eviction_policy="none", size_limit=2**40)
+    try:
+        return diskcache.Cache(str(folder), disk=_safe_disk(), eviction_policy="none", size_limit=2**40)
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise CacheIndexError(f"the cache index {folder / 'cache.db'} cannot be opened ({exc}); "
+                              "remove it from the sidebar's cache problems list to start a new one") from exc
 
 
 @dataclass(frozen=True)
@@ -129,9 +200,12 @@ def list_profiles(cache_dir: Path | None = None, include_demo: bool = True) -> l
     for folder, is_demo in folders:
         try:
             doc = json.loads((folder / "profile.json").read_text())
-            entries.append(ProfileEntry(folder, doc["model_source"], doc["decomposition"], doc["fingerprint"],
-                                        doc["calibration"], doc.get("meta", {}).get("created", ""), is_demo))
-        except (OSError, ValueError, KeyError) as exc:
+            meta = doc.get("meta") or {}
+            entries.append(ProfileEntry(folder, str(doc["model_source"]), str(doc["decomposition"]),
+                                        str(doc["fingerprint"]), dict(doc["calibration"]),
+                                        str(meta.get("created", "")), is_demo))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # a profile.json that is a list, garbage, unreadable: listed by health.cache_problems
             log.warning("skipping unreadable profile %s: %s", folder, exc)
     return sorted(entries, key=lambda e: (not e.is_demo, e.created), reverse=False)
 
@@ -142,13 +216,25 @@ def plans_dir(cache_dir: Path) -> Path:
 
 
 def saved_plans(cache_dir: Path) -> list[Path]:
-    """Saved plan files, newest first."""
+    """Saved plan files (regular files only: a dangling link or a folder named *.json is skipped), newest first."""
     folder = plans_dir(cache_dir)
-    files = folder.glob("*.json") if folder.is_dir() else []
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+    found = []
+    for path in (folder.glob("*.json") if folder.is_dir() else []):
+        try:
+            if path.is_file():
+                found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
 def folder_size(folder: Path) -> int:
     """Total bytes of the files under a folder (0 when missing)."""
     folder = Path(folder)
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    total = 0
+    for p in (folder.rglob("*") if folder.is_dir() else []):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:  # vanished or dangling: not counted
+            continue
+    return total

@@ -49,12 +49,20 @@ class LowRankLinear(nn.Module):
     @staticmethod
     def from_factors(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> "LowRankLinear":
         w = like.weight
-        module = LowRankLinear(right.shape[1], left.shape[0], left.shape[1], bias is not None, w.device, w.dtype)
+        # an accelerate-offloaded Linear's weight is a meta tensor: build on its hook's execution device
+        hook_device = getattr(getattr(like, "_hf_hook", None), "execution_device", None)
+        device = w.device if w.device.type != "meta" else (hook_device if hook_device is not None else left.device)
+        module = LowRankLinear(right.shape[1], left.shape[0], left.shape[1], bias is not None, device, w.dtype)
         with torch.no_grad():
             module.a.weight.copy_(right)
             module.b.weight.copy_(left)
             if bias is not None:
-                module.b.bias.copy_(bias)
+                if bias.device.type == "meta":
+                    from .offload import materialized  # offload.py sits beside model.py, below this module
+                    with materialized(like):
+                        module.b.bias.copy_(like.bias)
+                else:
+                    module.b.bias.copy_(bias)
         return module
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 # name -> (hub dataset, config, text field)
 HUB_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    # the same text through the standard wikitext detokeniser (lm-eval's wikitext task)
+    "wikitext2-detok": ("wikitext", "wikitext-2-raw-v1", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
     "c4": ("allenai/c4", "en", "text"),
 }
@@ -28,10 +32,58 @@ LOCAL_FILES = {
     ("wikitext2", "test"): ["wikitext-2-raw/wiki.test.raw"],
     ("wikitext2", "validation"): ["wikitext-2-raw/wiki.valid.raw", "wikitext-2/valid.tokens.txt"],
     ("wikitext2", "train"): ["wikitext-2-raw/wiki.train.raw", "wikitext-2/train.tokens.txt"],
+    ("wikitext2-detok", "test"): ["wikitext-2-raw/wiki.test.raw", "wikitext-2/test.tokens.txt"],
+    ("wikitext2-detok", "validation"): ["wikitext-2-raw/wiki.valid.raw", "wikitext-2/valid.tokens.txt"],
+    ("wikitext2-detok", "train"): ["wikitext-2-raw/wiki.train.raw", "wikitext-2/train.tokens.txt"],
     ("ptb", "validation"): ["ptb/ptb.valid.txt"],
     ("ptb", "test"): ["ptb/ptb.test.txt"],
     ("c4", "validation"): ["c4/c4-validation.json", "c4/c4-validation.jsonl"],
 }
+
+
+# Splits perplexity is measured on, in order of preference: the reference evaluates
+# WikiText-2 and PTB on *test* (methods.md §5.1, §9 "Evaluation"); C4 ships only a
+# validation shard locally and on the hub. PTB falls back to validation (with a
+# warning, and the split recorded in every result) when no test copy is found.
+EVAL_SPLITS = {"ptb": ("test", "validation"), "c4": ("validation",)}
+DETOKENISED = {"wikitext2-detok"}
+
+
+def canonical_dataset(name: str) -> str | None:
+    """The known corpus name for ``name`` or one of its aliases, else None (e.g. a path)."""
+    if not isinstance(name, str):
+        return None
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    return key if key in HUB_DATASETS else None
+
+
+def evaluation_split(name: str, allow_download: bool = False) -> str:
+    """The split perplexity is measured on for ``name`` (a known name or a file path).
+
+    The first preferred split with a local copy (or the first one when downloads
+    are allowed: the hub has every split); a fallback is announced with a warning.
+    """
+    key = canonical_dataset(name)
+    preferred = EVAL_SPLITS.get(key or "", ("test",))
+    if key is None or allow_download:
+        return preferred[0]
+    for split in preferred:
+        if has_local(key, split):
+            if split != preferred[0]:
+                warnings.warn(f"{key}: no local {preferred[0]} split under {data_dir()} "
+                              f"(e.g. {LOCAL_FILES[(key, preferred[0])][0]}); perplexity uses the {split} split",
+                              EvalSplitWarning, stacklevel=2)
+            return split
+    return preferred[0]  # nothing local: load_text says what is missing
+
+
+class EvalSplitWarning(UserWarning):
+    """Perplexity is measured on another split than the reference's (e.g. PTB validation)."""
+
+
+def has_local(name: str, split: str) -> bool:
+    """Whether a local copy of a known corpus's split exists under ``data_dir()``."""
+    return any((data_dir() / rel).is_file() for rel in LOCAL_FILES.get((name, split), []))
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -73,6 +125,8 @@ def load_text(name_or_path: str, split: str = "test", allow_download: bool = Fal
             rows = read_rows(local)
             if name == "c4":
                 rows = rows[:C4_DOCS]
+            if name in DETOKENISED:
+                rows = [wikitext_detokenize(r) for r in rows]
             return join_rows(rows), TextSource(name, split, str(local))
     if not allow_download:
         raise DataNotFoundError(
@@ -92,6 +146,8 @@ def _load_from_hub(name: str, split: str) -> tuple[str, TextSource]:
         rows = ds[field][:C4_DOCS]
     else:
         rows = datasets.load_dataset(dataset, config, split=split)[field]
+    if name in DETOKENISED:
+        rows = [wikitext_detokenize(r) for r in rows]
     return join_rows(rows), TextSource(name, split, f"hub:{dataset}/{config}")
 
 
@@ -119,3 +175,37 @@ def _json_rows(path: Path) -> list[str]:
 
 def join_rows(rows: list[str]) -> str:
     return "\n\n".join(rows)
+
+
+# --------------------------------------------------------------------------- wikitext detokeniser
+# The standard rules (lm-eval's ``wikitext`` task, Megatron's ``wikitext_detokenizer``),
+# applied per row. Both the tokenised files and the *raw* WikiText files (and so the
+# hub's wikitext-2-raw-v1, which the reference calibrates on) carry these markers;
+# the tokens files differ from the raw ones only by ``<unk>``, which no rule can undo.
+_DETOK_REPLACEMENTS = (
+    ("s '", "s'"),
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+)
+_DETOK_BRACKETS = (
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"),
+    (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"),
+    (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+)
+_DETOK_TAIL = (
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+)
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenisation markers (`` @-@ `` -> ``-``, `` , `` -> ``, ``, quotes, headings)."""
+    for old, new in _DETOK_REPLACEMENTS:
+        text = text.replace(old, new)
+    for pattern, repl in _DETOK_BRACKETS:
+        text = pattern.sub(repl, text)
+    for old, new in _DETOK_TAIL:
+        text = text.replace(old, new)
+    return text

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .budget import Ranks, dense_if_break_even
+from .derived import derived
 
 BIAS_FORMS = ("harmonic", "constant", "linear")
 
@@ -40,6 +41,10 @@ class ErrorModelParams:
             raise ValueError("ref_ratio must lie in (0, 1)")
         if self.bias_form not in BIAS_FORMS:
             raise ValueError(f"bias_form must be one of {BIAS_FORMS}")
+        for name in ("alpha", "gamma", "ref_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.gamma < 0 or self.alpha < 0:
             raise ValueError("alpha and gamma must be >= 0")
 
@@ -123,13 +128,27 @@ def predicted_errors(profile, ranks: Ranks, params: ErrorModelParams) -> dict[st
     Lets any allocation be scored under the same error model (e.g. uniform vs LEMS).
     """
     biases, scales = block_biases(profile, params), kl_scales(profile, params)
+    cums = energy_cumsums(profile, params.energy_power)
     out = {}
     for i, layer in enumerate(profile.layers):
         rank = dense_if_break_even(layer, ranks[layer.name])
         if rank is None:
             out[layer.name] = 0.0
             continue
-        scale = None if scales is None else float(scales[i])
-        err = layer_errors(profile.spectra[layer.name], np.array([rank]), layer.eq_rank, float(biases[i]), scale, params)
-        out[layer.name] = float(err[0])
+        # layer_errors at one rank, from the memoised cumulative energy (same arithmetic, no cumsum per call)
+        kept = cums[i]
+        total = kept[-1] if kept[-1] > 0 else 1.0
+        n = len(kept) - 1
+        ref = 1.0 - kept[min(max(reference_rank(layer.eq_rank, params.ref_ratio), 0), n)] / total
+        shape = (1.0 - kept[min(max(rank, 0), n)] / total) / max(ref, 1e-6)
+        scale = float(scales[i]) if (params.use_scale and scales is not None) else 1.0
+        out[layer.name] = float(float(biases[i]) * scale * shape)
     return out
+
+
+def energy_cumsums(profile, power: int) -> list[np.ndarray]:
+    """Per layer, [0, cumsum(sigma^power)] (what ``residual_energy`` sums), memoised on the profile."""
+    def compute() -> list[np.ndarray]:
+        return [np.concatenate([[0.0], np.cumsum(np.asarray(profile.spectra[l.name], dtype=np.float64) ** power)])
+                for l in profile.layers]
+    return derived(profile, ("energy_cumsums", power, id(profile.spectra)), compute)

@@ -38,6 +38,46 @@ def check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled by the user")
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How perplexity is measured: window length and how many windows (None = all).
+
+    ``reference`` is the reference's protocol (methods.md §5.1, §9 "Evaluation"):
+    2048-token non-overlapping windows over the whole split. ``quick`` (512 x the
+    first 16 windows) is minutes on a CPU but not comparable with published
+    numbers; every stored result records which one it used.
+    """
+
+    seq_len: int = 2048
+    max_windows: int | None = None
+
+    @property
+    def name(self) -> str:
+        return next((n for n, p in EVAL_PROTOCOLS.items() if p == self), "custom")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seq_len": self.seq_len, "max_windows": self.max_windows}
+
+
+EVAL_PROTOCOLS = {"reference": EvalProtocol(2048, None), "quick": EvalProtocol(512, 16)}
+REFERENCE_EVAL, QUICK_EVAL = EVAL_PROTOCOLS["reference"], EVAL_PROTOCOLS["quick"]
+
+
+def protocol_name(settings: dict | None) -> str:
+    """The protocol of a stored result's ``settings`` ("reference", "quick", "custom").
+
+    Results stored before the protocol was recorded are named from their
+    seq_len / max_windows (the old defaults 512 x 16 are "quick")."""
+    settings = settings or {}
+    recorded = settings.get("protocol")
+    if isinstance(recorded, dict) and isinstance(recorded.get("name"), str):
+        return recorded["name"]
+    seq_len, max_windows = settings.get("seq_len"), settings.get("max_windows")
+    if not isinstance(seq_len, int):
+        return "unknown"
+    return EvalProtocol(seq_len, max_windows).name
+
+
 @dataclass
 class PerplexityResult:
     ppl: float
@@ -48,7 +88,15 @@ class PerplexityResult:
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Tokenise once and cut into non-overlapping [n, seq_len] windows."""
+    """Tokenise once and cut into non-overlapping [n, seq_len] windows.
+
+    ``max_windows`` None means all; 0 or less is an error (it used to give no window
+    and a perplexity of infinity).
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seq_len
     if n == 0:

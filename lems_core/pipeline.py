@@ -8,8 +8,10 @@ safetensors; a corrupt or missing entry is recomputed, never trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,18 +21,24 @@ import numpy as np
 import torch
 
 from . import __version__
-from .allocators import MODEL_SCORED, Allocation, allocate, ars
+from .allocators import BIAS_FIT_RATIOS, MODEL_SCORED, Allocation, allocate, ars, profile_bias_fit
 from .cache import index, key_of, load_tensors, profiles_dir, save_tensors, tensor_path
 from .calibration import CalibrationConfig, SEARCH_SEED_OFFSET, sample_windows
 from .compression import compress_model, restore_dense
-from .data import load_text
+from .data import evaluation_split, load_text
 from .decompositions import (DecompositionOptions, DecompositionSpec, Decomposer, Factorization, MethodOptions, base_of,
                              check_decomposition, decomposition_names, spec_of)
 from .decompositions import BASE_DECOMPOSITION, RANK_DEPENDENT  # noqa: F401  (re-exported for the app and tests)
-from .evaluation import Cancelled, check_cancel, kl_to_reference, model_logits, perplexity, token_windows
-from .model import LayerInfo, LoadedModel, compressible_layers, load_model
+from .evaluation import (REFERENCE_EVAL, Cancelled, EvalProtocol, check_cancel, kl_to_reference, model_logits,
+                         perplexity, token_windows)
+from .model import LayerInfo, LoadedModel, check_device, compressible_layers, load_model
+from .plan import check_plan_layers
 from .profile import Profile, ProfileError
-from .sensitivity import layer_kl_sweep
+from .sensitivity import LOG_PROB_CACHE_BYTES, layer_kl_sweep
+from . import distributed
+from .memory import grad_gram_bytes, input_gram_bytes, available_memory
+from .zero_shot import ZeroShotResult, load_tasks, tasks_key, zero_shot
+from .streaming import decomposition_workspace, plan_stream, streamed_dir, streamed_factorizations
 from .statistics import (INPUT_GROUP, InputStats, Statistics, collect_fisher_rows, collect_grad_grams,
                          iter_block_input_stats)
 
@@ -53,7 +61,7 @@ def get_model(source: str, device: str | None = None) -> LoadedModel:
     """Load a model once per process (the demo takes ~30 s to load on CPU); keeps one."""
     from .model import default_device
 
-    key = (source, device or default_device())
+    key = (source, check_device(device or default_device()))
     with _MODEL_LOCK:
         if key not in _MODELS:
             _MODELS.clear()
@@ -61,11 +69,51 @@ def get_model(source: str, device: str | None = None) -> LoadedModel:
         return _MODELS[key]
 
 
+# One lock per loaded model: compression (``compressed``), ARS training and the
+# profile's KL sweep swap the shared model's Linears in place, so every job that
+# runs the model holds its lock for as long as it uses it. Re-entrant, because
+# evaluate_and_store allocates on the model and then evaluates under one hold.
+_LOCKS_GUARD = threading.Lock()
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+LOCK_POLL_SECONDS = 0.2
+
+
+def model_lock(loaded: LoadedModel) -> threading.RLock:
+    """The lock of ``loaded``'s model (one per model object, created on first use)."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(loaded.model)
+        if lock is None:
+            lock = _MODEL_LOCKS[loaded.model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def hold_model(loaded: LoadedModel, cancel: threading.Event | None = None,
+               progress: Progress | None = None) -> Iterator[LoadedModel]:
+    """Hold ``loaded``'s model lock for a `with` block: no other job sees its weights modified.
+
+    Waits for a job already using the model (reporting "waiting" through
+    ``progress``), and stays cancellable while waiting.
+    """
+    lock = model_lock(loaded)
+    waited = False
+    while not lock.acquire(timeout=LOCK_POLL_SECONDS):
+        check_cancel(cancel)
+        if progress and not waited:
+            progress(0.0, "waiting for another job that is using this model")
+        waited = True
+    try:
+        yield loaded
+    finally:
+        lock.release()
+
+
 # ------------------------------------------------------------------ data
 def calibration_windows(loaded: LoadedModel, cfg: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     text, _ = load_text(cfg.dataset, cfg.split)
-    calib = sample_windows(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed)
-    search = sample_windows(loaded.tokenizer, text, cfg.n_search, cfg.seq_len, cfg.seed + SEARCH_SEED_OFFSET)
+    calib = sample_windows(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.sampling)
+    search = sample_windows(loaded.tokenizer, text, cfg.n_search, cfg.seq_len, cfg.seed + SEARCH_SEED_OFFSET,
+                            cfg.sampling)
     return calib, search
 
 
@@ -142,10 +190,26 @@ def factorizations_for(
     loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str,
     options: DecompositionOptions | None = None, cache_dir: Path | None = None,
     progress: Progress | None = None, calib_ids: torch.Tensor | None = None,
+    max_memory: int | None = None, factor_dtype: str = "fp32", owned: set[str] | None = None,
 ) -> dict[str, Factorization]:
-    """Every layer's Factorization (cached as one safetensors file per model/config/method)."""
+    """Every layer's Factorization (cached as one safetensors file per model/config/method).
+
+    With ``max_memory`` (bytes for statistics + decomposition), or when the model's
+    Grams would not fit what the device has, or for one rank's ``owned`` layers, the
+    streamed path runs instead (``streaming.py``): windows of blocks, Grams freed per
+    layer, factors on disk per block in ``factor_dtype`` (a read-only Mapping).
+    """
     options = options or DecompositionOptions()
     layers = compressible_layers(loaded.model)
+    if max_memory is not None or owned is not None or not _grams_fit(loaded, layers, decomposition, options):
+        if calib_ids is None and spec_of(decomposition).needs:
+            calib_ids, _ = calibration_windows(loaded, cfg)
+        shard = None if owned is None else (distributed.context().rank, distributed.context().world)
+        folder = streamed_dir(loaded, statistics_key(cfg), decomposition, _options_dict(options), factor_dtype,
+                              cache_dir, shard)
+        plan = plan_stream(layers, decomposition, max_memory, loaded.device, options)
+        return streamed_factorizations(loaded, calib_ids, decomposition, options, folder, plan, factor_dtype, owned,
+                                       progress)
     key = key_of(loaded.fingerprint, statistics_key(cfg), decomposition, _options_dict(options))
     path = tensor_path("factors", key, cache_dir)
     cached = load_tensors(path)
@@ -164,6 +228,13 @@ def factorizations_for(
             progress(0.6 + 0.4 * (i + 1) / len(layers), f"decomposing {layer.name}")
     save_tensors(path, _factors_to_tensors(result), {"decomposition": decomposition})
     return result
+
+
+def _grams_fit(loaded: LoadedModel, layers: list[LayerInfo], decomposition: str, options: DecompositionOptions) -> bool:
+    """Whether the classic path (every Gram of the model held at once) fits what the device has free."""
+    needs = spec_of(decomposition).needs
+    grams = (input_gram_bytes(layers) if "inputs" in needs else 0) + (grad_gram_bytes(layers) if "grads" in needs else 0)
+    return grams + decomposition_workspace(layers, options.dtype) <= available_memory(loaded.device)
 
 
 def _options_dict(options: DecompositionOptions) -> dict:
@@ -200,40 +271,93 @@ def build_profile(
     cancel: threading.Event | None = None,
     force: bool = False,
     search_batch: int = 4,
+    max_memory: int | None = None,
+    factor_dtype: str = "fp32",
+    bias_fit_ratios: tuple[float, ...] = BIAS_FIT_RATIOS,
 ) -> Path:
-    """Compute (or reuse) the profile for (model, calibration, decomposition); return its folder."""
+    """Compute (or reuse) the profile for (model, calibration, decomposition); return its folder.
+
+    With the KL scale measured, the reference LEMS's (alpha, gamma) search runs at
+    ``bias_fit_ratios`` (10 seeded trials each, scored by KL on the search windows;
+    ``allocators.lems.profile_bias_fit``) and is stored in the profile (empty: skip).
+
+    ``max_memory`` bounds statistics + decomposition (bytes, default: what the device
+    has; ``streaming.py``); it does not enter the profile's key (the profile is the
+    same to float tolerance). Under torchrun the per-layer work is sharded across
+    ranks and rank 0 writes the profile (``distributed.py``).
+    """
     check_decomposition(decomposition)
     loaded = source if isinstance(source, LoadedModel) else get_model(source, device)
     options = options or DecompositionOptions()
     settings = {"ref_ratio": ref_ratio, "extra_ratios": sorted(extra_ratios), "scale": measure_scale,
                 "options": _options_dict(options)}
+    if tuple(bias_fit_ratios) != BIAS_FIT_RATIOS:  # the default fit stays out of the key
+        settings["bias_fit_ratios"] = sorted(bias_fit_ratios)
     folder = profiles_dir(cache_dir) / key_of(loaded.fingerprint, calibration.to_dict(), decomposition, settings)
-    if not force:
-        with contextlib.suppress(ProfileError):
-            return Profile.load(folder) and folder
+    if not force and distributed.broadcast_object(distributed.context(), _profile_readable(folder)):
+        return folder  # under torchrun rank 0 decides, so no rank waits alone in a merge
+    with hold_model(loaded, cancel, progress):
+        return _build_profile(loaded, decomposition, calibration, folder, settings, extra_ratios, ref_ratio,
+                              measure_scale, options, cache_dir, progress, cancel, search_batch, max_memory,
+                              factor_dtype, tuple(bias_fit_ratios))
+
+
+def _profile_readable(folder: Path) -> bool:
+    with contextlib.suppress(ProfileError):
+        return bool(Profile.load(folder))
+    return False
+
+
+def _build_profile(loaded: LoadedModel, decomposition: str, calibration: CalibrationConfig, folder: Path,
+                   settings: dict, extra_ratios: tuple[float, ...], ref_ratio: float, measure_scale: bool,
+                   options: DecompositionOptions, cache_dir: Path | None, progress: Progress | None,
+                   cancel: threading.Event | None, search_batch: int, max_memory: int | None = None,
+                   factor_dtype: str = "fp32", bias_fit_ratios: tuple[float, ...] = ()) -> Path:
+    """build_profile's work, with the model's lock held."""
     started = time.perf_counter()
     calib_ids, search_ids = calibration_windows(loaded, calibration)
     check_cancel(cancel)
     base = base_of(decomposition)  # rank-dependent methods profile their base spectra
-    factors = factorizations_for(loaded, calibration, base, options, cache_dir, stage(progress, 0, 0.4), calib_ids)
     layers = compressible_layers(loaded.model)
-    kl_ref, measured, dense = None, {}, {}
+    ctx = distributed.context()
+    owned = distributed.owned_layers(layers, ctx)  # None in a single process
+    factors = factorizations_for(loaded, calibration, base, options, cache_dir, stage(progress, 0, 0.4), calib_ids,
+                                 max_memory=max_memory, factor_dtype=factor_dtype, owned=owned)
+    spectra = getattr(factors, "spectra", None) or {n: f.sigma for n, f in factors.items()}
+    kl_ref, measured, dense, sweep, floor = None, {}, {}, {}, None
+    fit_here = bool(bias_fit_ratios) and measure_scale and ctx.world == 1  # the fit needs every layer's factors
     if measure_scale:
         ratios = [ref_ratio, *sorted(set(extra_ratios) - {ref_ratio})]
         sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search_ids, ratios,
-                                    batch_size=search_batch, progress=stage(progress, 0.4, 1.0), cancel=cancel)
+                                    batch_size=search_batch, progress=stage(progress, 0.4, 0.9 if fit_here else 1.0),
+                                    cancel=cancel, only=owned)
+        dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}
+        floor = {"kl": ref.floor, "reference_precision": ref.precision, "search_windows": int(search_ids.shape[0]),
+                 "seq_len": int(search_ids.shape[1])}
+    if ctx.world > 1:  # rank 0 merges every rank's layers and writes the one profile
+        merged = distributed.merge_at_main(ctx, spectra, sweep)
+        if not ctx.main:
+            distributed.barrier(ctx)
+            return folder
+        spectra, sweep = merged
+    if measure_scale:
         kl_ref = sweep.pop(ref_ratio)
         measured = sweep
-        dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}
     profile = Profile(
         model_source=loaded.source, fingerprint=loaded.fingerprint, decomposition=decomposition,
-        calibration=calibration.to_dict(), layers=layers, spectra={n: f.sigma for n, f in factors.items()},
+        calibration=calibration.to_dict(), layers=layers, spectra=spectra,
         ref_ratio=ref_ratio, kl_ref=kl_ref, measured=measured, dense=dense,
         meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
               "seconds": round(time.perf_counter() - started, 1), "lems_version": __version__,
-              "torch": torch.__version__, "device": str(loaded.device)},
+              "torch": torch.__version__, "device": str(loaded.device),
+              "max_memory": max_memory, "world_size": ctx.world},
+        kl_floor=floor,
     )
+    if fit_here:
+        scorer = make_kl_scorer(loaded, factors, search_ids, cancel=cancel)
+        profile.bias_fit = profile_bias_fit(profile, scorer, bias_fit_ratios, progress=stage(progress, 0.9, 1.0))
     profile.save(folder)
+    distributed.barrier(ctx)
     if progress:
         progress(1.0, "profile saved")
     return folder
@@ -251,9 +375,11 @@ def add_measured_points(
     new = sorted(set(ratios) - set(profile.measured) - {profile.ref_ratio})
     if not new:
         return profile
-    loaded, search_ids, factors = _profile_model(profile, device, cache_dir, stage(progress, 0, 0.1))
-    sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
-                              batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
+    loaded = _profile_loaded(profile, device)
+    with hold_model(loaded, cancel, progress):
+        loaded, search_ids, factors = _profile_model(profile, device, cache_dir, stage(progress, 0, 0.1))
+        sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
+                                  batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
     profile.measured.update(sweep)
     profile.save(folder)
     return profile
@@ -306,12 +432,16 @@ def _rank_dependent_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, 
 # ------------------------------------------------------------------ compression + evaluation
 @contextlib.contextmanager
 def compressed(loaded: LoadedModel, ranks: dict[str, int | None], factors: dict[str, Factorization]) -> Iterator[dict]:
-    """Compress the cached model in place for the duration of a `with` block, then restore it."""
-    originals = {name: loaded.model.get_submodule(name) for name in ranks}
-    try:
-        yield compress_model(loaded.model, ranks, lambda l: factors[l.name])
-    finally:
-        restore_dense(loaded.model, originals)
+    """Compress the cached model in place for the duration of a `with` block, then restore it.
+
+    Holds the model's lock (re-entrant) throughout, so no other job runs it meanwhile.
+    """
+    with hold_model(loaded):
+        originals = {name: loaded.model.get_submodule(name) for name in ranks}
+        try:
+            yield compress_model(loaded.model, ranks, lambda l: factors[l.name])
+        finally:
+            restore_dense(loaded.model, originals)
 
 
 @dataclass
@@ -333,19 +463,24 @@ class EvalResult:
     fingerprint: str
     settings: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    zero_shot: dict | None = None  # ZeroShotResult.to_dict() of the compressed model (lm-eval acc / acc_norm)
+    dense_zero_shot: dict | None = None  # the same tasks on the dense model (cached per task)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def dense_perplexity(loaded: LoadedModel, dataset: str, seq_len: int, max_windows: int | None,
-                     cache_dir: Path | None = None, cancel: threading.Event | None = None) -> float:
-    """Dense-model perplexity on a dataset, cached in the index."""
-    key = f"dense-ppl:{key_of(loaded.fingerprint, dataset, seq_len, max_windows)}"
+                     cache_dir: Path | None = None, cancel: threading.Event | None = None,
+                     split: str | None = None) -> float:
+    """Dense-model perplexity on a dataset's evaluation split, cached in the index."""
+    split = split or evaluation_split(dataset)
+    key = f"dense-ppl:{key_of(loaded.fingerprint, dataset, split, seq_len, max_windows)}"
     store = index(cache_dir)
-    if key in store:
-        return float(store[key])
-    text, _ = load_text(dataset, "test" if dataset != "ptb" else "validation")
+    cached = store.get(key)  # a corrupt row reads as missing
+    if isinstance(cached, (int, float)) and not isinstance(cached, bool):
+        return float(cached)
+    text, _ = load_text(dataset, split)
     value = perplexity(loaded.model, token_windows(loaded.tokenizer, text, seq_len, max_windows), cancel=cancel).ppl
     store[key] = value
     return value
@@ -354,8 +489,8 @@ def dense_perplexity(loaded: LoadedModel, dataset: str, seq_len: int, max_window
 def evaluate_plan(
     plan,
     datasets: list[str],
-    max_windows: int | None = 16,
-    seq_len: int = 512,
+    max_windows: int | None = REFERENCE_EVAL.max_windows,
+    seq_len: int = REFERENCE_EVAL.seq_len,
     device: str | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
@@ -363,20 +498,105 @@ def evaluate_plan(
     calibration: CalibrationConfig | None = None,
     with_kl: bool = True,
     decomposition: str | None = None,
+    tasks: list[str] | tuple[str, ...] = (),
+    task_limit: int | None = None,
 ) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
+
+    ``tasks`` (lm-eval names or local task YAMLs, see ``zero_shot``) add zero-shot
+    acc / acc_norm of the compressed and the dense model, ``task_limit`` documents per task.
 
     The plan must be for the loaded model (fingerprint check). Factorisations use
     the calibration config recorded in the plan (or `calibration`) and the plan's
     decomposition, or `decomposition` (any of ``decomposition_names()``: rank-dependent
     ones are computed for the plan's ranks); the result records the one used.
+    The defaults are the reference protocol (2048-token windows, all of them);
+    ``settings["protocol"]`` and ``settings["splits"]`` record what was measured.
     """
     started = time.perf_counter()
     decomposition = check_decomposition(decomposition or plan.decomposition)
+    _check_eval_sizes(seq_len, max_windows)
+    loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
     loaded = get_model(plan.model_source, device)
     if plan.fingerprint != loaded.fingerprint:
         raise ValueError(f"Plan is for model {plan.fingerprint}, but {plan.model_source} loads as {loaded.fingerprint}")
+    check_plan_layers(plan, compressible_layers(loaded.model))
     cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
+    if tasks:
+        _check_hf_tokenizer(loaded.tokenizer)
+    with hold_model(loaded, cancel, progress):
+        if not tasks:
+            return _evaluate_plan(plan, loaded, cfg, decomposition, datasets, max_windows, seq_len, progress, cancel,
+                                  cache_dir, with_kl, started)
+        result = _evaluate_plan(plan, loaded, cfg, decomposition, datasets, max_windows, seq_len,
+                                stage(progress, 0, 0.4), cancel, cache_dir, with_kl, started)
+        dense, scores = plan_zero_shot(plan, loaded, cfg, decomposition, list(tasks), task_limit, cache_dir,
+                                       stage(progress, 0.4, 1.0), cancel, loaded_tasks)
+        result.zero_shot, result.dense_zero_shot = scores.to_dict(), dense.to_dict()
+        result.seconds = round(time.perf_counter() - started, 1)
+        return result
+
+
+def plan_zero_shot(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, tasks: list[str],
+                   limit: int | None = None, cache_dir: Path | None = None, progress: Progress | None = None,
+                   cancel: threading.Event | None = None,
+                   loaded_tasks: dict | None = None) -> tuple[ZeroShotResult, ZeroShotResult]:
+    """(dense, compressed) zero-shot scores of ``plan`` on ``tasks``; the caller holds the model's lock.
+
+    ``loaded_tasks`` are ``load_tasks(tasks)`` (loaded here when not given); the factors
+    come from the cache ``_evaluate_plan`` just filled.
+    """
+    _check_hf_tokenizer(loaded.tokenizer)
+    loaded_tasks = loaded_tasks or load_tasks(tasks)
+    dense = dense_zero_shot(loaded, tasks, limit, cache_dir, stage(progress, 0, 0.45), cancel, loaded_tasks)
+    factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), cache_dir)
+    with compressed(loaded, plan.ranks(), factors):
+        scores = zero_shot(loaded.model, loaded.tokenizer, tasks, limit, progress=stage(progress, 0.45, 1.0),
+                           cancel=cancel, tasks=loaded_tasks)
+    return dense, scores
+
+
+def _check_hf_tokenizer(tokenizer) -> None:
+    """lm-eval's HFLM tokenises with a Hugging Face tokenizer; anything else is refused with this message."""
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ValueError(f"zero-shot evaluation needs a Hugging Face tokenizer, this model has {type(tokenizer).__name__}")
+
+
+def dense_zero_shot(loaded: LoadedModel, tasks: list[str], limit: int | None = None, cache_dir: Path | None = None,
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    loaded_tasks: dict | None = None) -> ZeroShotResult:
+    """Dense-model zero-shot scores, each task cached in the index (key: model, task + its local files, limit)."""
+    store = index(cache_dir)
+    keys = {spec: f"dense-zero-shot:{key_of(loaded.fingerprint, tasks_key([spec]), limit)}" for spec in tasks}
+    cached = {}
+    for spec, key in keys.items():
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):  # a corrupt row reads as missing
+            cached[spec] = ZeroShotResult.from_dict(store.get(key))
+    missing = [spec for spec in tasks if spec not in cached]
+    if missing:
+        fresh = zero_shot(loaded.model, loaded.tokenizer, missing, limit, progress=progress, cancel=cancel,
+                          tasks=loaded_tasks)
+        for spec, (name, score) in zip(missing, fresh.tasks.items()):
+            cached[spec] = ZeroShotResult({name: score}, fresh.settings | {"tasks": [spec]})
+            store[keys[spec]] = cached[spec].to_dict()
+    merged = {name: score for spec in tasks for name, score in cached[spec].tasks.items()}
+    return ZeroShotResult(merged, {"tasks": list(tasks), "num_fewshot": 0, "limit": limit})
+
+
+def _check_eval_sizes(seq_len: int, max_windows: int | None) -> None:
+    """Perplexity needs at least one window of at least two tokens (0 windows gave ppl = inf)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}")
+
+
+def _evaluate_plan(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, datasets: list[str],
+                   max_windows: int | None, seq_len: int, progress: Progress | None, cancel: threading.Event | None,
+                   cache_dir: Path | None, with_kl: bool, started: float) -> EvalResult:
+    """evaluate_plan's work, with the model's lock held (no other job can see the compressed weights)."""
     ranks = plan.ranks()
     factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, stage(progress, 0, 0.3))
     kl = None
@@ -384,13 +604,14 @@ def evaluate_plan(
     ref_logits, search_ids = None, None
     if with_kl:
         _, search_ids = calibration_windows(loaded, cfg)
-        ref_logits = model_logits(loaded.model, search_ids)
+        ref_logits = model_logits(loaded.model, search_ids, dtype=reference_logits_dtype(loaded, search_ids))
+    splits = {ds: evaluation_split(ds) for ds in datasets}
     for i, ds in enumerate(datasets):
-        dense_ppl[ds] = dense_perplexity(loaded, ds, seq_len, max_windows, cache_dir, cancel)
+        dense_ppl[ds] = dense_perplexity(loaded, ds, seq_len, max_windows, cache_dir, cancel, split=splits[ds])
     with compressed(loaded, ranks, factors):
         for i, ds in enumerate(datasets):
             check_cancel(cancel)
-            text, _ = load_text(ds, "test" if ds != "ptb" else "validation")
+            text, _ = load_text(ds, splits[ds])
             windows = token_windows(loaded.tokenizer, text, seq_len, max_windows)
             lo = 0.3 + 0.6 * i / len(datasets)
             ppl[ds] = perplexity(loaded.model, windows, progress=stage(progress, lo, lo + 0.6 / len(datasets)), cancel=cancel).ppl
@@ -404,26 +625,39 @@ def evaluate_plan(
         seconds=round(time.perf_counter() - started, 1), device=str(loaded.device),
         model_source=plan.model_source, fingerprint=plan.fingerprint,
         settings={"seq_len": seq_len, "max_windows": max_windows, "calibration": cfg.to_dict(),
-                  "plan_decomposition": plan.decomposition},
+                  "plan_decomposition": plan.decomposition,
+                  "protocol": EvalProtocol(seq_len, max_windows).to_dict(), "splits": splits},
     )
 
 
 def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor,
                    cancel: threading.Event | None = None) -> Callable[[dict], float]:
-    """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, §1.3)."""
-    ref_logits = model_logits(loaded.model, search_ids)
+    """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, §1.3).
+
+    Each call holds the model's lock, so scores from concurrent jobs never mix weights.
+    The dense logits are kept in float32 when they fit in ``LOG_PROB_CACHE_BYTES`` (no
+    bf16 KL floor, see sensitivity.py), else in bf16 as the reference.
+    """
+    with hold_model(loaded, cancel):
+        ref_logits = model_logits(loaded.model, search_ids, dtype=reference_logits_dtype(loaded, search_ids))
 
     def score(ranks: dict[str, int | None]) -> float:
-        with compressed(loaded, ranks, factors):
+        with hold_model(loaded, cancel), compressed(loaded, ranks, factors):
             return kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
     return score
 
 
+def reference_logits_dtype(loaded: LoadedModel, search_ids: torch.Tensor) -> torch.dtype:
+    """float32 when the search windows' logits fit in LOG_PROB_CACHE_BYTES, else bfloat16."""
+    vocab = int(getattr(getattr(loaded.model, "config", None), "vocab_size", 0) or 0)
+    return torch.float32 if 0 < search_ids.numel() * vocab * 4 <= LOG_PROB_CACHE_BYTES else torch.bfloat16
+
+
 def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor,
                     cancel: threading.Event | None = None) -> Callable[[dict], float]:
-    """score_fn(ranks) = perplexity on the search windows (ATP's grid search, §4.5)."""
+    """score_fn(ranks) = perplexity on the search windows (ATP's grid search, §4.5); holds the model's lock."""
     def score(ranks: dict[str, int | None]) -> float:
-        with compressed(loaded, ranks, factors):
+        with hold_model(loaded, cancel), compressed(loaded, ranks, factors):
             return perplexity(loaded.model, search_ids, cancel=cancel).ppl
     return score
 
@@ -433,13 +667,20 @@ def _profile_model(profile: Profile, device: str | None, cache_dir: Path | None,
 
     A rank-dependent decomposition's profile gets its base whitening's factors.
     """
+    loaded = _profile_loaded(profile, device)
+    cfg = CalibrationConfig.from_dict(profile.calibration)
+    with hold_model(loaded):
+        _, search_ids = calibration_windows(loaded, cfg)
+        base = base_of(profile.decomposition)
+        return loaded, search_ids, factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=progress)
+
+
+def _profile_loaded(profile: Profile, device: str | None) -> LoadedModel:
+    """The profile's model (its own source, never one named by a plan); it must match the fingerprint."""
     loaded = get_model(profile.model_source, device)
     if loaded.fingerprint != profile.fingerprint:
         raise ValueError(f"profile is for model {profile.fingerprint}, {profile.model_source} loads as {loaded.fingerprint}")
-    cfg = CalibrationConfig.from_dict(profile.calibration)
-    _, search_ids = calibration_windows(loaded, cfg)
-    base = base_of(profile.decomposition)
-    return loaded, search_ids, factorizations_for(loaded, cfg, base, cache_dir=cache_dir, progress=progress)
+    return loaded
 
 
 # ------------------------------------------------------------------ model-scored allocators
@@ -491,6 +732,29 @@ class PlanRequest:
     budget: float
 
 
+def plan_for_profile(plan, profile: Profile):
+    """(plan, calibration) to evaluate a plan that came from outside (upload, saved file) on ``profile``'s model.
+
+    Nothing the plan names is opened as given: it must be for the profile's model
+    (fingerprint) and cover exactly its layers; the model is the profile's own source;
+    the calibration is the profile's when the plan carries the same config, else the
+    plan's resolved by dataset *name* (``calibration.untrusted_calibration``).
+    Raises PlanError / ValueError with the reason.
+    """
+    from .calibration import untrusted_calibration
+    from .plan import PlanError
+
+    if plan.fingerprint != profile.fingerprint:
+        raise PlanError(f"plan is for model {plan.fingerprint!r}, the chosen profile's model is {profile.fingerprint!r}")
+    check_plan_layers(plan, profile.layers)
+    stored = plan.meta.get("calibration")
+    if not stored or stored == profile.calibration:
+        calibration = CalibrationConfig.from_dict(profile.calibration)
+    else:
+        calibration = untrusted_calibration(stored)
+    return dataclasses.replace(plan, model_source=profile.model_source), calibration
+
+
 def evaluate_and_store(item, progress: Progress | None = None, cancel: threading.Event | None = None, *,
                        profile: Profile, cache_dir: Path | None = None, params=None, decomposition: str | None = None,
                        device: str | None = None, **options) -> dict:
@@ -511,7 +775,7 @@ def evaluate_and_store(item, progress: Progress | None = None, cancel: threading
             return {"method": item.method, "budget": item.budget, "error": str(exc)}
         item = alloc.to_plan(profile, meta={"calibration": profile.calibration})
         progress = stage(progress, 0.5, 1.0)
-    calibration = CalibrationConfig.from_dict(item.meta.get("calibration") or profile.calibration)
+    item, calibration = plan_for_profile(item, profile)
     result = evaluate_plan(item, progress=progress, cancel=cancel, calibration=calibration, device=device,
                            cache_dir=cache_dir, decomposition=decomposition, **options)
     ResultStore(cache_dir).add(result)
@@ -521,7 +785,7 @@ def evaluate_and_store(item, progress: Progress | None = None, cancel: threading
 __all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for", "statistics_for", "get_model",
            "compressed", "make_kl_scorer", "make_ppl_scorer", "Cancelled", "calibration_windows", "plan_factorizations",
            "decomposition_names", "check_decomposition", "score_function", "allocate_on_model", "PlanRequest",
-           "evaluate_and_store"]
+           "evaluate_and_store", "hold_model", "model_lock", "plan_for_profile"]
 
 
 # ------------------------------------------------------------------ ARS training (allocators/ars.py)
@@ -616,10 +880,11 @@ def run_ars_job(profile_folder: str | Path, ratios: list[float], preset_name: st
     loaded = get_model(profile.model_source, device)
     config = ars.preset(preset_name)
     plans = []
-    for i, ratio in enumerate(ratios):
-        alloc = train_ars(loaded, profile, ratio, config, cache_dir, stage(progress, i / len(ratios), (i + 1) / len(ratios)),
-                          cancel)
-        plans.append(ars.allocation_to_plan(profile, alloc).to_dict())
+    with hold_model(loaded, cancel, progress):  # training swaps the model's Linears in place
+        for i, ratio in enumerate(ratios):
+            alloc = train_ars(loaded, profile, ratio, config, cache_dir,
+                              stage(progress, i / len(ratios), (i + 1) / len(ratios)), cancel)
+            plans.append(ars.allocation_to_plan(profile, alloc).to_dict())
     return plans
 
 
@@ -628,8 +893,8 @@ def launch_ars_training(registry, profile_folder: str | Path, ratios: list[float
     """Start ARS training as a background job of a ``jobs.JobRegistry`` (meta kind "ars").
 
     Training swaps the shared model's Linears in place for its duration (restored on
-    exit, cancel or error), like ``compressed``: do not evaluate the same model from
-    another job meanwhile.
+    exit, cancel or error), like ``compressed``; it holds the model's lock
+    (``hold_model``), so other jobs on the same model wait for it.
     """
     label = ", ".join(f"{r:g}" for r in ratios)
     return registry.submit(f"ARS training ({preset_name}) at {label}", run_ars_job, str(profile_folder),

@@ -11,17 +11,21 @@ factorisation of an m x n matrix stores r(m+n) parameters, a dense one m*n, and 
 rank r >= eq_rank = floor(mn/(m+n)) is stored as dense (break-even rule).
 
 The reference implementation stores allocations as ``{layer: ratio}`` with
-rank = int(ratio * eq_rank) ("loadconfig" files); ``to_loadconfig`` /
-``from_loadconfig`` convert to and from that format.
+rank = int(ratio * eq_rank), or ``{layer: rank}`` where the value is an integer
+("loadconfig" files); ``to_loadconfig`` / ``from_loadconfig`` convert to and from
+that format.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
 import os
 import re
+import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +33,7 @@ from typing import Mapping
 
 from .budget import eq_rank_of, layer_param_cost, normalise_rank  # noqa: F401  (re-exported)
 from .error_model import predicted_errors
+from .constraints import ConstraintError, LayerConstraints, layer_from_name
 from .model import LayerInfo
 
 PLAN_SCHEMA = "lems-rank-plan/1"
@@ -119,6 +124,7 @@ class RankPlan:
     layers: list[LayerPlan]
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     meta: dict = field(default_factory=dict)
+    constraints: dict | None = None  # LayerConstraints.to_dict() the allocation honoured, or None
 
     @property
     def summary(self) -> dict:
@@ -149,6 +155,7 @@ class RankPlan:
             "summary": self.summary,
             "created": self.created,
             "meta": self.meta,
+            **({} if self.constraints is None else {"constraints": self.constraints}),
         }
 
     def to_json(self) -> str:
@@ -188,6 +195,7 @@ class RankPlan:
             layers=layer_plans,
             created=str(doc.get("created", "")),
             meta=_optional_dict(doc, "meta") or {},
+            constraints=_parse_constraints(doc.get("constraints"), layer_plans, layers),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -207,28 +215,65 @@ class RankPlan:
 
     @staticmethod
     def load(path: str | Path, layers: list[LayerInfo] | None = None, fingerprint: str | None = None) -> "RankPlan":
-        path = Path(path)
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
-            raise PlanError(f"{path} is too large ({size} bytes > {MAX_PLAN_BYTES}); not a rank plan")
-        return RankPlan.from_json(path.read_bytes(), layers=layers, fingerprint=fingerprint)
+        """Read and validate a plan file; PlanError for anything that is not a regular, readable plan file.
+
+        Devices, FIFOs and folders are refused before opening (``/dev/zero`` would never end),
+        and at most MAX_PLAN_BYTES + 1 bytes are read.
+        """
+        return RankPlan.from_json(read_plan_bytes(path), layers=layers, fingerprint=fingerprint)
+
+    @property
+    def content_hash(self) -> str:
+        """8 hex digits identifying what the plan does (model, method, decomposition, budget, ranks, constraints)."""
+        identity = [self.fingerprint, self.method, self.decomposition, round(self.budget, 6),
+                    sorted((l.name, l.rank) for l in self.layers), getattr(self, "constraints", None)]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     # ------------------------------------------------------------ reference format
-    def to_loadconfig(self) -> dict[str, float]:
+    def to_loadconfig(self, as_ranks: bool = False) -> dict[str, float | int]:
         """The reference's ``{layer: ratio}`` file, ratio = rank/eq_rank (1.0 dense).
 
         The ratio is nudged up by ulps where needed so that the reference's
         ``int(ratio * eq_rank)`` gives back exactly this rank (r/eq*eq can round below r).
+        ``as_ranks`` writes factorised layers as integer ranks instead, which the
+        reference's reader also accepts (methods.md §9); dense stays 1.0.
         """
+        if as_ranks:
+            return {l.name: 1.0 if l.rank is None else int(l.rank) for l in self.layers}
         return {l.name: 1.0 if l.rank is None else _ratio_for_rank(l.rank, l.eq_rank) for l in self.layers}
 
 
 # --------------------------------------------------------------------------- parsing helpers
+def read_plan_bytes(path: str | Path) -> bytes:
+    """The bytes of a plan file, refusing what is not a regular file of at most MAX_PLAN_BYTES."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise PlanError(f"plan file not found: {path}") from None
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PlanError(f"{path} is not a regular file (a folder, device or pipe); not a rank plan")
+    if info.st_size > MAX_PLAN_BYTES:
+        raise PlanError(f"{path} is too large ({info.st_size} bytes > {MAX_PLAN_BYTES}); not a rank plan")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"{path} is too large (> {MAX_PLAN_BYTES} bytes); not a rank plan")
+    return data
+
+
 def _parse_json_object(text: str | bytes) -> dict:
     try:
         doc = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanError(f"plan is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise PlanError("plan is not a rank plan: its JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise PlanError(f"plan must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -278,6 +323,29 @@ def _parse_layers(raw) -> list[LayerPlan]:
     return plans
 
 
+def _parse_constraints(raw, plans: list[LayerPlan], layers: list[LayerInfo] | None) -> dict | None:
+    """The plan's optional ``constraints``: well-formed, matching its layers, and kept by its ranks.
+
+    Block and kind come from the model's layers when given, else from the standard
+    layer names; plans written before constraints existed have none and load as before.
+    """
+    if raw is None:
+        return None
+    try:
+        constraints = LayerConstraints.from_dict(raw)
+        infos = layers if layers is not None else [layer_from_name(p.name, p.out_features, p.in_features) for p in plans]
+        unnamed = [p.name for p, info in zip(plans, infos) if info is None]
+        if unnamed:
+            raise ConstraintError(f"block and kind of layer(s) {_few(unnamed)} cannot be read from their names")
+        resolved = constraints.resolve(infos)
+    except ConstraintError as exc:
+        raise PlanError(f"plan constraints: {exc}") from None
+    broken = resolved.violations({p.name: p.rank for p in plans})
+    if broken:
+        raise PlanError(f"plan ranks break its own constraints: {_few(broken)}")
+    return constraints.to_dict()
+
+
 def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -289,6 +357,18 @@ def _optional_float(entry: dict, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise PlanError(f"layer {name}: predicted_error must be a finite number or null")
     return float(value)
+
+
+def check_plan_layers(plan: "RankPlan", layers: list[LayerInfo]) -> None:
+    """PlanError unless ``plan`` covers exactly ``layers`` (names and shapes), as an upload is checked.
+
+    Every entry point that applies a plan (CLI evaluate / compress, the app's jobs,
+    ``pipeline.evaluate_plan``) calls it: a plan with no, missing, extra or reshaped
+    layers would otherwise compress the wrong thing and report wrong accounting.
+    """
+    if not plan.layers:
+        raise PlanError("plan has no layers")
+    _match_model_layers(plan.layers, layers)
 
 
 def _match_model_layers(plans: list[LayerPlan], layers: list[LayerInfo]) -> list[LayerPlan]:
@@ -320,7 +400,7 @@ def _ratio_for_rank(rank: int, eq_rank: int) -> float:
 
 # --------------------------------------------------------------------------- constructors
 def from_loadconfig(
-    config: dict[str, float],
+    config: dict[str, float | int],
     layers: list[LayerInfo],
     model_source: str = "",
     fingerprint: str = "",
@@ -329,30 +409,53 @@ def from_loadconfig(
     budget: float | None = None,
     meta: dict | None = None,
 ) -> RankPlan:
-    """Build a plan from the reference's ``{layer: ratio}`` file: rank = int(ratio * eq_rank).
+    """Build a plan from the reference's loadconfig file, read as the reference reads it.
 
-    As in the reference, layers the file does not mention stay dense and ratio >= 1
-    means dense. Unknown names and ratios giving rank 0 are errors. ``budget``
-    defaults to the realised ratio.
+    methods.md §9 (loadconfig reader): every compressible Linear defaults to 1.0
+    (dense); a float c < 1 means rank int(c * eq_rank), 1.0 means dense; an
+    **integer is an absolute rank** (the reference writes eq as an integer for
+    layers MRCS leaves alone, which it then factorises at rank eq); keys that are
+    not compressible layers of this model (``lm_head``, typos) are ignored, listed
+    in a ``LoadconfigWarning`` and in ``meta["loadconfig_ignored"]``. Floats above
+    1 (where the reference crashes) and ranks out of range are PlanErrors.
+    ``budget`` defaults to the realised ratio.
     """
+    if not isinstance(config, Mapping):
+        raise PlanError(f"loadconfig must be a JSON object {{layer: ratio or rank}}, got {type(config).__name__}")
     known = {l.name for l in layers}
-    unknown = [name for name in config if name not in known]
-    if unknown:
-        raise PlanError(f"loadconfig names layer(s) the model does not have: {_few(unknown)}")
-    plans = [LayerPlan(l.name, l.out_features, l.in_features, _rank_from_ratio(l, config.get(l.name, 1.0))) for l in layers]
-    plan = RankPlan(model_source, fingerprint, method, decomposition, 1.0, None, plans, meta=meta or {})
+    ignored = sorted(name for name in config if name not in known)
+    meta = dict(meta or {})
+    if ignored:
+        meta["loadconfig_ignored"] = ignored
+        warnings.warn(f"loadconfig: ignored {len(ignored)} key(s) that are not compressible layers "
+                      f"of this model: {_few(ignored)}", LoadconfigWarning, stacklevel=2)
+    plans = [LayerPlan(l.name, l.out_features, l.in_features, _rank_from_loadconfig(l, config.get(l.name, 1.0)))
+             for l in layers]
+    plan = RankPlan(model_source, fingerprint, method, decomposition, 1.0, None, plans, meta=meta)
     plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
     return plan
 
 
-def _rank_from_ratio(layer: LayerInfo, ratio) -> int | None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-        raise PlanError(f"layer {layer.name}: ratio must be a positive number, got {ratio!r}")
-    if ratio >= 1.0:
+class LoadconfigWarning(UserWarning):
+    """A loadconfig file named keys that were ignored (as the reference ignores them)."""
+
+
+def _rank_from_loadconfig(layer: LayerInfo, value) -> int | None:
+    """One loadconfig value -> rank (None = dense): integer = rank, float in (0, 1] = ratio of eq_rank."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise PlanError(f"layer {layer.name}: loadconfig value must be a ratio in (0, 1] or an integer rank, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return check_rank(layer.name, layer.out_features, layer.in_features, int(value))
+    if not math.isfinite(value) or value <= 0:
+        raise PlanError(f"layer {layer.name}: ratio must be a positive number, got {value!r}")
+    if value > 1.0:
+        raise PlanError(f"layer {layer.name}: float {value!r} is above 1; a ratio must be in (0, 1] "
+                        f"(rank/eq_rank) and an absolute rank must be written as an integer")
+    if value == 1.0:
         return None
-    rank = int(ratio * layer.eq_rank)
+    rank = int(value * layer.eq_rank)
     if rank < 1:
-        raise PlanError(f"layer {layer.name}: ratio {ratio} gives rank 0 (eq_rank {layer.eq_rank})")
+        raise PlanError(f"layer {layer.name}: ratio {value} gives rank 0 (eq_rank {layer.eq_rank})")
     return rank
 
 
@@ -364,10 +467,12 @@ def plan_from_ranks(
     error_model: dict | None = None,
     meta: dict | None = None,
     budget: float | None = None,
+    constraints: dict | None = None,
 ) -> RankPlan:
     """Build a plan for ``profile``'s model from ``{layer: rank or None}`` covering every layer.
 
     ``budget`` is the kept fraction the allocation targeted; it defaults to the realised ratio.
+    ``constraints`` (``LayerConstraints.to_dict()``) are recorded and must hold for ``ranks``.
     """
     names = {l.name for l in profile.layers}
     unknown = [n for n in ranks if n not in names]
@@ -385,8 +490,10 @@ def plan_from_ranks(
     # The calibration config travels with the plan: compressing it later needs the
     # same statistics the profile's factorisations were computed from.
     meta = {"calibration": dict(profile.calibration), **(meta or {})}
+    if constraints is not None:
+        constraints = _parse_constraints(constraints, plans, profile.layers)
     plan = RankPlan(profile.model_source, profile.fingerprint, method, profile.decomposition, 1.0,
-                    error_model, plans, meta=meta)
+                    error_model, plans, meta=meta, constraints=constraints)
     plan.budget = plan.summary["realised_ratio"] if budget is None else _parse_budget(budget)
     return plan
 
@@ -408,13 +515,20 @@ def plan_from_allocation(profile, allocation, params=None, meta: dict | None = N
         except ValueError as exc:
             meta["predicted_error_note"] = str(exc)
     return plan_from_ranks(profile, allocation.ranks, allocation.method, predicted_error=errors,
-                           error_model=error_model, meta=meta, budget=allocation.ratio)
+                           error_model=error_model, meta=meta, budget=allocation.ratio,
+                           constraints=allocation.info.get("constraints"))
 
 
 # --------------------------------------------------------------------------- files and lists
-def plan_file_name(method: str, ratio: float, fingerprint: str) -> str:
-    """A readable, filesystem-safe name such as ``lems_r0.800_ab12cd34.json``."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{method}_r{ratio:.3f}_{fingerprint[:8]}")
+def plan_file_name(method: str, ratio: float, fingerprint: str, content: str = "") -> str:
+    """A readable, filesystem-safe name such as ``lems_r0.800_ab12cd34_0f1e2d3c.json``.
+
+    ``content`` (``RankPlan.content_hash``) makes plans that share method, budget and
+    model but differ in their ranks land in different files, so saving never
+    overwrites another plan; saving the same plan twice rewrites the same file.
+    """
+    stem = f"{method}_r{ratio:.3f}_{fingerprint[:8]}" + (f"_{content}" if content else "")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)
     return f"{safe}.json"
 
 

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from .cache import index, key_of
+from .cache import CacheIndexError, index, key_of
 
 PREFIX = "result:"
 
@@ -30,9 +30,19 @@ class ResultStore:
         return key
 
     def all(self) -> list[dict]:
-        with index(self.cache_dir) as store:
-            keys = sorted(k for k in store.iterkeys() if isinstance(k, str) and k.startswith(PREFIX))
-            return [store[k] for k in keys if k in store]
+        """Every readable record, oldest first; a corrupt row is skipped (``health.cache_problems`` lists it).
+
+        Raises CacheIndexError when the index database itself is unreadable.
+        """
+        import sqlite3
+
+        try:
+            with index(self.cache_dir) as store:
+                keys = sorted(k for k in store.iterkeys() if isinstance(k, str) and k.startswith(PREFIX))
+                records = [store.get(k) for k in keys]
+        except sqlite3.DatabaseError as exc:
+            raise CacheIndexError(f"the cache index cannot be read ({exc})") from exc
+        return [r for r in records if isinstance(r, dict)]
 
     def remove(self, key: str) -> None:
         with index(self.cache_dir) as store:

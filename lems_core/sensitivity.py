@@ -6,12 +6,19 @@ search windows, and measure KL(dense || perturbed) (methods.md §1.2).
 The sweep never runs the whole model per layer: the dense hidden state entering
 each block is kept, and a perturbation in block b runs only blocks b..B-1 and
 the head. That is about half the naive cost (bench/sensitivity.py measures it).
+
+KL floor (methods.md §9 "KL scoring positions"): the reference caches the dense
+logits in bf16, so even the dense model scores KL > 0 against them (about 4.6e-4
+on the demo), a floor under every measurement. Here the reference log-probs are
+kept in float32 whenever they fit in LOG_PROB_CACHE_BYTES (bf16 otherwise, as the
+reference), and every sweep measures the floor: the dense model against its own
+cached reference through the same code path (``kl_floor``).
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +27,7 @@ from torch import nn
 from .blocks import BlockInput, advance, capture_block_inputs, logits_from_block
 from .compression import LowRankLinear, set_module
 from .decompositions import Factorization
-from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, kl_from_logits, reference_log_probs
+from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, reference_log_probs
 from .model import LayerInfo, decoder_blocks
 
 Progress = Callable[[float, str], None]
@@ -34,6 +41,8 @@ class DenseReference:
     logits: list[torch.Tensor]  # one bf16 tensor per batch
     nll: float
     _log_probs: dict = field(default_factory=dict, repr=False)
+    precision: str = "bf16"  # of the log-probs KL is measured against: "fp32" when they fit in memory
+    floor: float | None = None  # KL of the dense model against this reference (``kl_floor``)
 
     def log_probs(self, batch: int, device) -> torch.Tensor:
         """log p_ref of one batch on the scored positions; kept after the first use when
@@ -60,13 +69,31 @@ def _batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return loss.item(), ids[:, 1:].numel()
 
 
-def dense_reference(model: nn.Module, items: list[BlockInput], windows: torch.Tensor, batch_size: int) -> DenseReference:
+def dense_reference(model: nn.Module, items: list[BlockInput], windows: torch.Tensor, batch_size: int,
+                    precision: str = "auto") -> DenseReference:
+    """The dense logits (bf16) and NLL; log-probs in float32 when ``precision`` is "fp32",
+    or "auto" and they fit in LOG_PROB_CACHE_BYTES (else from the bf16 logits, as the reference)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     logits = logits_from_block(model, 0, items)
     total, count = 0.0, 0
     for i, out in enumerate(logits):
         s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
         total, count = total + s, count + n
-    return DenseReference([l.to(torch.bfloat16) for l in logits], total / max(count, 1))
+    ref = DenseReference([l.to(torch.bfloat16) for l in logits], total / max(count, 1))
+    fits = sum(l.numel() for l in logits) * 4 <= LOG_PROB_CACHE_BYTES
+    if precision == "fp32" or (precision == "auto" and fits):
+        ref._log_probs = {i: reference_log_probs(l) for i, l in enumerate(logits)}
+        ref.precision = "fp32"
+    return ref
+
+
+def kl_floor(model: nn.Module, items: list[BlockInput], ref: DenseReference) -> float:
+    """KL of the unmodified model against its own cached reference, through the sweep's code path.
+
+    ~0 with float32 reference log-probs; with bf16 ones it is the rounding floor that
+    every single-layer measurement sits on."""
+    return _kl_suffix(model, 0, items, ref)
 
 
 def _kl_suffix(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference) -> float:
@@ -87,20 +114,28 @@ def layer_kl_sweep(
     batch_size: int = 1,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    only: Collection[str] | None = None,
+    precision: str = "auto",
 ) -> tuple[dict[float, np.ndarray], DenseReference]:
     """KL with only one layer compressed, for every layer and ratio.
 
     Returns ({ratio: array over `layers`}, dense reference). Blocks run from the
-    perturbed one onward on cached dense inputs.
+    perturbed one onward on cached dense inputs. ``only`` (layer names) measures
+    just those layers and leaves the others NaN: one rank's shard under
+    torch.distributed (``distributed.merge_at_main`` fills the gaps). The reference's
+    ``floor`` and ``precision`` (see ``dense_reference``, ``kl_floor``) say what the
+    measurements sit on.
     """
     blocks = decoder_blocks(model)
     items = capture_block_inputs(model, windows, batch_size)
-    ref = dense_reference(model, items, windows, batch_size)
+    ref = dense_reference(model, items, windows, batch_size, precision)
+    ref.floor = kl_floor(model, items, ref)
     index = {l.name: i for i, l in enumerate(layers)}
     result = {r: np.full(len(layers), np.nan) for r in ratios}
-    done, total = 0, len(layers) * len(ratios)
+    measured = [l for l in layers if only is None or l.name in only]
+    done, total = 0, max(1, len(measured) * len(ratios))
     for b in range(len(blocks)):
-        for layer in (l for l in layers if l.block == b):
+        for layer in (l for l in measured if l.block == b):
             original = model.get_submodule(layer.name)
             factors = factorization_of(layer)
             for ratio in ratios:
@@ -130,7 +165,8 @@ def naive_layer_kl(
         with torch.no_grad():
             for i, start in enumerate(range(0, windows.shape[0], batch_size)):
                 out = model(windows[start : start + batch_size].to(original.weight.device), use_cache=False).logits
-                s, n = kl_from_logits(ref.logits[i].to(out.device), out)
+                start_pos = int(KL_SKIP_FRACTION * out.shape[1])
+                s, n = kl_from_log_probs(ref.log_probs(i, out.device), out[:, start_pos:])
                 total, count = total + s, count + n
         return total / max(count, 1)
     finally:

@@ -732,8 +732,29 @@ def _trace_back(history: list[tuple[np.ndarray, np.ndarray]], state: int) -> np.
     return columns
 
 
+@dataclass(frozen=True)
+class PreparedMCKP:
+    """The budget-independent part of ``solve_mckp``: validated options reduced to their
+    Pareto front. Reusable for any budget (the Allocate page's slider re-solves one table)."""
+
+    raw: _Table
+    table: _Table
+    n_groups: int
+    largest_cost: float  # sum of each group's largest |cost| (budget tolerance)
+    obj_tol: float
+
+
+def prepare_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray]) -> PreparedMCKP:
+    """Validate and reduce an MCKP once (steps 1 of ``solve_mckp``); pass it as ``prepared=``."""
+    problem = _validated(costs, errors, 0.0)
+    raw = _table_from_groups(problem)
+    largest_cost = float(np.maximum.reduceat(np.abs(problem.flat_cost), problem.starts).sum())
+    _, obj_tol = _tolerances(problem)
+    return PreparedMCKP(raw, _pareto(raw), int(problem.lengths.size), largest_cost, obj_tol)
+
+
 def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, *,
-               max_candidates: int = 1_000_000) -> list[int]:
+               max_candidates: int = 1_000_000, prepared: PreparedMCKP | None = None) -> list[int]:
     """Exact multiple-choice knapsack: one option per group, minimal error, cost <= budget.
 
     Algorithm (vectorised over groups):
@@ -761,16 +782,19 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     when one DP step would expand more than `max_candidates` partial solutions; that
     only happens on subset-sum-like instances (e.g. errors exactly linear in real-valued
     costs), which are hard for ILP solvers as well.
+
+    ``prepared`` (``prepare_mckp(costs, errors)``, made once) skips validating and
+    reducing the same options again; it must come from these ``costs`` and ``errors``.
     """
-    problem = _validated(costs, errors, budget)
-    budget = problem.budget
-    raw = _table_from_groups(problem)
-    budget_tol, obj_tol = _tolerances(problem)
-    table = _pareto(raw)
+    if prepared is None:
+        prepared = prepare_mckp(costs, errors)
+    budget = _validated([[0.0]], [[0.0]], budget).budget
+    raw, table, obj_tol = prepared.raw, prepared.table, prepared.obj_tol
+    budget_tol = 4.0 * _EPS * prepared.n_groups * max(abs(budget), prepared.largest_cost)  # as _tolerances
     min_cost = float(table.cost[:, 0].sum())
     if min_cost > budget + budget_tol:
         raise InfeasibleBudgetError(min_cost, budget)
-    search = _ExactSearch(problem.lengths.size, budget, budget_tol, obj_tol, max_candidates)
+    search = _ExactSearch(prepared.n_groups, budget, budget_tol, obj_tol, max_candidates)
     try:
         search.run(table)
     except _SearchLimit:

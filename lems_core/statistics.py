@@ -9,6 +9,12 @@
 
 Accumulation is fp32 with `addmm_` over flattened tokens: no per-token loops.
 Input statistics run block by block, so only one block's activations are alive.
+
+Under a memory budget (issue #10) ``iter_block_statistics`` streams both kinds:
+blocks are grouped into windows (``memory.plan_windows``); per window one
+block-wise backward pass fills the output-gradient Grams of that window's layers
+only, and a consumer decomposes and frees each block's Grams before the next
+block's are allocated. Every Gram is counted in a ``memory.GramLedger``.
 """
 from __future__ import annotations
 
@@ -19,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import advance, capture_block_inputs, run_block
+from .blocks import BlockInput, advance, capture_block_inputs, head_logits, run_block
+from .memory import INPUT_GROUP, BlockWindow, GramLedger  # INPUT_GROUP: layers of one block that read one input
 from .model import LayerInfo, compressible_layers, decoder_blocks
-
-# Layers of one block that read the same input tensor.
-INPUT_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
 
 GRAD_CROP = 0.125  # drop this fraction of positions at each end for G (methods.md §2.2)
 CLIP_LOW, CLIP_HIGH = 0.1, 10.0  # per-token gradient norm bounds, relative to the sequence mean
@@ -56,8 +60,10 @@ class Statistics:
 
 
 class _InputAccumulator:
-    def __init__(self, n: int, device):
+    def __init__(self, n: int, device, ledger: GramLedger | None = None, key: str = ""):
         self.gram = torch.zeros(n, n, device=device, dtype=torch.float32)
+        if ledger is not None:
+            ledger.take(key, self.gram)
         self.abs_sum = torch.zeros(n, device=device, dtype=torch.float32)
         self.abs_max = torch.zeros(n, device=device, dtype=torch.float32)
         self.abs_max_sum = torch.zeros(n, device=device, dtype=torch.float32)
@@ -77,14 +83,21 @@ class _InputAccumulator:
         return InputStats(self.gram.cpu(), self.abs_sum.cpu(), self.abs_max.cpu(), self.abs_max_sum.cpu(), self.tokens)
 
 
+def gram_key(block: int, kind: str, name: str) -> str:
+    """The ledger key of a Gram: "<block>.A.<input group>" or "<block>.G.<layer name>"."""
+    return f"{block}.{kind}.{name}"
+
+
 def iter_block_input_stats(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, progress: Progress | None = None,
+    ledger: GramLedger | None = None,
 ) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield (block index, {layer name: InputStats}) block after block.
 
     Each block runs on all calibration batches with hooks on its distinct inputs,
     then its outputs become the next block's inputs; a consumer can decompose and
-    free a block's statistics before the next is computed.
+    free a block's statistics before the next is computed (and release them in
+    ``ledger``, which counts each input Gram from its allocation).
     """
     layers = compressible_layers(model)
     blocks = decoder_blocks(model)
@@ -96,7 +109,7 @@ def iter_block_input_stats(
             group = INPUT_GROUP[layer.kind]
             if group in accumulators:
                 continue
-            acc = _InputAccumulator(layer.in_features, items[0].hidden.device)
+            acc = _InputAccumulator(layer.in_features, items[0].hidden.device, ledger, gram_key(b, "A", group))
             accumulators[group] = acc
             module = model.get_submodule(layer.name)
             handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
@@ -152,6 +165,7 @@ def collect_grad_grams(
     crop: float = GRAD_CROP,
     clip: bool = True,
     progress: Progress | None = None,
+    ledger: GramLedger | None = None,
 ) -> dict[str, torch.Tensor]:
     """KFAC output-side factor G per layer: mean over batch of sum_t g_t g_t^T.
 
@@ -161,20 +175,8 @@ def collect_grad_grams(
     """
     layers = layers or compressible_layers(model)
     device = next(model.parameters()).device
-    grams = {l.name: torch.zeros(l.out_features, l.out_features, device=device) for l in layers}
-    handles = []
-
-    def make_hook(name):
-        def hook(_module, _grad_in, grad_out):
-            g = crop_tokens(grad_out[0].detach().float(), crop)
-            if clip:
-                g = clip_token_norms(g)
-            flat = g.reshape(-1, g.shape[-1])
-            grams[name].addmm_(flat.T, flat, alpha=1.0 / g.shape[0])
-        return hook
-
-    for layer in layers:
-        handles.append(model.get_submodule(layer.name).register_full_backward_hook(make_hook(layer.name)))
+    grams = _zero_grad_grams(layers, device, ledger)
+    handles = _grad_gram_hooks(model, layers, grams, crop, clip)
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     was_training = model.training
@@ -191,6 +193,123 @@ def collect_grad_grams(
             h.remove()
         model.train(was_training)
     return {k: v.cpu() for k, v in grams.items()}
+
+
+def _zero_grad_grams(layers: list[LayerInfo], device, ledger: GramLedger | None) -> dict[str, torch.Tensor]:
+    grams = {}
+    for l in layers:
+        grams[l.name] = torch.zeros(l.out_features, l.out_features, device=device)
+        if ledger is not None:
+            ledger.take(gram_key(l.block, "G", l.name), grams[l.name])
+    return grams
+
+
+def _grad_gram_hooks(model: nn.Module, layers: list[LayerInfo], grams: dict[str, torch.Tensor], crop: float,
+                     clip: bool) -> list:
+    """Full backward hooks that add each layer's cropped, clipped output-gradient Gram into ``grams``."""
+    def make_hook(name):
+        def hook(_module, _grad_in, grad_out):
+            g = crop_tokens(grad_out[0].detach().float(), crop)
+            if clip:
+                g = clip_token_norms(g)
+            flat = g.reshape(-1, g.shape[-1])
+            grams[name].addmm_(flat.T, flat, alpha=1.0 / g.shape[0])
+        return hook
+    return [model.get_submodule(l.name).register_full_backward_hook(make_hook(l.name)) for l in layers]
+
+
+def window_grad_grams(
+    model: nn.Module, items: list[BlockInput], input_ids: torch.Tensor, layers: list[LayerInfo], batch_size: int = 1,
+    crop: float = GRAD_CROP, clip: bool = True, ledger: GramLedger | None = None,
+) -> dict[str, torch.Tensor]:
+    """G of ``layers`` (all in blocks >= their first block) by a block-wise backward pass.
+
+    ``items`` are the dense inputs of block 0 per batch. Per batch the forward runs
+    block by block without autograd, keeping only each block's input; the backward
+    then recomputes one block at a time from the loss down to the window's first
+    block and hands the input gradient to the block below. Alive at once: the
+    window's Grams, one block's autograd graph and the block inputs of one batch
+    (B x T x hidden), never the whole model's activations. Cost per window: one
+    forward, one recompute + backward of the blocks from the window's first on.
+    """
+    blocks = decoder_blocks(model)
+    first = min(l.block for l in layers)
+    device = items[0].hidden.device
+    grams = _zero_grad_grams(layers, device, ledger)
+    handles = _grad_gram_hooks(model, layers, grams, crop, clip)
+    try:
+        for i, item in enumerate(items):
+            ids = input_ids[i * batch_size : (i + 1) * batch_size].to(device)
+            _blockwise_backward(model, blocks, item, ids, first)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def _blockwise_backward(model: nn.Module, blocks: nn.ModuleList, item: BlockInput, ids: torch.Tensor, first: int) -> None:
+    """Backpropagate the summed LM loss of one batch down to block ``first``, one block at a time."""
+    hidden = [item.hidden]
+    with torch.no_grad():
+        for block in blocks[:-1]:
+            hidden.append(run_block(block, BlockInput(hidden[-1], item.kwargs)))
+    upstream = None
+    with torch.enable_grad():  # autograd.grad w.r.t. the block input only: no weight .grad is ever allocated
+        for b in range(len(blocks) - 1, first - 1, -1):
+            x = hidden.pop().detach().requires_grad_(True)
+            out = run_block(blocks[b], BlockInput(x, item.kwargs))
+            if upstream is None:
+                logits = head_logits(model, out)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                (upstream,) = torch.autograd.grad(loss, x)
+            else:
+                (upstream,) = torch.autograd.grad(out, x, grad_outputs=upstream)
+            del out, x
+
+
+@dataclass
+class BlockStatistics:
+    """One block's statistics, complete: decompose them, then ``ledger.release_prefix(f"{block}.")``."""
+
+    block: int
+    inputs: dict[str, InputStats]
+    grad_gram: dict[str, torch.Tensor]
+
+
+def iter_block_statistics(
+    model: nn.Module, input_ids: torch.Tensor, layers: list[LayerInfo], needs: frozenset[str],
+    windows: list[BlockWindow], ledger: GramLedger, batch_size: int = 1, progress: Progress | None = None,
+    grad_layers: list[LayerInfo] | None = None,
+) -> Iterator[BlockStatistics]:
+    """Yield every block's input and output-gradient statistics, window after window.
+
+    For each window, its G's are filled first (one block-wise backward pass over the
+    calibration set, hooks on that window's layers only), then the input statistics
+    of its blocks are computed one block at a time. The consumer must free (and
+    release in ``ledger``) a block's Grams before asking for the next block, so live
+    Gram bytes stay within the window's ``gram_bytes``. ``grad_layers`` (default
+    ``layers``) are the layers whose G is collected (a rank's own, under torch.distributed).
+    """
+    grad_layers = layers if grad_layers is None else grad_layers
+    blocks_inputs = iter_block_input_stats(model, input_ids, batch_size, ledger=ledger) if "inputs" in needs else None
+    items = capture_block_inputs(model, input_ids, batch_size) if "grads" in needs else None
+    total = sum(len(w.blocks) for w in windows)
+    done = 0
+    for window in windows:
+        grads = {}
+        if items is not None:
+            mine = [l for l in grad_layers if l.block in window.blocks]
+            grads = window_grad_grams(model, items, input_ids, mine, batch_size, ledger=ledger) if mine else {}
+        for b in window.blocks:
+            inputs = {}
+            if blocks_inputs is not None:
+                got, inputs = next(blocks_inputs)
+                assert got == b, (got, b)
+            names = [l.name for l in layers if l.block == b]
+            yield BlockStatistics(b, inputs, {n: grads.pop(n).cpu() for n in names if n in grads})
+            done += 1
+            if progress:
+                progress(done / total, f"statistics + decomposition: block {b + 1}/{total}")
 
 
 def collect_fisher_rows(

@@ -22,6 +22,41 @@ def tiny_loaded(seed: int, arch: str = "llama") -> LoadedModel:
     return LoadedModel(model, ByteTokenizer(), f"tiny-{arch}", model_fingerprint(model))
 
 
+def word_corpus(path, lines: int = 400):
+    """A seeded text file of 12-word lines over a 10-word vocabulary: calibration / evaluation text for tiny models."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "model", "rank", "layer", "the", "of", "and"]
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(lines)))
+    return path
+
+
 def uniform_ranks(model, keep: float) -> dict:
     """rank = max(1, int(keep * eq)) for every compressible Linear."""
     return {l.name: max(1, int(keep * l.eq_rank)) for l in compressible_layers(model)}
+
+
+WORD_SPECIALS = ("<unk>", "<eos>")
+
+
+def word_tokenizer(vocab_size: int = 256):
+    """A real (fast) Hugging Face tokenizer built in memory: ids 0/1 are <unk>/<eos>, then words w2 .. w{V-1}.
+
+    Whitespace-split words map to one id each, so texts and continuations tokenise
+    predictably; it saves and reloads with the other tokenizer files of a model folder.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(WORD_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(WORD_SPECIALS), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+def word_loaded(seed: int, arch: str = "llama", **overrides) -> LoadedModel:
+    """A tiny random model with the in-memory word tokenizer (for lm-eval and the Hugging Face export)."""
+    model = tiny_model(arch, seed=seed, **overrides)
+    return LoadedModel(model, word_tokenizer(model.config.vocab_size), f"tiny-{arch}", model_fingerprint(model))

@@ -236,6 +236,26 @@ def test_build_profile_runs_as_job_and_can_be_opened(app, monkeypatch):
     assert metrics["Model"] == "my/model" and metrics["Blocks"] == "2"
 
 
+def test_build_form_passes_the_memory_budget_and_refuses_a_bad_one(app, monkeypatch):
+    import lems_core.pipeline
+
+    seen = {}
+
+    def fake(*args, max_memory=None, **kwargs):
+        seen["max_memory"] = max_memory
+        return _fake_build(*args, **kwargs)
+
+    monkeypatch.setattr(lems_core.pipeline, "build_profile", fake)
+    app.text_input[1].set_value("lots of RAM")
+    _button(app, "Build profile").click().run()
+    assert any("cannot read memory size" in e.value for e in app.error)
+    assert "build_job_id" not in app.session_state
+    app.text_input[1].set_value("2GB")
+    _button(app, "Build profile").click().run()
+    assert _wait_for_job(app, "build_job_id").status == "done"
+    assert seen["max_memory"] == 2 * 2**30
+
+
 def test_failed_build_is_reported(app, monkeypatch):
     import lems_core.pipeline
 
@@ -308,7 +328,7 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
 
     def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
                       calibration=None, **_):
-        seen.append((plan.method, round(plan.budget, 2), calibration.to_dict(), tuple(datasets), max_windows))
+        seen.append((plan.method, round(plan.budget, 2), calibration.to_dict(), tuple(datasets), max_windows, seq_len))
         progress(0.5, "perplexity")
         summary = plan.summary
         return pipeline.EvalResult(
@@ -328,11 +348,12 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
     assert state.status == "done", state.error
     assert len(seen) == 2 * 3  # 2 methods x 3 default budgets; the current plan (LEMS @ 0.8) is one of them
     assert seen[0][:2] == ("lems", 0.8) and seen[0][2]["dataset"] == "synthetic"  # the profile's calibration
-    assert seen[0][3] == ("wikitext2",) and seen[0][4] == 16
+    assert seen[0][3] == ("wikitext2",) and seen[0][4:] == (None, 2048)  # the reference protocol by default
     app.run()
     assert any("Evaluated 6 plan(s)" in s.value for s in app.success)
     table = app.dataframe[0].value
     assert len(table) == 6 and set(table["method"]) == {"LEMS", "Uniform"}
+    assert set(table["protocol"]) == {"unknown"}  # the fake result records no settings
     fig = json.loads(charts(app)[0].proto.spec)
     assert fig["layout"]["title"]["text"].startswith("Perplexity on wikitext2")
 
@@ -392,3 +413,148 @@ def test_model_scored_plans_are_built_in_the_job_and_factorised_as_chosen(app, m
     assert any("ERC-SVD (PLC) at 0.7" in w.value and "no model behind" in w.value for w in app.warning)
     table = app.dataframe[0].value
     assert set(table["method"]) == {"ATP", "Uniform"} and set(table["decomposition"]) == {"saes"}
+
+
+def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch, tmp_path):
+    import lems_core.pipeline as pipeline
+
+    seen = []
+    local = tmp_path / "mine.yaml"
+    local.write_text("task: mine\n")
+
+    def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
+                      calibration=None, tasks=(), task_limit=None, **_):
+        seen.append((tuple(datasets), tuple(tasks), task_limit))
+        summary = plan.summary
+        acc = 0.3 + 0.4 * plan.budget
+        return pipeline.EvalResult(
+            method=plan.method, decomposition=plan.decomposition, budget=plan.budget,
+            realised_ratio=summary["realised_ratio"], ppl={}, dense_ppl={}, kl=0.1, params_kept=summary["params_kept"],
+            params_total=summary["params_total"], seconds=0.1, device="cpu", model_source=plan.model_source,
+            fingerprint=plan.fingerprint,
+            zero_shot={"tasks": {"mine": {"acc": acc, "acc_norm": acc}}, "mean": {"acc": acc, "acc_norm": acc}},
+            dense_zero_shot={"tasks": {"mine": {"acc": 0.9, "acc_norm": 0.9}}, "mean": {"acc": 0.9, "acc_norm": 0.9}})
+
+    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    goto(app, "app_pages/allocate.py")
+    goto(app, "app_pages/compress.py")
+    assert app.multiselect(key="zero_shot_tasks").value == ["piqa", "openbookqa", "hellaswag", "arc_challenge",
+                                                            "arc_easy", "winogrande", "boolq", "mathqa"]
+    app.toggle(key="zero_shot_on").set_value(True)
+    app.text_input(key="zero_shot_local").set_value(str(tmp_path / "missing.yaml"))
+    _button(app, "Compress & evaluate").click().run()
+    assert any("must be existing .yaml files" in e.value for e in app.error) and not seen
+
+    app.multiselect(key="zero_shot_tasks").set_value(["arc_easy"])
+    app.text_input(key="zero_shot_local").set_value(str(local))
+    app.number_input(key="zero_shot_limit").set_value(50)
+    _button(app, "Compress & evaluate").click().run()
+    state = _wait_for_job(app, "eval_job_id")
+    assert state.status == "done", state.error
+    assert seen == [(("wikitext2",), ("arc_easy", str(local)), 50)]
+    app.run()
+    table = app.dataframe[0].value
+    assert table["mean acc"].iloc[0] == pytest.approx(0.62) and table["dense acc mine"].iloc[0] == 0.9
+    assert app.radio(key="results_zero_shot").options[0] == "mean acc"
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in charts(app)]
+    assert any(t.startswith("Zero-shot mean acc") for t in titles)
+
+
+# ------------------------------------------------------------- state that holds (#13)
+def test_controls_hold_across_pages_even_when_streamlit_drops_widget_state(app):
+    goto(app, "app_pages/allocate.py")
+    app.slider(key="budget").set_value(0.75).run()
+    app.slider(key="em_gamma").set_value(4.5).run()
+    app.multiselect(key="compare_methods").set_value(["lems", "uniform"]).run()
+    assert app.session_state["current_plan"].budget == pytest.approx(0.75)
+    goto(app, "app_pages/sensitivity.py")
+    assert app.slider(key="em_gamma").value == pytest.approx(4.5)
+    goto(app, "app_pages/spectra.py")
+    for key in ("budget", "em_gamma", "compare_methods"):  # Streamlit drops widgets a run did not draw
+        if key in app.session_state:
+            del app.session_state[key]
+    goto(app, "app_pages/allocate.py")
+    assert app.slider(key="budget").value == pytest.approx(0.75)
+    assert app.slider(key="em_gamma").value == pytest.approx(4.5)
+    assert app.multiselect(key="compare_methods").value == ["lems", "uniform"]
+    assert app.session_state["current_plan"].budget == pytest.approx(0.75)
+    assert app.session_state["current_plan"].error_model["gamma"] == pytest.approx(4.5)
+
+
+def test_budget_slider_starts_where_lems_can_solve(app):
+    from lems_core.allocators.lems import lems_min_budget
+
+    goto(app, "app_pages/allocate.py")
+    low = app.slider(key="budget").min
+    assert low == pytest.approx(lems_min_budget(synthetic_profile())) and low > 0.1
+    app.slider(key="budget").set_value(low).run()
+    assert app.session_state["current_plan"].method == "lems"
+    assert not any(w.value.startswith("LEMS") for w in app.warning)
+
+
+def test_kept_plan_never_changes_method_by_itself(app):
+    goto(app, "app_pages/allocate.py")
+    app.multiselect(key="compare_methods").set_value(["lems", "uniform", "asvd"]).run()
+    app.selectbox(key="plan_method").set_value("asvd").run()  # ASVD cannot run on this profile
+    assert "current_plan" not in app.session_state
+    assert any("No plan kept" in w.value and "ASVD" in w.value for w in app.warning)
+    app.slider(key="budget").set_value(0.6).run()
+    assert app.selectbox(key="plan_method").value == "asvd" and "current_plan" not in app.session_state
+    app.selectbox(key="plan_method").set_value("uniform").run()
+    assert app.session_state["current_plan"].method == "uniform"
+    app.multiselect(key="compare_methods").set_value(["lems"]).run()  # still kept (and solved) when not compared
+    assert app.session_state["current_plan"].method == "uniform"
+
+
+def test_warnings_name_the_method_once(app):
+    goto(app, "app_pages/allocate.py")
+    app.multiselect(key="compare_methods").set_value(["lems", "asvd"]).run()
+    assert all("ASVD: asvd:" not in w.value for w in app.warning)
+
+
+def test_reset_error_model_restores_the_reference_defaults(app):
+    goto(app, "app_pages/allocate.py")
+    before = app.session_state["current_plan"].ranks()
+    app.toggle(key="em_use_scale").set_value(False).run()
+    app.slider(key="em_gamma").set_value(1.0).run()
+    assert app.session_state["current_plan"].ranks() != before
+    _button(app, "Reset error model to defaults").click().run()
+    assert app.slider(key="em_gamma").value == pytest.approx(5.0) and app.toggle(key="em_use_scale").value
+    assert app.session_state["current_plan"].ranks() == before
+
+
+def test_layer_constraints_change_the_plan_and_are_recorded(app):
+    goto(app, "app_pages/allocate.py")
+    before = app.session_state["current_plan"]
+    assert before.constraints is None and any(r is not None for n, r in before.ranks().items() if ".layers.3." in n)
+    app.multiselect(key="con_lock_blocks").set_value([3]).run()
+    app.selectbox(key="con_rank_multiple").set_value(16).run()
+    plan = app.session_state["current_plan"]
+    assert plan.method == "lems" and plan.constraints["lock_dense"] == ["block:3"]
+    assert all(r is None for n, r in plan.ranks().items() if ".layers.3." in n)
+    assert all(r is None or r % 16 == 0 for r in plan.ranks().values())
+    assert plan.summary["realised_ratio"] <= 0.8 + 1e-9
+    goto(app, "app_pages/spectra.py")
+    goto(app, "app_pages/allocate.py")  # constraints hold across pages too
+    assert app.session_state["current_plan"].constraints["lock_dense"] == ["block:3"]
+
+
+def test_infeasible_or_malformed_constraints_say_so(app):
+    goto(app, "app_pages/allocate.py")
+    app.multiselect(key="con_lock_blocks").set_value([0, 1, 2]).run()
+    app.slider(key="budget").set_value(0.5).run()
+    assert "current_plan" not in app.session_state and app.selectbox(key="plan_method").value == "lems"
+    assert any("No plan kept" in w.value and "LEMS" in w.value for w in app.warning)
+    app.multiselect(key="con_lock_blocks").set_value([]).run()
+    assert app.session_state["current_plan"].method == "lems"  # back to LEMS, never silently another method
+    app.text_input(key="con_min_kept").set_value("ffn=0.3").run()
+    assert any("Layer constraints" in e.value and "ffn" in e.value for e in app.error)
+    assert "current_plan" not in app.session_state
+
+
+def test_budget_sweep_draws_on_request(app):
+    goto(app, "app_pages/allocate.py")
+    app.toggle(key="sweep_on").set_value(True).run()
+    assert not app.exception
+    fig = _figure(app, "budget_sweep")
+    assert {t["name"] for t in fig["data"]} >= {"LEMS (predicted)", "Uniform (predicted)"}

@@ -198,3 +198,51 @@ def test_pipeline_path_computes_full_factors_from_cached_statistics(setup, tmp_p
     assert alloc.info["spectrum_mismatch"] < 1e-6
     assert realised_ratio(profile, alloc.ranks) <= 0.6
     assert json.loads(ars.allocation_to_plan(profile, alloc).to_json())["method"] == "ars"
+
+
+def test_reference_config_and_legacy_configs_round_trip():
+    ref = ars.ARSConfig()
+    assert (ref.bidirectional, ref.lambda_off_within, ref.early_stop_window) == (True, 0.002, 100)
+    assert ars.ARSConfig.from_dict(ref.to_dict()) == ref
+    legacy = ars.preset("cpu-small-legacy")
+    old_dict = legacy.to_dict()
+    assert not any(k in old_dict for k in ars.LEGACY_FIELDS)  # configs stored before: same dict, same cache key
+    assert ars.ARSConfig.from_dict(old_dict) == legacy and not legacy.bidirectional
+    with pytest.raises(ValueError, match=">= 0"):
+        ars.ARSConfig(early_stop_window=-1)
+
+
+def test_early_stop_on_the_window_mean_and_never_with_window_0():
+    config = ars.ARSConfig(early_stop_window=3, early_stop_tol=0.0015)
+    above = [{"kept_ratio": 0.9}] * 4
+    on_target = [{"kept_ratio": 0.9}] + [{"kept_ratio": 0.5}] * 3
+    assert not ars.budget_reached(above, 0.5, config)
+    assert ars.budget_reached(on_target, 0.5, config)
+    assert not ars.budget_reached(on_target[:3], 0.5, config)  # needs more than the window
+    assert not ars.budget_reached(on_target, 0.5, ars.ARSConfig(early_stop_window=0))
+
+
+def test_bidirectional_hypernetwork_reads_the_layer_sequence_both_ways():
+    components = [4, 3, 5]
+    one = ars.Hypernetwork(components, 8, 6, 3.0, seed=0)
+    both = ars.Hypernetwork(components, 8, 6, 3.0, seed=0, bidirectional=True)
+    assert [t.shape[0] for t in both()] == components and both.heads[0].in_features == 12
+    assert one.heads[0].in_features == 6
+    # with both directions the first layer's logits depend on the last layer's input
+    z = both.z.clone()
+    first = both()[0].detach().clone()
+    both.z[0, -1] += 1.0
+    assert not torch.allclose(both()[0], first)
+    both.z.copy_(z)
+    first = one()[0].detach().clone()
+    one.z[0, -1] += 1.0
+    assert torch.allclose(one()[0], first)
+
+
+def test_lambda_is_off_on_target_and_training_stops_early(setup, tmp_path):
+    config = ars.ARSConfig(steps=6, batch_windows=1, seq_len=24, lr=0.05, seed=3, lambda_off_within=1.0,
+                           early_stop_window=2, early_stop_tol=1.0)
+    alloc = _train(setup, 0.6, config, cache_dir=tmp_path)
+    curve = alloc.info["loss_curve"]
+    assert len(curve) == 3  # stopped after the first window mean within tolerance
+    assert all(r["lam"] == 0.0 for r in curve)  # every step within 1.0 of the target

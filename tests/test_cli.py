@@ -64,7 +64,7 @@ def tiny_plan(tmp_path, monkeypatch):
 
 def _evaluate(plan_path, corpus, capsys, *extra) -> dict:
     assert main(["evaluate", "--plan", str(plan_path), "--datasets", str(corpus), "--seq-len", "32",
-                 "--max-windows", "2", "--device", "cpu", *extra]) == 0
+                 "--max-windows", "2", "--device", "cpu", "--calib-dataset", str(corpus), *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -79,9 +79,10 @@ def test_evaluate_factorises_with_another_decomposition(tiny_plan, capsys):
 
 
 def test_compress_records_the_decomposition_and_rejects_unknown_names(tiny_plan, tmp_path, capsys):
-    plan_path, _ = tiny_plan
+    plan_path, corpus = tiny_plan
     out = tmp_path / "compressed"
-    assert main(["compress", "--plan", str(plan_path), "-o", str(out), "--decomposition", "erc"]) == 0
+    assert main(["compress", "--plan", str(plan_path), "-o", str(out), "--decomposition", "erc",
+                 "--calib-dataset", str(corpus)]) == 0
     from lems_core.compression import RANKS_FILE
 
     meta = json.loads((out / RANKS_FILE).read_text())["meta"]
@@ -143,3 +144,73 @@ def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, ca
     assert calls == [(str(tmp_path), [0.8, 0.6], "cpu-small")]
     assert json.loads((tmp_path / "ars-0.6.json").read_text())["summary"]["realised_ratio"] == pytest.approx(0.59)
     assert "ARS at 0.8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], (None, 2048)), (["--quick"], (16, 512)), (["--quick", "--max-windows", "all"], (None, 512)),
+    (["--seq-len", "1024"], (None, 1024)),
+])
+def test_evaluate_defaults_to_the_reference_protocol(tiny_plan, monkeypatch, capsys, extra, expected):
+    import lems_core.pipeline as pipeline
+
+    seen = {}
+
+    class Result:
+        def to_dict(self):
+            return {"ok": True}
+
+    def fake(plan, datasets, max_windows, seq_len, device, **kw):
+        seen["args"] = (max_windows, seq_len)
+        return Result()
+
+    from lems_core.calibration import CalibrationConfig
+
+    monkeypatch.setattr(pipeline, "evaluate_plan", fake)
+    plan_path, _ = tiny_plan
+    doc = json.loads(plan_path.read_text())
+    doc["meta"]["calibration"] = CalibrationConfig().to_dict()  # a known dataset name: never read by the fake
+    plan_path.write_text(json.dumps(doc))
+    assert main(["evaluate", "--plan", str(plan_path), *extra]) == 0
+    assert seen["args"] == expected
+
+
+def test_evaluate_records_protocol_and_splits(tiny_plan, capsys):
+    plan_path, corpus = tiny_plan
+    result = _evaluate(plan_path, corpus, capsys)
+    assert result["settings"]["protocol"] == {"name": "custom", "seq_len": 32, "max_windows": 2}
+    assert result["settings"]["splits"] == {str(corpus): "test"}
+
+
+@pytest.mark.parametrize("extra, expected", [([], (0.6, 0.8)), (["--bias-fit-ratios", "0.7"], (0.7,)),
+                                             (["--bias-fit-ratios", "none"], ())])
+def test_profile_runs_the_bias_fit_by_default(monkeypatch, tmp_path, capsys, extra, expected):
+    import lems_core.pipeline as pipeline
+
+    seen = {}
+
+    def fake_build(source, decomposition, calibration, **kw):
+        seen.update(kw, calibration=calibration)
+        return tmp_path
+
+    monkeypatch.setattr(pipeline, "build_profile", fake_build)
+    assert main(["profile", "--model", "demo", "--device", "cpu", *extra]) == 0
+    assert seen["bias_fit_ratios"] == expected
+    assert seen["calibration"].n_samples == 16 and seen["calibration"].sampling == "reference"  # cpu preset on CPU
+
+
+def test_allocate_lems_uses_the_profiles_bias_fit_and_lems_fixed_the_fixed_bias(tmp_path, capsys):
+    profile = synthetic_profile(num_blocks=6)
+    profile.bias_fit = {"ratios": {"0.6": {"alpha": 0.25, "gamma": 1.5}, "0.8": {"alpha": 2.5, "gamma": 6.5}}}
+    folder = profile.save(tmp_path / "profile")
+    lems, fixed = tmp_path / "lems.json", tmp_path / "fixed.json"
+    assert main(["allocate", "--profile", str(folder), "--method", "lems", "--ratio", "0.75", "-o", str(lems)]) == 0
+    assert "bias fitted in the profile at 0.8" in capsys.readouterr().err
+    em = RankPlan.load(lems).error_model
+    assert (em["alpha"], em["gamma"], em["bias_form"]) == (2.5, 6.5, "harmonic")
+    assert main(["allocate", "--profile", str(folder), "--method", "lems_fixed", "--ratio", "0.75",
+                 "-o", str(fixed)]) == 0
+    doc = RankPlan.load(fixed)
+    assert doc.method == "lems_fixed" and (doc.error_model["alpha"], doc.error_model["gamma"]) == (0.0, 5.0)
+    assert main(["allocate", "--profile", str(folder), "--method", "lems", "--gamma", "3", "--ratio", "0.75",
+                 "-o", str(fixed)]) == 2
+    assert "lems_fixed" in capsys.readouterr().err

@@ -27,6 +27,25 @@ def test_demo_profile_matches_schema(folder):
     assert any(e.is_demo and e.path == folder for e in list_profiles())
 
 
+@pytest.mark.parametrize("folder", DIRS, ids=lambda d: d.name)
+def test_demo_profiles_carry_the_bias_fit_and_the_kl_floor(folder):
+    """Added by scripts/add_bias_fit.py (issue #11) without re-measuring the stored KL values."""
+    profile = Profile.load(folder)
+    fit = profile.bias_fit
+    assert fit is not None and set(fit["ratios"]) == {"0.6", "0.8"} and fit["seed"] == 42
+    for key, entry in fit["ratios"].items():
+        scores = [t["score"] for t in entry["trials"]]
+        assert len(scores) == 10 and entry["score"] == min(scores)
+        assert all(0 <= t["alpha"] <= 3 and 0 <= t["gamma"] <= 7 for t in entry["trials"])
+        alloc = allocate(profile, "lems", float(key))
+        assert alloc.info["bias_source"] == f"profile fit at {key}"
+        assert alloc.info["error_model"]["alpha"] == entry["alpha"]
+    floor = profile.kl_floor
+    assert floor["reference_precision"] == "bf16" and floor["kl_fp32"] < 1e-9 < floor["kl_bf16"]
+    # the floor the issue saw: the least sensitive layers sit on it
+    assert np.min(profile.kl_ref) < 3 * floor["kl_bf16"]
+
+
 @pytest.mark.parametrize("ratio", [0.8, 0.6])
 def test_committed_ars_plans_serve_the_demo_profile(ratio, tmp_path):
     """The ARS plans beside the KFAC demo profile validate and are used without training."""

@@ -49,14 +49,17 @@ def test_select_layers_and_default_blocks(profile):
     assert tables.default_blocks(30) == [0, 15, 29] and tables.default_blocks(1) == [0]
 
 
-def test_spectra_figures_one_line_per_layer_one_legend_entry_per_kind(profile):
+def test_spectra_figures_one_line_per_layer_legend_names_kind_and_block(profile):
     names = tables.select_layers(profile, [0, 1], ["q", "k"])
     fig = figures.spectra_figure(profile, names)
     assert len(fig.data) == 4
-    assert [t.name for t in fig.data if t.showlegend] == ["q", "k"]
+    assert [t.name for t in fig.data] == ["q · block 0", "k · block 0", "q · block 1", "k · block 1"]
+    assert {t.legendgroup for t in fig.data} == {"q", "k"}
     assert {t.line.dash for t in fig.data} == {"solid", "dash"}
     assert fig.layout.yaxis.type == "log"
     resid = figures.residual_energy_figure(profile, names, power=2, ref_ratio=0.1)
+    (line,) = resid.layout.shapes  # the reference line has an explicit mid-grey colour (visible in dark mode)
+    assert line.line.color == figures.REFERENCE_LINE
     y = np.asarray(resid.data[0].y)
     assert y[0] == pytest.approx(1.0) and np.all(np.diff(y) <= 1e-15)
     assert max(resid.data[0].x) == pytest.approx(1.0)  # up to the break-even rank
@@ -149,10 +152,60 @@ def test_comparison_table_scores_every_method_under_one_model(profile, allocatio
     assert table.loc["LEMS", "predicted error"] == pytest.approx(allocations["lems"].objective)
     assert table.loc["LEMS", "predicted error"] <= table["predicted error"].min() + 1e-12
     per_block = figures.error_by_block_figure(profile, errors)
-    assert len(per_block.data[0].y) == 4
-    assert sum(per_block.data[0].y) == pytest.approx(table.loc["LEMS", "predicted error"])
-    bars = figures.per_layer_figure(profile, ranks)
-    assert [t.name for t in bars.data] == ["LEMS", "Uniform", "MRCS"] and len(bars.data[0].x) == 28
+    assert len(per_block.data[0].y) == 4 and per_block.layout.yaxis.type == "log"
+    assert np.nansum(per_block.data[0].y) == pytest.approx(table.loc["LEMS", "predicted error"])
+    assert np.isnan(table.loc["Uniform", "objective"])  # no objective of its own: empty, not "None"
+    lines = figures.per_block_figure(profile, ranks)
+    assert [t.name for t in lines.data] == ["LEMS", "Uniform", "MRCS"]
+    assert all(len(t.x) == profile.num_blocks for t in lines.data)  # one point per block, not per layer
+    kept = np.asarray(lines.data[1].y)
+    by_block = tables.ranks_frame(profile, ranks["uniform"]).groupby("block")["params"].sum().to_numpy()
+    dense = np.array([sum(l.params for l in profile.layers if l.block == b) for b in range(4)])
+    assert kept == pytest.approx(by_block / dense)
+
+
+def test_per_block_figure_stays_small_on_a_real_sized_model():
+    big = synthetic_profile(num_blocks=30)
+    ranks = {m: allocate(big, m, 0.7, params=PARAMS).ranks for m in ("lems", "uniform", "svdllm_v2", "mrcs")}
+    fig = figures.per_block_figure(big, ranks)
+    assert sum(len(t.x) for t in fig.data) == 4 * 30  # was 4 x 210 bars
+    errors = tables.predicted_error_tables(big, ranks, PARAMS)
+    assert figures.error_by_block_figure(big, errors).layout.yaxis.type == "log"
+    grid = tables.kept_fraction_grid(big, ranks["lems"])
+    heat = figures.heatmap_figure(grid, "k", "kept", text=tables.rank_grid(big, ranks["lems"]), zrange=(0, 1))
+    assert figures.heatmap_labelled(30) and heat.data[0].texttemplate == "%{text}"  # the caption's promise holds
+    assert not figures.heatmap_labelled(80)
+
+
+def test_comparison_table_reports_served_plans_without_a_solve_time(profile):
+    from lems_core.allocators import Allocation
+
+    uniform = allocate(profile, "uniform", 0.7)
+    served = Allocation("ars", 0.7, uniform.ranks, solve_seconds=297.93, info={"plan_created": "x", "seconds": 297.93})
+    errors = tables.predicted_error_tables(profile, {"ars": served.ranks, "uniform": uniform.ranks}, PARAMS)
+    table = tables.comparison_table(profile, {"ars": served, "uniform": uniform}, errors,
+                                    labels={"ars": "ARS (trained)"}).set_index("method")
+    assert np.isnan(table.loc["ARS (trained)", "solve ms"]) and table.loc["ARS (trained)", "trained s"] == 297.93
+    assert "trained s" not in tables.comparison_table(profile, {"uniform": uniform}, errors)
+
+
+def test_failure_messages_lose_the_method_prefix():
+    from lems_core.allocators import BudgetBelowMinimumError
+
+    exc = BudgetBelowMinimumError("lems", 0.1, 0.2, 100, "why")
+    assert tables.failure_message("lems", exc).startswith("budget ratio 0.1 is below")
+    assert tables.failure_message("uniform", ValueError("other")) == "other"
+
+
+def test_model_card_names_the_demo_and_reads_shapes():
+    profile = synthetic_profile(num_blocks=3)
+    card = tables.model_card(profile)
+    assert card["Hidden size"] == 64 and card["MLP width"] == 160 and card["KV width (k/v out)"] == 32
+    assert card["Decoder blocks"] == 3 and card["Compressible Linears"] == 21
+    profile.model_source = "demo"
+    card = tables.model_card(profile)
+    assert card["Model"] == "SmolLM2-135M-Instruct (demo)" and card["Licence"] == "Apache-2.0"
+    assert tables.profile_summary(profile)["Model"] == "SmolLM2-135M-Instruct (demo)"
 
 
 RECORDS = [
@@ -171,13 +224,35 @@ def test_results_frame_and_ppl_plot():
     assert frame.loc[1, "ppl ptb"] == 50.0 and np.isnan(frame.loc[0, "ppl ptb"])
     assert "settings" not in frame and frame.loc[0, "dense ppl wikitext2"] == 15.0
     assert tables.ppl_datasets(frame) == ["wikitext2", "ptb"]
-    fig = figures.ppl_vs_ratio_figure(frame, "wikitext2")
+    assert list(frame["seq len"][:1]) == [512] and frame.loc[0, "windows"] == "all"
+    same_protocol = frame.assign(protocol="reference")
+    fig = figures.ppl_vs_ratio_figure(same_protocol, "wikitext2")
     lems = next(t for t in fig.data if t.name == "LEMS")
     assert list(lems.x) == [0.6, 0.79] and list(lems.y) == [40.0, 20.0]  # sorted by ratio
     assert fig.layout.shapes and fig.layout.shapes[0].y0 == 15.0  # dense reference line
+    assert fig.layout.shapes[0].line.color == figures.REFERENCE_LINE
+    mixed = figures.ppl_vs_ratio_figure(frame, "wikitext2")  # protocols differ: never one line across them
+    assert sorted(len(t.x) for t in mixed.data if t.name.startswith("LEMS")) == [1, 1]
     only_ptb = figures.ppl_vs_ratio_figure(frame, "ptb")
     assert sum(len(t.x) for t in only_ptb.data) == 1
     assert len(figures.ppl_vs_ratio_figure(frame, "c4").data) == 0
+
+
+def test_ppl_plot_axes_fit_the_data_and_diverged_runs_stay_on_the_edge():
+    records = [dict(r, settings={"seq_len": 2048, "max_windows": 8}) for r in RECORDS]
+    records.append(dict(RECORDS[0], budget=0.3, realised_ratio=0.3, ppl={"wikitext2": 1e35},
+                        settings={"seq_len": 2048, "max_windows": 8}))
+    records.append(dict(RECORDS[0], realised_ratio=float("nan"), ppl={"wikitext2": float("inf")}))
+    frame = tables.results_frame(records)
+    assert set(frame.loc[:3, "windows"]) == {"8"} and set(frame.loc[:3, "seq len"]) == {2048}
+    fig = figures.ppl_vs_ratio_figure(frame, "wikitext2")
+    lo, hi = fig.layout.yaxis.range
+    assert fig.layout.yaxis.type == "log" and 0 < lo < np.log10(15.0) and hi <= np.log10(figures.PPL_CEILING) + 0.2
+    x0, x1 = fig.layout.xaxis.range
+    assert 0.0 <= x0 <= 0.3 and 0.79 <= x1 <= 1.05
+    ys = np.concatenate([np.asarray(t.y, dtype=float) for t in fig.data])
+    assert ys.max() <= 10 ** hi and len(ys) == 4  # the diverged run is drawn (at the edge); the inf one is not
+    assert "diverged" in fig.layout.title.subtitle.text
 
 
 def test_unique_plans_drops_repeats(profile, allocations):
@@ -240,3 +315,61 @@ def test_unique_plans_keeps_plan_requests_once():
     kept = unique_plans({"a": plan, "b": PlanRequest("atp", 0.7), "c": PlanRequest("atp", 0.7),
                          "d": PlanRequest("atp", 0.8), "e": plan})
     assert list(kept) == ["a", "b", "d"]
+
+
+def test_results_frame_marks_the_protocol_and_splits():
+    from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
+
+    records = [
+        {"method": "lems", "ppl": {"ptb": 30.0}, "settings": {"protocol": REFERENCE_EVAL.to_dict(),
+                                                               "splits": {"ptb": "validation"}}},
+        {"method": "lems", "ppl": {"wikitext2": 20.0}, "settings": {"protocol": QUICK_EVAL.to_dict()}},
+        {"method": "uniform", "ppl": {"wikitext2": 25.0}, "settings": {"seq_len": 512, "max_windows": 16}},
+    ]
+    frame = tables.results_frame(records)
+    assert list(frame["protocol"]) == ["reference", "quick", "quick"]
+    assert frame["splits"][0] == "ptb:validation"
+
+
+def test_kl_floor_caption_reports_the_floor_and_the_layers_near_it():
+    import numpy as np
+
+    from lems_core.profile import synthetic_profile
+
+    profile = synthetic_profile(num_blocks=2)
+    assert "not measured" in tables.kl_floor_caption(profile)
+    profile.kl_floor = {"kl": float(np.sort(profile.kl_ref)[2]) / 3 + 1e-12, "reference_precision": "bf16",
+                        "kl_fp32": 0.0}
+    text = tables.kl_floor_caption(profile)
+    assert "bf16" in text and "float32 reference: 0" in text and f"3 of {len(profile.layers)} layers" in text
+
+
+def test_fast_figures_are_valid_plotly_specs(profile, allocations):
+    """The figures built without validation (figures._figure) must pass Plotly's validation."""
+    import plotly.graph_objects as go
+
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    errors = tables.predicted_error_tables(profile, ranks, PARAMS)
+    built = [figures.heatmap_figure(tables.kept_fraction_grid(profile, ranks["lems"]), "k", "kept",
+                                    text=tables.rank_grid(profile, ranks["lems"]), zrange=(0.0, 1.0)),
+             figures.heatmap_figure(tables.difference_grid(profile, ranks["lems"], ranks["uniform"]), "d", "Δ",
+                                    diverging=True),
+             figures.per_block_figure(profile, ranks), figures.error_by_block_figure(profile, errors)]
+    for fig in built:
+        go.Figure(fig.to_dict())  # raises ValueError on any invalid property
+
+
+def test_budget_sweep_predicts_lems_best_and_overlays_measured_kl(profile):
+    sweep = tables.sweep_frame(profile, ["lems", "uniform", "mrcs"], PARAMS, budgets=(0.4, 0.6, 0.8))
+    lems = sweep[sweep["method"] == "LEMS"].set_index("budget")["predicted error"]
+    assert list(lems.index) == [0.4, 0.6, 0.8] and lems.is_monotonic_decreasing
+    for method in ("Uniform", "MRCS"):
+        other = sweep[sweep["method"] == method].set_index("budget")["predicted error"]
+        assert (lems.loc[other.index] <= other + 1e-12).all()  # LEMS is optimal for its own objective
+    records = [dict(r, settings={"seq_len": 2048}) for r in RECORDS] + [dict(RECORDS[0], fingerprint="other")]
+    measured = tables.measured_points(records, "f")
+    assert len(measured) == 3
+    fig = figures.budget_sweep_figure(sweep, measured)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert sum(t.yaxis == "y2" for t in fig.data) == 2  # LEMS and Uniform measured points
+    assert len(figures.budget_sweep_figure(sweep, measured.iloc[:0]).data) == 3

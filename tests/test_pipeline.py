@@ -10,7 +10,7 @@ from lems_core.model import LoadedModel, model_fingerprint, tiny_model
 from lems_core.pipeline import build_profile, factorizations_for
 from lems_core.profile import Profile, ProfileError
 
-from helpers import tiny_loaded
+from helpers import tiny_loaded, word_corpus
 
 
 @pytest.fixture()
@@ -20,11 +20,7 @@ def loaded():
 
 @pytest.fixture()
 def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "model", "rank", "layer", "the", "of", "and"]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
-    return path
+    return word_corpus(tmp_path / "corpus.txt")
 
 
 def _cfg(corpus):
@@ -170,3 +166,26 @@ def test_add_measured_points_grows_a_profile_without_changing_its_key(loaded, co
     reloaded = Profile.load(folder)
     assert np.array_equal(reloaded.measured[0.9], grown.measured[0.9])
     assert np.mean(reloaded.measured[0.9] <= reloaded.measured[0.5]) > 0.8  # keeping more hurts less
+
+
+def test_profile_records_the_kl_floor_and_the_reference_bias_fit(loaded, corpus, tmp_path):
+    """Building a profile runs the reference LEMS's (alpha, gamma) search and measures the KL floor."""
+    from lems_core.allocators import allocate, allocate_lems, fitted_params
+
+    folder = build_profile(loaded, "svd_llm", _cfg(corpus), cache_dir=tmp_path / "cache", bias_fit_ratios=(0.7,))
+    profile = Profile.load(folder)
+    assert profile.kl_floor["reference_precision"] == "fp32"
+    assert profile.kl_floor["kl"] == pytest.approx(0.0, abs=1e-8)  # no bf16 floor
+    entry = profile.bias_fit["ratios"]["0.7"]
+    assert len(entry["trials"]) == 10 and profile.bias_fit["seed"] == 42
+    scores = [t["score"] for t in entry["trials"]]
+    assert entry["score"] == min(scores) and entry["trials"][entry["trial"]]["alpha"] == entry["alpha"]
+    assert all(0 <= t["alpha"] <= 3 and 0 <= t["gamma"] <= 7 for t in entry["trials"])
+    assert len(set(scores)) > 1  # the trials are really scored on the model
+    ref = allocate(profile, "lems", 0.7)
+    assert ref.info["bias_source"] == "profile fit at 0.7"
+    params, at = fitted_params(profile, 0.65)
+    assert at == 0.7 and (params.alpha, params.gamma) == (entry["alpha"], entry["gamma"])
+    assert ref.ranks == allocate_lems(profile, 0.7, params).ranks
+    fixed = allocate(profile, "lems_fixed", 0.7)
+    assert fixed.method == "lems_fixed" and fixed.info["error_model"]["gamma"] == 5.0

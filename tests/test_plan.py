@@ -5,7 +5,7 @@ import pytest
 
 from lems_core.model import LayerInfo
 from lems_core.plan import (
-    MAX_PLAN_BYTES, PLAN_SCHEMA, LayerPlan, PlanError, RankPlan, from_loadconfig, layer_param_cost, plan_from_ranks,
+    MAX_PLAN_BYTES, PLAN_SCHEMA, LayerPlan, LoadconfigWarning, PlanError, RankPlan, from_loadconfig, layer_param_cost, plan_from_ranks,
 )
 from lems_core.profile import synthetic_profile
 
@@ -226,9 +226,57 @@ def test_loadconfig_defaults_and_errors(profile):
     assert plan.ranks()[first.name] == int(0.5 * first.eq_rank)
     assert plan.ranks()[second.name] is None  # unspecified layers stay dense, as in the reference
     assert plan.budget == pytest.approx(plan.summary["realised_ratio"])
-    with pytest.raises(PlanError, match="does not have: bogus"):
-        from_loadconfig({"bogus": 0.5}, profile.layers)
     with pytest.raises(PlanError, match="rank 0"):
         from_loadconfig({first.name: 0.5 / first.eq_rank}, profile.layers)
     with pytest.raises(PlanError, match="positive number"):
         from_loadconfig({first.name: -0.1}, profile.layers)
+    with pytest.raises(PlanError, match="above 1"):
+        from_loadconfig({first.name: 1.5}, profile.layers)
+    with pytest.raises(PlanError, match="above 1"):
+        from_loadconfig({first.name: 64.0}, profile.layers)  # a rank must be an integer
+    with pytest.raises(PlanError, match="out of range"):
+        from_loadconfig({first.name: 0}, profile.layers)
+    with pytest.raises(PlanError, match="out of range"):
+        from_loadconfig({first.name: min(first.out_features, first.in_features) + 1}, profile.layers)
+    with pytest.raises(PlanError, match="ratio in"):
+        from_loadconfig({first.name: "0.5"}, profile.layers)
+    with pytest.raises(PlanError, match="JSON object"):
+        from_loadconfig([0.5], profile.layers)
+
+
+def test_loadconfig_integer_is_an_absolute_rank(profile):
+    first, second, third = profile.layers[0], profile.layers[1], profile.layers[2]
+    assert 1 < first.eq_rank // 2 < first.eq_rank
+    rank = first.eq_rank // 2
+    plan = from_loadconfig({first.name: rank, second.name: 1, third.name: third.eq_rank}, profile.layers)
+    ranks = plan.ranks()
+    assert ranks[first.name] == rank  # not a ratio above 1 (which would be dense or an error)
+    assert ranks[second.name] == 1  # integer 1 is rank 1; float 1.0 is dense
+    assert ranks[third.name] is None  # rank eq is stored dense (break-even rule)
+    assert from_loadconfig({second.name: 1.0}, profile.layers).ranks()[second.name] is None
+
+
+def test_loadconfig_ignores_unknown_keys_with_a_warning(profile):
+    first = profile.layers[0]
+    with pytest.warns(LoadconfigWarning, match="lm_head"):
+        plan = from_loadconfig({first.name: 0.5, "lm_head": 1.0, "bogus": 0.3}, profile.layers)
+    assert plan.meta["loadconfig_ignored"] == ["bogus", "lm_head"]
+    assert plan.ranks()[first.name] == int(0.5 * first.eq_rank)
+    assert set(plan.ranks()) == {l.name for l in profile.layers}
+
+
+@pytest.mark.parametrize("as_ranks", [False, True])
+def test_loadconfig_round_trip_from_the_reference_side(profile, as_ranks):
+    """loadconfig -> plan -> loadconfig -> plan keeps every rank (floats, integers and dense mixed)."""
+    config = {}
+    for i, l in enumerate(profile.layers):
+        config[l.name] = [0.37, 0.8, 1.0, max(1, l.eq_rank // 3)][i % 4]
+    config["lm_head"] = 1.0
+    with pytest.warns(LoadconfigWarning):
+        plan = from_loadconfig(config, profile.layers)
+    exported = plan.to_loadconfig(as_ranks=as_ranks)
+    assert "lm_head" not in exported
+    assert all((v == 1.0) == (plan.ranks()[k] is None) for k, v in exported.items())
+    again = from_loadconfig(json.loads(json.dumps(exported)), profile.layers)
+    assert again.ranks() == plan.ranks()
+    assert again.to_loadconfig(as_ranks=as_ranks) == exported

@@ -23,3 +23,24 @@ def test_block_suffix_sweep_equals_full_forward(arch):
     assert np.all(sweep[0.1] > 0) and np.all(np.isfinite(sweep[0.5]))
     # the model is left dense afterwards
     assert all(isinstance(model.get_submodule(l.name), torch.nn.Linear) for l in layers)
+
+
+def test_kl_floor_is_zero_with_fp32_reference_and_positive_with_bf16():
+    """The dense model against its own cached reference: the bf16 cache (the reference's) sets a floor."""
+    from lems_core.sensitivity import kl_floor
+
+    model = tiny_model("llama", seed=3)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    items = capture_block_inputs(model, ids, 1)
+    fp32 = dense_reference(model, items, ids, 1, precision="fp32")
+    bf16 = dense_reference(model, items, ids, 1, precision="bf16")
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    assert kl_floor(model, items, fp32) == pytest.approx(0.0, abs=1e-9)
+    assert kl_floor(model, items, bf16) > 1e-7
+    layers = compressible_layers(model)
+    decomposer = Decomposer("svd")
+    factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
+    _, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5])
+    assert ref.precision == "fp32" and ref.floor == pytest.approx(0.0, abs=1e-9)
+    _, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5], precision="bf16")
+    assert ref.precision == "bf16" and ref.floor > 1e-7

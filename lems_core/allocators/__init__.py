@@ -3,7 +3,10 @@
 One module per method, one registry (``registry.py``), one budget accounting
 (``lems_core/budget.py``, shared with plans) and one result type (``base.Allocation``):
 
-- ``lems``          LEMS error model + exact multiple-choice knapsack (§1.2-1.4), and ``fit_bias`` (§1.3)
+- ``lems``          LEMS error model + exact multiple-choice knapsack (§1.2-1.4), and ``fit_bias`` (§1.3);
+                    registered as ``lems`` (bias fitted in the profile) and ``lems_fixed`` (fixed bias)
+- ``lems_mp``       LEMS-MP: the error model fitted through every measured KL point, floor-aware;
+                    ``lems_adaptive`` measures more points where the plan needs them
 - ``uniform``       rank = int(ratio * eq) everywhere (§4.1)
 - ``svdllm_v2``     SVD-LLM V2 heterogeneous ratios by matrix type (§4.3)
 - ``mrcs``          MRCS greedy with exponential schedule (§4.4)
@@ -21,7 +24,8 @@ from ..error_model import predicted_errors
 from .asvd import ASVD_POINTS, allocate_asvd
 from .atp import ATP_STEPS, allocate_atp, atp_block_ratios, atp_grid
 from .base import Allocation, BudgetBelowMinimumError, ScoreFn
-from .lems import BiasFit, allocate_lems, fit_bias, lems_error_table
+from .lems import (BIAS_FIT_RATIOS, BiasFit, allocate_lems, allocate_lems_fixed, allocate_lems_reference, fit_bias,
+                   fitted_params, lems_error_table, profile_bias_fit)
 from .mrcs import allocate_mrcs
 from .registry import ALLOCATORS, MODEL_SCORED, SPECS, AllocatorSpec, allocate, allocator_names, register_allocator
 from .svdllm_v2 import allocate_svdllm_v2, svdllm_v2_keep_ratios
@@ -30,7 +34,8 @@ from .uniform import allocate_uniform
 __all__ = [
     "ALLOCATORS", "ASVD_POINTS", "ATP_STEPS", "Allocation", "AllocatorSpec", "BUDGET_TOL", "BiasFit",
     "BudgetBelowMinimumError", "MODEL_SCORED", "SPECS", "ScoreFn", "allocate", "allocate_asvd", "allocate_atp",
-    "allocate_lems", "allocate_mrcs", "allocate_svdllm_v2", "allocate_uniform", "allocator_names",
+    "allocate_lems", "allocate_lems_fixed", "allocate_lems_reference", "allocate_mrcs", "BIAS_FIT_RATIOS",
+    "fitted_params", "profile_bias_fit", "allocate_svdllm_v2", "allocate_uniform", "allocator_names",
     "atp_block_ratios", "atp_grid", "candidate_lower_bound", "candidate_ranks", "fit_bias", "lems_error_table",
     "params_of", "predicted_errors", "rank_at_ratio", "realised_ratio", "register_allocator",
     "svdllm_v2_keep_ratios",

@@ -89,13 +89,36 @@ class ARSConfig:
     rank_multiple: int = 8  # final ranks are multiples of this (methods.md §1.4)
     fill_budget: bool = True  # spend budget the one-sided penalty left unused (see fill_to_budget)
     seed: int = 42
+    # Reference behaviour (sidhantls, methods.md §9 "ARS"); LEGACY_FIELDS gives the earlier one:
+    bidirectional: bool = True  # bidirectional GRU (the fix_hypernet branch); False: one direction
+    lambda_off_within: float = 0.002  # lam = 0 for a step whose kept ratio is this close to p (0: never)
+    early_stop_window: int = 100  # stop once the mean kept ratio of this many steps is within
+    early_stop_tol: float = 0.0015  # ... this of p (mean - p < tol); window 0: run every step
+
+    def __post_init__(self):
+        if self.lambda_off_within < 0 or self.early_stop_window < 0 or self.early_stop_tol < 0:
+            raise ValueError("lambda_off_within, early_stop_window and early_stop_tol must be >= 0")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields, except reference-behaviour fields at their legacy value (so configs,
+        and cache keys, of runs made before these fields existed are unchanged)."""
+        d = asdict(self)
+        if all(d[k] == v for k, v in LEGACY_FIELDS.items()):
+            for k in LEGACY_FIELDS:
+                del d[k]
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "ARSConfig":
-        return ARSConfig(**{f.name: d[f.name] for f in fields(ARSConfig) if f.name in d})
+        values = {f.name: d[f.name] for f in fields(ARSConfig) if f.name in d}
+        if not any(k in d for k in LEGACY_FIELDS):  # written before these fields existed
+            values.update(LEGACY_FIELDS)
+        return ARSConfig(**values)
+
+
+# The behaviour before the reference's was followed: one-direction GRU, the penalty
+# weight always on, a fixed number of steps (preset "cpu-small-legacy", or these overrides).
+LEGACY_FIELDS = {"bidirectional": False, "lambda_off_within": 0.0, "early_stop_window": 0, "early_stop_tol": 0.0015}
 
 
 # "cpu-small": a short run for the demo model (SmolLM2-135M) on a shared 2-core CPU:
@@ -106,6 +129,7 @@ class ARSConfig:
 PRESETS = {
     "reference": ARSConfig(),
     "cpu-small": ARSConfig(steps=80, batch_windows=1, seq_len=128, lr=1e-2),
+    "cpu-small-legacy": ARSConfig(steps=80, batch_windows=1, seq_len=128, lr=1e-2, **LEGACY_FIELDS),
 }
 
 
@@ -158,14 +182,16 @@ class Hypernetwork(nn.Module):
     since the full whitened SVD is exact). ``logit_bias`` is added to all logits.
     """
 
-    def __init__(self, components: list[int], z_size: int, hidden_size: int, logit_bias: float, seed: int):
+    def __init__(self, components: list[int], z_size: int, hidden_size: int, logit_bias: float, seed: int,
+                 bidirectional: bool = False):
         super().__init__()
+        width = hidden_size * (2 if bidirectional else 1)  # both directions' states, concatenated
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(seed)
             self.register_buffer("z", torch.randn(1, len(components), z_size))
-            self.gru = nn.GRU(z_size, hidden_size, batch_first=True)
-            self.norm = nn.LayerNorm(hidden_size)
-            self.heads = nn.ModuleList(nn.Linear(hidden_size, k) for k in components)
+            self.gru = nn.GRU(z_size, hidden_size, batch_first=True, bidirectional=bidirectional)
+            self.norm = nn.LayerNorm(width)
+            self.heads = nn.ModuleList(nn.Linear(width, k) for k in components)
         self.logit_bias = logit_bias
 
     def forward(self) -> list[torch.Tensor]:
@@ -311,7 +337,7 @@ def train_masks(
     check_factors(layers, factors)
     device = next(model.parameters()).device
     hyper = Hypernetwork([factors[l.name].max_rank for l in layers], config.z_size, config.hidden_size,
-                         config.logit_bias, config.seed).to(device)
+                         config.logit_bias, config.seed, config.bidirectional).to(device)
     optimizer = torch.optim.Adam(hyper.parameters(), lr=config.lr)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
     crop = windows[:, : config.seq_len] if config.seq_len else windows
@@ -328,6 +354,8 @@ def train_masks(
             if progress:
                 progress((step + 1) / config.steps, f"ARS step {step + 1}/{config.steps}: loss {record['loss']:.3f}, "
                                                     f"kept {record['kept_ratio']:.3f}")
+            if budget_reached(curve, ratio, config):
+                break
     with torch.no_grad():
         final = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, None, config.noise) for lg in hyper()]
     return [m.cpu().numpy().round().astype(np.int8) for m in final], curve
@@ -343,15 +371,26 @@ def _train_step(model, hyper, modules, layers, spectra, ids, target, config, noi
     kept = kept_params(masks, layers)
     budget = budget_penalty(kept, target)
     align = alignment_loss(masks, spectra)
-    loss = ce + config.lam * budget + config.gamma_align * align
+    total = sum(l.params for l in layers)
+    # the reference drops the budget term for a step that is already on target (within 0.002)
+    lam = 0.0 if abs(kept.item() / total - target / total) < config.lambda_off_within else config.lam
+    loss = ce + lam * budget + config.gamma_align * align
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     for module in modules:
         module.mask = None
-    total = sum(l.params for l in layers)
     return {"loss": loss.item(), "ce": ce.item(), "budget": budget.item(), "align": align.item(),
-            "kept_ratio": kept.item() / total}
+            "kept_ratio": kept.item() / total, "lam": lam}
+
+
+def budget_reached(curve: list[dict], ratio: float, config: ARSConfig) -> bool:
+    """The reference's early stop: the mean kept ratio of the last ``early_stop_window`` steps
+    is less than ``early_stop_tol`` above the target (never with window 0)."""
+    window = config.early_stop_window
+    if not window or len(curve) <= window:
+        return False
+    return float(np.mean([r["kept_ratio"] for r in curve[-window:]])) - ratio < config.early_stop_tol
 
 
 # =========================================================================== masks -> ranks

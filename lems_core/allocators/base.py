@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..budget import Ranks, params_of, realised_ratio, within_budget
+from ..budget import Ranks, check_ratio, params_of, realised_ratio, within_budget
+from ..constraints import LayerConstraints, ResolvedConstraints
 from ..error_model import ErrorModelParams
 from ..plan import RankPlan, plan_from_allocation
 from ..profile import Profile
@@ -71,6 +72,56 @@ def check_result(profile: Profile, alloc: Allocation) -> None:
     if not within_budget(profile, alloc.ranks, alloc.ratio):  # a bug in the allocator, never a user error
         raise RuntimeError(f"allocator {alloc.method!r} exceeded its budget: realised ratio "
                            f"{realised_ratio(profile, alloc.ranks):.6f} > {alloc.ratio}")
+
+
+def resolve_constraints(profile: Profile, ratio: float,
+                        constraints: LayerConstraints | None) -> tuple[ResolvedConstraints | None, float]:
+    """(resolved constraints or None when there are none, the budget ratio over all layers).
+
+    Excluded layers are outside the budget: ``ratio`` applies to the others, so over all
+    layers the kept fraction is ``ResolvedConstraints.effective_ratio(ratio)``.
+    """
+    ratio = check_ratio(ratio)
+    if constraints is None or constraints.is_empty:
+        return None, ratio
+    resolved = constraints.resolve(profile.layers)
+    return resolved, resolved.effective_ratio(ratio)
+
+
+def min_ratio(profile: Profile, min_params: float, resolved: ResolvedConstraints | None) -> float:
+    """A method's smallest reachable parameter count as a ratio on the user's scale
+    (over the non-excluded layers when some are excluded)."""
+    full = min_params / profile.total_params
+    return full if resolved is None else resolved.requested_ratio(full)
+
+
+def constraint_info(constraints: LayerConstraints | None, ratio: float, full_ratio: float) -> dict:
+    """What an allocation records about its constraints (empty without any)."""
+    if constraints is None or constraints.is_empty:
+        return {}
+    return {"constraints": constraints.to_dict(), "requested_ratio": ratio, "budget_ratio_all_layers": full_ratio}
+
+
+def apply_constraints(profile: Profile, alloc: Allocation, constraints: LayerConstraints | None,
+                      ratio: float) -> Allocation:
+    """Project a heuristic allocator's ranks onto ``constraints`` (see ``ResolvedConstraints.enforce``).
+
+    For allocators without native support: the method has run at the all-layer budget
+    ratio (``resolve_constraints``; ``ratio`` is the user's), then locked/excluded layers go dense, ranks move into their kept-fraction
+    bounds and onto the rank multiple, and the highest kept fractions are trimmed
+    until the budget holds again. The per-layer predicted errors are dropped (they
+    belonged to the unconstrained ranks).
+    """
+    resolved, full_ratio = resolve_constraints(profile, ratio, constraints)
+    if resolved is None:
+        return alloc
+    minimum = resolved.minimum_params()
+    if minimum > full_ratio * profile.total_params * (1 + 1e-9):
+        raise BudgetBelowMinimumError(alloc.method, ratio, min_ratio(profile, minimum, resolved),
+                                      profile.total_params, "the cheapest ranks the layer constraints allow")
+    ranks, steps = resolved.enforce(alloc.ranks, full_ratio * profile.total_params)
+    info = {**alloc.info, **constraint_info(constraints, ratio, full_ratio), "constraint_repair_steps": steps}
+    return finish(profile, Allocation(alloc.method, full_ratio, ranks, None, alloc.objective, alloc.solve_seconds, info))
 
 
 def finite_score(value) -> float:

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from ..budget import BUDGET_TOL, budget_of, check_ratio, dense_if_break_even
+from ..derived import derived
 from ..error_model import ErrorModelParams, block_biases
 from ..profile import Profile
 from .base import Allocation, BudgetBelowMinimumError, finish, require_budget
@@ -85,7 +86,8 @@ def allocate_mrcs(
     dense_cost = np.array([l.params for l in layers], dtype=np.float64)
     eq = np.array([l.eq_rank for l in layers], dtype=np.int64)
     bias = block_biases(profile, params) if params is not None else np.ones(len(layers))
-    spectral = _SpectralLoss(profile, 1 if loss == "energy1" else 2)
+    power = 1 if loss == "energy1" else 2
+    spectral = derived(profile, ("mrcs_spectral_loss", power, id(profile.spectra)), lambda: _SpectralLoss(profile, power))
     idx_all = np.arange(len(layers))
 
     ranks = eq.copy()  # the reference starts at eq; eq means "untouched = dense" here
@@ -117,15 +119,15 @@ def allocate_mrcs(
         p, t, steps = current(), t + 1, steps + 1
     phase1 = steps
 
-    while p > target * (1 + BUDGET_TOL):  # phase 2: finish the budget one step at a time
-        proposal = np.maximum(_next_multiple_below(ranks, multiple), lb)
-        valid = proposal < ranks
-        if not valid.any():  # cannot happen after the feasibility check above
+    if p > target * (1 + BUDGET_TOL):  # phase 2: finish the budget one step at a time
+        taken = _completion_steps(ranks, touched, lb, width, dense_cost, bias, spectral, multiple, p,
+                                  target * (1 + BUDGET_TOL))
+        if taken is None:  # cannot happen after the feasibility check above
             raise BudgetBelowMinimumError("mrcs", ratio, p / p_total, profile.total_params, "lower bounds reached")
-        scores = np.where(valid, spectral(idx_all, proposal) * bias, np.inf)
-        i = int(np.argmin(scores))
-        apply(i, int(proposal[i]))
-        p, steps = current(), steps + 1
+        layers_stepped, new_ranks = taken
+        np.minimum.at(ranks, layers_stepped, new_ranks)  # a layer's steps only go down: its last one wins
+        touched[layers_stepped] = True
+        p, steps = current(), steps + len(layers_stepped)
     seconds = time.perf_counter() - start
 
     final = {l.name: (dense_if_break_even(l, int(ranks[i])) if touched[i] else None) for i, l in enumerate(layers)}
@@ -134,6 +136,47 @@ def allocate_mrcs(
             "completion_steps": steps - phase1, "schedule_gamma": schedule_gamma, "max_iter": max_iter,
             "error_model": params.to_dict() if params is not None else None}
     return finish(profile, Allocation("mrcs", ratio, final, solve_seconds=seconds, info=info))
+
+
+def _completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: np.ndarray,
+                      dense_cost: np.ndarray, bias: np.ndarray, spectral: _SpectralLoss, multiple: int | None,
+                      current: float, limit: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Phase 2 of MRCS, all at once: the (layer, new rank) steps until the cost is <= ``limit``.
+
+    The one-at-a-time greedy applies, at every step, the proposal (next multiple below,
+    clamped at the lower bound) with the smallest loss x bias, the first layer on ties.
+    A layer's proposal changes only when it is stepped, and its loss never falls as its
+    rank falls, so that greedy takes the steps of all layers merged in order of
+    (score, layer): every layer's chain of steps is listed, sorted stably by that key,
+    and the shortest prefix that meets the budget is returned as (layers, new ranks) in
+    step order (None when even all steps do not). Same result as stepping, without a
+    Python loop per step.
+    """
+    step = multiple if multiple and multiple > 1 else 1
+    layer_ids, new_ranks, savings = [], [], []
+    for i in range(len(ranks)):
+        r, low = int(ranks[i]), int(lb[i])
+        if r <= low:
+            continue
+        first = max(((r - 1) // step) * step, low)  # then one multiple lower each step, the last clamped at lb
+        chain = np.concatenate([np.arange(first, low, -step, dtype=np.int64), [low]])
+        before = np.concatenate([[int(ranks[i])], chain[:-1]]) * width[i]
+        if not touched[i]:
+            before[0] = dense_cost[i]
+        layer_ids.append(np.full(len(chain), i))
+        new_ranks.append(chain)
+        savings.append(before - chain * width[i])
+    if not layer_ids:
+        return None if current > limit else (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    layer_ids, new_ranks, savings = (np.concatenate(a) for a in (layer_ids, new_ranks, savings))
+    scores = spectral(layer_ids, new_ranks) * bias[layer_ids]
+    order = np.lexsort((layer_ids, scores))  # by score, then layer; each layer's chain keeps its order
+    remaining = current - np.cumsum(savings[order])
+    enough = np.nonzero(remaining <= limit)[0]
+    if not enough.size:
+        return None
+    chosen = order[: int(enough[0]) + 1]
+    return layer_ids[chosen], new_ranks[chosen]
 
 
 def _next_multiple_below(ranks: np.ndarray, multiple: int | None) -> np.ndarray:

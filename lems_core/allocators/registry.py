@@ -11,10 +11,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from ..constraints import ConstraintError, LayerConstraints
 from ..error_model import ErrorModelParams
 from ..profile import Profile
-from . import ars, asvd, atp, erc_plc, lcsvd_search, lems, mrcs, svdllm_v2, uniform
-from .base import Allocation, ScoreFn, check_result
+from . import ars, asvd, atp, erc_plc, lcsvd_search, lems, lems_mp, mrcs, svdllm_v2, uniform
+from .base import Allocation, ScoreFn, apply_constraints, check_result, resolve_constraints
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,29 @@ class AllocatorSpec:
     fn: Callable[..., Allocation]
     score: str | None = None  # "ppl" / "kl" when it scores candidate plans on the model
     summary: str = ""
+    # How it honours LayerConstraints: "native" (fn takes ``constraints``), "projected"
+    # (ranks projected onto them afterwards, ``base.apply_constraints``), "" (not at all).
+    constraints: str = ""
+
+
+CONSTRAINT_SUPPORT = ("native", "projected", "")
 
 
 SPECS: dict[str, AllocatorSpec] = {}
 
 
-def register_allocator(name: str, fn: Callable[..., Allocation], score: str | None = None, summary: str = "") -> None:
+def register_allocator(name: str, fn: Callable[..., Allocation], score: str | None = None, summary: str = "",
+                       constraints: str = "") -> None:
     """Make ``fn(profile, ratio, ...) -> Allocation`` available to ``allocate`` under ``name``.
 
     ``allocate`` passes ``params`` / ``score_fn`` only to functions that take them, and
-    rejects results that exceed the budget.
+    rejects results that exceed the budget. ``constraints`` says how it honours layer
+    constraints (see ``AllocatorSpec``).
     """
+    if constraints not in CONSTRAINT_SUPPORT:
+        raise ValueError(f"constraints support must be one of {CONSTRAINT_SUPPORT}, got {constraints!r}")
     key = normalise_method(name)
-    SPECS[key] = AllocatorSpec(key, fn, score, summary)
+    SPECS[key] = AllocatorSpec(key, fn, score, summary, constraints)
     ALLOCATORS[key] = fn
     if score:
         MODEL_SCORED[key] = score
@@ -51,17 +62,25 @@ ALLOCATORS: dict[str, Callable[..., Allocation]] = {}  # name -> function (deriv
 MODEL_SCORED: dict[str, str] = {}  # name -> the score it needs (derived from SPECS)
 
 for _spec in (
-    AllocatorSpec("lems", lems.allocate_lems, summary="LEMS error model + exact ILP (§1.2-1.4)"),
-    AllocatorSpec("uniform", uniform.allocate_uniform, summary="rank int(ratio*eq) everywhere (§4.1)"),
-    AllocatorSpec("svdllm_v2", svdllm_v2.allocate_svdllm_v2, summary="SVD-LLM V2 by matrix type (§4.3)"),
-    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (§4.4)"),
+    AllocatorSpec("lems", lems.allocate_lems_reference, summary="LEMS error model + exact ILP (§1.2-1.4), depth "
+                  "bias fitted in the profile (the reference's always-on fit, §1.3)", constraints="native"),
+    AllocatorSpec("lems_fixed", lems.allocate_lems_fixed, summary="LEMS with a fixed depth bias (default alpha=0, "
+                  "gamma=5)", constraints="native"),
+    AllocatorSpec("lems_mp", lems_mp.allocate_lems_mp, summary="LEMS error model fitted on every measured KL point "
+                  "(floor-aware) + exact ILP", constraints="projected"),
+    AllocatorSpec("uniform", uniform.allocate_uniform, summary="rank int(ratio*eq) everywhere (§4.1)",
+                  constraints="projected"),
+    AllocatorSpec("svdllm_v2", svdllm_v2.allocate_svdllm_v2, summary="SVD-LLM V2 by matrix type (§4.3)",
+                  constraints="projected"),
+    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (§4.4)",
+                  constraints="projected"),
     AllocatorSpec("atp", atp.allocate_atp, "ppl", "arithmetic-progression block ratios (§4.5)"),
     AllocatorSpec("asvd", asvd.allocate_asvd, summary="ASVD sensitivity-based rank search (§4.2)"),
     AllocatorSpec("ars", ars.allocate_ars, summary="ARS learned masks; serves trained plans (§4.6)"),
     AllocatorSpec("erc_plc", erc_plc.allocate_erc_plc, "kl", "ERC-SVD partial-layer compression"),
     AllocatorSpec("lcsvd_search", lcsvd_search.allocate_lcsvd_search, "ppl", "LC-SVD sensitivity-prior search"),
 ):
-    register_allocator(_spec.name, _spec.fn, _spec.score, _spec.summary)
+    register_allocator(_spec.name, _spec.fn, _spec.score, _spec.summary, _spec.constraints)
 
 
 def allocator_names() -> list[str]:
@@ -75,12 +94,46 @@ def allocate(
     ratio: float,
     params: ErrorModelParams | None = None,
     score_fn: ScoreFn | None = None,
+    constraints: LayerConstraints | None = None,
     **options,
 ) -> Allocation:
-    """Run allocator ``method`` by name; ``options`` go to that allocator."""
+    """Run allocator ``method`` by name; ``options`` go to that allocator.
+
+    ``constraints`` (``LayerConstraints``) are honoured natively by LEMS, by projection
+    for uniform / SVD-LLM V2 / MRCS, and are a ConstraintError for the other methods.
+    """
     key = normalise_method(method)
     if key not in ALLOCATORS:
         raise ValueError(f"unknown allocation method {method!r}; known: {', '.join(sorted(ALLOCATORS))}")
+    if constraints is not None and not constraints.is_empty:
+        return _allocate_constrained(profile, key, ratio, params, score_fn, constraints, **options)
+    return _run(profile, key, ratio, params, score_fn, **options)
+
+
+def supports_constraints(method: str) -> bool:
+    """Whether ``allocate`` can honour layer constraints for ``method``."""
+    spec = SPECS.get(normalise_method(method))
+    return spec is not None and bool(spec.constraints)
+
+
+def _allocate_constrained(profile: Profile, key: str, ratio: float, params, score_fn, constraints: LayerConstraints,
+                          **options) -> Allocation:
+    support = SPECS[key].constraints
+    if support == "native":
+        return _run(profile, key, ratio, params, score_fn, constraints=constraints, **options)
+    if support != "projected":
+        raise ConstraintError(f"{key} does not honour layer constraints; use one of "
+                              f"{', '.join(k for k in sorted(SPECS) if SPECS[k].constraints)}")
+    _, full_ratio = resolve_constraints(profile, ratio, constraints)
+    if constraints.rank_multiple and "multiple" in inspect.signature(ALLOCATORS[key]).parameters:
+        options.setdefault("multiple", constraints.rank_multiple)
+    alloc = _run(profile, key, full_ratio, params, score_fn, **options)
+    alloc = apply_constraints(profile, alloc, constraints, ratio)
+    check_result(profile, alloc)
+    return alloc
+
+
+def _run(profile: Profile, key: str, ratio: float, params, score_fn, **options) -> Allocation:
     fn = ALLOCATORS[key]
     accepted = inspect.signature(fn).parameters
     kwargs = dict(options)

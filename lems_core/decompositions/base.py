@@ -108,21 +108,49 @@ def cholesky_left(lower: torch.Tensor, transpose: bool) -> Whitener:
     return Whitener(lambda x: p @ x, lambda y: torch.linalg.solve_triangular(p, y, upper=transpose))
 
 
-def cholesky_lower(c: torch.Tensor, tries: int = 3) -> torch.Tensor:
-    """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, §3.5)."""
-    for _ in range(tries + 1):
+def cholesky_lower(c: torch.Tensor, tries: int = 3, rebuild: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, §3.5).
+
+    With ``rebuild`` (a function that makes ``c`` again) the first attempt factorises
+    ``c`` in its own storage, saving an n x n copy (1.6 GB at n = 14336 in float64,
+    issue #10); if it fails, ``rebuild()`` gives the matrix back for the shifts.
+    """
+    start = 0
+    if rebuild is not None:
+        info = torch.empty((), dtype=torch.int32, device=c.device)
+        torch.linalg.cholesky_ex(c, out=(c, info))
+        if int(info) == 0:
+            return c
+        del c
+        c = _shifted(rebuild(), owned=True)
+        start = 1
+    for _ in range(start, tries + 1):
         factor, info = torch.linalg.cholesky_ex(c)
         if int(info) == 0:
             return factor
-        shift = -torch.linalg.eigvalsh(c)[0].clamp(max=0) + 1e-6 * c.diagonal().abs().mean().clamp(min=1e-12)
-        c = c + shift * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        c = _shifted(c, owned=False)
     raise np.linalg.LinAlgError("Cholesky failed after diagonal shifts (matrix far from positive definite)")
 
 
+def _shifted(c: torch.Tensor, owned: bool) -> torch.Tensor:
+    """c + (-lambda_min + 1e-6 mean|diag|) I; in place when ``owned`` (a private copy), else a new matrix."""
+    shift = -torch.linalg.eigvalsh(c)[0].clamp(max=0) + 1e-6 * c.diagonal().abs().mean().clamp(min=1e-12)
+    c = c if owned else c.clone()
+    c.diagonal().add_(shift)
+    return c
+
+
 def shrink(c: torch.Tensor, amount: float) -> torch.Tensor:
-    """(1 - a) C + a mean(diag C) I (methods.md §2.3)."""
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    return (1 - amount) * c + amount * c.diagonal().mean() * eye
+    """(1 - a) C + a mean(diag C) I (methods.md §2.3); one new matrix, no identity temporaries."""
+    return shrink_(c.clone(), amount, c.diagonal().mean())
+
+
+def shrink_(c: torch.Tensor, amount: float, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``shrink`` in place (same floats: (1 - a) c_ij, plus a mean(diag) on the diagonal)."""
+    mean = c.diagonal().mean() if mean is None else mean
+    c.mul_(1 - amount)
+    c.diagonal().add_(amount * mean)
+    return c
 
 
 class StaticMethod:

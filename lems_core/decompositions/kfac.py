@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import (SHRINK_A, SHRINK_G, DecompositionOptions, LayerStats, StaticMethod, Whitener, cholesky_left,
-                   cholesky_lower, cholesky_right, shrink)
+                   cholesky_lower, cholesky_right, shrink, shrink_)
 
 __all__ = ["Kfac", "SHRINK_A", "SHRINK_G"]
 
@@ -20,9 +20,11 @@ class Kfac(StaticMethod):
     shares_input = True  # Q = L_A reads the input Gram only; P is per layer
 
     def right(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
-        gram = shrink(stats.inputs.gram.to(options.dtype).to(device), options.kfac_shrink_a)
-        return cholesky_right(cholesky_lower(gram))
+        def build():
+            return shrink_(stats.inputs.gram.to(device=device, dtype=options.dtype, copy=True), options.kfac_shrink_a)
+        return cholesky_right(cholesky_lower(build(), rebuild=build))
 
     def left(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
-        g = shrink(stats.grad_gram.to(options.dtype).to(device), options.kfac_shrink_g)
-        return cholesky_left(cholesky_lower(g), options.kfac_orientation == "exact")
+        def build():
+            return shrink_(stats.grad_gram.to(device=device, dtype=options.dtype, copy=True), options.kfac_shrink_g)
+        return cholesky_left(cholesky_lower(build(), rebuild=build), options.kfac_orientation == "exact")

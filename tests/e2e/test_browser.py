@@ -38,3 +38,50 @@ def test_budget_slider_updates_plan_and_download_parses(browser_page, app_url):
     assert doc["schema"] == "lems-rank-plan/1"
     assert doc["method"] == "lems" and doc["budget"] == pytest.approx(0.75)
     assert doc["summary"]["realised_ratio"] <= 0.75 + 1e-9
+
+
+def _download_plan(page) -> dict:
+    with page.expect_download() as download:
+        page.get_by_test_id("stDownloadButton").filter(has_text="Download plan JSON").get_by_role("button").click()
+    return json.loads(open(download.value.path()).read())
+
+
+def test_state_survives_a_page_switch_and_a_constraint_changes_the_plan(browser_page, app_url):
+    """#13: budget and gamma hold across Sensitivity and back; locking a block dense changes the kept plan."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    page.goto(f"{app_url}/allocate")
+    wait_for_app(page)
+    summary = page.locator(".st-key-plan_summary")
+    expect(summary).to_contain_text("at budget 0.80", timeout=30_000)
+    thumb = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    thumb.focus()
+    for _ in range(5):
+        thumb.press("ArrowLeft")
+    expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
+    wait_for_app(page)
+
+    page.get_by_test_id("stSidebarNav").get_by_text("Sensitivity").click()
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name="Sensitivity")).to_be_visible()
+    page.get_by_test_id("stSidebarNav").get_by_text("Allocate").click()
+    wait_for_app(page)
+    expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
+    expect(page.get_by_test_id("stSliderThumbValue").first).to_have_text("0.75")
+
+    before = _download_plan(page)
+    assert "constraints" not in before
+    page.get_by_text("Layer constraints").click()
+    blocks = page.get_by_test_id("stMultiSelect").filter(has_text="Lock dense: blocks")
+    blocks.locator("input").click()
+    page.keyboard.type("3")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    wait_for_app(page)
+    expect(page.get_by_text("Layer constraints (active)")).to_be_visible(timeout=30_000)
+    after = _download_plan(page)
+    assert after["constraints"]["lock_dense"] == ["block:3"] and after["budget"] == pytest.approx(0.75)
+    ranks = {l["name"]: l["rank"] for l in after["layers"]}
+    assert all(r == "dense" for n, r in ranks.items() if ".layers.3." in n)
+    assert ranks != {l["name"]: l["rank"] for l in before["layers"]}

@@ -147,10 +147,10 @@ def test_two_process_gloo_torchrun_build_equals_one_process(tmp_path, corpus):
     assert np.isfinite(two.kl_ref).all()
 
 
-def test_a_model_loaded_with_disk_offloading_gives_the_same_statistics(tmp_path, one_thread):
-    """accelerate device_map with two of three blocks on disk: same fingerprint, Grams and streamed factors."""
-    from lems_core.model import LoadedModel, model_fingerprint, tiny_model
-    from lems_core.offload import is_offloaded, load_offloaded
+def _whole_and_offloaded(tmp_path):
+    """A tiny llama, and the same checkpoint loaded by accelerate with blocks 1 and 2 on disk."""
+    from lems_core.model import tiny_model
+    from lems_core.offload import load_offloaded
 
     whole = tiny_model("llama", seed=3)
     whole.save_pretrained(tmp_path / "ckpt")
@@ -158,6 +158,15 @@ def test_a_model_loaded_with_disk_offloading_gives_the_same_statistics(tmp_path,
                   "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     off = load_offloaded(str(tmp_path / "ckpt"), device_map=device_map, offload_folder=tmp_path / "offload",
                          dtype=torch.float32)
+    return whole, off
+
+
+def test_a_model_loaded_with_disk_offloading_gives_the_same_statistics(tmp_path, one_thread):
+    """accelerate device_map with two of three blocks on disk: same fingerprint, Grams and streamed factors."""
+    from lems_core.model import LoadedModel, model_fingerprint, tiny_model
+    from lems_core.offload import is_offloaded, load_offloaded
+
+    whole, off = _whole_and_offloaded(tmp_path)
     up = "model.layers.2.mlp.up_proj"
     assert is_offloaded(off.model.get_submodule(up)) and off.model.get_submodule(up).weight.device.type == "meta"
     assert off.fingerprint == model_fingerprint(whole)
@@ -215,12 +224,7 @@ def test_kl_sweep_on_an_offloaded_model_equals_the_whole_model(tmp_path, one_thr
     from lems_core.offload import load_offloaded
     from lems_core.sensitivity import layer_kl_sweep
 
-    whole = tiny_model("llama", seed=3)
-    whole.save_pretrained(tmp_path / "ckpt")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    off = load_offloaded(str(tmp_path / "ckpt"), device_map=device_map, offload_folder=tmp_path / "offload",
-                         dtype=torch.float32)
+    whole, off = _whole_and_offloaded(tmp_path)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     plan = plan_stream(compressible_layers(whole), "svd_llm", None, "cpu")
     fa = streamed_factorizations(LoadedModel(whole, None, "w", "w"), ids, "svd_llm", DecompositionOptions(),

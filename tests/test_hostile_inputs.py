@@ -168,26 +168,35 @@ def _slow_perplexity(monkeypatch):
     monkeypatch.setattr(pipeline, "perplexity", slow)
 
 
+def _run_in_threads(fn, n: int, timeout: float) -> list[Exception]:
+    """Run fn(0) .. fn(n-1) on n threads at once; the exceptions they raised (empty: none)."""
+    errors = []
+
+    def guarded(i):
+        try:
+            fn(i)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 def test_two_evaluations_at_once_get_the_clean_numbers(served, corpus, tmp_path, monkeypatch):
     loaded, _ = served
     plans = [_plan(loaded, corpus, keep=0.3), _plan(loaded, corpus, keep=0.6)]
     kwargs = dict(datasets=[str(corpus)], max_windows=2, seq_len=32, with_kl=True)
     alone = [pipeline.evaluate_plan(p, cache_dir=tmp_path / f"alone{i}", **kwargs) for i, p in enumerate(plans)]
     _slow_perplexity(monkeypatch)
-    barrier, together, errors = threading.Barrier(2), [None, None], []
+    barrier, together = threading.Barrier(2), [None, None]
 
     def run(i):
-        try:
-            barrier.wait()
-            together[i] = pipeline.evaluate_plan(plans[i], cache_dir=tmp_path / f"together{i}", **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+        barrier.wait()
+        together[i] = pipeline.evaluate_plan(plans[i], cache_dir=tmp_path / f"together{i}", **kwargs)
+    assert not _run_in_threads(run, 2, timeout=120)
     for a, b in zip(alone, together):
         assert b.dense_ppl == a.dense_ppl and b.ppl == a.ppl and b.kl == pytest.approx(a.kl, rel=1e-6)
     # the model is dense again
@@ -597,21 +606,12 @@ def test_concurrent_cache_writers_never_lose_the_race(tmp_path):
     from lems_core.cache import load_tensors, save_tensors
 
     path = tmp_path / "tensors" / "x.safetensors"
-    errors = []
 
     def write(seed):
-        try:
-            for _ in range(10):
-                save_tensors(path, {"w": torch.full((64,), float(seed))})
-                synthetic_profile(num_blocks=1).save(tmp_path / "profile")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-    threads = [threading.Thread(target=write, args=(s,)) for s in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+        for _ in range(10):
+            save_tensors(path, {"w": torch.full((64,), float(seed))})
+            synthetic_profile(num_blocks=1).save(tmp_path / "profile")
+    assert _run_in_threads(write, 3, timeout=60) == []
     assert load_tensors(path) is not None and Profile.load(tmp_path / "profile")
     assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
 

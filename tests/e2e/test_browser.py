@@ -13,6 +13,18 @@ def wait_for_app(page) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
 
 
+def _budget_down_to_075(page, summary) -> None:
+    """Five ArrowLeft presses on the budget slider (0.80 -> 0.75), then wait for the re-solved summary."""
+    from playwright.sync_api import expect
+
+    thumb = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    thumb.focus()
+    for _ in range(5):
+        thumb.press("ArrowLeft")
+    expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
+    wait_for_app(page)
+
+
 def test_budget_slider_updates_plan_and_download_parses(browser_page, app_url):
     from playwright.sync_api import expect
 
@@ -23,12 +35,7 @@ def test_budget_slider_updates_plan_and_download_parses(browser_page, app_url):
     expect(summary).to_contain_text("at budget 0.80", timeout=30_000)
     before = summary.inner_text()
 
-    thumb = page.get_by_test_id("stSlider").first.get_by_role("slider")
-    thumb.focus()
-    for _ in range(5):
-        thumb.press("ArrowLeft")
-    expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
-    wait_for_app(page)
+    _budget_down_to_075(page, summary)
     assert summary.inner_text() != before
 
     with page.expect_download() as download:
@@ -58,12 +65,7 @@ def test_state_survives_a_page_switch(browser_page, app_url):
     wait_for_app(page)
     summary = page.locator(".st-key-plan_summary")
     expect(summary).to_contain_text("at budget 0.80", timeout=30_000)
-    thumb = page.get_by_test_id("stSlider").first.get_by_role("slider")
-    thumb.focus()
-    for _ in range(5):
-        thumb.press("ArrowLeft")
-    expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
-    wait_for_app(page)
+    _budget_down_to_075(page, summary)
 
     page.get_by_test_id("stSidebarNav").get_by_text("Sensitivity").click()
     wait_for_app(page)

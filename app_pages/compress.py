@@ -200,7 +200,7 @@ def results_section() -> None:
         return
     frame = tables.results_frame(records)
     if "protocol" in frame and (frame["protocol"] != "reference").any():
-        st.caption("Rows whose protocol is not 'reference' (quick: 16 x 512 tokens; custom) are not comparable "
+        st.caption("Rows whose protocol is not 'reference' (quick: 8 x 512 tokens; custom) are not comparable "
                    "with the paper's 2048-token, all-window numbers.")
     datasets = tables.ppl_datasets(frame)
     if datasets:

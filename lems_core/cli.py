@@ -310,7 +310,7 @@ def _zero_shot_tasks(text: str | None) -> list[str]:
 
 
 def _eval_protocol(args):
-    """--quick (512 x 16) or the reference protocol (2048 x all), with --seq-len / --max-windows overriding."""
+    """--quick (512 x 8) or the reference protocol (2048 x all), with --seq-len / --max-windows overriding."""
     from dataclasses import replace
 
     from .evaluation import QUICK_EVAL, REFERENCE_EVAL
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task-limit", type=positive_int, default=None,
                     help="score at most this many documents per task (default: all, the reference protocol)")
     sp.add_argument("--quick", action="store_true",
-                    help="quick protocol: the first 16 windows of 512 tokens (default: the reference protocol, "
+                    help="quick protocol: the first 8 windows of 512 tokens (default: the reference protocol, "
                          "all 2048-token windows); the result records which")
     sp.add_argument("--seq-len", type=positive_int, default=None, help="override the protocol's window length")
     sp.add_argument("--max-windows", type=window_cap, default=None, help="override the protocol's window cap (a positive number, or 'all')")
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate-plans", help="evaluate several plans (spread over the ranks under torchrun)")
     sp.add_argument("--plans", required=True, help="plan files, comma separated (all for one model)")
     sp.add_argument("--datasets", default="wikitext2", help="perplexity datasets, comma separated")
-    sp.add_argument("--quick", action="store_true", help="quick protocol: the first 16 windows of 512 tokens")
+    sp.add_argument("--quick", action="store_true", help="quick protocol: the first 8 windows of 512 tokens")
     sp.add_argument("--seq-len", type=positive_int, default=None)
     sp.add_argument("--max-windows", type=window_cap, default=None)
     sp.add_argument("--device", default=None)

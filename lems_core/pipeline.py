@@ -324,25 +324,28 @@ def _build_profile(loaded: LoadedModel, decomposition: str, calibration: Calibra
     factors = factorizations_for(loaded, calibration, base, options, cache_dir, stage(progress, 0, 0.4), calib_ids,
                                  max_memory=max_memory, factor_dtype=factor_dtype, owned=owned)
     spectra = getattr(factors, "spectra", None) or {n: f.sigma for n, f in factors.items()}
-    kl_ref, measured, dense, sweep, floor = None, {}, {}, {}, None
+    kl_ref, measured, dense, sweep, floor, nll = None, {}, {}, {}, None, {}
     fit_here = bool(bias_fit_ratios) and measure_scale and ctx.world == 1  # the fit needs every layer's factors
     if measure_scale:
         ratios = [ref_ratio, *sorted(set(extra_ratios) - {ref_ratio})]
         sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search_ids, ratios,
                                     batch_size=search_batch, progress=stage(progress, 0.4, 0.9 if fit_here else 1.0),
-                                    cancel=cancel, only=owned)
+                                    cancel=cancel, only=owned, nll=nll)
         dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}
         floor = {"kl": ref.floor, "reference_precision": ref.precision, "search_windows": int(search_ids.shape[0]),
                  "seq_len": int(search_ids.shape[1])}
     if ctx.world > 1:  # rank 0 merges every rank's layers and writes the one profile
-        merged = distributed.merge_at_main(ctx, spectra, sweep)
+        merged = distributed.merge_at_main(ctx, spectra, {**sweep, **{("nll", r): v for r, v in nll.items()}})
         if not ctx.main:
             distributed.barrier(ctx)
             return folder
-        spectra, sweep = merged
+        spectra, both = merged
+        sweep = {r: v for r, v in both.items() if not isinstance(r, tuple)}
+        nll = {r[1]: v for r, v in both.items() if isinstance(r, tuple)}
     if measure_scale:
         kl_ref = sweep.pop(ref_ratio)
         measured = sweep
+        nll.pop(ref_ratio, None)  # kept at the extra points only (ASVD's search points)
     profile = Profile(
         model_source=loaded.source, fingerprint=loaded.fingerprint, decomposition=decomposition,
         calibration=calibration.to_dict(), layers=layers, spectra=spectra,
@@ -351,7 +354,7 @@ def _build_profile(loaded: LoadedModel, decomposition: str, calibration: Calibra
               "seconds": round(time.perf_counter() - started, 1), "lems_version": __version__,
               "torch": torch.__version__, "device": str(loaded.device),
               "max_memory": max_memory, "world_size": ctx.world},
-        kl_floor=floor,
+        kl_floor=floor, measured_nll=nll,
     )
     if fit_here:
         scorer = make_kl_scorer(loaded, factors, search_ids, cancel=cancel)
@@ -372,15 +375,18 @@ def add_measured_points(
     Lets a quick profile (reference point only) grow later without recomputing it.
     """
     profile = Profile.load(folder)
-    new = sorted(set(ratios) - set(profile.measured) - {profile.ref_ratio})
+    # a point measured before the NLL was recorded is measured again, for ASVD's reference search
+    new = sorted(r for r in set(ratios) - {profile.ref_ratio} if r not in profile.measured or r not in profile.measured_nll)
     if not new:
         return profile
     loaded = _profile_loaded(profile, device)
     with hold_model(loaded, cancel, progress):
         loaded, search_ids, factors = _profile_model(profile, device, cache_dir, stage(progress, 0, 0.1))
+        nll: dict = {}
         sweep, _ = layer_kl_sweep(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, new,
-                                  batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel)
+                                  batch_size=search_batch, progress=stage(progress, 0.1, 1.0), cancel=cancel, nll=nll)
     profile.measured.update(sweep)
+    profile.measured_nll.update(nll)
     profile.save(folder)
     return profile
 
@@ -465,6 +471,7 @@ class EvalResult:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     zero_shot: dict | None = None  # ZeroShotResult.to_dict() of the compressed model (lm-eval acc / acc_norm)
     dense_zero_shot: dict | None = None  # the same tasks on the dense model (cached per task)
+    ranks: dict | None = None  # the plan's {layer: rank or None (dense)}, for predicted vs measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -627,6 +634,7 @@ def _evaluate_plan(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposit
         settings={"seq_len": seq_len, "max_windows": max_windows, "calibration": cfg.to_dict(),
                   "plan_decomposition": plan.decomposition,
                   "protocol": EvalProtocol(seq_len, max_windows).to_dict(), "splits": splits},
+        ranks=dict(ranks),
     )
 
 

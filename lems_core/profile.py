@@ -65,6 +65,9 @@ class Profile:
     # The reference LEMS's (alpha, gamma) search (allocators/lems.py, methods.md §1.3, §9):
     # {"ratios": {"0.8": {"alpha", "gamma", "score", "trials": [...]}, ...}, "n_trials", "seed", ...}.
     bias_fit: dict | None = None
+    # ratio -> per-layer mean NLL on the search windows with only that layer compressed
+    # (single-layer search perplexity = exp): what ASVD's reference search ranks by (§4.2).
+    measured_nll: dict[float, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -125,6 +128,8 @@ class Profile:
             "bias_fit": self.bias_fit,
             "spectra_sha256": spectra_sha,
         }
+        if self.measured_nll:  # written only when measured, so older profiles keep their checksum
+            doc["measured_nll"] = {f"{r:g}": [float(x) for x in v] for r, v in sorted(self.measured_nll.items())}
         doc[CHECKSUM_FIELD] = document_checksum(doc)
         return doc
 
@@ -157,6 +162,7 @@ class Profile:
                 meta=doc.get("meta", {}),
                 kl_floor=doc.get("kl_floor"),
                 bias_fit=doc.get("bias_fit"),
+                measured_nll={float(r): np.asarray(v, dtype=np.float64) for r, v in (doc.get("measured_nll") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"{folder}: malformed profile ({exc!r})") from exc
@@ -200,6 +206,11 @@ class Profile:
                 raise ProfileError("a per-layer measurement does not have one value per layer")
             if not np.all(np.isfinite(arr)) or np.any(np.asarray(arr) < 0):
                 raise ProfileError("a per-layer KL measurement is negative or not finite (KL is >= 0)")
+        for ratio, arr in self.measured_nll.items():
+            if not 0.0 < ratio <= 1.0 or np.ndim(arr) != 1 or len(arr) != len(self.layers):
+                raise ProfileError(f"measured_nll at {ratio!r}: needs a kept fraction in (0, 1] and one value per layer")
+            if not np.all(np.isfinite(arr)) or np.any(np.asarray(arr) < 0):
+                raise ProfileError(f"measured_nll at {ratio!r} is negative or not finite")
         _check_kl_floor(self.kl_floor)
         _check_bias_fit(self.bias_fit)
 

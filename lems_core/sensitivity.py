@@ -97,12 +97,26 @@ def kl_floor(model: nn.Module, items: list[BlockInput], ref: DenseReference) -> 
 
 
 def _kl_suffix(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference) -> float:
+    return _suffix_scores(model, start, items, ref)[0]
+
+
+def _suffix_scores(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference,
+                   windows: torch.Tensor | None = None, batch_size: int = 1) -> tuple[float, float | None]:
+    """(KL on the scored positions, mean NLL over every position or None) from block ``start`` on.
+
+    The NLL (given ``windows``) is the single-layer search-set perplexity ASVD's
+    reference search ranks by (methods.md §4.2); it costs only the head on the first
+    eighth of the positions, which the KL skips."""
     first = int(KL_SKIP_FRACTION * items[0].hidden.shape[1])  # positions the KL scores
-    total, count = 0.0, 0
-    for i, out in enumerate(logits_from_block(model, start, items, first)):
+    total, count, nll_sum, nll_count = 0.0, 0, 0.0, 0
+    for i, out in enumerate(logits_from_block(model, start, items, 0 if windows is not None else first)):
+        if windows is not None:
+            s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
+            nll_sum, nll_count = nll_sum + s, nll_count + n
+            out = out[:, first:]
         s, n = kl_from_log_probs(ref.log_probs(i, out.device), out)
         total, count = total + s, count + n
-    return total / max(count, 1)
+    return total / max(count, 1), (nll_sum / max(nll_count, 1) if windows is not None else None)
 
 
 def layer_kl_sweep(
@@ -116,6 +130,7 @@ def layer_kl_sweep(
     cancel: threading.Event | None = None,
     only: Collection[str] | None = None,
     precision: str = "auto",
+    nll: dict[float, np.ndarray] | None = None,
 ) -> tuple[dict[float, np.ndarray], DenseReference]:
     """KL with only one layer compressed, for every layer and ratio.
 
@@ -124,7 +139,8 @@ def layer_kl_sweep(
     just those layers and leaves the others NaN: one rank's shard under
     torch.distributed (``distributed.merge_at_main`` fills the gaps). The reference's
     ``floor`` and ``precision`` (see ``dense_reference``, ``kl_floor``) say what the
-    measurements sit on.
+    measurements sit on. A dict passed as ``nll`` is filled with {ratio: per-layer mean
+    NLL on the search windows} from the same runs (single-layer perplexity = exp).
     """
     blocks = decoder_blocks(model)
     items = capture_block_inputs(model, windows, batch_size)
@@ -132,6 +148,8 @@ def layer_kl_sweep(
     ref.floor = kl_floor(model, items, ref)
     index = {l.name: i for i, l in enumerate(layers)}
     result = {r: np.full(len(layers), np.nan) for r in ratios}
+    if nll is not None:
+        nll.update({r: np.full(len(layers), np.nan) for r in ratios})
     measured = [l for l in layers if only is None or l.name in only]
     done, total = 0, max(1, len(measured) * len(ratios))
     for b in range(len(blocks)):
@@ -143,7 +161,10 @@ def layer_kl_sweep(
                 left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
                 set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
                 try:
-                    result[ratio][index[layer.name]] = _kl_suffix(model, b, items, ref)
+                    kl, layer_nll = _suffix_scores(model, b, items, ref, windows if nll is not None else None, batch_size)
+                    result[ratio][index[layer.name]] = kl
+                    if nll is not None:
+                        nll[ratio][index[layer.name]] = layer_nll
                 finally:
                     set_module(model, layer.name, original)
                 done += 1

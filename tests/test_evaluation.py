@@ -58,8 +58,8 @@ def test_protocols_are_named_and_old_results_are_recognised():
     from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, EvalProtocol, protocol_name
 
     assert (REFERENCE_EVAL.seq_len, REFERENCE_EVAL.max_windows, REFERENCE_EVAL.name) == (2048, None, "reference")
-    assert (QUICK_EVAL.seq_len, QUICK_EVAL.max_windows, QUICK_EVAL.name) == (512, 16, "quick")
+    assert (QUICK_EVAL.seq_len, QUICK_EVAL.max_windows, QUICK_EVAL.name) == (512, 8, "quick")
     assert EvalProtocol(2048, 4).name == "custom"
     assert protocol_name({"protocol": EvalProtocol(2048, None).to_dict()}) == "reference"
-    assert protocol_name({"seq_len": 512, "max_windows": 16}) == "quick"  # stored before the field existed
+    assert protocol_name({"seq_len": 512, "max_windows": 16}) == "quick-16"  # stored before the field existed, when quick was 16 windows
     assert protocol_name({}) == "unknown"

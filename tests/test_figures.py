@@ -327,7 +327,7 @@ def test_results_frame_marks_the_protocol_and_splits():
         {"method": "uniform", "ppl": {"wikitext2": 25.0}, "settings": {"seq_len": 512, "max_windows": 16}},
     ]
     frame = tables.results_frame(records)
-    assert list(frame["protocol"]) == ["reference", "quick", "quick"]
+    assert list(frame["protocol"]) == ["reference", "quick", "quick-16"]
     assert frame["splits"][0] == "ptb:validation"
 
 

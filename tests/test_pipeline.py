@@ -35,7 +35,8 @@ def test_profile_is_built_cached_and_reloaded(loaded, corpus, tmp_path):
     profile = Profile.load(folder)
     assert len(profile.layers) == 21 and profile.decomposition == "kfac"
     assert profile.kl_ref.shape == (21,) and np.all(profile.kl_ref > 0)
-    assert set(profile.measured) == {0.5}
+    assert set(profile.measured) == {0.5} and set(profile.measured_nll) == {0.5}
+    assert np.all(profile.measured_nll[0.5] > 0)  # single-layer search NLL, kept for ASVD's reference search
     # less compression hurts less, for most layers
     assert np.mean(profile.measured[0.5] < profile.kl_ref) > 0.8
     assert stages[-1] == 1.0 and all(a <= b + 1e-9 for a, b in zip(stages, stages[1:]))

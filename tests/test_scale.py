@@ -144,6 +144,7 @@ def test_two_process_gloo_torchrun_build_equals_one_process(tmp_path, corpus):
         np.testing.assert_allclose(two.spectra[l.name], one.spectra[l.name], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(two.kl_ref, one.kl_ref, rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(two.measured[0.5], one.measured[0.5], rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(two.measured_nll[0.5], one.measured_nll[0.5], rtol=1e-4)
     assert np.isfinite(two.kl_ref).all()
 
 

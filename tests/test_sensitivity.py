@@ -44,3 +44,30 @@ def test_kl_floor_is_zero_with_fp32_reference_and_positive_with_bf16():
     assert ref.precision == "fp32" and ref.floor == pytest.approx(0.0, abs=1e-9)
     _, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5], precision="bf16")
     assert ref.precision == "bf16" and ref.floor > 1e-7
+
+
+def test_sweep_records_single_layer_nll_equal_to_a_full_forward():
+    """The NLL the sweep records (ASVD's single-layer perplexity) is the compressed model's own
+    cross-entropy on every position of the search windows, and it leaves KL unchanged."""
+    from lems_core.compression import LowRankLinear, set_module
+    from lems_core.sensitivity import rank_at
+
+    model = tiny_model("llama", seed=8)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(8))
+    layers = compressible_layers(model)
+    decomposer = Decomposer("svd")
+    factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
+    nll: dict = {}
+    with_nll, _ = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6], batch_size=2, nll=nll)
+    without, _ = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6], batch_size=2)
+    np.testing.assert_allclose(with_nll[0.2], without[0.2], rtol=1e-5)
+    for i in (0, len(layers) // 2, len(layers) - 1):
+        layer = layers[i]
+        original = model.get_submodule(layer.name)
+        left, right = factors[layer.name].factors(rank_at(layer, 0.2))
+        set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        set_module(model, layer.name, original)
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        assert nll[0.2][i] == pytest.approx(full, rel=1e-4)

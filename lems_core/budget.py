@@ -5,7 +5,10 @@ Over the compressible Linears of a model,
     sum_l cost_l <= ratio * sum_l m_l n_l,   cost_l = r_l (m_l + n_l), or m_l n_l when dense,
 
 with the break-even rule: a rank r >= eq = floor(mn/(m+n)) would save nothing, so it
-is stored dense. Ranks are ``int`` or ``None`` (dense). The functions take anything
+is stored dense. Ranks are ``int`` or ``None`` (dense). The one exception is a
+``ForcedFactorisedRank``: a rank r in [eq, min(m, n)] that is factorised anyway and
+costs r(m+n), as the reference factorises the layers its MRCS search never touches at
+rank eq and every integer rank of a loadconfig file (methods.md §9). The functions take anything
 with ``layers`` (a list of ``LayerInfo``) and ``total_params`` (a ``Profile``), so this
 module sits below both ``allocators/`` and ``plan.py`` and neither imports the other
 for its arithmetic.
@@ -28,15 +31,44 @@ def eq_rank_of(out_features: int, in_features: int) -> int:
     return (out_features * in_features) // (out_features + in_features)
 
 
+class ForcedFactorisedRank(int):
+    """A rank kept factorised although it is at or above break-even (r >= eq).
+
+    The plan format's one exception to the break-even rule (``force_factorised`` in the
+    plan JSON, ``plan.py``). Inside ``Ranks`` dicts it travels as this ``int`` subclass,
+    so costs (r(m+n)), plans and compression honour it with no second argument.
+    Arithmetic on it gives a plain ``int``: a rank moved down is an ordinary rank again.
+    """
+
+    __slots__ = ()
+
+
+def force_factorised(rank: int) -> ForcedFactorisedRank:
+    """``rank`` marked to be factorised even at or above break-even (see ``ForcedFactorisedRank``)."""
+    return ForcedFactorisedRank(int(rank))
+
+
+def is_force_factorised(rank) -> bool:
+    """Whether ``rank`` carries the break-even exception."""
+    return isinstance(rank, ForcedFactorisedRank)
+
+
 def normalise_rank(out_features: int, in_features: int, rank: int | None) -> int | None:
-    """Apply the break-even rule: a rank >= eq_rank is stored as dense (None)."""
-    if rank is None or rank >= eq_rank_of(out_features, in_features):
+    """Apply the break-even rule: a rank >= eq_rank is stored as dense (None).
+
+    A ``ForcedFactorisedRank`` at or above eq is kept as it is (the exception); below eq
+    the mark is redundant and dropped, so every factorised rank has one spelling.
+    """
+    if rank is None:
         return None
+    if rank >= eq_rank_of(out_features, in_features):
+        return rank if is_force_factorised(rank) else None
     return int(rank)
 
 
 def layer_param_cost(out_features: int, in_features: int, rank: int | None) -> int:
-    """Parameters a layer stores at ``rank``: r(m+n) when factorised, m*n when dense."""
+    """Parameters a layer stores at ``rank``: r(m+n) when factorised (a forced rank >= eq
+    included), m*n when dense."""
     rank = normalise_rank(out_features, in_features, rank)
     if rank is None:
         return out_features * in_features
@@ -55,7 +87,8 @@ def check_covers(profile, ranks: Ranks) -> None:
 
 
 def params_of(profile, ranks: Ranks) -> int:
-    """Parameters stored by the compressible Linears at these ranks (dense when None or >= eq)."""
+    """Parameters stored by the compressible Linears at these ranks (dense when None or >= eq
+    unless forced factorised)."""
     check_covers(profile, ranks)
     return sum(layer_param_cost(l.out_features, l.in_features, ranks[l.name]) for l in profile.layers)
 
@@ -92,7 +125,7 @@ def rank_at_ratio(layer: LayerInfo, keep: float) -> int | None:
     """Reference ratio -> rank: int(keep * eq), clipped to [1, min(m, n)], dense at break-even."""
     if keep >= 1.0:
         return None
-    rank = int(np.clip(int(keep * layer.eq_rank), 1, min(layer.out_features, layer.in_features)))
+    rank = min(max(int(keep * layer.eq_rank), 1), min(layer.out_features, layer.in_features))  # no np.clip: per layer per move
     return dense_if_break_even(layer, rank)
 
 

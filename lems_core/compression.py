@@ -2,7 +2,9 @@
 
 Replacement follows PEFT's pattern: find the parent module and `setattr` the
 child, so it works for any architecture whose projections are `nn.Linear`. A
-rank at or above the break-even rank floor(mn/(m+n)) keeps the layer dense.
+rank at or above the break-even rank floor(mn/(m+n)) keeps the layer dense, unless it
+is a `budget.ForcedFactorisedRank` (a plan's `force_factorised` layer, the reference's
+rank-eq factorisations): that layer is factorised at its rank.
 
 A saved compressed model is a folder: `config.json` + tokenizer files (so it
 loads without the original checkpoint), `ranks.json` (the structure), and
@@ -17,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from .budget import is_force_factorised
 from .model import LayerInfo, compressible_layers
 
 RANKS_FILE = "ranks.json"
@@ -67,8 +70,8 @@ class LowRankLinear(nn.Module):
 
 
 def is_dense_rank(layer: LayerInfo, rank: int | None) -> bool:
-    """None, or a rank at/above break-even, keeps the layer dense."""
-    return rank is None or rank >= layer.eq_rank
+    """None, or a rank at/above break-even that is not forced factorised, keeps the layer dense."""
+    return rank is None or (rank >= layer.eq_rank and not is_force_factorised(rank))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -85,7 +88,8 @@ def compress_model(
     """Replace planned Linears in place; return the ranks actually applied (None = dense).
 
     `factorization_of(layer)` supplies the factors (from a cache or computed now).
-    Unknown layer names are an error, so a plan for another model cannot half-apply.
+    Unknown layer names are an error, so a plan for another model cannot half-apply;
+    so is a rank the factors do not reach (static factors stop at eq_rank), named by layer.
     """
     layers = {l.name: l for l in compressible_layers(model)}
     unknown = sorted(set(ranks) - set(layers))
@@ -98,12 +102,20 @@ def compress_model(
             applied[name] = None
             continue
         linear = model.get_submodule(name)
-        left, right = factorization_of(layer).factors(int(rank))
+        left, right = _factors_at(factorization_of(layer), name, int(rank))
         set_module(model, name, LowRankLinear.from_factors(left, right, linear.bias, linear))
         applied[name] = int(rank)
         if progress:
             progress((i + 1) / len(ranks), f"compressed {name} to rank {rank}")
     return applied
+
+
+def _factors_at(factors: Factors, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``factors.factors(rank)``, with the layer's name in the error when the rank is out of reach."""
+    try:
+        return factors.factors(rank)
+    except ValueError as exc:
+        raise ValueError(f"layer {name}: cannot factorise at rank {rank}: {exc}") from exc
 
 
 def restore_dense(model: nn.Module, originals: dict[str, nn.Linear]) -> None:

@@ -8,7 +8,11 @@ compress the wrong thing.
 
 Parameter accounting (methods.md §0) lives in ``budget.py``: a rank-r
 factorisation of an m x n matrix stores r(m+n) parameters, a dense one m*n, and a
-rank r >= eq_rank = floor(mn/(m+n)) is stored as dense (break-even rule).
+rank r >= eq_rank = floor(mn/(m+n)) is stored as dense (break-even rule). The one
+exception is a layer marked ``"force_factorised": true``: its integer rank, in
+[eq_rank, min(m, n)], is factorised anyway and costs r(m+n). The reference does that
+for the layers its MRCS search never touches (rank eq) and for every integer rank of
+a loadconfig file (methods.md §9); the mark is validated on load.
 
 The reference implementation stores allocations as ``{layer: ratio}`` with
 rank = int(ratio * eq_rank), or ``{layer: rank}`` where the value is an integer
@@ -31,7 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from .budget import eq_rank_of, layer_param_cost, normalise_rank  # noqa: F401  (re-exported)
+from .budget import (  # noqa: F401  (re-exported)
+    ForcedFactorisedRank, eq_rank_of, force_factorised, is_force_factorised, layer_param_cost, normalise_rank,
+)
 from .error_model import predicted_errors
 from .constraints import ConstraintError, LayerConstraints, layer_from_name
 from .model import LayerInfo
@@ -49,16 +55,33 @@ class PlanError(ValueError):
 
 
 def check_rank(name: str, out_features: int, in_features: int, rank) -> int | None:
-    """Validate one rank value (int in [1, min(m, n)] or None/"dense"); return it normalised."""
+    """Validate one rank value (int in [1, min(m, n)] or None/"dense"); return it normalised
+    (a ``ForcedFactorisedRank`` at or above eq stays factorised)."""
     if rank is None or rank == DENSE:
         return None
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise PlanError(f"layer {name}: rank must be an integer or {DENSE!r}, got {rank!r}")
-    rank = int(rank)
+    marked, rank = is_force_factorised(rank), int(rank)
     upper = min(out_features, in_features)
     if not 1 <= rank <= upper:
         raise PlanError(f"layer {name}: rank {rank} out of range [1, {upper}] for a {out_features}x{in_features} matrix")
-    return normalise_rank(out_features, in_features, rank)
+    return normalise_rank(out_features, in_features, force_factorised(rank) if marked else rank)
+
+
+def check_forced_rank(name: str, out_features: int, in_features: int, rank) -> ForcedFactorisedRank:
+    """Validate a layer marked ``force_factorised``: an integer rank in [eq_rank, min(m, n)].
+
+    A dense layer cannot carry the mark, and a rank below eq is factorised anyway, so
+    the mark there would be a second spelling of an ordinary plan: both are PlanErrors.
+    """
+    if rank is None or rank == DENSE:
+        raise PlanError(f"layer {name}: force_factorised needs an integer rank, but the layer is {DENSE!r}")
+    check_rank(name, out_features, in_features, rank)  # type and range
+    eq = eq_rank_of(out_features, in_features)
+    if rank < eq:
+        raise PlanError(f"layer {name}: force_factorised is only for ranks at or above the break-even rank "
+                        f"{eq}; rank {rank} is factorised without it")
+    return force_factorised(rank)
 
 
 def _few(names: list[str]) -> str:
@@ -70,6 +93,11 @@ def _few(names: list[str]) -> str:
 @dataclass
 class LayerPlan:
     """The decision for one Linear. ``rank`` None means dense.
+
+    ``force_factorised`` (the plan format's break-even exception): the rank is at or
+    above eq_rank and the layer is factorised anyway, costing r(m+n). It is set when
+    ``rank`` is a ``ForcedFactorisedRank``; passed explicitly (as read from JSON) it is
+    validated strictly (``check_forced_rank``).
 
     ``param_ratio`` is the fraction of this layer's parameters that is kept,
     r(m+n)/(mn) (1.0 dense). It differs from the reference's per-layer "ratio"
@@ -83,9 +111,14 @@ class LayerPlan:
     rank: int | None
     param_ratio: float = float("nan")
     predicted_error: float | None = None
+    force_factorised: bool = False
 
     def __post_init__(self):
-        self.rank = check_rank(self.name, self.out_features, self.in_features, self.rank)
+        if self.force_factorised:
+            self.rank = check_forced_rank(self.name, self.out_features, self.in_features, self.rank)
+        else:
+            self.rank = check_rank(self.name, self.out_features, self.in_features, self.rank)
+        self.force_factorised = is_force_factorised(self.rank)
         self.param_ratio = self.params / (self.out_features * self.in_features)
 
     @property
@@ -108,6 +141,7 @@ class LayerPlan:
             "rank": DENSE if self.rank is None else self.rank,
             "param_ratio": self.param_ratio,
             "predicted_error": self.predicted_error,
+            **({"force_factorised": True} if self.force_factorised else {}),
         }
 
 
@@ -128,7 +162,8 @@ class RankPlan:
 
     @property
     def summary(self) -> dict:
-        """Params kept / total over the compressible Linears, realised ratio, dense count."""
+        """Params kept / total over the compressible Linears, realised ratio, dense count, and how
+        many layers are factorised at or above break-even (``force_factorised``)."""
         kept = sum(l.params for l in self.layers)
         total = sum(l.dense_params for l in self.layers)
         return {
@@ -136,10 +171,12 @@ class RankPlan:
             "params_total": total,
             "realised_ratio": kept / total if total else 1.0,
             "dense_layers": sum(l.rank is None for l in self.layers),
+            "force_factorised_layers": sum(l.force_factorised for l in self.layers),
             "num_layers": len(self.layers),
         }
 
     def ranks(self) -> dict[str, int | None]:
+        """{layer: rank or None}; a ``force_factorised`` layer's rank is a ``ForcedFactorisedRank``."""
         return {l.name: l.rank for l in self.layers}
 
     # ------------------------------------------------------------ JSON
@@ -236,11 +273,15 @@ class RankPlan:
         The ratio is nudged up by ulps where needed so that the reference's
         ``int(ratio * eq_rank)`` gives back exactly this rank (r/eq*eq can round below r).
         ``as_ranks`` writes factorised layers as integer ranks instead, which the
-        reference's reader also accepts (methods.md §9); dense stays 1.0.
+        reference's reader also accepts (methods.md §9); dense stays 1.0. A
+        ``force_factorised`` layer is always an integer rank (its ratio would be >= 1,
+        which reads as dense): the reference writes MRCS's untouched layers the same way.
         """
-        if as_ranks:
-            return {l.name: 1.0 if l.rank is None else int(l.rank) for l in self.layers}
-        return {l.name: 1.0 if l.rank is None else _ratio_for_rank(l.rank, l.eq_rank) for l in self.layers}
+        def value(l: LayerPlan) -> float | int:
+            if l.rank is None:
+                return 1.0
+            return int(l.rank) if as_ranks or l.force_factorised else _ratio_for_rank(l.rank, l.eq_rank)
+        return {l.name: value(l) for l in self.layers}
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -317,7 +358,8 @@ def _parse_layers(raw) -> list[LayerPlan]:
         if name in seen:
             duplicates.append(name)
         seen.add(name)
-        plans.append(LayerPlan(name, out_f, in_f, entry["rank"], predicted_error=_optional_float(entry, name)))
+        plans.append(LayerPlan(name, out_f, in_f, entry["rank"], predicted_error=_optional_float(entry, name),
+                               force_factorised=_force_flag(entry, name)))
     if duplicates:
         raise PlanError(f"plan lists layer(s) more than once: {_few(duplicates)}")
     return plans
@@ -344,6 +386,14 @@ def _parse_constraints(raw, plans: list[LayerPlan], layers: list[LayerInfo] | No
     if broken:
         raise PlanError(f"plan ranks break its own constraints: {_few(broken)}")
     return constraints.to_dict()
+
+
+def _force_flag(entry: dict, name: str) -> bool:
+    """The layer's optional ``force_factorised`` mark: true or false (absent: false)."""
+    value = entry.get("force_factorised", False)
+    if not isinstance(value, bool):
+        raise PlanError(f"layer {name}: force_factorised must be true or false, got {value!r}")
+    return value
 
 
 def _positive_int(v) -> bool:
@@ -413,8 +463,9 @@ def from_loadconfig(
 
     methods.md §9 (loadconfig reader): every compressible Linear defaults to 1.0
     (dense); a float c < 1 means rank int(c * eq_rank), 1.0 means dense; an
-    **integer is an absolute rank** (the reference writes eq as an integer for
-    layers MRCS leaves alone, which it then factorises at rank eq); keys that are
+    **integer is an absolute rank**, factorised even at or above eq_rank (the
+    reference writes eq as an integer for layers MRCS leaves alone, and factorises
+    them at rank eq): such a layer is kept ``force_factorised``; keys that are
     not compressible layers of this model (``lm_head``, typos) are ignored, listed
     in a ``LoadconfigWarning`` and in ``meta["loadconfig_ignored"]``. Floats above
     1 (where the reference crashes) and ranks out of range are PlanErrors.
@@ -441,11 +492,15 @@ class LoadconfigWarning(UserWarning):
 
 
 def _rank_from_loadconfig(layer: LayerInfo, value) -> int | None:
-    """One loadconfig value -> rank (None = dense): integer = rank, float in (0, 1] = ratio of eq_rank."""
+    """One loadconfig value -> rank (None = dense): integer = rank, float in (0, 1] = ratio of eq_rank.
+
+    An integer rank >= eq_rank is factorised, as the reference does: a ``ForcedFactorisedRank``.
+    """
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
         raise PlanError(f"layer {layer.name}: loadconfig value must be a ratio in (0, 1] or an integer rank, got {value!r}")
     if isinstance(value, numbers.Integral):
-        return check_rank(layer.name, layer.out_features, layer.in_features, int(value))
+        rank = check_rank(layer.name, layer.out_features, layer.in_features, int(value))
+        return force_factorised(int(value)) if rank is None else rank
     if not math.isfinite(value) or value <= 0:
         raise PlanError(f"layer {layer.name}: ratio must be a positive number, got {value!r}")
     if value > 1.0:
@@ -473,6 +528,7 @@ def plan_from_ranks(
 
     ``budget`` is the kept fraction the allocation targeted; it defaults to the realised ratio.
     ``constraints`` (``LayerConstraints.to_dict()``) are recorded and must hold for ``ranks``.
+    A ``ForcedFactorisedRank`` at or above eq becomes a ``force_factorised`` layer.
     """
     names = {l.name for l in profile.layers}
     unknown = [n for n in ranks if n not in names]

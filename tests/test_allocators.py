@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lems_core import allocators as A
+from lems_core.budget import force_factorised, is_force_factorised
 from lems_core.solver import InfeasibleBudgetError
 from lems_core.error_model import ErrorModelParams
 from lems_core.model import LayerInfo
@@ -36,6 +37,11 @@ def asvd_measurements(profile, seed=0):
     return {c: weights * (1.0 - c) ** 2 for c in A.ASVD_POINTS}, weights
 
 
+def asvd_nll(weights, dense_nll=2.5):
+    """Single-layer search NLL at the ASVD points: the dense NLL plus a layer-specific rise."""
+    return {c: dense_nll + weights * (1.0 - c) ** 2 for c in A.ASVD_POINTS}
+
+
 def ratio_score(profile):
     """A deterministic stand-in for search-set PPL: prefers rank in early blocks."""
     def score(ranks):
@@ -48,19 +54,24 @@ def ratio_score(profile):
 def profile():
     p = synthetic_profile()
     p.measured.update(asvd_measurements(p)[0])
+    p.measured_nll.update(asvd_nll(asvd_measurements(p, seed=1)[1]))
     return p
+
+
+METHODS = ["uniform", "lems", "svdllm_v2", "mrcs", "mrcs_dense", "atp", "asvd", "asvd_kl"]
 
 
 # ----------------------------------------------------------------- shared budget
 @pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("method", ["uniform", "lems", "svdllm_v2", "mrcs", "atp", "asvd"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_allocator_meets_the_budget(profile, method, ratio):
     alloc = A.allocate(profile, method, ratio, score_fn=ratio_score(profile))
     assert alloc.method == method and alloc.ratio == ratio
     assert set(alloc.ranks) == {l.name for l in profile.layers}
     for l in profile.layers:
         r = alloc.ranks[l.name]
-        assert r is None or (isinstance(r, int) and 1 <= r < l.eq_rank)  # break-even rule applied
+        forced_eq = method == "mrcs" and is_force_factorised(r) and r == l.eq_rank  # the reference's untouched layers
+        assert r is None or forced_eq or (isinstance(r, int) and not is_force_factorised(r) and 1 <= r < l.eq_rank)
     assert A.realised_ratio(profile, alloc.ranks) <= ratio + 1e-12
     assert alloc.info["realised_ratio"] == pytest.approx(A.realised_ratio(profile, alloc.ranks))
     assert A.realised_ratio(profile, alloc.ranks) > ratio - 0.2  # and actually uses it
@@ -78,9 +89,15 @@ def test_params_of_counts_factorised_and_dense():
         A.params_of(p, {q.name: 5})
     with pytest.raises(ValueError, match="outside"):
         A.params_of(p, {**ranks, q.name: 65})
+    assert k.eq_rank == 21  # 32 x 64
+    forced = {**ranks, k.name: force_factorised(21)}  # the break-even exception costs r(m+n), above mn at r = 32
+    assert A.params_of(p, forced) == expected - k.params + 21 * (32 + 64)
+    assert A.params_of(p, {**ranks, k.name: force_factorised(32)}) == expected - k.params + 32 * (32 + 64)
+    with pytest.raises(ValueError, match="outside"):
+        A.params_of(p, {**ranks, k.name: force_factorised(33)})
 
 
-@pytest.mark.parametrize("method", ["uniform", "lems", "svdllm_v2", "mrcs", "atp", "asvd"])
+@pytest.mark.parametrize("method", METHODS)
 def test_infeasible_budget_raises(profile, method):
     with pytest.raises(InfeasibleBudgetError, match=f"{method}: budget ratio 0.01 is below the method's minimum") as err:
         A.allocate(profile, method, 0.01, score_fn=ratio_score(profile))
@@ -98,7 +115,8 @@ def test_ratio_must_be_a_kept_fraction(profile, ratio):
 def test_budget_holds_on_random_profiles(ratio, seed, blocks):
     p = synthetic_profile(num_blocks=blocks, seed=seed)
     p.measured.update(asvd_measurements(p, seed)[0])
-    for method in ("uniform", "lems", "svdllm_v2", "mrcs", "atp", "asvd"):
+    p.measured_nll.update(asvd_nll(asvd_measurements(p, seed + 1)[1]))
+    for method in METHODS:
         try:
             alloc = A.allocate(p, method, ratio, score_fn=ratio_score(p))
         except InfeasibleBudgetError:
@@ -328,13 +346,15 @@ def test_mrcs_compresses_flat_spectra_less():
     assert keep((1, 3)) < keep((0, 2))  # low-energy tails (steep spectra) are cut first
 
 
-def test_mrcs_respects_lower_bound_and_multiples(profile):
-    alloc = A.allocate_mrcs(profile, 0.5)
+@pytest.mark.parametrize("untouched", ["eq", "dense"])
+def test_mrcs_respects_lower_bound_and_multiples(profile, untouched):
+    alloc = A.allocate_mrcs(profile, 0.5, untouched=untouched)
     for l in profile.layers:
         r = alloc.ranks[l.name]
-        if r is not None:
+        if r is not None and not is_force_factorised(r):
             lb = max(1, min(math.ceil(math.floor(0.3 * l.eq_rank) / 8) * 8, l.eq_rank))
             assert r >= lb and (r % 8 == 0 or r == lb)
+        assert r is None or not is_force_factorised(r) or (untouched == "eq" and r == l.eq_rank)  # untouched: eq
 
 
 def test_mrcs_finishes_the_budget_when_the_schedule_stalls():
@@ -353,6 +373,82 @@ def test_mrcs_depth_bias_favours_early_blocks():
     biased = A.allocate_mrcs(p, 0.6, params=ErrorModelParams(gamma=5.0))
     first = lambda a: A.params_of(p, {l.name: (a.ranks[l.name] if l.block == 0 else None) for l in p.layers})
     assert first(biased) > first(plain)
+
+
+def reference_memvit(profile, ratio, multiple=8, lower_bound=0.3, gamma=80.0, max_iter=500):
+    """[CODE] ``search/memvit.py::single_search`` restated (energy1, params target): every layer
+    starts at eq, the cost after a step is sum r(m+n) over all layers. Returns (ranks, cost)."""
+    layers = [l for l in profile.layers]
+    ranks = {l.name: l.eq_rank for l in layers}
+    lbs = {l.name: max(1, min(math.ceil(math.floor(l.eq_rank * lower_bound) / multiple) * multiple, l.eq_rank))
+           for l in layers}
+    total = sum(l.params for l in layers)
+    target, cost, t = total * ratio, total, 1
+    schedule = lambda t: target + (total - target) * math.exp(-t / gamma)
+    while cost > target and t <= max_iter:
+        delta = schedule(t - 1) - schedule(t)
+        candidates = {}
+        for l in layers:
+            r = ranks[l.name]
+            if r <= lbs[l.name]:
+                continue
+            new = max(1, (math.floor(r - delta / (l.out_features + l.in_features)) // multiple) * multiple)
+            if new >= r or new < lbs[l.name]:
+                continue
+            s = np.asarray(profile.spectra[l.name])
+            candidates[l.name] = (s[new:].sum() / s.sum(), new)
+        if not candidates:
+            break
+        best = min(candidates, key=lambda n: candidates[n][0])
+        ranks[best] = candidates[best][1]
+        cost = sum(ranks[l.name] * (l.out_features + l.in_features) for l in layers)
+        t += 1
+    return ranks, cost
+
+
+@pytest.mark.parametrize("blocks,ratio", [(4, 0.7), (4, 0.8), (6, 0.65), (6, 0.9)])
+def test_mrcs_default_is_the_reference_search_with_untouched_layers_at_eq(blocks, ratio):
+    p = synthetic_profile(num_blocks=blocks, hidden=128, inter=320, kv=64, seed=blocks)
+    ranks, cost = reference_memvit(p, ratio)
+    assert cost <= ratio * p.total_params  # the reference's schedule meets this budget by itself
+    alloc = A.allocate(p, "mrcs", ratio)
+    assert alloc.info["completion_steps"] == 0 and alloc.info["untouched"] == "eq"
+    untouched = [l for l in p.layers if ranks[l.name] == l.eq_rank]
+    assert untouched and alloc.info["untouched_layers"] == len(untouched)
+    assert alloc.ranks == ranks  # touched layers at the reference's ranks, untouched ones at eq ...
+    assert all(is_force_factorised(alloc.ranks[l.name]) for l in untouched)  # ... factorised, not dense
+    assert alloc.info["params_kept"] == cost  # counted r(m+n) everywhere, as the reference
+    plan = alloc.to_plan(p)
+    assert plan.summary["force_factorised_layers"] == len(untouched) and plan.summary["dense_layers"] == 0
+    assert plan.summary["params_kept"] == cost
+
+
+def test_mrcs_dense_option_keeps_untouched_layers_dense():
+    p = synthetic_profile(num_blocks=4, hidden=128, inter=320, kv=64, seed=4)
+    default = A.allocate(p, "mrcs", 0.8)
+    dense = A.allocate(p, "mrcs_dense", 0.8)
+    assert dense.method == "mrcs_dense" and dense.info["untouched"] == "dense"
+    assert dense.ranks == A.allocate_mrcs(p, 0.8, untouched="dense").ranks
+    assert not any(is_force_factorised(r) for r in dense.ranks.values())
+    assert dense.info["dense_layers"] == dense.info["untouched_layers"] > 0
+    assert all(r is None or r < l.eq_rank for l, r in zip(p.layers, dense.ranks.values()))
+    forced = {n for n, r in default.ranks.items() if is_force_factorised(r)}
+    assert forced and default.info["dense_layers"] == 0
+    assert {n for n, r in dense.ranks.items() if r is None} != set() and dense.ranks != default.ranks
+    assert A.realised_ratio(p, dense.ranks) <= 0.8 and A.realised_ratio(p, default.ranks) <= 0.8
+    with pytest.raises(ValueError, match="untouched must be one of"):
+        A.allocate_mrcs(p, 0.8, untouched="nothing")
+
+
+def test_mrcs_dense_is_the_former_behaviour():
+    """Before the reference default, untouched layers cost m*n: the greedy pays for them in full."""
+    p = synthetic_profile(num_blocks=4, hidden=128, inter=320, kv=64, seed=2)
+    dense = A.allocate(p, "mrcs_dense", 0.7, multiple=None)
+    untouched = [l for l in p.layers if dense.ranks[l.name] is None]
+    assert len(untouched) == dense.info["untouched_layers"] > 0
+    assert dense.info["params_kept"] == sum(
+        l.params if dense.ranks[l.name] is None else dense.ranks[l.name] * (l.out_features + l.in_features)
+        for l in p.layers)
 
 
 # ----------------------------------------------------------------- ATP
@@ -403,6 +499,41 @@ def test_asvd_strs_takes_the_largest_feasible_cut(profile, ratio):
     kept = [1.0 if alloc.ranks[l.name] is None else alloc.ranks[l.name] / l.eq_rank for l in profile.layers]
     order = np.argsort(weights)
     assert np.mean([kept[i] for i in order[-5:]]) > np.mean([kept[i] for i in order[:5]])  # sensitive layers kept denser
+
+
+def test_asvd_ranks_by_single_layer_perplexity_by_default():
+    """The reference ranks triples by single-layer search PPL; KL is the named option (asvd_kl)."""
+    p = synthetic_profile(num_blocks=4)
+    kl, kl_weights = asvd_measurements(p, seed=3)
+    nll_weights = 1.0 / kl_weights  # the layers KL calls sensitive, perplexity calls robust
+    p.measured.update(kl)
+    p.measured_nll.update(asvd_nll(nll_weights))
+    by_ppl, by_kl = A.allocate(p, "asvd", 0.7), A.allocate(p, "asvd_kl", 0.7)
+    assert (by_ppl.method, by_ppl.info["rank_by"], by_kl.method, by_kl.info["rank_by"]) == ("asvd", "ppl", "asvd_kl", "kl")
+    assert by_ppl.ranks != by_kl.ranks
+    ppl_table = {c: np.exp(v) for c, v in p.measured_nll.items()}
+    assert by_ppl.ranks == A.allocate_asvd(p, 0.7, sensitivity=ppl_table).ranks  # STRS over exp(NLL)
+    assert by_kl.ranks == A.allocate_asvd(p, 0.7, sensitivity=kl).ranks
+    assert A.allocate_asvd(p, 0.7, rank_by="kl").ranks == by_kl.ranks
+    kept = lambda a: np.array([1.0 if a.ranks[l.name] is None else a.ranks[l.name] / l.eq_rank for l in p.layers])
+    order = np.argsort(nll_weights)  # PPL-sensitive layers last
+    assert kept(by_ppl)[order[-5:]].mean() > kept(by_ppl)[order[:5]].mean()
+    assert kept(by_kl)[order[-5:]].mean() < kept(by_kl)[order[:5]].mean()
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        A.allocate_asvd(p, 0.7, rank_by="mse")
+
+
+@pytest.mark.parametrize("nll_points", [(), (0.4, 0.5, 0.6)])
+def test_asvd_without_an_nll_table_falls_back_to_kl_with_a_warning(nll_points):
+    p = synthetic_profile(num_blocks=3)
+    kl, weights = asvd_measurements(p)
+    p.measured.update(kl)
+    p.measured_nll.update({c: v for c, v in asvd_nll(1.0 / weights).items() if c in nll_points})
+    with pytest.warns(A.AsvdScoreWarning, match="ranked by KL"):
+        alloc = A.allocate(p, "asvd", 0.7)
+    assert alloc.method == "asvd" and alloc.info["rank_by"] == "kl" and alloc.info["rank_by_requested"] == "ppl"
+    assert "measured_nll" in alloc.info["rank_by_fallback"]
+    assert alloc.ranks == A.allocate(p, "asvd_kl", 0.7).ranks
 
 
 # ----------------------------------------------------------------- dispatcher and plans

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lems_core.budget import force_factorised
 from lems_core.compression import LowRankLinear, compress_model, count_parameters, load_compressed, save_compressed
 from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers, tiny_model
@@ -55,3 +56,36 @@ def test_save_and_reload_runs_identically(tmp_path, arch):
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)
     assert count_parameters(reloaded) == count_parameters(model)
+
+
+def test_forced_factorised_rank_replaces_the_layer_even_at_break_even(tmp_path):
+    """A plan's ``force_factorised`` layer (the reference's rank-eq MRCS layers) is really low-rank."""
+    from lems_core.plan import RankPlan, plan_from_ranks
+    from lems_core.profile import synthetic_profile
+
+    model = tiny_model("llama", seed=2)
+    layers = compressible_layers(model)
+    q = next(l for l in layers if l.kind == "q")
+    ranks = {l.name: None for l in layers}
+    ranks[q.name] = force_factorised(q.eq_rank)
+    profile = synthetic_profile()
+    profile.layers, profile.fingerprint = layers, "tiny"
+    plan = RankPlan.from_json(plan_from_ranks(profile, ranks, "mrcs").to_json(), layers=layers)  # through the JSON
+    dense = count_parameters(model)
+    factors = _factor_fn(model)(q)
+    applied = compress_model(model, plan.ranks(), lambda l: factors)
+    module = model.get_submodule(q.name)
+    assert isinstance(module, LowRankLinear) and module.rank == q.eq_rank and applied[q.name] == q.eq_rank
+    assert count_parameters(model) == dense - q.params + q.eq_rank * (q.out_features + q.in_features)
+    x = torch.randn(3, q.in_features)
+    assert torch.allclose(module(x), x @ factors.weight(q.eq_rank).T, atol=1e-5)
+    save_compressed(model, None, applied, tmp_path / "m")
+    reloaded, _, saved, _ = load_compressed(tmp_path / "m")
+    assert isinstance(reloaded.get_submodule(q.name), LowRankLinear) and saved[q.name] == q.eq_rank
+
+
+def test_rank_beyond_the_factors_names_the_layer():
+    model = tiny_model("llama", seed=2)
+    q = next(l for l in compressible_layers(model) if l.kind == "q")
+    with pytest.raises(ValueError, match=f"layer {q.name}: cannot factorise at rank {q.eq_rank + 1}"):
+        compress_model(model, {q.name: force_factorised(q.eq_rank + 1)}, _factor_fn(model))  # static factors stop at eq

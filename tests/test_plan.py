@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from lems_core.budget import force_factorised, is_force_factorised
 from lems_core.model import LayerInfo
 from lems_core.plan import (
     MAX_PLAN_BYTES, PLAN_SCHEMA, LayerPlan, LoadconfigWarning, PlanError, RankPlan, from_loadconfig, layer_param_cost, plan_from_ranks,
@@ -60,6 +61,62 @@ def test_break_even_rank_is_stored_dense(profile):
     assert LayerPlan(layer.name, layer.out_features, layer.in_features, layer.eq_rank).rank is None
     assert LayerPlan(layer.name, layer.out_features, layer.in_features, layer.eq_rank - 1).rank == layer.eq_rank - 1
     assert LayerPlan(layer.name, layer.out_features, layer.in_features, min(layer.out_features, layer.in_features)).rank is None
+
+
+# ----------------------------------------------------------------- the break-even exception
+@pytest.fixture
+def forced_plan(profile):
+    """Layers 1 and 2 factorised at or above break-even (eq, and min(m, n)), the rest as ``plan``."""
+    ranks = mixed_ranks(profile)
+    first, second = profile.layers[1], profile.layers[2]
+    ranks[first.name] = force_factorised(first.eq_rank)
+    ranks[second.name] = force_factorised(min(second.out_features, second.in_features))
+    return plan_from_ranks(profile, ranks, "mrcs", budget=0.9)
+
+
+def test_forced_factorised_layers_round_trip_and_count(forced_plan, profile):
+    first, second = profile.layers[1], profile.layers[2]
+    doc = doc_of(forced_plan)
+    flagged = [l["name"] for l in doc["layers"] if l.get("force_factorised")]
+    assert flagged == [first.name, second.name] and doc["layers"][1]["rank"] == first.eq_rank
+    assert "force_factorised" not in doc["layers"][0]  # written only where it applies
+    back = RankPlan.from_json(forced_plan.to_json(), layers=profile.layers, fingerprint=profile.fingerprint)
+    assert back.ranks() == forced_plan.ranks() and back.summary == forced_plan.summary
+    assert is_force_factorised(back.ranks()[first.name]) and back.layers[1].force_factorised
+    assert back.summary["force_factorised_layers"] == 2
+    kept = sum(layer_param_cost(l.out_features, l.in_features, back.ranks()[l.name]) for l in profile.layers)
+    assert back.summary["params_kept"] == kept
+    assert back.layers[1].params == first.eq_rank * (first.out_features + first.in_features)
+    assert back.layers[2].param_ratio > 1.0  # r = min(m, n) costs more than dense, and the plan says so
+    assert back.content_hash == forced_plan.content_hash
+
+
+def test_break_even_rank_without_the_flag_is_still_dense(forced_plan, profile):
+    doc = doc_of(forced_plan)
+    del doc["layers"][1]["force_factorised"]
+    back = RankPlan.from_json(json.dumps(doc))
+    assert back.ranks()[profile.layers[1].name] is None and back.summary["force_factorised_layers"] == 1
+
+
+@pytest.mark.parametrize("rank,flag,match", [
+    ("dense", True, "force_factorised needs an integer rank, but the layer is 'dense'"),
+    (10_000, True, "rank 10000 out of range"),
+    (3, True, "force_factorised is only for ranks at or above the break-even rank"),
+    (2.5, True, "rank must be an integer"),
+    ("eq", "yes", "force_factorised must be true or false"),
+    ("eq", 1, "force_factorised must be true or false"),
+])
+def test_invalid_force_factorised_is_rejected(forced_plan, profile, rank, flag, match):
+    doc = doc_of(forced_plan)
+    entry = doc["layers"][1]
+    entry["rank"], entry["force_factorised"] = (profile.layers[1].eq_rank if rank == "eq" else rank), flag
+    expect_error(json.dumps(doc), f"layer {entry['name']}: {match}")
+
+
+def test_marked_rank_below_break_even_is_an_ordinary_rank(profile):
+    layer = profile.layers[0]
+    plan = LayerPlan(layer.name, layer.out_features, layer.in_features, force_factorised(3))
+    assert plan.rank == 3 and not plan.force_factorised and not is_force_factorised(plan.rank)
 
 
 def test_summary_counts_real_parameters(plan, profile):
@@ -252,8 +309,11 @@ def test_loadconfig_integer_is_an_absolute_rank(profile):
     ranks = plan.ranks()
     assert ranks[first.name] == rank  # not a ratio above 1 (which would be dense or an error)
     assert ranks[second.name] == 1  # integer 1 is rank 1; float 1.0 is dense
-    assert ranks[third.name] is None  # rank eq is stored dense (break-even rule)
+    # an integer eq (the reference's MRCS writes its untouched layers so) is factorised, as the reference does
+    assert ranks[third.name] == third.eq_rank and is_force_factorised(ranks[third.name])
+    assert plan.summary["force_factorised_layers"] == 1
     assert from_loadconfig({second.name: 1.0}, profile.layers).ranks()[second.name] is None
+    assert from_loadconfig({third.name: 1.0}, profile.layers).ranks()[third.name] is None
 
 
 def test_loadconfig_ignores_unknown_keys_with_a_warning(profile):
@@ -270,7 +330,7 @@ def test_loadconfig_round_trip_from_the_reference_side(profile, as_ranks):
     """loadconfig -> plan -> loadconfig -> plan keeps every rank (floats, integers and dense mixed)."""
     config = {}
     for i, l in enumerate(profile.layers):
-        config[l.name] = [0.37, 0.8, 1.0, max(1, l.eq_rank // 3)][i % 4]
+        config[l.name] = [0.37, 0.8, 1.0, max(1, l.eq_rank // 3), l.eq_rank][i % 5]  # integer eq: factorised
     config["lm_head"] = 1.0
     with pytest.warns(LoadconfigWarning):
         plan = from_loadconfig(config, profile.layers)
@@ -280,3 +340,14 @@ def test_loadconfig_round_trip_from_the_reference_side(profile, as_ranks):
     again = from_loadconfig(json.loads(json.dumps(exported)), profile.layers)
     assert again.ranks() == plan.ranks()
     assert again.to_loadconfig(as_ranks=as_ranks) == exported
+    forced = {l.name for l in plan.layers if l.force_factorised}
+    assert forced == {l.name for i, l in enumerate(profile.layers) if i % 5 == 4}
+    assert all(type(exported[n]) is int for n in forced)  # the reference's integer eq, whatever as_ranks says
+    assert forced == {l.name for l in again.layers if l.force_factorised}
+
+
+def test_loadconfig_export_of_a_forced_layer_is_its_integer_rank(forced_plan, profile):
+    first = profile.layers[1]
+    config = forced_plan.to_loadconfig()
+    assert config[first.name] == first.eq_rank and type(config[first.name]) is int
+    assert from_loadconfig(config, profile.layers).ranks() == forced_plan.ranks()

@@ -1,4 +1,11 @@
-"""MRCS: greedy rank reduction under an exponential parameter schedule (methods.md §4.4)."""
+"""MRCS: greedy rank reduction under an exponential parameter schedule (methods.md §4.4).
+
+Every layer starts at rank eq. The reference ([CODE] ``search/memvit.py``) counts a
+layer the search never touches at eq(m+n) and factorises it at rank eq (methods.md §9;
+27 of 210 demo layers at 0.8); that is the default here, through the plan format's
+break-even exception (``budget.ForcedFactorisedRank``). ``untouched="dense"``
+(registered as ``mrcs_dense``) keeps those layers dense and counts them at m*n instead.
+"""
 from __future__ import annotations
 
 import math
@@ -6,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..budget import BUDGET_TOL, budget_of, check_ratio, dense_if_break_even
+from ..budget import BUDGET_TOL, budget_of, check_ratio, dense_if_break_even, force_factorised
 from ..derived import derived
 from ..error_model import ErrorModelParams, block_biases
 from ..profile import Profile
@@ -27,6 +34,9 @@ class _SpectralLoss:
     def __call__(self, idx: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         ranks = np.clip(ranks, 0, self.lengths[idx])
         return 1.0 - self.flat[self.offsets[idx] + ranks] / self.totals[idx]
+
+
+UNTOUCHED = ("eq", "dense")  # what a layer the search never touches becomes: rank eq (reference) or dense
 
 
 def _mrcs_lower_bounds(profile: Profile, lower_bound: float, multiple: int | None) -> np.ndarray:
@@ -56,6 +66,7 @@ def allocate_mrcs(
     max_iter: int = 500,
     params: ErrorModelParams | None = None,
     clamp_to_lower_bound: bool = False,
+    untouched: str = "eq",
 ) -> Allocation:
     """MRCS greedy rank reduction with an exponential schedule (methods.md §4.4).
 
@@ -72,15 +83,21 @@ def allocate_mrcs(
     or every proposal skipped because Delta is large). Then the same greedy continues
     one rank-multiple step at a time (clamped at the lower bound) until the budget holds.
 
-    Accounting differs from the reference on purpose: untouched layers count as dense
-    (m*n, as they are), not eq(m+n).
+    ``untouched``: what the layers the search never touches become. "eq" (the reference,
+    methods.md §9): factorised at rank eq, counted at eq(m+n) once the first step is
+    taken (the schedule starts from the dense total, as in [CODE]). "dense": left dense
+    and counted at m*n, which costs more for the same ranks (eq(m+n) <= mn) but keeps
+    those layers exact; the allocation is then named ``mrcs_dense``.
     """
     ratio = check_ratio(ratio)
     if loss not in ("energy1", "energy2"):
         raise ValueError("loss must be 'energy1' or 'energy2'")
+    if untouched not in UNTOUCHED:
+        raise ValueError(f"untouched must be one of {UNTOUCHED}, got {untouched!r}")
+    method = "mrcs" if untouched == "eq" else "mrcs_dense"
     layers = profile.layers
     lb = _mrcs_lower_bounds(profile, lower_bound, multiple)
-    require_budget(profile, {l.name: int(b) for l, b in zip(layers, lb)}, ratio, "mrcs",
+    require_budget(profile, {l.name: int(b) for l, b in zip(layers, lb)}, ratio, method,
                     f"every layer at its lower bound {lower_bound:g}*eq")
     width = np.array([l.out_features + l.in_features for l in layers], dtype=np.float64)
     dense_cost = np.array([l.params for l in layers], dtype=np.float64)
@@ -90,13 +107,14 @@ def allocate_mrcs(
     spectral = derived(profile, ("mrcs_spectral_loss", power, id(profile.spectra)), lambda: _SpectralLoss(profile, power))
     idx_all = np.arange(len(layers))
 
-    ranks = eq.copy()  # the reference starts at eq; eq means "untouched = dense" here
+    ranks = eq.copy()  # the reference starts at eq
     touched = np.zeros(len(layers), dtype=bool)
+    untouched_cost = eq * width if untouched == "eq" else dense_cost
     target = budget_of(profile, ratio)
-    p_total = float(dense_cost.sum())
+    p_total = float(dense_cost.sum())  # the schedule's P_0 in both modes ([CODE]: the dense total)
 
     def current() -> float:
-        return float(np.where(touched, ranks * width, dense_cost).sum())
+        return float(np.where(touched, ranks * width, untouched_cost).sum())
 
     def apply(i: int, new_rank: int) -> None:
         ranks[i], touched[i] = new_rank, True
@@ -118,28 +136,46 @@ def allocate_mrcs(
         apply(i, int(proposal[i]))
         p, t, steps = current(), t + 1, steps + 1
     phase1 = steps
+    p = current()  # the real cost, also when no step was taken (the loop starts from the dense total)
 
     if p > target * (1 + BUDGET_TOL):  # phase 2: finish the budget one step at a time
-        taken = _completion_steps(ranks, touched, lb, width, dense_cost, bias, spectral, multiple, p,
+        taken = _completion_steps(ranks, touched, lb, width, untouched_cost, bias, spectral, multiple, p,
                                   target * (1 + BUDGET_TOL))
         if taken is None:  # cannot happen after the feasibility check above
-            raise BudgetBelowMinimumError("mrcs", ratio, p / p_total, profile.total_params, "lower bounds reached")
+            raise BudgetBelowMinimumError(method, ratio, p / p_total, profile.total_params, "lower bounds reached")
         layers_stepped, new_ranks = taken
         np.minimum.at(ranks, layers_stepped, new_ranks)  # a layer's steps only go down: its last one wins
         touched[layers_stepped] = True
         p, steps = current(), steps + len(layers_stepped)
     seconds = time.perf_counter() - start
 
-    final = {l.name: (dense_if_break_even(l, int(ranks[i])) if touched[i] else None) for i, l in enumerate(layers)}
+    final = {l.name: _final_rank(l, int(ranks[i]), bool(touched[i]), untouched) for i, l in enumerate(layers)}
     info = {"loss": loss, "multiple": multiple, "lower_bound": lower_bound, "clamp_to_lower_bound": clamp_to_lower_bound,
-            "schedule_steps": phase1,
+            "untouched": untouched, "untouched_layers": int((~touched).sum()), "schedule_steps": phase1,
             "completion_steps": steps - phase1, "schedule_gamma": schedule_gamma, "max_iter": max_iter,
             "error_model": params.to_dict() if params is not None else None}
-    return finish(profile, Allocation("mrcs", ratio, final, solve_seconds=seconds, info=info))
+    return finish(profile, Allocation(method, ratio, final, solve_seconds=seconds, info=info))
+
+
+def allocate_mrcs_dense(profile: Profile, ratio: float, multiple: int | None = 8,
+                        params: ErrorModelParams | None = None, **options) -> Allocation:
+    """``mrcs_dense``: MRCS with the layers its search never touches left dense
+    (``untouched="dense"``), the behaviour here before the reference's rank-eq
+    factorisation became the default. ``multiple`` and ``params`` are named so that
+    ``allocate`` passes them (constraints' rank multiple, the depth bias)."""
+    return allocate_mrcs(profile, ratio, multiple=multiple, params=params, untouched="dense", **options)
+
+
+def _final_rank(layer, rank: int, touched: bool, untouched: str) -> int | None:
+    """A touched layer's rank (always below eq); an untouched one at eq, forced factorised
+    (the reference) or dense."""
+    if touched:
+        return dense_if_break_even(layer, rank)
+    return force_factorised(rank) if untouched == "eq" and rank >= 1 else None
 
 
 def _completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: np.ndarray,
-                      dense_cost: np.ndarray, bias: np.ndarray, spectral: _SpectralLoss, multiple: int | None,
+                      untouched_cost: np.ndarray, bias: np.ndarray, spectral: _SpectralLoss, multiple: int | None,
                       current: float, limit: float) -> tuple[np.ndarray, np.ndarray] | None:
     """Phase 2 of MRCS, all at once: the (layer, new rank) steps until the cost is <= ``limit``.
 
@@ -152,23 +188,9 @@ def _completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, wi
     step order (None when even all steps do not). Same result as stepping, without a
     Python loop per step.
     """
-    step = multiple if multiple and multiple > 1 else 1
-    layer_ids, new_ranks, savings = [], [], []
-    for i in range(len(ranks)):
-        r, low = int(ranks[i]), int(lb[i])
-        if r <= low:
-            continue
-        first = max(((r - 1) // step) * step, low)  # then one multiple lower each step, the last clamped at lb
-        chain = np.concatenate([np.arange(first, low, -step, dtype=np.int64), [low]])
-        before = np.concatenate([[int(ranks[i])], chain[:-1]]) * width[i]
-        if not touched[i]:
-            before[0] = dense_cost[i]
-        layer_ids.append(np.full(len(chain), i))
-        new_ranks.append(chain)
-        savings.append(before - chain * width[i])
-    if not layer_ids:
+    layer_ids, new_ranks, savings = _step_chains(ranks, touched, lb, width, untouched_cost, multiple)
+    if not layer_ids.size:
         return None if current > limit else (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    layer_ids, new_ranks, savings = (np.concatenate(a) for a in (layer_ids, new_ranks, savings))
     scores = spectral(layer_ids, new_ranks) * bias[layer_ids]
     order = np.lexsort((layer_ids, scores))  # by score, then layer; each layer's chain keeps its order
     remaining = current - np.cumsum(savings[order])
@@ -177,6 +199,30 @@ def _completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, wi
         return None
     chosen = order[: int(enough[0]) + 1]
     return layer_ids[chosen], new_ranks[chosen]
+
+
+def _step_chains(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: np.ndarray,
+                 untouched_cost: np.ndarray, multiple: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every layer's chain of phase-2 steps, back to back: (layer, new rank, params saved).
+
+    A layer above its lower bound steps to the multiple below its rank, then one multiple
+    lower at a time, the last step clamped at the bound (first, first - step, ..., > lb,
+    then lb); the first step of an untouched layer saves from its untouched cost. Built
+    for all layers at once (np.repeat), not one small array per layer.
+    """
+    step = multiple if multiple and multiple > 1 else 1
+    active = np.flatnonzero(ranks > lb)
+    rank, low = ranks[active].astype(np.int64), lb[active].astype(np.int64)
+    first = np.maximum(((rank - 1) // step) * step, low)
+    middle = -(-(first - low) // step)  # len(np.arange(first, low, -step)): the steps above the bound
+    lengths = middle + 1
+    layer_ids = np.repeat(active, lengths).astype(np.int64)
+    pos = np.arange(layer_ids.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    new_ranks = np.where(pos == np.repeat(middle, lengths), np.repeat(low, lengths), np.repeat(first, lengths) - pos * step)
+    before = np.where(pos == 0, np.repeat(rank, lengths), np.roll(new_ranks, 1)) * width[layer_ids]
+    untouched_first = (pos == 0) & ~touched[layer_ids]
+    before[untouched_first] = untouched_cost[layer_ids[untouched_first]]
+    return layer_ids, new_ranks, before - new_ranks * width[layer_ids]
 
 
 def _next_multiple_below(ranks: np.ndarray, multiple: int | None) -> np.ndarray:

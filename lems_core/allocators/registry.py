@@ -72,10 +72,14 @@ for _spec in (
                   constraints="projected"),
     AllocatorSpec("svdllm_v2", svdllm_v2.allocate_svdllm_v2, summary="SVD-LLM V2 by matrix type (§4.3)",
                   constraints="projected"),
-    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (§4.4)",
+    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (§4.4); layers it "
+                  "never touches factorised at rank eq, as the reference (§9)", constraints="projected"),
+    AllocatorSpec("mrcs_dense", mrcs.allocate_mrcs_dense, summary="MRCS with the layers it never touches left dense",
                   constraints="projected"),
     AllocatorSpec("atp", atp.allocate_atp, "ppl", "arithmetic-progression block ratios (§4.5)"),
-    AllocatorSpec("asvd", asvd.allocate_asvd, summary="ASVD sensitivity-based rank search (§4.2)"),
+    AllocatorSpec("asvd", asvd.allocate_asvd, summary="ASVD sensitivity-based rank search (§4.2), ranked by "
+                  "single-layer search perplexity as the reference (KL when the profile has no NLL table)"),
+    AllocatorSpec("asvd_kl", asvd.allocate_asvd_kl, summary="ASVD rank search ranked by single-layer KL"),
     AllocatorSpec("ars", ars.allocate_ars, summary="ARS learned masks; serves trained plans (§4.6)"),
     AllocatorSpec("erc_plc", erc_plc.allocate_erc_plc, "kl", "ERC-SVD partial-layer compression"),
     AllocatorSpec("lcsvd_search", lcsvd_search.allocate_lcsvd_search, "ppl", "LC-SVD sensitivity-prior search"),
@@ -100,7 +104,7 @@ def allocate(
     """Run allocator ``method`` by name; ``options`` go to that allocator.
 
     ``constraints`` (``LayerConstraints``) are honoured natively by LEMS, by projection
-    for uniform / SVD-LLM V2 / MRCS, and are a ConstraintError for the other methods.
+    for uniform / SVD-LLM V2 / MRCS (both variants), and are a ConstraintError for the other methods.
     """
     key = normalise_method(method)
     if key not in ALLOCATORS:

@@ -7,6 +7,10 @@ the ``ars`` allocator then serves without training. The full factors are
 computed once (from the pipeline's cached statistics) and shared by all ratios.
 
     nice python bench/ars_demo.py --profile cache/demo/smollm2-135m-kfac [--ratios 0.8,0.6] [--preset cpu-small]
+
+"cpu-small" trains under the reference rule (whole-model budget, two-sided penalty with
+the lambda band, early stop on the 100-step mean: 101-200 steps); "cpu-small-legacy"
+reproduces the plans committed before issue #11 (80 fixed steps, the earlier rule).
 """
 from __future__ import annotations
 
@@ -77,8 +81,11 @@ def main() -> None:
         info, s = alloc.info, plan.summary
         curve = info.get("loss_curve") or []
         ce = f"CE {curve[0]['ce']:.3f} -> {curve[-1]['ce']:.3f}, " if curve else ""
+        steps = info.get("steps_run", len(curve))
+        target = f", whole-model target {info['budget_model']:.4f}" if "budget_model" in info else ""
         print(f"ratio {ratio:g}: {time.perf_counter() - started:.1f} s ({info.get('train_seconds', 0):.1f} s training, "
-              f"{config.steps} steps); {ce}learned {info['learned_ratio']:.4f}, rounded {info['rounded_ratio']:.4f}, "
+              f"{steps} of at most {config.steps} steps, {info.get('rule', 'legacy')} rule{target}); "
+              f"{ce}learned {info['learned_ratio']:.4f}, rounded {info['rounded_ratio']:.4f}, "
               f"{info['repair_cuts']} cuts + {info['fill_adds']} adds -> realised {s['realised_ratio']:.4f}, "
               f"{s['dense_layers']} dense -> {path}", flush=True)
 

@@ -202,24 +202,65 @@ def test_pipeline_path_computes_full_factors_from_cached_statistics(setup, tmp_p
 
 def test_reference_config_and_legacy_configs_round_trip():
     ref = ars.ARSConfig()
-    assert (ref.bidirectional, ref.lambda_off_within, ref.early_stop_window) == (True, 0.002, 100)
+    assert (ref.bidirectional, ref.p_param, ref.budget_scope) == (True, 0.4, "model")
+    assert (ref.lambda_off_within, ref.early_stop_window, ref.early_stop_tol) == (0.002, 100, 0.003)
+    assert ref.rule_name == "reference" and ars.preset("cpu-small").rule_name == "reference"
     assert ars.ARSConfig.from_dict(ref.to_dict()) == ref
     legacy = ars.preset("cpu-small-legacy")
     old_dict = legacy.to_dict()
     assert not any(k in old_dict for k in ars.LEGACY_FIELDS)  # configs stored before: same dict, same cache key
-    assert ars.ARSConfig.from_dict(old_dict) == legacy and not legacy.bidirectional
+    assert ars.ARSConfig.from_dict(old_dict) == legacy and legacy.rule_name == "legacy"
+    assert (legacy.steps, legacy.lr, legacy.seq_len) == (80, 1e-2, 128)  # the committed demo plans' settings
+    assert ars.preset("reference-legacy") == ars.ARSConfig(**ars.LEGACY_FIELDS)  # the old "reference"
     with pytest.raises(ValueError, match=">= 0"):
         ars.ARSConfig(early_stop_window=-1)
+    with pytest.raises(ValueError, match="budget_scope"):
+        ars.ARSConfig(budget_scope="all")
 
 
-def test_early_stop_on_the_window_mean_and_never_with_window_0():
-    config = ars.ARSConfig(early_stop_window=3, early_stop_tol=0.0015)
-    above = [{"kept_ratio": 0.9}] * 4
-    on_target = [{"kept_ratio": 0.9}] + [{"kept_ratio": 0.5}] * 3
-    assert not ars.budget_reached(above, 0.5, config)
-    assert ars.budget_reached(on_target, 0.5, config)
-    assert not ars.budget_reached(on_target[:3], 0.5, config)  # needs more than the window
-    assert not ars.budget_reached(on_target, 0.5, ars.ARSConfig(early_stop_window=0))
+def test_configs_of_the_intermediate_rule_read_as_custom_not_reference():
+    """Stored after the first reference switches (issue #11) but before p_param / whole-model budget."""
+    stored = {**ars.preset("cpu-small").to_dict()}
+    for k in ("p_param", "budget_scope"):
+        del stored[k]
+    stored["early_stop_tol"] = 0.0015
+    config = ars.ARSConfig.from_dict(stored)
+    assert (config.p_param, config.budget_scope) == (None, "compressible")  # what that run did
+    assert config.rule_name == "custom"
+
+
+def test_cache_keys_differ_between_the_rules(setup):
+    _, profile, _, _ = setup
+    new, old = ars.preset("cpu-small"), ars.preset("cpu-small-legacy")
+    assert ars.cache_key(profile, 0.8, new) != ars.cache_key(profile, 0.8, old)
+    assert ars.latest_key(profile, 0.8) != ars.latest_key(profile, 0.8, "legacy")
+    # the legacy latest key is the one used before rules existed
+    assert ars.latest_key(profile, 0.8, "legacy") == "ars-latest:" + ars.key_of(profile.key, "svd", 0.8)
+
+
+def test_reference_penalty_is_two_sided_with_a_lambda_zero_band():
+    """Reference rule: penalty against p_param (also under the budget), lam 0 within 0.002 of the
+    whole-model target; legacy: penalty against the budget (zero under it), lam always on."""
+    budget = ars.BudgetTarget(ratio=0.8, compressible=1000, other=250)  # model target (250 + 800) / 1250 = 0.84
+    assert budget.model_target == pytest.approx(0.84)
+    ref, legacy = ars.ARSConfig(), ars.preset("cpu-small-legacy")
+
+    def term(kept, config):
+        penalty, lam = ars.budget_term(torch.tensor(float(kept)), budget, config)
+        return penalty.item(), lam
+
+    above, below = term(900, ref), term(700, ref)
+    assert above == (pytest.approx(np.log(0.9 / 0.4)), 16.0)
+    assert below == (pytest.approx(np.log(0.7 / 0.4)), 16.0)  # under the budget: still pushed down
+    assert term(801, ref)[1] == 0.0 and term(798, ref)[1] == 0.0  # within 0.002 (model) on either side
+    assert term(803, ref)[1] == 16.0 and term(797, ref)[1] == 16.0  # 0.0024 off in the model's terms
+    assert term(700, legacy) == (0.0, 16.0)  # one-sided at the budget
+    assert term(900, legacy) == (pytest.approx(np.log(0.9 / 0.8)), 16.0)
+    assert term(800, legacy)[1] == 16.0  # no band
+    assert ars.penalty_ratio(ref, 0.3) == 0.3  # p_param capped at the budget (the penalty must reach it)
+    # 0.0023 off in the compressible Linears' terms, 0.00184 in the whole model's: the band is the model's
+    assert term(802.3, ref)[1] == 0.0
+    assert term(802.3, ars.ARSConfig(budget_scope="compressible"))[1] == 16.0
 
 
 def test_bidirectional_hypernetwork_reads_the_layer_sequence_both_ways():
@@ -246,3 +287,108 @@ def test_lambda_is_off_on_target_and_training_stops_early(setup, tmp_path):
     curve = alloc.info["loss_curve"]
     assert len(curve) == 3  # stopped after the first window mean within tolerance
     assert all(r["lam"] == 0.0 for r in curve)  # every step within 1.0 of the target
+
+
+def _flat(model_ratio: float, steps: int) -> list[dict]:
+    return [{"model_ratio": model_ratio, "kept_ratio": 0.0}] * steps
+
+
+def test_early_stop_needs_more_than_100_steps_of_a_running_mean_on_target():
+    """Reference (train_adaptive.py:273-282): len > 100 and mean(last 100) - target < 0.003."""
+    ref = ars.ARSConfig()
+    assert not ars.budget_reached(_flat(0.84, 100), 0.84, ref)  # flat on target, but only 100 steps
+    assert ars.budget_reached(_flat(0.84, 101), 0.84, ref)
+    assert ars.budget_reached(_flat(0.70, 101), 0.84, ref)  # under the target counts as reached
+    assert not ars.budget_reached(_flat(0.8431, 500), 0.84, ref)  # 0.0031 above: never
+    descent = _flat(1.0, 10) + _flat(0.84, 91)  # 101 steps, but the window still holds the descent
+    assert not ars.budget_reached(descent, 0.84, ref)
+    assert ars.budget_reached(descent + _flat(0.84, 9), 0.84, ref)  # the window now starts on target
+    assert ars.budget_reached([{"kept_ratio": 0.5, "model_ratio": 0.9}] * 101, 0.5,
+                              ars.ARSConfig(budget_scope="compressible"))  # the scope picks the field
+    assert not ars.budget_reached(_flat(0.84, 1000), 0.84, ars.preset("cpu-small-legacy"))  # fixed steps
+
+
+def test_gru_is_bidirectional_by_default_and_one_way_under_the_legacy_rule():
+    components = [4, 3]
+    for name in ("reference", "cpu-small"):
+        hyper = ars.build_hypernetwork(ars.preset(name), components)
+        assert hyper.gru.bidirectional and hyper.heads[0].in_features == 2 * ars.ARSConfig().hidden_size
+    for name in ("reference-legacy", "cpu-small-legacy"):
+        hyper = ars.build_hypernetwork(ars.preset(name), components)
+        assert not hyper.gru.bidirectional and hyper.heads[0].in_features == ars.ARSConfig().hidden_size
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_whole_model_target_translates_back_to_the_compressible_budget(tied):
+    """The tiny llama: embed + lm_head (256 x 64 each, once when tied) and 7 norms of 64 are 'other'."""
+    model = tiny_model("llama", seed=1, tie_word_embeddings=tied)
+    layers = compressible_layers(model)
+    budget = ars.budget_target(model, layers, 0.6)
+    compressible = 3 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 160 * 64)
+    assert budget.compressible == compressible == sum(l.params for l in layers)
+    assert budget.other == (1 if tied else 2) * 256 * 64 + 7 * 64
+    assert budget.model_target == pytest.approx((budget.other + 0.6 * compressible) / (budget.other + compressible))
+    assert budget.model_target > 0.6  # the uncompressed parameters count as kept
+    # a kept count on the model target is exactly the compressible budget
+    assert budget.scoped(0.6 * compressible, "model") == (pytest.approx(budget.model_target), budget.model_target)
+    assert budget.scoped(0.6 * compressible, "compressible") == (pytest.approx(0.6), 0.6)
+    info = budget.to_info()
+    assert info["budget_compressible"] == 0.6 and info["budget_model"] == pytest.approx(budget.model_target)
+    assert info["params_model"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["reference", "legacy"])
+def test_tiny_training_meets_the_budget_under_both_rules(setup, tmp_path, name):
+    loaded, profile, _, _ = setup
+    rule = {"steps": 130} if name == "reference" else {"steps": 40, **ars.LEGACY_FIELDS}
+    config = ars.ARSConfig(batch_windows=1, seq_len=24, lr=0.01, seed=3, **rule)
+    alloc = _train(setup, 0.6, config, cache_dir=tmp_path)
+    info, curve = alloc.info, alloc.info["loss_curve"]
+    assert info["rule"] == name and info["config"] == config.to_dict()
+    assert realised_ratio(profile, alloc.ranks) <= 0.6 + 1e-12 and info["realised_ratio"] > 0.55
+    budget = ars.budget_target(loaded.model, profile.layers, 0.6)
+    assert info["budget_compressible"] == 0.6 and info["budget_model"] == pytest.approx(budget.model_target)
+    assert info["realised_model_ratio"] <= budget.model_target + 1e-12
+    assert all(r["model_ratio"] == pytest.approx(budget.model_ratio(r["kept_ratio"] * budget.compressible))
+               for r in curve)
+    if name == "reference":  # the penalty pulls far under the budget on this random model: stops at 101
+        assert info["steps_run"] == len(curve) == 101 and info["stopped_early"]
+        assert info["penalty_p"] == 0.4
+    else:
+        assert info["steps_run"] == len(curve) == 40 and not info["stopped_early"]
+        assert info["penalty_p"] == 0.6 and all(r["lam"] == 16.0 for r in curve)
+    plan = ars.allocation_to_plan(profile, alloc)
+    assert plan.meta["ars"]["budget_model"] == info["budget_model"]
+
+
+def test_default_allocator_never_serves_a_legacy_plan(setup, tmp_path, monkeypatch):
+    """Plans trained under the legacy rule (index or committed) are served only on request."""
+    loaded, profile, _, _ = setup
+    monkeypatch.setattr(ars, "COMMITTED_DIR", tmp_path / "committed")
+    legacy = ars.ARSConfig(steps=2, batch_windows=1, seq_len=24, **ars.LEGACY_FIELDS)
+    old = _train(setup, 0.6, legacy, cache_dir=tmp_path / "index")
+    ars.allocation_to_plan(profile, old).save(ars.committed_plan_path(profile, 0.6))
+    for cache in (tmp_path / "index", tmp_path / "empty"):  # the index's latest, then the committed file
+        assert ars.cached_ars_plan(profile, 0.6, cache_dir=cache) is None
+        with pytest.raises(ValueError, match="trained under the legacy rule exists: rule='legacy'"):
+            allocate(profile, "ars", 0.6, cache_dir=cache)
+        assert allocate(profile, "ars", 0.6, cache_dir=cache, rule="legacy").ranks == old.ranks
+        assert ars.cached_ars_plan(profile, 0.6, legacy, cache_dir=cache).ranks() == old.ranks
+    new = _train(setup, 0.6, ars.ARSConfig(steps=2, batch_windows=1, seq_len=24, seed=5), cache_dir=tmp_path / "index")
+    assert allocate(profile, "ars", 0.6, cache_dir=tmp_path / "index").info["rule"] == "reference"
+    assert allocate(profile, "ars", 0.6, cache_dir=tmp_path / "index").ranks == new.ranks
+    assert allocate(profile, "ars", 0.6, cache_dir=tmp_path / "index", rule="legacy").ranks == old.ranks
+
+
+def test_plans_stored_between_the_rules_are_served_under_neither(setup, tmp_path):
+    """Runs made after the first reference switches stored their plan under the key that is
+    now the legacy rule's latest key; their rule is neither, so neither default serves them."""
+    _, profile, _, _ = setup
+    between = ars.ARSConfig(steps=2, batch_windows=1, seq_len=24, p_param=None, budget_scope="compressible",
+                            early_stop_tol=0.0015)
+    assert between.rule_name == "custom"
+    alloc = _train(setup, 0.6, between, cache_dir=tmp_path)
+    ars.index(tmp_path)[ars.latest_key(profile, 0.6, "legacy")] = ars.allocation_to_plan(profile, alloc).to_dict()
+    assert ars.cached_ars_plan(profile, 0.6, cache_dir=tmp_path, rule="legacy") is None
+    assert ars.cached_ars_plan(profile, 0.6, cache_dir=tmp_path) is None
+    assert ars.cached_ars_plan(profile, 0.6, between, cache_dir=tmp_path).ranks() == alloc.ranks

@@ -9,29 +9,48 @@ Masks are straight-through Gumbel-sigmoid samples of those logits (hard 0/1
 forward with threshold 0.5, sigmoid gradient backward). Only the hypernetwork
 trains; the language model and its factors are frozen. The loss (§4.6 step 4) is
 
-    CE(f(x; m)) + lam * log(max(T(m), p T_total) / (p T_total)) + gamma * mean_l ||m_l s_l - m'_l s_l||^2
+    CE(f(x; m)) + lam * log(max(T(m), p T_c) / (p T_c)) + gamma * mean_l ||m_l s_l - m'_l s_l||^2
 
 with T(m_l) = (m_l + n_l) 1^T m_l (capped at m_l n_l: a layer at or above its
-break-even rank is stored dense, methods.md §0), p the kept-fraction budget, and
-m'_l the top-k mask with k = 1^T m_l (pushes the mask toward the singular-value
-order). The final rank of a layer is the sum of its (noise-free) mask, rounded
-to a multiple of 8, dense at or above the break-even rank, then repaired
-deterministically until the budget holds (and, by default, budget the one-sided
-penalty left unused is spent again; the raw learned ranks stay in the info).
+break-even rank is stored dense, methods.md §0), T_c the parameters of the
+compressible Linears and m'_l the top-k mask with k = 1^T m_l (pushes the mask
+toward the singular-value order).
+
+The budget rule follows the reference implementation (sidhantls, methods.md §9
+"ARS"; ``main`` at adaptive_rank_selection.py:327-410, train_adaptive.py:273-282):
+- p is ``p_param`` = 0.4, not the budget, so the penalty pushes down on both sides
+  of the budget; instead lam is 0 for a step whose kept fraction is within 0.002 of
+  the target (either side);
+- training stops once more than 100 steps ran and the mean kept fraction of the
+  last 100 is less than 0.003 above the target (``steps`` is only a cap);
+- that kept fraction and target are over the whole model's parameters
+  (embeddings, norms and lm_head count as kept). The public budget stays the kept
+  fraction of the compressible Linears, as for every allocator here; it is
+  translated into the whole-model target (``BudgetTarget``) and both are recorded.
+The rule before (preset "cpu-small-legacy", fields ``LEGACY_FIELDS``): p = the
+budget (one-sided: no penalty under it), lam always on, a fixed number of steps,
+the compressible Linears only, a one-direction GRU.
+
+The final rank of a layer is the sum of its (noise-free) mask, rounded to a
+multiple of 8, dense at or above the break-even rank, then repaired
+deterministically until the (compressible) budget holds; by default, budget left
+unused is spent again; the raw learned ranks stay in the info.
 
 Choices that the paper leaves open, taken from the third-party implementation
-LEMS used (sidhantls/adaptive-rank-selection-svd): tau = 0.4, +3 logit bias (all
-components start kept, so training starts from the dense model), threshold 0.5,
-Adam lr 1e-3, lam = 16, gamma = 10; GRU -> LayerNorm -> GELU -> head. Our own
-choices (documented where they are made): the noise-free final mask (noise
+LEMS used: tau = 0.4, +3 logit bias (all components start kept, so training
+starts from the dense model), threshold 0.5, Adam lr 1e-3, lam = 16, gamma = 10;
+one bidirectional GRU over the layers -> LayerNorm -> GELU -> per-layer head. Our
+own choices (documented where they are made): the noise-free final mask (noise
 replaced by its median), a straight-through budget cap, per-layer normalised
-spectra in the alignment term, and the repair / fill rules.
+spectra in the alignment term, p_param capped at the budget, and the repair /
+fill rules.
 
 Training is minutes on CPU for the demo model (preset "cpu-small") and its
 results are cached: in the diskcache index (keyed by profile, decomposition,
 ratio and config) and, for the demo, as committed plans under cache/demo/ars/.
-The ``ars`` allocator only ever reads those; it never trains. ``pipeline.train_ars``
-loads what training needs for a profile (windows, full factors) and calls ``train_ars_on``.
+The ``ars`` allocator only ever reads those (by default only plans trained under
+the reference rule, see ``RULES``); it never trains. ``pipeline.train_ars`` loads
+what training needs for a profile (windows, full factors) and calls ``train_ars_on``.
 """
 from __future__ import annotations
 
@@ -74,10 +93,10 @@ CURVE_POINTS = 200  # loss-curve points kept in a plan's meta (the Allocation ke
 class ARSConfig:
     """Hyper-parameters of one ARS training run; all of them are part of the cache key."""
 
-    steps: int = 2000  # hypernetwork updates (§4.6 step 5: 2000 for LLMs)
+    steps: int = 2000  # hypernetwork updates (§4.6 step 5: 2000 for LLMs); with early stopping, a cap
     batch_windows: int = 2  # calibration windows per step (third-party default batch size 2)
     seq_len: int | None = None  # crop windows to this many tokens (None: the calibration length)
-    lam: float = 16.0  # weight of the budget penalty R(T(m), p T_total)
+    lam: float = 16.0  # weight of the budget penalty R(T(m), p T_c)
     gamma_align: float = 10.0  # weight of the alignment term
     lr: float = 1e-3  # Adam learning rate
     tau: float = 0.4  # Gumbel-sigmoid temperature
@@ -87,49 +106,85 @@ class ARSConfig:
     z_size: int = 32  # width of the fixed random GRU input
     hidden_size: int = 64  # GRU hidden size
     rank_multiple: int = 8  # final ranks are multiples of this (methods.md §1.4)
-    fill_budget: bool = True  # spend budget the one-sided penalty left unused (see fill_to_budget)
+    fill_budget: bool = True  # spend budget left unused after training (see fill_to_budget)
     seed: int = 42
-    # Reference behaviour (sidhantls, methods.md §9 "ARS"); LEGACY_FIELDS gives the earlier one:
-    bidirectional: bool = True  # bidirectional GRU (the fix_hypernet branch); False: one direction
-    lambda_off_within: float = 0.002  # lam = 0 for a step whose kept ratio is this close to p (0: never)
-    early_stop_window: int = 100  # stop once the mean kept ratio of this many steps is within
-    early_stop_tol: float = 0.0015  # ... this of p (mean - p < tol); window 0: run every step
+    # The budget rule: the reference's (sidhantls, methods.md §9 "ARS"); LEGACY_FIELDS gives the earlier one.
+    bidirectional: bool = True  # one bidirectional GRU over the layers (reference); False: one direction
+    p_param: float | None = 0.4  # penalty log(max(a, p)/p), a = compressible kept fraction (reference
+    #                              --p_param; capped at the budget); None: p = the budget (one-sided)
+    budget_scope: str = "model"  # kept fraction of the lam band and early stop: "model" (whole model,
+    #                              reference) or "compressible" (the compressible Linears)
+    lambda_off_within: float = 0.002  # lam = 0 for a step whose kept fraction is this close to the target (0: never)
+    early_stop_window: int = 100  # stop after more than this many steps once their mean kept fraction
+    early_stop_tol: float = 0.003  # ... is less than this above the target (reference main); window 0: never
 
     def __post_init__(self):
         if self.lambda_off_within < 0 or self.early_stop_window < 0 or self.early_stop_tol < 0:
             raise ValueError("lambda_off_within, early_stop_window and early_stop_tol must be >= 0")
+        if self.p_param is not None and not 0.0 < self.p_param <= 1.0:
+            raise ValueError(f"p_param must lie in (0, 1] or be None, got {self.p_param}")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"budget_scope must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
+
+    @property
+    def rule(self) -> dict:
+        """The budget-rule fields (those of LEGACY_FIELDS) and their values."""
+        return {k: getattr(self, k) for k in LEGACY_FIELDS}
+
+    @property
+    def rule_name(self) -> str:
+        """"reference", "legacy" or "custom": which budget rule (``RULES``) this config trains under."""
+        return next((name for name, rule in RULES.items() if rule == self.rule), "custom")
 
     def to_dict(self) -> dict:
-        """All fields, except reference-behaviour fields at their legacy value (so configs,
-        and cache keys, of runs made before these fields existed are unchanged)."""
+        """All fields, except rule fields at their legacy value (so configs, and cache keys,
+        of runs made before these fields existed are unchanged)."""
         d = asdict(self)
-        if all(d[k] == v for k, v in LEGACY_FIELDS.items()):
+        if self.rule_name == "legacy":
             for k in LEGACY_FIELDS:
                 del d[k]
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "ARSConfig":
+        """The config of a stored dict; a rule field it lacks (written before the field
+        existed) takes its legacy value, the behaviour of the run that wrote it."""
         values = {f.name: d[f.name] for f in fields(ARSConfig) if f.name in d}
-        if not any(k in d for k in LEGACY_FIELDS):  # written before these fields existed
-            values.update(LEGACY_FIELDS)
-        return ARSConfig(**values)
+        return ARSConfig(**{**LEGACY_FIELDS, **values})
 
 
-# The behaviour before the reference's was followed: one-direction GRU, the penalty
-# weight always on, a fixed number of steps (preset "cpu-small-legacy", or these overrides).
-LEGACY_FIELDS = {"bidirectional": False, "lambda_off_within": 0.0, "early_stop_window": 0, "early_stop_tol": 0.0015}
+BUDGET_SCOPES = ("model", "compressible")
+
+# The rule before the reference's was followed: one-direction GRU, the penalty against the
+# budget itself (one-sided), lam always on, a fixed number of steps, the compressible Linears
+# only (preset "cpu-small-legacy", or these overrides). early_stop_tol is unused at window 0.
+LEGACY_FIELDS = {"bidirectional": False, "p_param": None, "budget_scope": "compressible",
+                 "lambda_off_within": 0.0, "early_stop_window": 0, "early_stop_tol": 0.0015}
 
 
-# "cpu-small": a short run for the demo model (SmolLM2-135M) on a shared 2-core CPU:
-# measured ~4.3 s per step at 128 tokens on one thread (6.8 s at 256 tokens), so 80
-# steps are ~6 min per ratio. The 10x higher learning rate makes up for the 25x fewer
-# steps: logits start at +3 and must cross ~-0.37 for a component to be dropped, which
-# takes ~15 steps at lr 1e-2 (~150 at 1e-3); the remaining steps refine the selection.
+def _default_rule() -> dict:
+    return {f.name: f.default for f in fields(ARSConfig) if f.name in LEGACY_FIELDS}
+
+
+# Named budget rules; the ``ars`` allocator serves plans of one rule ("reference" by default).
+RULES = {"reference": _default_rule(), "legacy": dict(LEGACY_FIELDS)}
+
+
+# Presets. "reference": the reference's settings (at most 2000 steps, lr 1e-3, 2 windows).
+# "cpu-small": a short run for the demo model (SmolLM2-135M) on a shared 2-core CPU, under the
+# reference rule: ~3.5-4.3 s per step at 128 tokens on one thread (6.8 s at 256 tokens; the
+# bidirectional GRU adds ~0.08 s at the demo's 210 layers). The 10x higher learning rate makes
+# up for the far fewer steps: logits start at +3 and must cross ~-0.37 for a component to be
+# dropped, which takes ~15 steps at lr 1e-2 (~150 at 1e-3). Early stopping needs more than
+# 100 steps, so a run is 101-200 steps (~6-15 min per ratio on the demo).
+# "<name>-legacy": the same settings under the legacy rule; "cpu-small-legacy" is exactly the
+# earlier "cpu-small" (80 fixed steps: the committed plans before issue #11), with its cache keys.
+_CPU_SMALL = dict(batch_windows=1, seq_len=128, lr=1e-2)
 PRESETS = {
     "reference": ARSConfig(),
-    "cpu-small": ARSConfig(steps=80, batch_windows=1, seq_len=128, lr=1e-2),
-    "cpu-small-legacy": ARSConfig(steps=80, batch_windows=1, seq_len=128, lr=1e-2, **LEGACY_FIELDS),
+    "reference-legacy": ARSConfig(**LEGACY_FIELDS),
+    "cpu-small": ARSConfig(steps=200, **_CPU_SMALL),
+    "cpu-small-legacy": ARSConfig(steps=80, **_CPU_SMALL, **LEGACY_FIELDS),
 }
 
 
@@ -177,9 +232,12 @@ def gumbel_sigmoid_mask(logits: torch.Tensor, tau: float, threshold: float,
 class Hypernetwork(nn.Module):
     """GRU over a fixed random z (one step per layer) + one linear head per layer.
 
-    Head l maps the GRU state of step l to one logit per singular component of layer
-    l (components = min(m, n): with every mask at 1 the masked model is the dense one,
-    since the full whitened SVD is exact). ``logit_bias`` is added to all logits.
+    ``bidirectional`` (the reference's ``Hypernet_GRU``: one bi-GRU for the whole
+    network) concatenates both directions' states, so every layer's logits see
+    every layer's input. Head l maps the GRU state of step l to one logit per
+    singular component of layer l (components = min(m, n): with every mask at 1 the
+    masked model is the dense one, since the full whitened SVD is exact).
+    ``logit_bias`` is added to all logits.
     """
 
     def __init__(self, components: list[int], z_size: int, hidden_size: int, logit_bias: float, seed: int,
@@ -198,6 +256,12 @@ class Hypernetwork(nn.Module):
         states, _ = self.gru(self.z)
         states = F.gelu(self.norm(states[0]))
         return [head(states[i]) + self.logit_bias for i, head in enumerate(self.heads)]
+
+
+def build_hypernetwork(config: ARSConfig, components: list[int]) -> Hypernetwork:
+    """The hypernetwork of a run: bidirectional unless the config says otherwise (legacy rule)."""
+    return Hypernetwork(components, config.z_size, config.hidden_size, config.logit_bias, config.seed,
+                        config.bidirectional)
 
 
 class MaskedLinear(nn.Module):
@@ -257,8 +321,71 @@ def kept_params(masks: list[torch.Tensor], layers: list[LayerInfo]) -> torch.Ten
 
 
 def budget_penalty(kept: torch.Tensor, target: float) -> torch.Tensor:
-    """R(T, pT_total) = log(max(T, pT_total) / (pT_total)): zero at or under budget (§4.6 step 4)."""
+    """R(T, pT_c) = log(max(T, pT_c) / (pT_c)): zero at or under pT_c (§4.6 step 4)."""
     return torch.log((kept / target).clamp(min=1.0))
+
+
+@dataclass(frozen=True)
+class BudgetTarget:
+    """One run's budget in both accountings (methods.md §9 "ARS").
+
+    ``ratio`` is the public budget, the kept fraction of the compressible Linears'
+    parameters (``compressible``), as for every allocator. The reference budgets the
+    whole model: the ``other`` parameters (embeddings, norms, lm_head, biases) count
+    as kept, so a kept count T of the compressible Linears is the whole-model
+    fraction (other + T) / (other + compressible). The map is affine and increasing,
+    so meeting ``model_target`` means meeting ``ratio``.
+    """
+
+    ratio: float
+    compressible: int
+    other: int
+
+    def model_ratio(self, kept: float) -> float:
+        return (self.other + kept) / (self.other + self.compressible)
+
+    @property
+    def model_target(self) -> float:
+        return self.model_ratio(self.ratio * self.compressible)
+
+    def scoped(self, kept: float, scope: str) -> tuple[float, float]:
+        """(kept fraction, target) in ``scope``: "model" or "compressible"."""
+        if scope == "model":
+            return self.model_ratio(kept), self.model_target
+        return kept / self.compressible, self.ratio
+
+    def to_info(self) -> dict:
+        return {"budget_compressible": self.ratio, "budget_model": round(self.model_target, 8),
+                "params_compressible": self.compressible, "params_other": self.other,
+                "params_model": self.compressible + self.other}
+
+
+def budget_target(model: nn.Module, layers: list[LayerInfo], ratio: float) -> BudgetTarget:
+    """The budget of a run on ``model``: its parameters (tied ones once) minus the compressible weights."""
+    compressible = sum(l.params for l in layers)
+    whole = sum(p.numel() for p in model.parameters())
+    return BudgetTarget(ratio, compressible, max(whole - compressible, 0))
+
+
+def penalty_ratio(config: ARSConfig, ratio: float) -> float:
+    """p of the penalty, a compressible kept fraction: the reference's p_param (0.4), capped at
+    the budget (our choice: under the budget the reference's penalty would vanish before the
+    target is reached), or the budget itself (legacy, ``p_param=None``)."""
+    return ratio if config.p_param is None else min(config.p_param, ratio)
+
+
+def budget_term(kept: torch.Tensor, budget: BudgetTarget, config: ARSConfig) -> tuple[torch.Tensor, float]:
+    """(penalty R(T, p T_c), its weight lam) for one step with kept count ``kept``.
+
+    Reference rule (adaptive_rank_selection.py, ``calculate_R_loss`` and ``training_step``):
+    p = p_param, so the penalty is positive above *and* below the budget; lam is 0
+    while the step's kept fraction (``config.budget_scope``) is within
+    ``lambda_off_within`` of the target, on either side. Legacy: p = the budget, lam always on.
+    """
+    penalty = budget_penalty(kept, penalty_ratio(config, budget.ratio) * budget.compressible)
+    now, goal = budget.scoped(kept.item(), config.budget_scope)
+    lam = 0.0 if abs(now - goal) < config.lambda_off_within else config.lam
+    return penalty, lam
 
 
 def alignment_loss(masks: list[torch.Tensor], spectra: list[torch.Tensor]) -> torch.Tensor:
@@ -329,68 +456,78 @@ def train_masks(
     config: ARSConfig,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    budget: BudgetTarget | None = None,
 ) -> tuple[list[np.ndarray], list[dict]]:
     """Train the hypernetwork; return the final noise-free masks (0/1 per component) and the loss curve.
 
-    No caching, no rounding: this is the optimisation of §4.6 step 4 alone.
+    No caching, no rounding: this is the optimisation of §4.6 step 4 alone, for at most
+    ``config.steps`` steps (fewer when ``budget_reached``). ``budget`` defaults to
+    ``budget_target(model, layers, ratio)``.
     """
     check_factors(layers, factors)
+    budget = budget or budget_target(model, layers, ratio)  # before the swap: it counts the model's Linears
     device = next(model.parameters()).device
-    hyper = Hypernetwork([factors[l.name].max_rank for l in layers], config.z_size, config.hidden_size,
-                         config.logit_bias, config.seed, config.bidirectional).to(device)
+    hyper = build_hypernetwork(config, [factors[l.name].max_rank for l in layers]).to(device)
     optimizer = torch.optim.Adam(hyper.parameters(), lr=config.lr)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
     crop = windows[:, : config.seq_len] if config.seq_len else windows
     batches = _Batches(crop, config.batch_windows, config.seed + 2)
     spectra = unit_spectra(factors, layers, device)
-    target = ratio * sum(l.params for l in layers)
+    goal = budget.scoped(0.0, config.budget_scope)[1]
     curve = []
     with masked_model(model, layers, factors) as modules:
         for step in range(config.steps):
             check_cancel(cancel)
-            record = _train_step(model, hyper, modules, layers, spectra, batches.next().to(device), target,
+            record = _train_step(model, hyper, modules, layers, spectra, batches.next().to(device), budget,
                                  config, noise, optimizer)
             curve.append(record)
             if progress:
-                progress((step + 1) / config.steps, f"ARS step {step + 1}/{config.steps}: loss {record['loss']:.3f}, "
-                                                    f"kept {record['kept_ratio']:.3f}")
-            if budget_reached(curve, ratio, config):
+                progress((step + 1) / config.steps, _step_message(step, config, record))
+            if budget_reached(curve, goal, config):
                 break
     with torch.no_grad():
         final = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, None, config.noise) for lg in hyper()]
     return [m.cpu().numpy().round().astype(np.int8) for m in final], curve
 
 
-def _train_step(model, hyper, modules, layers, spectra, ids, target, config, noise, optimizer) -> dict:
-    """One update of the hypernetwork; returns the step's loss terms."""
+def _step_message(step: int, config: ARSConfig, record: dict) -> str:
+    return (f"ARS step {step + 1}/{config.steps}: loss {record['loss']:.3f}, kept {record['kept_ratio']:.3f} "
+            f"(model {record['model_ratio']:.3f})")
+
+
+def _train_step(model, hyper, modules, layers, spectra, ids, budget, config, noise, optimizer) -> dict:
+    """One update of the hypernetwork; returns the step's loss terms and kept fractions."""
     masks = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, noise, config.noise) for lg in hyper()]
     for module, mask in zip(modules, masks):
         module.mask = mask
     logits = model(ids, use_cache=False).logits
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     kept = kept_params(masks, layers)
-    budget = budget_penalty(kept, target)
+    penalty, lam = budget_term(kept, budget, config)
     align = alignment_loss(masks, spectra)
-    total = sum(l.params for l in layers)
-    # the reference drops the budget term for a step that is already on target (within 0.002)
-    lam = 0.0 if abs(kept.item() / total - target / total) < config.lambda_off_within else config.lam
-    loss = ce + lam * budget + config.gamma_align * align
+    loss = ce + lam * penalty + config.gamma_align * align
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     for module in modules:
         module.mask = None
-    return {"loss": loss.item(), "ce": ce.item(), "budget": budget.item(), "align": align.item(),
-            "kept_ratio": kept.item() / total, "lam": lam}
+    return {"loss": loss.item(), "ce": ce.item(), "budget": penalty.item(), "align": align.item(),
+            "kept_ratio": kept.item() / budget.compressible, "model_ratio": budget.model_ratio(kept.item()),
+            "lam": lam}
 
 
-def budget_reached(curve: list[dict], ratio: float, config: ARSConfig) -> bool:
-    """The reference's early stop: the mean kept ratio of the last ``early_stop_window`` steps
-    is less than ``early_stop_tol`` above the target (never with window 0)."""
+SCOPE_KEYS = {"model": "model_ratio", "compressible": "kept_ratio"}  # loss-curve field of each budget scope
+
+
+def budget_reached(curve: list[dict], goal: float, config: ARSConfig) -> bool:
+    """The reference's early stop (train_adaptive.py:273-282): more than ``early_stop_window``
+    steps ran and the mean kept fraction (``config.budget_scope``) of the last that many is
+    less than ``early_stop_tol`` above ``goal``, the target in that scope (never with window 0)."""
     window = config.early_stop_window
     if not window or len(curve) <= window:
         return False
-    return float(np.mean([r["kept_ratio"] for r in curve[-window:]])) - ratio < config.early_stop_tol
+    key = SCOPE_KEYS[config.budget_scope]
+    return float(np.mean([r[key] for r in curve[-window:]])) - goal < config.early_stop_tol
 
 
 # =========================================================================== masks -> ranks
@@ -508,10 +645,12 @@ def fill_to_budget(profile: Profile, ranks: dict, ratio: float, multiple: int) -
 
 
 def allocation_from_masks(profile: Profile, ratio: float, masks: list[np.ndarray], config: ARSConfig,
-                          info: dict | None = None) -> Allocation:
+                          info: dict | None = None, budget: BudgetTarget | None = None) -> Allocation:
     """Ranks = mask sums rounded to multiples (§4.6 step 6), repaired to the budget
     (and, with ``config.fill_budget``, the slack spent); the raw learned ranks and
-    ratio stay in ``info`` so the effect of rounding and repair is visible."""
+    ratio stay in ``info`` so the effect of rounding and repair is visible. With the
+    run's ``budget``, info also has both accountings: the compressible budget and
+    the whole-model target the training used, and the realised whole-model fraction."""
     learned = {l.name: int(m.sum()) for l, m in zip(profile.layers, masks)}
     rounded = {l.name: round_rank(l, learned[l.name], config.rank_multiple) for l in profile.layers}
     ranks, cuts = repair_to_budget(profile, rounded, ratio, config.rank_multiple)
@@ -529,8 +668,13 @@ def allocation_from_masks(profile: Profile, ratio: float, masks: list[np.ndarray
         "params_total": profile.total_params,
         "realised_ratio": realised_ratio(profile, ranks),
         "dense_layers": sum(r is None for r in ranks.values()),
+        "rule": config.rule_name,
+        "penalty_p": penalty_ratio(config, ratio),
         "config": config.to_dict(),
     })
+    if budget is not None:
+        info.update(budget.to_info())
+        info["realised_model_ratio"] = budget.model_ratio(params_of(profile, ranks))
     return Allocation(METHOD, ratio, ranks, info=info)
 
 
@@ -560,9 +704,12 @@ def cache_key(profile: Profile, ratio: float, config: ARSConfig) -> str:
     return "ars:" + key_of(profile.key, profile.decomposition, _ratio_key(ratio), config.to_dict())
 
 
-def latest_key(profile: Profile, ratio: float) -> str:
-    """Index key of the most recent result for (profile, ratio), whatever its config."""
-    return "ars-latest:" + key_of(profile.key, profile.decomposition, _ratio_key(ratio))
+def latest_key(profile: Profile, ratio: float, rule: str = "reference") -> str:
+    """Index key of the most recent result for (profile, ratio) under a budget rule (``RULES``),
+    whatever its other settings. The legacy rule keeps the key of the runs made before rules
+    existed; a plan read from it is still checked for its rule (``_plan_rule``)."""
+    parts = (profile.key, profile.decomposition, _ratio_key(ratio))
+    return "ars-latest:" + key_of(*parts) if rule == "legacy" else f"ars-latest-{rule}:" + key_of(*parts)
 
 
 def committed_plan_path(profile: Profile, ratio: float) -> Path:
@@ -599,36 +746,56 @@ def _store(profile: Profile, ratio: float, config: ARSConfig, plan: RankPlan, ca
     store = index(cache_dir)
     doc = plan.to_dict()
     store[cache_key(profile, ratio, config)] = doc
-    store[latest_key(profile, ratio)] = doc
+    store[latest_key(profile, ratio, config.rule_name)] = doc
 
 
 def _plan_from_doc(doc: dict, profile: Profile) -> RankPlan:
     return RankPlan.from_json(json.dumps(doc), layers=profile.layers, fingerprint=profile.fingerprint)
 
 
-def _matches(plan: RankPlan, profile: Profile, ratio: float, config: ARSConfig | None) -> bool:
+def _plan_rule(plan: RankPlan) -> str:
+    """The budget rule a plan was trained under (a plan without config: legacy)."""
+    return ARSConfig.from_dict((plan.meta.get("ars") or {}).get("config") or {}).rule_name
+
+
+def _matches(plan: RankPlan, profile: Profile, ratio: float, config: ARSConfig | None, rule: str) -> bool:
+    """Whether ``plan`` is this profile's ARS plan at ``ratio``, trained with ``config``
+    (or, without one, under ``rule``)."""
     ars = plan.meta.get("ars") or {}
     return (plan.method == METHOD and plan.decomposition == profile.decomposition
             and math.isclose(plan.budget, _ratio_key(ratio), abs_tol=1e-6)
             and ars.get("profile_key") == profile.key
-            and (config is None or ars.get("config") == config.to_dict()))
+            and (ars.get("config") == config.to_dict() if config else _plan_rule(plan) == rule))
+
+
+def _indexed_plan(profile: Profile, ratio: float, config: ARSConfig | None, rule: str,
+                  cache_dir: Path | None) -> RankPlan | None:
+    """The index's plan for ``config`` (exact key) or the latest one under ``rule``; None if absent or invalid."""
+    doc = index(cache_dir).get(cache_key(profile, ratio, config) if config else latest_key(profile, ratio, rule))
+    if doc is None:
+        return None
+    try:
+        plan = _plan_from_doc(doc, profile)
+    except PlanError as exc:
+        log.warning("ignoring a cached ARS plan that does not validate: %s", exc)
+        return None
+    return plan if config or _plan_rule(plan) == rule else None
 
 
 def cached_ars_plan(profile: Profile, ratio: float, config: ARSConfig | None = None,
-                    cache_dir: Path | None = None) -> RankPlan | None:
+                    cache_dir: Path | None = None, rule: str = "reference") -> RankPlan | None:
     """A trained ARS plan for (profile, ratio): from the index, else the committed demo plan, else None.
 
     With ``config`` only a plan trained with exactly that config is returned; without,
-    the most recent one. Plans are validated against the profile's layers and model.
+    the most recent one trained under budget rule ``rule`` ("reference" or "legacy",
+    see ``RULES``), so plans of the earlier rule are never served as the default.
+    Plans are validated against the profile's layers and model.
     """
-    store = index(cache_dir)
-    key = cache_key(profile, ratio, config) if config else latest_key(profile, ratio)
-    doc = store.get(key)
-    if doc is not None:
-        try:
-            return _plan_from_doc(doc, profile)
-        except PlanError as exc:
-            log.warning("ignoring a cached ARS plan that does not validate: %s", exc)
+    if rule not in RULES:
+        raise ValueError(f"unknown ARS rule {rule!r}: choose from {sorted(RULES)}")
+    plan = _indexed_plan(profile, ratio, config, rule, cache_dir)
+    if plan is not None:
+        return plan
     path = committed_plan_path(profile, ratio)
     if path.is_file():
         try:
@@ -636,7 +803,7 @@ def cached_ars_plan(profile: Profile, ratio: float, config: ARSConfig | None = N
         except PlanError as exc:
             log.warning("ignoring committed ARS plan %s: %s", path, exc)
             return None
-        if _matches(plan, profile, ratio, config):
+        if _matches(plan, profile, ratio, config, rule):
             return plan
     return None
 
@@ -667,22 +834,39 @@ def train_ars_on(
     if loaded.fingerprint != profile.fingerprint:
         raise ValueError(f"profile is for model {profile.fingerprint}, loaded model is {loaded.fingerprint}")
     started = time.perf_counter()
-    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config, progress, cancel)
+    budget = budget_target(loaded.model, profile.layers, ratio)
+    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config, progress, cancel,
+                               budget)
     seconds = time.perf_counter() - started + factor_seconds
     info = {"loss_curve": curve, "seconds": round(seconds, 2), "factor_seconds": round(factor_seconds, 2),
             "train_seconds": round(seconds - factor_seconds, 2), "device": str(loaded.device),
+            "steps_run": len(curve), "stopped_early": len(curve) < config.steps,
             "spectrum_mismatch": spectrum_mismatch(profile, factors)}
-    alloc = allocation_from_masks(profile, ratio, masks, config, info)
+    alloc = allocation_from_masks(profile, ratio, masks, config, info, budget)
     alloc.solve_seconds = seconds
     _store(profile, ratio, config, allocation_to_plan(profile, alloc), cache_dir)
     return alloc
 
 
 def allocate_ars(profile: Profile, ratio: float, config: ARSConfig | None = None,
-                 cache_dir: Path | None = None) -> Allocation:
-    """The ``ars`` allocator: the ranks of a trained (cached or committed) plan; never trains."""
-    plan = cached_ars_plan(profile, ratio, config, cache_dir)
+                 cache_dir: Path | None = None, rule: str = "reference") -> Allocation:
+    """The ``ars`` allocator: the ranks of a trained (cached or committed) plan; never trains.
+
+    Without ``config``, only plans trained under ``rule`` (default: the reference's) are
+    served; ``rule="legacy"`` serves plans of the earlier rule (e.g. cpu-small-legacy).
+    """
+    plan = cached_ars_plan(profile, ratio, config, cache_dir, rule)
     if plan is None:
+        hint = _other_rule_hint(profile, ratio, config, cache_dir, rule)
         raise ValueError(f"no ARS plan trained for ratio {ratio:g}: run `python -m lems_core ars --profile <profile "
-                         f"folder> --ratio {ratio:g}` or launch training in the app")
+                         f"folder> --ratio {ratio:g}` or launch training in the app{hint}")
     return allocation_from_plan(plan, ratio)
+
+
+def _other_rule_hint(profile: Profile, ratio: float, config: ARSConfig | None, cache_dir: Path | None,
+                     rule: str) -> str:
+    """A note naming another rule that does have a plan (so a stale plan is findable, not served)."""
+    if config is not None:
+        return ""
+    others = [r for r in RULES if r != rule and cached_ars_plan(profile, ratio, None, cache_dir, r) is not None]
+    return f" (a plan trained under the {others[0]} rule exists: rule={others[0]!r} serves it)" if others else ""

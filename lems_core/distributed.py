@@ -7,20 +7,34 @@ same forward/backward calibration passes, so no Gram or factor crosses the netwo
 rank 0 gathers the spectra and KL values (``merge_at_main``) and writes the one
 profile, equal to a single-process build to float tolerance.
 
+The bias fit is the one step that needs every layer's factors in one process: after
+the merge, ``gather_factors_at_main`` sends each rank's factors to rank 0 once,
+point-to-point and layer by layer, and rank 0 writes them to one complete factor
+folder (the single-process build's, which a later evaluation then reuses).
+
 Backend: NCCL when CUDA is present (each rank on ``cuda:LOCAL_RANK``), gloo on CPU.
+The process group's timeout is ``LEMS_DIST_TIMEOUT_MINUTES`` (default 360): while rank
+0 runs the bias fit alone the other ranks wait at a barrier, longer than torch's
+default of 10-30 minutes on a large model.
 Nothing here runs unless torchrun set WORLD_SIZE > 1 (or a process group exists).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .decompositions.base import Factorization
+from .factor_store import FactorShards, finish, is_complete, write_block
 from .model import LayerInfo
+
+DEFAULT_TIMEOUT_MINUTES = 360
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,20 @@ def context() -> DistContext:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=process_group_timeout())
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def process_group_timeout() -> timedelta:
+    """How long a rank waits in a collective: ``LEMS_DIST_TIMEOUT_MINUTES``, default DEFAULT_TIMEOUT_MINUTES."""
+    text = os.environ.get("LEMS_DIST_TIMEOUT_MINUTES", str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise ValueError(f"LEMS_DIST_TIMEOUT_MINUTES must be a number of minutes, got {text!r}") from None
+    if minutes <= 0:
+        raise ValueError(f"LEMS_DIST_TIMEOUT_MINUTES must be positive, got {text!r}")
+    return timedelta(minutes=minutes)
 
 
 def owned_layers(layers: Sequence[LayerInfo], ctx: DistContext) -> set[str] | None:
@@ -116,3 +142,58 @@ def gather_lists(ctx: DistContext, mine: list) -> list | None:
     parts = [None] * ctx.world if ctx.main else None
     dist.gather_object(mine, parts, dst=0)
     return [x for p in parts for x in p] if ctx.main else None
+
+
+# ------------------------------------------------------------------ every layer's factors at rank 0
+def _comm_device(ctx: DistContext) -> torch.device:
+    """Where point-to-point tensors must live: the rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device(ctx.device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _send_factors(factors: Factorization, comm: torch.device) -> None:
+    left, right = factors.left.detach(), factors.right.detach()
+    dist.send(torch.tensor([*left.shape, *right.shape], dtype=torch.int64, device=comm), dst=0)
+    dist.send(left.to(comm, torch.float32).contiguous(), dst=0)
+    dist.send(right.to(comm, torch.float32).contiguous(), dst=0)
+
+
+def _receive_factors(source: int, comm: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = torch.empty(4, dtype=torch.int64, device=comm)
+    dist.recv(shape, src=source)
+    m, k, k2, n = (int(x) for x in shape.tolist())
+    left, right = torch.empty(m, k, device=comm), torch.empty(k2, n, device=comm)
+    dist.recv(left, src=source)
+    dist.recv(right, src=source)
+    return left.cpu(), right.cpu()
+
+
+def gather_factors_at_main(ctx: DistContext, layers: Sequence[LayerInfo], factors: Mapping[str, Factorization],
+                           spectra: Mapping[str, "np.ndarray"] | None, folder: Path, factor_dtype: str = "fp32",
+                           device: str | torch.device = "cpu") -> FactorShards | None:
+    """Every layer's factors in one complete ``folder`` at rank 0 (a ``FactorShards``); None on the other ranks.
+
+    ``factors`` hold this rank's own layers (``owned_layers``), ``spectra`` rank 0's
+    merged spectra. Layer by layer in order, the owner sends shape, left and right to
+    rank 0 (point-to-point; ranks may be on other nodes, with their own disks), and
+    rank 0 writes each block's file as soon as its last layer is in, so it holds one
+    block's factors at a time. A folder already complete and intact at rank 0 is
+    reused: nothing is sent.
+    """
+    ready = broadcast_object(ctx, bool(ctx.main and is_complete(folder) and FactorShards(folder).verify()))
+    if not ready:
+        comm = _comm_device(ctx)
+        pending: dict[str, Factorization] = {}
+        for i, layer in enumerate(layers):
+            owner = i % ctx.world
+            if ctx.main:
+                left, right = ((factors[layer.name].left.cpu(), factors[layer.name].right.cpu()) if owner == 0
+                               else _receive_factors(owner, comm))
+                pending[layer.name] = Factorization(np.asarray(spectra[layer.name]), left, right)
+                if i + 1 == len(layers) or layers[i + 1].block != layer.block:
+                    write_block(folder, layer.block, pending, factor_dtype)
+                    pending = {}
+            elif ctx.rank == owner:
+                _send_factors(factors[layer.name], comm)
+        if ctx.main:
+            finish(folder, {l.name: l.block for l in layers}, factor_dtype, {"gathered_from_ranks": ctx.world})
+    return FactorShards(folder, device) if ctx.main else None

@@ -8,6 +8,10 @@ decomposition's float64 work arrays for one layer) is bounded by one block.
 ``plan_windows`` groups consecutive blocks into windows whose Grams fit a budget;
 ``GramLedger`` counts the live Gram bytes as the statistics code allocates and
 frees them, so a test can check the budget through the code's own accounting.
+FWSVD's Fisher rows (n floats per layer) and the one weight gradient each row is
+reduced from (m x n, one layer at a time) are counted the same way. The KL sweep's
+block inputs brought to the device are counted in a ``GramLedger`` of their own
+(``what="block input"``, ``blocks.BlockInputStore``).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from .model import LayerInfo
 
 FP32 = 4  # bytes per Gram entry (statistics accumulate in float32)
+DEFAULT_FRACTION = 0.8  # of the device's free memory, when no budget is given
 INPUT_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -75,6 +80,11 @@ def available_memory(device: str | torch.device) -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def budget_or_default(max_memory: int | None, device: str | torch.device) -> int:
+    """``max_memory``, or DEFAULT_FRACTION of what ``device`` has free when no budget is given."""
+    return int(max_memory if max_memory is not None else DEFAULT_FRACTION * available_memory(device))
+
+
 # ------------------------------------------------------------------ what a block's Grams cost
 def input_gram_bytes(layers: Iterable[LayerInfo]) -> int:
     """Bytes of the distinct input Grams of these layers (one per shared input, n x n fp32)."""
@@ -89,12 +99,22 @@ def grad_gram_bytes(layers: Iterable[LayerInfo]) -> int:
     return sum(l.out_features ** 2 * FP32 for l in layers)
 
 
+def fisher_row_bytes(layers: Iterable[LayerInfo]) -> int:
+    """Bytes of FWSVD's Fisher rows of these layers (n fp32 each)."""
+    return sum(l.in_features * FP32 for l in layers)
+
+
+def weight_grad_bytes(layers: Iterable[LayerInfo]) -> int:
+    """Bytes of the largest weight gradient among these layers (m x n fp32): the transient a Fisher row is reduced from."""
+    return max((l.params * FP32 for l in layers), default=0)
+
+
 @dataclass(frozen=True)
 class BlockWindow:
     """Consecutive blocks whose statistics are collected in one calibration pass."""
 
     blocks: tuple[int, ...]
-    gram_bytes: int  # peak live Gram bytes this window needs (its G's + one block's A's)
+    gram_bytes: int  # peak live statistics bytes this window needs (its G's and Fisher rows + one block's A's)
 
     @property
     def first(self) -> int:
@@ -102,33 +122,40 @@ class BlockWindow:
 
 
 def plan_windows(layers: Sequence[LayerInfo], needs: Iterable[str], budget: int | None) -> list[BlockWindow]:
-    """Group blocks into windows whose live Grams fit ``budget`` bytes (None: one window).
+    """Group blocks into windows whose live statistics fit ``budget`` bytes (None: one window).
 
     Input Grams live one block at a time (blocks run in order, each block's A is
-    decomposed and freed before the next); output-gradient Grams of a whole window
-    live together, since one backward pass fills them all. A window therefore costs
-    sum(G of its blocks) + max(A of one of its blocks).
+    decomposed and freed before the next); output-gradient Grams (and FWSVD's Fisher
+    rows) of a whole window live together, since one backward pass fills them all.
+    The Fisher rows' weight gradient is a transient of that backward pass, one layer at
+    a time, before any A of the window exists. A window therefore costs
+    sum(G + F of its blocks) + max(A of one block, one weight gradient).
     """
     needs = set(needs)
     blocks = sorted({l.block for l in layers})
-    per_a = {b: input_gram_bytes(l for l in layers if l.block == b) if "inputs" in needs else 0 for b in blocks}
-    per_g = {b: grad_gram_bytes(l for l in layers if l.block == b) if "grads" in needs else 0 for b in blocks}
+    of = {b: [l for l in layers if l.block == b] for b in blocks}
+    per_a = {b: input_gram_bytes(of[b]) if "inputs" in needs else 0 for b in blocks}
+    per_g = {b: (grad_gram_bytes(of[b]) if "grads" in needs else 0)
+             + (fisher_row_bytes(of[b]) if "fisher" in needs else 0) for b in blocks}  # live for the whole window
+    per_t = {b: max(per_a[b], weight_grad_bytes(of[b]) if "fisher" in needs else 0) for b in blocks}  # one at a time
+
+    def cost(window: list[int]) -> int:
+        return sum(per_g[x] for x in window) + max(per_t[x] for x in window)
+
     if budget is None:
-        return [BlockWindow(tuple(blocks), sum(per_g.values()) + max(per_a.values(), default=0))]
+        return [BlockWindow(tuple(blocks), cost(blocks) if blocks else 0)]
     windows, current = [], []
     for b in blocks:
-        need = per_g[b] + per_a[b]
-        if need > budget:
+        if cost([b]) > budget:
             raise MemoryBudgetError(
                 f"memory budget {format_bytes(budget)} is below what one block's statistics need "
-                f"({format_bytes(need)} for block {b}); raise --max-memory")
-        trial = current + [b]
-        if current and sum(per_g[x] for x in trial) + max(per_a[x] for x in trial) > budget:
+                f"({format_bytes(cost([b]))} for block {b}); raise --max-memory")
+        if current and cost(current + [b]) > budget:
             windows.append(current)
-            trial = [b]
-        current = trial
+            current = []
+        current = current + [b]
     windows.append(current)
-    return [BlockWindow(tuple(w), sum(per_g[x] for x in w) + max(per_a[x] for x in w)) for w in windows]
+    return [BlockWindow(tuple(w), cost(w)) for w in windows]
 
 
 # ------------------------------------------------------------------ live accounting
@@ -138,10 +165,12 @@ class GramLedger:
 
     ``limit`` (bytes, optional) makes ``take`` raise instead of exceeding the budget;
     ``peak`` is the most ever live at once. Thread-safe (backward hooks may run on
-    autograd's threads).
+    autograd's threads). ``what`` names the tensors counted in its error messages (the
+    KL sweep counts its device-resident block inputs in a ledger of its own).
     """
 
     limit: int | None = None
+    what: str = "Gram"
     live: int = 0
     peak: int = 0
     _held: dict[str, int] = field(default_factory=dict)
@@ -151,9 +180,9 @@ class GramLedger:
         size = tensor.numel() * tensor.element_size()
         with self._lock:
             if key in self._held:
-                raise RuntimeError(f"Gram {key} is already counted")
+                raise RuntimeError(f"{self.what} {key} is already counted")
             if self.limit is not None and self.live + size > self.limit:
-                raise MemoryBudgetError(f"allocating Gram {key} ({format_bytes(size)}) would exceed the budget "
+                raise MemoryBudgetError(f"allocating {self.what} {key} ({format_bytes(size)}) would exceed the budget "
                                         f"{format_bytes(self.limit)} ({format_bytes(self.live)} live)")
             self._held[key] = size
             self.live += size

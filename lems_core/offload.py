@@ -9,24 +9,93 @@ holds about one block of weights on the device.
 
 A step that reads a weight directly (the decomposition, the fingerprint) must go
 through ``module_weight``: an offloaded Linear's ``weight`` is a meta tensor until
-its hook materialises it.
+its hook materialises it. Saving a whole (compressed) offloaded model goes through
+``weights_in_memory``, which brings every offloaded weight to CPU RAM meanwhile.
+
+``OffloadSpec`` is what the command line's ``--weights-memory`` / ``--offload-folder``
+say; ``pipeline.get_model`` loads with it (``load_with``) for profile, evaluate,
+evaluate-plans and compress.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from .memory import DEFAULT_FRACTION, MemoryBudgetError, available_memory
 from .model import LoadedModel, _weight_sample, default_device, model_fingerprint, resolve_source
+
+
+@dataclass(frozen=True)
+class OffloadSpec:
+    """How to load a model larger than the device (``--weights-memory``, ``--offload-folder``).
+
+    ``weights_memory``: bytes of weights accelerate may put on the compute device (None:
+    its own estimate); what does not fit goes to CPU RAM (on a GPU), then to memory-mapped
+    safetensors in ``folder``.
+    """
+
+    weights_memory: int | None = None
+    folder: str | None = None
+
+    def __post_init__(self):
+        if self.weights_memory is None and not self.folder:
+            raise ValueError("offloaded loading needs --weights-memory and/or --offload-folder")
+        if self.weights_memory is not None and self.weights_memory <= 0:
+            raise MemoryBudgetError(f"--weights-memory must be positive, got {self.weights_memory}")
+        if self.folder and Path(self.folder).expanduser().exists() and not Path(self.folder).expanduser().is_dir():
+            raise ValueError(f"--offload-folder {self.folder} exists and is not a folder")
+
+    def max_memory(self, device: str | None = None) -> dict | None:
+        """accelerate's ``max_memory``: {GPU index: weights_memory, "cpu": 80 % of free RAM} on a GPU,
+        {"cpu": weights_memory} on the CPU (the rest goes to the folder); None without a limit."""
+        if self.weights_memory is None:
+            return None
+        where = device or default_device()
+        if not where.startswith("cuda"):
+            return {"cpu": self.weights_memory}
+        index = int(where.split(":")[1]) if ":" in where else 0
+        return {index: self.weights_memory, "cpu": int(DEFAULT_FRACTION * available_memory("cpu"))}
+
+
+def load_with(spec: OffloadSpec, source: str, device: str | None = None) -> LoadedModel:
+    """``source`` loaded by accelerate under ``spec`` for ``device`` (default: CUDA when present)."""
+    return load_offloaded(source, max_memory=spec.max_memory(device), offload_folder=spec.folder)
 
 
 def is_offloaded(module: nn.Module) -> bool:
     """True when accelerate keeps this module's weights elsewhere (meta until its hook runs)."""
     hook = getattr(module, "_hf_hook", None)
     return hook is not None and getattr(hook, "offload", False)
+
+
+def has_offloaded_weights(model: nn.Module) -> bool:
+    """True when any module of ``model`` is offloaded (steps that read weights directly must materialise them)."""
+    return any(is_offloaded(m) for m in model.modules())
+
+
+@contextlib.contextmanager
+def weights_in_memory(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every offloaded weight loaded to CPU RAM for the duration (e.g. to save it whole).
+
+    Needs RAM for the offloaded part of the model; a model without offloaded weights is
+    yielded as it is.
+    """
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            if is_offloaded(module):
+                stack.enter_context(_on_cpu(module))
+        yield model
+
+
+def _on_cpu(module: nn.Module):
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module, torch.device("cpu"))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ complete, its Grams are released right after, and each block's factors go to dis
 Budget: ``max_memory`` is what statistics + decomposition may use on top of the
 loaded model (default: what the device has free). The decomposition's own float64
 work arrays for the largest layer (``decomposition_workspace``) are set aside
-first; the rest is the Gram budget.
+first; the rest is the Gram budget. FWSVD's Fisher rows stream the same way
+(``statistics.window_fisher_rows``): its windows count the rows and one layer's
+weight gradient, the transient each row is reduced from.
 
 Under torch.distributed each rank decomposes only the layers it ``owns``; the
 statistics (forward/backward passes) are computed on every rank, so no Gram ever
@@ -27,14 +29,13 @@ import torch
 from .cache import default_cache_dir, key_of
 from .decompositions import DecompositionOptions, Decomposer, spec_of
 from .factor_store import FactorShards, finish, is_complete, write_block, check_factor_dtype
-from .memory import (INPUT_GROUP, BlockWindow, GramLedger, MemoryBudgetError, available_memory, format_bytes,
-                     plan_windows)
+from .memory import (DEFAULT_FRACTION, INPUT_GROUP, BlockWindow, GramLedger, MemoryBudgetError,  # noqa: F401
+                     budget_or_default, format_bytes, plan_windows)
 from .model import LayerInfo, LoadedModel, compressible_layers
 from .offload import module_weight
-from .statistics import collect_fisher_rows, gram_key, iter_block_statistics
+from .statistics import gram_key, iter_block_statistics
 
 Progress = Callable[[float, str], None]
-DEFAULT_FRACTION = 0.8  # of the device's free memory, when no budget is given
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,12 @@ def plan_stream(layers: list[LayerInfo], decomposition: str, max_memory: int | N
                 options: DecompositionOptions | None = None) -> StreamPlan:
     """The windows for ``max_memory`` bytes (None: DEFAULT_FRACTION of what ``device`` has free)."""
     options = options or DecompositionOptions()
-    budget = int(max_memory if max_memory is not None else DEFAULT_FRACTION * available_memory(device))
+    budget = budget_or_default(max_memory, device)
     workspace = decomposition_workspace(layers, options.dtype)
     if budget <= workspace:
         raise MemoryBudgetError(f"memory budget {format_bytes(budget)} is below the decomposition's work arrays for "
                                 f"the largest layer ({format_bytes(workspace)}); raise --max-memory")
-    needs = spec_of(decomposition).needs & {"inputs", "grads"}
+    needs = spec_of(decomposition).needs & {"inputs", "grads", "fisher"}
     return StreamPlan(budget, workspace, tuple(plan_windows(layers, needs, budget - workspace)))
 
 
@@ -108,13 +109,12 @@ def streamed_factorizations(
     mine = [l for l in layers if owned is None or l.name in owned]
     needs = spec_of(decomposition).needs
     ledger = ledger if ledger is not None else GramLedger(limit=plan.gram_budget)
-    fisher = collect_fisher_rows(loaded.model, calib_ids, mine) if "fisher" in needs else {}
     stats = iter_block_statistics(loaded.model, calib_ids, layers, needs, list(plan.windows), ledger, progress=progress,
                                   grad_layers=mine)
     group_of = {l.name: INPUT_GROUP[l.kind] for l in layers}
     for block in stats:
         _decompose_block(loaded, block, [l for l in mine if l.block == block.block], group_of, decomposition, options,
-                         fisher, folder, factor_dtype, ledger)
+                         folder, factor_dtype, ledger)
     finish(folder, {l.name: l.block for l in mine}, factor_dtype,
            {"decomposition": decomposition, "max_memory": plan.max_memory, "windows": len(plan.windows),
             "gram_peak": ledger.peak})
@@ -122,8 +122,7 @@ def streamed_factorizations(
 
 
 def _decompose_block(loaded: LoadedModel, block, layers: list[LayerInfo], group_of: dict[str, str], decomposition: str,
-                     options: DecompositionOptions, fisher: dict, folder: Path, factor_dtype: str,
-                     ledger: GramLedger) -> None:
+                     options: DecompositionOptions, folder: Path, factor_dtype: str, ledger: GramLedger) -> None:
     """Decompose one block's layers, releasing each Gram once no later layer of the block reads it."""
     decomposer = Decomposer(decomposition, options)  # fresh: its shared-input cache is keyed by tensor id
     last_reader = {INPUT_GROUP[l.kind]: l.name for l in layers}
@@ -131,9 +130,11 @@ def _decompose_block(loaded: LoadedModel, block, layers: list[LayerInfo], group_
     for layer in layers:
         grad = block.grad_gram.pop(layer.name, None)
         with module_weight(loaded.model, layer.name) as weight:
-            factors[layer.name] = decomposer(layer, weight, block.inputs.get(layer.name), grad, fisher.get(layer.name))
+            factors[layer.name] = decomposer(layer, weight, block.inputs.get(layer.name), grad,
+                                             block.fisher.pop(layer.name, None))
         del grad
         ledger.release(gram_key(block.block, "G", layer.name))
+        ledger.release(gram_key(block.block, "F", layer.name))
         group = INPUT_GROUP[layer.kind]
         if last_reader[group] == layer.name:
             for name in [n for n in block.inputs if group_of[n] == group]:

@@ -146,6 +146,22 @@ def test_two_process_gloo_torchrun_build_equals_one_process(tmp_path, corpus):
     np.testing.assert_allclose(two.measured[0.5], one.measured[0.5], rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(two.measured_nll[0.5], one.measured_nll[0.5], rtol=1e-4)
     assert np.isfinite(two.kl_ref).all()
+    _assert_same_bias_fit(two.bias_fit, one.bias_fit)
+    index = [json.loads(p.read_text()) for p in (tmp_path / "cache2").glob("tensors/factor_blocks/*/index.json")]
+    gathered = [doc for doc in index if doc["meta"].get("gathered_from_ranks") == 2]
+    assert len(gathered) == 1 and set(gathered[0]["layers"]) == {l.name for l in one.layers}  # complete, at rank 0
+
+
+def _assert_same_bias_fit(got: dict | None, want: dict | None) -> None:
+    """The same seeded (alpha, gamma) trials, the same KL scores (float tolerance) and the same winner."""
+    assert got is not None and want is not None, "a profile lacks the bias fit"
+    assert set(got["ratios"]) == set(want["ratios"]) == {"0.6", "0.8"}
+    for ratio, entry in want["ratios"].items():
+        mine = got["ratios"][ratio]
+        assert [(t["alpha"], t["gamma"]) for t in mine["trials"]] == [(t["alpha"], t["gamma"]) for t in entry["trials"]]
+        np.testing.assert_allclose([t["score"] for t in mine["trials"]], [t["score"] for t in entry["trials"]],
+                                   rtol=1e-3, atol=1e-9)
+        assert (mine["alpha"], mine["gamma"]) == (entry["alpha"], entry["gamma"])
 
 
 def _whole_and_offloaded(tmp_path):
@@ -236,3 +252,212 @@ def test_kl_sweep_on_an_offloaded_model_equals_the_whole_model(tmp_path, one_thr
     sb, _ = layer_kl_sweep(off.model, layers, lambda l: fb[l.name], ids, [0.3])
     assert np.isfinite(sb[0.3]).all() and (sb[0.3] > 0).all()
     np.testing.assert_allclose(sb[0.3], sa[0.3], rtol=1e-4, atol=1e-8)
+
+
+# ------------------------------------------------------------------ FWSVD streamed under the budget
+def test_fwsvd_fisher_rows_stream_under_the_budget_and_give_the_unstreamed_factors(tmp_path, one_thread):
+    """One block per window: the Fisher rows and each layer's weight-gradient transient stay within the
+    ledger's budget, no weight .grad is allocated, and the factors equal collect_fisher_rows'."""
+    from lems_core.memory import fisher_row_bytes, weight_grad_bytes
+    from lems_core.statistics import collect_fisher_rows
+
+    loaded = tiny_loaded(0)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    layers = compressible_layers(loaded.model)
+    block0 = [l for l in layers if l.block == 0]
+    one_block = fisher_row_bytes(block0) + weight_grad_bytes(block0)
+    plan = plan_stream(layers, "fwsvd", decomposition_workspace(layers) + one_block, "cpu")
+    assert plan.passes == 3
+    ledger = GramLedger(limit=plan.gram_budget)
+    shards = streamed_factorizations(loaded, ids, "fwsvd", DecompositionOptions(), tmp_path / "f", plan, ledger=ledger)
+    assert weight_grad_bytes(layers) <= ledger.peak <= plan.gram_budget  # the transient is counted
+    assert ledger.live == 0 and ledger.held == ()
+    assert all(p.grad is None for p in loaded.model.parameters())
+    fisher = collect_fisher_rows(loaded.model, ids, layers)
+    decomposer = Decomposer("fwsvd", DecompositionOptions())
+    for l in layers:
+        ref = decomposer(l, loaded.model.get_submodule(l.name).weight, None, None, fisher[l.name])
+        np.testing.assert_allclose(shards[l.name].sigma, ref.sigma, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(shards[l.name].left @ shards[l.name].right, ref.left @ ref.right,
+                                   rtol=1e-3, atol=1e-5)
+    with pytest.raises(MemoryBudgetError, match="exceed the budget"):  # the accounting is real
+        streamed_factorizations(loaded, ids, "fwsvd", DecompositionOptions(), tmp_path / "g", plan,
+                                ledger=GramLedger(limit=weight_grad_bytes(layers) - 1))
+
+
+# ------------------------------------------------------------------ KL-sweep block inputs off the device
+def _svd_factors(model):
+    decomposer = Decomposer("svd")
+    return {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in compressible_layers(model)}
+
+
+@pytest.mark.parametrize("where", ["disk", "cpu"])
+def test_kl_sweep_with_block_inputs_off_the_device_equals_the_in_memory_sweep(tmp_path, where, one_thread):
+    """Inputs memory-mapped on disk (or in RAM), three batches' bytes on the device at most: same KL and NLL,
+    and the ledger (the code's own accounting) never shows more block-input bytes on the device."""
+    import gc
+
+    from lems_core.blocks import InputPlacement, block_input_bytes
+    from lems_core.model import tiny_model
+    from lems_core.sensitivity import layer_kl_sweep
+
+    model = tiny_model("llama", seed=6)
+    ids = torch.randint(0, 256, (5, 32), generator=torch.Generator().manual_seed(6))
+    layers, factors = compressible_layers(model), _svd_factors(model)
+    nll_a, nll_b = {}, {}
+    a, ref_a = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], batch_size=2, nll=nll_a)
+    batch = block_input_bytes(model, ids[:2])
+    placement = InputPlacement(where, 3 * batch, tmp_path)
+    ledger = GramLedger(limit=placement.budget, what="block input")
+    b, ref_b = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], batch_size=2, nll=nll_b,
+                              inputs=placement, ledger=ledger)
+    for r in (0.3, 0.6):
+        np.testing.assert_allclose(b[r], a[r], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(nll_b[r], nll_a[r], rtol=1e-6)
+    assert ref_b.nll == pytest.approx(ref_a.nll, rel=1e-6) and ref_b.floor == pytest.approx(ref_a.floor, abs=1e-9)
+    assert 2 * batch <= ledger.peak <= placement.budget < 2 * block_input_bytes(model, ids)
+    assert ledger.live == 0
+    assert all(l.device.type == "cpu" for l in ref_b.logits)
+    gc.collect()
+    assert not list(tmp_path.glob("lems-block-inputs-*"))  # every store's file is gone with it
+    with pytest.raises(MemoryBudgetError, match="below two batches of block inputs"):
+        layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], batch_size=2,
+                       inputs=InputPlacement(where, 2 * batch - 1, tmp_path))
+
+
+def test_input_placement_follows_the_memory_budget(tmp_path, corpus, one_thread, monkeypatch):
+    """Block inputs stay on the device when they fit --max-memory, go to disk on a CPU device otherwise,
+    and a profile built with them on disk equals the one built with them in memory."""
+    from lems_core import pipeline
+    from lems_core.blocks import InputPlacement, block_input_bytes, plan_input_placement
+    from lems_core.pipeline import build_profile
+    from lems_core.profile import Profile
+
+    loaded = tiny_loaded(8)
+    ids = torch.zeros(4, 32, dtype=torch.long)
+    need = 2 * block_input_bytes(loaded.model, ids)
+    assert plan_input_placement(loaded.model, ids, need, "cpu") == InputPlacement("device")
+    assert plan_input_placement(loaded.model, ids, need - 1, "cpu", tmp_path) == InputPlacement("disk", need - 1, tmp_path)
+    assert plan_input_placement(loaded.model, ids, need - 1, "cuda:0").where == "cpu"
+    cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=3)
+    memory = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path / "a", bias_fit_ratios=())
+    chosen = []
+
+    def on_disk(model, search_ids, max_memory, device):
+        chosen.append(InputPlacement("disk", 2 * block_input_bytes(model, search_ids), tmp_path))  # one batch of 3
+        return chosen[-1]
+    monkeypatch.setattr(pipeline, "plan_input_placement", on_disk)
+    disk = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path / "b", bias_fit_ratios=())
+    assert chosen and memory.name == disk.name
+    np.testing.assert_allclose(Profile.load(disk).kl_ref, Profile.load(memory).kl_ref, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------ evaluate / compress an offloaded model
+@pytest.fixture()
+def checkpoint(tmp_path, monkeypatch):
+    """A tiny llama saved with a word tokenizer, a corpus of its words, a kfac plan for it; cache in tmp_path."""
+    from helpers import word_tokenizer
+    from lems_core.model import model_fingerprint, tiny_model
+    from lems_core.plan import from_loadconfig
+
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama", seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    word_tokenizer(model.config.vocab_size).save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(2, 256, 12)) for _ in range(200)))
+    cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=2)
+    layers = compressible_layers(model)
+    plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, str(tmp_path / "ckpt"), model_fingerprint(model),
+                           method="uniform", decomposition="kfac", meta={"calibration": cfg.to_dict()})
+    plan.save(tmp_path / "plan.json")
+    block = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    return {"folder": tmp_path / "ckpt", "corpus": corpus, "cfg": cfg, "plan": plan, "plan_path": tmp_path / "plan.json",
+            "weights_memory": 2 * model.model.embed_tokens.weight.numel() * 4 + block}
+
+
+def test_evaluating_a_plan_offloaded_gives_the_ppl_and_kl_of_the_whole_model(tmp_path, checkpoint, one_thread):
+    """Every block on disk (accelerate, max_memory below the model): compression, PPL and KL as loaded whole."""
+    from lems_core import pipeline
+    from lems_core.offload import OffloadSpec, is_offloaded
+
+    c = checkpoint
+    spec = OffloadSpec(c["weights_memory"], str(tmp_path / "offload"))
+    kwargs = dict(max_windows=2, seq_len=32, device="cpu", calibration=c["cfg"])
+    whole = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], cache_dir=tmp_path / "c1", **kwargs)
+    off = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], cache_dir=tmp_path / "c2", offload=spec, **kwargs)
+    (key, loaded), = pipeline._MODELS.items()  # the model the offloaded evaluation ran on
+    assert key[2] == spec
+    assert all(is_offloaded(loaded.model.get_submodule(l.name)) for l in compressible_layers(loaded.model))
+    assert list((tmp_path / "c2").glob("tensors/factor_blocks/*/index.json"))  # factorised block by block
+    ds = str(c["corpus"])
+    assert off.ppl[ds] == pytest.approx(whole.ppl[ds], rel=1e-5)
+    assert off.dense_ppl[ds] == pytest.approx(whole.dense_ppl[ds], rel=1e-5)
+    assert off.kl == pytest.approx(whole.kl, rel=1e-4) and off.kl > 0
+    assert off.ppl[ds] != pytest.approx(off.dense_ppl[ds], rel=1e-4)  # the plan was applied
+    with pytest.raises(ValueError, match="needs the model loaded whole"):
+        pipeline.evaluate_plan(c["plan"], [ds], decomposition="saes", cache_dir=tmp_path / "c2", offload=spec, **kwargs)
+
+
+def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint, capsys, one_thread):
+    """evaluate / evaluate-plans / compress with --weights-memory and --offload-folder: the numbers and the
+    saved weights of the model loaded whole; bad values exit 2 with a specific message."""
+    from safetensors.torch import load_file
+
+    from lems_core.cli import main
+
+    c = checkpoint
+    common = ["--model", str(c["folder"]), "--calib-dataset", str(c["corpus"]), "--device", "cpu"]
+    offload = ["--weights-memory", str(c["weights_memory"]), "--offload-folder", str(tmp_path / "offload")]
+    evaluate = ["evaluate", "--plan", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
+                "--max-windows", "2", *common]
+
+    def run(argv) -> dict | list:
+        capsys.readouterr()
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+    from lems_core import pipeline
+    from lems_core.offload import has_offloaded_weights
+
+    whole, off = run(evaluate), run(evaluate + offload)
+    (key, loaded), = pipeline._MODELS.items()  # the model the command ran on
+    assert key[2] is not None and has_offloaded_weights(loaded.model)
+    assert off["ppl"] == pytest.approx(whole["ppl"], rel=1e-5) and off["kl"] == pytest.approx(whole["kl"], rel=1e-4)
+    both = run(["evaluate-plans", "--plans", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
+                "--max-windows", "2", *common, *offload])
+    assert both[0]["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
+    for name, extra in (("whole", []), ("off", offload)):
+        assert main(["compress", "--plan", str(c["plan_path"]), "-o", str(tmp_path / name), *common, *extra]) == 0
+    assert next(iter(pipeline._MODELS))[2] is not None  # the second compress ran offloaded
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "off" / "model.safetensors"))
+    assert set(a) == set(b) and all(t.device.type != "meta" for t in b.values())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    for command in (evaluate, ["compress", "--plan", str(c["plan_path"]), "-o", str(tmp_path / "x"), *common]):
+        with pytest.raises(SystemExit) as exc:
+            main(command + ["--weights-memory", "plenty"])
+        assert exc.value.code == 2 and "cannot read memory size" in capsys.readouterr().err
+        assert main(command + ["--offload-folder", str(c["corpus"])]) == 2
+        assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(evaluate + offload + ["--decomposition", "lcsvd"]) == 2
+    assert "needs the model loaded whole" in capsys.readouterr().err
+
+
+def test_a_cached_torchrun_profile_without_its_bias_fit_is_rebuilt(tmp_path, corpus, one_thread):
+    """Multi-process builds used to skip the fit under the single-process key: such a profile is not reused."""
+    from lems_core.pipeline import build_profile
+    from lems_core.profile import Profile
+
+    cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
+    loaded = tiny_loaded(8)
+    folder = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)
+    profile = Profile.load(folder)
+    assert profile.bias_fit is not None
+    profile.bias_fit, profile.meta["world_size"] = None, 2  # what a torchrun build wrote before the fix
+    profile.save(folder)
+    assert Profile.load(build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)).bias_fit is not None
+    profile.meta["world_size"] = 1  # a single-process profile without a fit (older builds) is kept as it is
+    profile.save(folder)
+    assert Profile.load(build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)).bias_fit is None

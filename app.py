@@ -20,6 +20,7 @@ PAGES = [
     st.Page("app_pages/sensitivity.py", title="Sensitivity", icon=":material/tune:"),
     st.Page("app_pages/allocate.py", title="Allocate", icon=":material/tactic:"),
     st.Page("app_pages/compress.py", title="Compress & evaluate", icon=":material/speed:"),
+    st.Page("app_pages/prediction.py", title="Predicted vs measured", icon=":material/query_stats:"),
 ]
 
 common.keep_widget_state()

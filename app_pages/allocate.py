@@ -11,8 +11,7 @@ import streamlit as st
 from lems_core import pipeline
 from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate, ars
 from lems_core.allocators.lems import lems_min_budget
-from lems_core.cache import CacheIndexError, plans_dir
-from lems_core.results import ResultStore
+from lems_core.cache import plans_dir
 from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstraints, parse_fractions
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE
@@ -185,9 +184,10 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
                 f"{tables.human_count(summary['params_total'])} params")
     name = plan_file_name(plan.method, plan.budget, plan.fingerprint, plan.content_hash)
     col1, col2, col3 = st.columns(3)
-    col1.download_button("Download plan JSON", plan.to_json(), file_name=name, mime="application/json",
+    # Callables: the JSON is written on click, not on every budget move (tens of ms on large models).
+    col1.download_button("Download plan JSON", plan.to_json, file_name=name, mime="application/json",
                          on_click="ignore", key="download_plan", icon=":material/download:")
-    col2.download_button("Download loadconfig JSON", json.dumps(plan.to_loadconfig(), indent=1),
+    col2.download_button("Download loadconfig JSON", lambda: json.dumps(plan.to_loadconfig(), indent=1),
                          file_name=name.replace(".json", "_loadconfig.json"), mime="application/json",
                          on_click="ignore", key="download_loadconfig",
                          help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense).")
@@ -207,6 +207,7 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
              else "hover a cell for its rank (D = dense)")
     st.caption("Predicted error: the LEMS surrogate Σ ε_l under the current error model, for every method. "
                f"Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), {cells}.")
+    measured_here(float(common.kept("budget", DEFAULT_BUDGET)), common.error_model_params(profile))
     cols = st.columns(min(3, len(ranks)))
     for i, (label, r) in enumerate(ranks.items()):
         fig = figures.heatmap_figure(tables.kept_fraction_grid(profile, r), _label(label), "kept",
@@ -223,6 +224,39 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
     labels = {label: _label(label) for label in ranks}
     error_col.plotly_chart(figures.error_by_block_figure(profile, errors, labels), key="error_block_fig")
     st.plotly_chart(figures.per_block_figure(profile, ranks, labels), key="per_layer_fig")
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def measured_table(_profile, profile_id: str, budget: float, params: dict, stamp: tuple):
+    """(measured results at ``budget`` with their predicted Σ ε, all measured budgets, problems), per results version.
+
+    Cached: scoring each result's ranks costs about a millisecond per result on the demo,
+    and the fragment reruns on every budget move."""
+    merged = common.merged_results()
+    frame = tables.measured_at_budget(merged.records, _profile, budget, ErrorModelParams.from_dict(params))
+    return frame, tables.measured_budgets(merged.records, _profile.fingerprint), merged.problems
+
+
+def measured_here(budget: float, params: ErrorModelParams) -> None:
+    """Measured results of this model at this budget (shipped with the demo or stored), next to the live comparison."""
+    frame, budgets, problems = measured_table(profile, profile_id, budget, params.to_dict(),
+                                              common.results_stamp())
+    for problem in problems:
+        st.error(problem)
+    if frame.empty:
+        if budgets:
+            st.caption("Measured results of this model exist at budget(s) "
+                       f"{', '.join(f'{b:.2f}' for b in budgets)}: move the budget there to see them here.")
+        return
+    st.markdown(f"**Measured at budget {budget:.2f}** (real compression + evaluation of these allocators' plans)")
+    st.dataframe(frame, hide_index=True, key="measured_here",
+                 column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
+                                "KL": st.column_config.NumberColumn(format="%.4g"),
+                                "predicted Σ ε": st.column_config.NumberColumn(format="%.4g")})
+    st.caption("KL to the dense model and perplexity as measured (protocol per row: 'quick' is 8 x 512 tokens); "
+               "predicted Σ ε is each result's ranks under the current error model. Source 'shipped': the demo "
+               "study in cache/demo/results.json; 'cache': your own runs (Compress & evaluate). "
+               "Predicted vs measured over all results: the *Predicted vs measured* page.")
 
 
 @st.fragment
@@ -293,12 +327,11 @@ def sweep_section() -> None:
         key = "" if constraints.is_empty else constraints.key()
         methods = tuple(m for m in common.kept("compare_methods", DEFAULT_METHODS) if m != "ars")
         frame = sweep(profile, profile_id, methods, common.error_model_params(profile).to_dict(), key)
-        try:
-            records = ResultStore(common.cache_dir()).all()
-        except CacheIndexError:
-            records = []
+        records = common.merged_results().records  # stored and shipped; problems are shown above
         st.plotly_chart(figures.budget_sweep_figure(frame, tables.measured_points(records, profile.fingerprint)),
                         key="sweep_fig")
+        st.caption("Lines: predicted Σ ε (left axis). Crosses: measured KL of this model's results, the shipped "
+                   "demo study and your own (right axis, another unit: compare the order, not the height).")
 
 
 def ars_section() -> None:

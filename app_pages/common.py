@@ -6,6 +6,7 @@ app_pages/figures.py); this module only wires core calls to widgets.
 Environment variables (used by the tests, handy for users):
     LEMS_CACHE_DIR    cache folder (read by lems_core.cache.default_cache_dir)
     LEMS_PROFILE_DIR  a profile folder to open by default (listed even outside the cache)
+    LEMS_SHIPPED_RESULTS  the shipped results file (default cache/demo/results.json, lems_core.results)
 """
 from __future__ import annotations
 
@@ -318,7 +319,7 @@ def show_job(state_key: str, what: str, kind: str | None = None) -> JobState | N
         return None
     state = job.snapshot()
     if not state.done:
-        st.progress(state.fraction, text=f"{state.name}: {state.message} ({state.elapsed:.0f} s)")
+        st.progress(state.fraction, text=f"{state.name}: {state.status_line}")  # message, elapsed, time left
         st.button(f"Cancel {what}", on_click=job.cancel, key=f"cancel_{state_key}")
     elif state.status == CANCELLED:
         st.warning(f"{what.capitalize()} cancelled after {state.elapsed:.0f} s.")
@@ -354,14 +355,62 @@ def sidebar() -> None:
 @st.cache_data(ttl=20, show_spinner=False)
 def _cache_summary(folder: str) -> dict:
     from lems_core.cache import CacheIndexError
-    from lems_core.results import ResultStore
+    from lems_core.results import ResultsFileError, ResultStore, shipped_results
     from app_pages.tables import cache_summary
 
     try:
         results = len(ResultStore(folder).all())
     except CacheIndexError:
         results = "index unreadable"
-    return cache_summary(Path(folder)) | {"results": results}
+    try:
+        shipped = len(shipped_results())
+    except ResultsFileError:
+        shipped = "unreadable"
+    return cache_summary(Path(folder)) | {"results": results} | ({"shipped results": shipped} if shipped else {})
+
+
+def merged_results():
+    """Stored + shipped results (``ResultStore.merged``), re-read only when the index or the shipped file changes.
+
+    For pages that read them on every budget move (Allocate); the returned records are
+    a copy per call.
+    """
+    folder = cache_dir()
+    return _merged_results(str(folder), _results_stamp(folder))
+
+
+def results_stamp() -> tuple:
+    """What changes when the stored or shipped results do (a cache key for tables built from them)."""
+    return _results_stamp(cache_dir())
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _merged_results(folder: str, stamp: tuple):
+    from lems_core.results import ResultStore
+
+    return ResultStore(folder).merged()
+
+
+def _results_stamp(folder: Path) -> tuple:
+    """Names and modification times of the index files and the shipped results file."""
+    from lems_core.results import shipped_results_path
+
+    return _mtimes(folder, "index/cache.db*") + (_file_stamp(shipped_results_path()),)
+
+
+def _mtimes(folder: Path, pattern: str) -> tuple:
+    out = []
+    for p in sorted(folder.glob(pattern)):
+        out.append((p.name, _file_stamp(p)))
+    return tuple(out)
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    try:
+        stat = path.lstat()
+    except OSError:
+        return None
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -373,16 +422,9 @@ def _cache_problems(folder: str, stamp: tuple) -> list:
 
 
 def _cache_stamp(folder: Path) -> tuple:
-    """Cheap signature of the entries cache_problems reads: names and modification times."""
-    def mtimes(pattern: str) -> tuple:
-        out = []
-        for p in sorted(folder.glob(pattern)):
-            try:
-                out.append((p.name, p.lstat().st_mtime_ns))
-            except OSError:
-                out.append((p.name, None))
-        return tuple(out)
-    return mtimes("profiles/*/profile.json"), mtimes("profiles/*"), mtimes("plans/*.json"), mtimes("index/cache.db*")
+    """Cheap signature of the entries cache_problems reads: names and modification times (shipped results too)."""
+    return tuple(_mtimes(folder, pattern) for pattern in ("profiles/*/profile.json", "profiles/*", "plans/*.json")) \
+        + (_results_stamp(folder),)
 
 
 def _remove_problem(problem) -> None:
@@ -415,7 +457,11 @@ def cache_problems_panel() -> None:
         for i, problem in enumerate(problems):
             st.markdown(f"**{problem.kind}** `{problem.path}`" + (f" row {problem.rowid}" if problem.rowid else ""))
             st.caption(problem.reason[:300])
-            st.button("Remove", key=f"remove_cache_problem_{i}", on_click=_remove_problem, args=(problem,))
+            if problem.removable:
+                st.button("Remove", key=f"remove_cache_problem_{i}", on_click=_remove_problem, args=(problem,))
+            else:
+                st.caption("Read-only (shipped with the demo): restore it from git, e.g. "
+                           f"`git checkout -- {problem.path}`.")
 
 
 def _cache_status() -> None:

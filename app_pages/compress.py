@@ -6,11 +6,11 @@ import streamlit as st
 
 from lems_core import pipeline
 from lems_core.allocators import MODEL_SCORED, allocate
-from lems_core.cache import CacheIndexError, saved_plans
+from lems_core.cache import saved_plans
 from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
-from lems_core.results import ResultStore
+from lems_core.results import SHIPPED, ResultStore, shipped_note
 from lems_core.zero_shot import PAPER_TASKS, is_local_task
 from app_pages import common, figures, tables
 
@@ -186,18 +186,23 @@ def job_panel() -> None:
 
 
 def results_section() -> None:
-    """Stored results as a table and perplexity vs realised ratio per method."""
-    try:
-        records = ResultStore(common.cache_dir()).all()
-    except CacheIndexError as exc:  # the sidebar's cache problems list offers to set the index aside
-        st.error(f"Stored results cannot be shown: {exc}")
-        return
+    """Stored and shipped results as a table, perplexity and accuracy vs realised ratio per method.
+
+    The shipped ones (``cache/demo/results.json``: the measured demo study) are there on a
+    fresh machine; an unreadable index or shipped file is reported and the rest still shown.
+    """
+    merged = ResultStore(common.cache_dir()).merged()
+    for problem in merged.problems:  # the sidebar's cache problems list names the file / offers to set it aside
+        st.error(problem)
     show_all = st.toggle("Results of all models", value=False, key="results_all")
-    if not show_all:
-        records = [r for r in records if r.get("fingerprint") == profile.fingerprint]
+    records = merged.records if show_all else [r for r in merged.records if r.get("fingerprint") == profile.fingerprint]
     if not records:
         st.info("No stored results for this model yet.")
         return
+    shipped = sum(r.get("source") == SHIPPED for r in records)
+    if shipped:
+        st.caption(f"{shipped} of {len(records)} results are shipped with the demo (source 'shipped', read-only): "
+                   + (shipped_note() or "measured by bench/ship_results.py").rstrip(". ") + ".")
     frame = tables.results_frame(records)
     if "protocol" in frame and (frame["protocol"] != "reference").any():
         st.caption("Rows whose protocol is not 'reference' (quick: 8 x 512 tokens; custom) are not comparable "

@@ -294,7 +294,7 @@ def ppl_vs_ratio_figure(frame: pd.DataFrame, dataset: str, ratio_column: str = "
     return fig
 
 
-_HOVER = ("budget", "decomposition", "protocol", "windows", "seq len", "kl")
+_HOVER = ("budget", "decomposition", "protocol", "windows", "seq len", "kl", "source")
 _METHOD_KEYS = {method_label(k): k for k in METHOD_COLORS}
 
 
@@ -318,6 +318,88 @@ def accuracy_vs_ratio_figure(frame: pd.DataFrame, column: str, ratio_column: str
         fig.add_hline(y=float(data[dense].median()), line_dash="dot", annotation_text="dense")
     fig.update_layout(title=f"Zero-shot {column} vs realised param ratio", xaxis_title="realised param ratio",
                       yaxis_title=column, height=420, margin=dict(t=50, b=40))
+    return fig
+
+
+# ------------------------------------------------------------ predicted vs measured
+def prediction_scatter_figure(frame: pd.DataFrame, measure: str, correlations: pd.DataFrame | None = None) -> go.Figure:
+    """Measured ``measure`` ("KL" or a "ppl <dataset>" column) against predicted Σ ε, log axes, one colour per allocator.
+
+    ``frame`` is ``tables.prediction_frame``; ``correlations`` (``tables.correlation_frame``)
+    puts each allocator's Spearman ρ in its legend entry and the overall one in the title.
+    Marker shape tells shipped results from the cache's own.
+    """
+    data = frame[pd.to_numeric(frame[measure], errors="coerce") > 0] if measure in frame else frame.iloc[0:0]
+    data = data[pd.to_numeric(data["predicted Σ ε"], errors="coerce") > 0]
+    if data.empty:
+        return go.Figure(layout=dict(title=f"No results with ranks and {measure} for this profile yet", height=200))
+    rho = _rho_column(correlations, measure)
+    fig = go.Figure()
+    for method, rows in data.groupby("method", sort=False):
+        value = rho.get(method)
+        fig.add_trace(go.Scatter(
+            x=rows["predicted Σ ε"], y=rows[measure], mode="markers",
+            name=method + (f" · ρ={value:.2f}" if value is not None else ""),
+            marker=dict(color=METHOD_COLORS.get(_base(method)), size=10,
+                        symbol=np.where(rows["source"] == "shipped", "circle", "diamond")),
+            customdata=rows[["budget", "realised ratio", "protocol", "source"]].astype(object).to_numpy(),
+            hovertemplate="Σ ε %{x:.3g}, " + measure + " %{y:.4g}<br>budget %{customdata[0]:.2f}, ratio "
+                          "%{customdata[1]:.3f}<br>%{customdata[2]} · %{customdata[3]}<extra>" + method + "</extra>"))
+    overall = rho.get("all results")
+    subtitle = (f"Spearman ρ over all {len(data)} results: {overall:.2f}" if overall is not None
+                else f"{len(data)} result(s): too few for a rank correlation")
+    fig.update_layout(title=dict(text=f"Predicted Σ ε vs measured {measure}", subtitle=dict(
+                          text=subtitle + " · ● shipped, ◆ this cache's")),
+                      xaxis=dict(title="predicted Σ ε (profile's error model, log)", type="log"),
+                      yaxis=dict(title=f"measured {measure} (log)", type="log"), legend_title="allocator · ρ",
+                      height=440, margin=dict(t=70, b=40))
+    return fig
+
+
+def _rho_column(correlations: pd.DataFrame | None, measure: str) -> dict[str, float]:
+    """allocator label -> Spearman ρ for ``measure`` from ``tables.correlation_frame`` (finite values only)."""
+    if correlations is None or correlations.empty:
+        return {}
+    column = "ρ predicted vs KL" if measure == "KL" else f"ρ predicted vs PPL {measure.removeprefix('ppl ')}"
+    if column not in correlations:
+        return {}
+    return {str(a): float(v) for a, v in zip(correlations["allocator"], correlations[column]) if np.isfinite(v)}
+
+
+def layer_fit_figure(profile: Profile, fits: list, params: ErrorModelParams | None = None, points: int = 60) -> go.Figure:
+    """Per layer: the fitted single-layer curve (line) vs the measured KL points (x), residuals below.
+
+    ``fits`` are ``prediction_check.layer_fits``; residuals are log10(measured / fitted)
+    in decades (0 = exact; the reference point is 0 by construction). Points under 3x
+    the KL floor are hollow: the measurement there is mostly the floor.
+    """
+    from plotly.subplots import make_subplots
+
+    from lems_core.prediction_check import fitted_curve
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06)
+    grid = np.linspace(0.02, 0.98, points)
+    styles = _line_styles(profile, [f.name for f in fits])
+    for fit in fits:
+        style = styles[fit.name]
+        color = KIND_COLORS.get(fit.kind)
+        curve = fitted_curve(profile, fit.name, grid, params)
+        fig.add_trace(go.Scatter(x=grid, y=np.maximum(curve, _LOG_FLOOR), mode="lines", **style), row=1, col=1)
+        symbols = np.where(fit.near_floor, "x-open", "x")
+        fig.add_trace(go.Scatter(x=fit.ratios, y=np.maximum(fit.measured, _LOG_FLOOR), mode="markers",
+                                 showlegend=False, legendgroup=fit.kind, hovertemplate=style["hovertemplate"],
+                                 marker=dict(color=color, size=9, symbol=symbols)), row=1, col=1)
+        fig.add_trace(go.Scatter(x=fit.ratios, y=fit.residuals, mode="markers+lines", showlegend=False,
+                                 legendgroup=fit.kind, line=dict(color=color, width=1, dash=style["line"]["dash"]),
+                                 marker=dict(color=color, size=7, symbol=symbols),
+                                 hovertemplate=f"{fit.name}<br>c=%{{x:.2f}}: %{{y:+.2f}} decades<extra></extra>"),
+                      row=2, col=1)
+    fig.add_hline(y=0, line_dash="dot", line_color=REFERENCE_LINE, row=2, col=1)
+    fig.update_yaxes(type="log", title_text="single-layer KL (log)", row=1, col=1)
+    fig.update_yaxes(title_text="log10 measured / fitted", row=2, col=1)
+    fig.update_xaxes(title_text="kept ratio c = r / eq rank", row=2, col=1)
+    title = _titled("Fitted error curve (line) vs measured KL (x), residuals below", profile, [f.name for f in fits])
+    fig.update_layout(title=title, legend_title="kind · block", height=600, margin=dict(t=70, b=40))
     return fig
 
 

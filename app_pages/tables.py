@@ -267,6 +267,18 @@ def predicted_error_tables(profile: Profile, ranks_by_label: Mapping[str, Mappin
     return {label: predicted_errors(profile, ranks, params) for label, ranks in ranks_by_label.items()}
 
 
+def _plan_totals(profile: Profile, ranks: Mapping[str, int | None], errors: Mapping[str, float]) -> tuple[int, int, float]:
+    """(params stored, dense layers, summed predicted error): the column sums of ``ranks_frame``,
+    without building the frame (the comparison table is redrawn on every budget move)."""
+    params = dense = 0
+    for l in profile.layers:
+        rank = normalise_rank(l.out_features, l.in_features, ranks.get(l.name))
+        params += layer_param_cost(l.out_features, l.in_features, rank)
+        dense += rank is None
+    error = np.sum(np.array([float(errors.get(l.name, 0.0)) for l in profile.layers], dtype=np.float64))
+    return params, dense, float(error)
+
+
 def comparison_table(profile: Profile, allocations: Mapping[str, object],
                      errors: Mapping[str, Mapping[str, float]], labels: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per allocation: realised ratio, params, dense layers, predicted error, solve time.
@@ -282,16 +294,16 @@ def comparison_table(profile: Profile, allocations: Mapping[str, object],
     """
     rows = []
     for label, alloc in allocations.items():
-        frame = ranks_frame(profile, alloc.ranks, errors[label])
+        params, dense, error = _plan_totals(profile, alloc.ranks, errors[label])
         info = getattr(alloc, "info", None) or {}
         objective = getattr(alloc, "objective", None)
         served = "plan_created" in info or "train_seconds" in info
         rows.append({
             "method": (labels or {}).get(label, method_label(label)),
-            "realised ratio": frame["params"].sum() / profile.total_params,
-            "params": int(frame["params"].sum()),
-            "dense layers": int(frame["dense"].sum()),
-            "predicted error": float(frame["predicted error"].sum()),
+            "realised ratio": params / profile.total_params,
+            "params": params,
+            "dense layers": dense,
+            "predicted error": error,
             "objective": np.nan if objective is None else float(objective),
             "solve ms": np.nan if served else 1000.0 * float(getattr(alloc, "solve_seconds", 0.0) or 0.0),
             "trained s": float(info.get("seconds", getattr(alloc, "solve_seconds", 0.0)) or 0.0) if served else np.nan,
@@ -333,6 +345,42 @@ def measured_points(records: list[dict], fingerprint: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["method", "realised ratio", "kl", "protocol"])
     frame = frame[pd.to_numeric(frame["kl"], errors="coerce") > 0]
     return frame[np.isfinite(pd.to_numeric(frame["realised ratio"], errors="coerce"))]
+
+
+def measured_at_budget(records: list[dict], profile: Profile, budget: float, params: ErrorModelParams | None = None,
+                       tol: float = 0.005) -> pd.DataFrame:
+    """Measured results of this model at ``budget`` (within ``tol``): one row each, for the Allocate page.
+
+    Shipped and stored records alike (``source``); with ``params``, the predicted Σ ε of
+    each result's ranks under that error model, so measured sits next to predicted.
+    """
+    from lems_core.prediction_check import record_ranks
+
+    names = {l.name for l in profile.layers}
+    rows = []
+    for rec in records:
+        budget_of_rec = rec.get("budget")
+        if rec.get("fingerprint") != profile.fingerprint or not isinstance(budget_of_rec, (int, float)) \
+                or abs(float(budget_of_rec) - budget) > tol:
+            continue
+        row = {"method": method_label(str(rec.get("method"))), "source": rec.get("source", ""),
+               "decomposition": rec.get("decomposition"), "protocol": protocol_name(rec.get("settings")),
+               "realised ratio": rec.get("realised_ratio"), "KL": rec.get("kl")}
+        row |= {f"ppl {d}": v for d, v in (rec.get("ppl") or {}).items()}
+        ranks = rec.get("ranks")
+        if params is not None:
+            usable = isinstance(ranks, dict) and set(ranks) == names
+            row["predicted Σ ε"] = float(sum(predicted_errors(profile, record_ranks(profile, rec), params).values())) \
+                if usable else np.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["protocol", "KL"], na_position="last").reset_index(drop=True) if len(frame) else frame
+
+
+def measured_budgets(records: list[dict], fingerprint: str) -> list[float]:
+    """The budgets (2 decimals) at which this model has measured results."""
+    return sorted({round(float(r["budget"]), 2) for r in records
+                   if r.get("fingerprint") == fingerprint and isinstance(r.get("budget"), (int, float))})
 
 
 def failure_message(method: str, exc: Exception) -> str:
@@ -413,6 +461,51 @@ def zero_shot_metrics(frame: pd.DataFrame) -> list[str]:
     tasks = sorted((c for c in frame.columns if c.split(" ", 1)[0] in ZERO_SHOT_METRICS),
                    key=lambda c: (c.split(" ", 1)[1], c))
     return means + tasks
+
+
+# ------------------------------------------------------------ predicted vs measured
+def prediction_frame(check) -> pd.DataFrame:
+    """``prediction_check.PredictionCheck`` points, one row each: predicted Σ ε next to measured KL / PPL."""
+    columns = ["method", "budget", "realised ratio", "protocol", "source", "predicted Σ ε", "KL",
+               f"ppl {check.dataset}", "bias"]
+    rows = [[method_label(p.method), p.budget, p.realised_ratio, p.protocol, p.source, p.predicted,
+             np.nan if p.kl is None else p.kl, np.nan if p.ppl is None else p.ppl,
+             f"α={p.alpha:.3g}, γ={p.gamma:.3g} ({p.bias_from})"] for p in check.points]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def correlation_frame(check) -> pd.DataFrame:
+    """Spearman's ρ per allocator and overall (NaN below 3 points or without spread)."""
+    from lems_core.prediction_check import OVERALL
+
+    rows = [{"allocator": "all results" if c.group == OVERALL else method_label(c.group),
+             "ρ predicted vs KL": np.nan if c.kl is None else c.kl, "n (KL)": c.n_kl,
+             f"ρ predicted vs PPL {check.dataset}": np.nan if c.ppl is None else c.ppl, "n (PPL)": c.n_ppl}
+            for c in check.correlations]
+    return pd.DataFrame(rows)
+
+
+def skipped_frame(check) -> pd.DataFrame:
+    """Results the check could not use, and why."""
+    return pd.DataFrame([{"method": method_label(s.method), "budget": s.budget, "reason": s.reason}
+                         for s in check.skipped], columns=["method", "budget", "reason"])
+
+
+def layer_fit_frame(fits) -> pd.DataFrame:
+    """Per layer (``prediction_check.LayerFit``): points, RMS and worst residual in decades, worst first."""
+    rows = []
+    for fit in fits:
+        extra = ~np.isclose(fit.ratios, fit.reference)
+        residuals = fit.residuals[extra]
+        worst = int(np.argmax(np.abs(residuals))) if residuals.size else None
+        rows.append({"name": fit.name, "block": fit.block, "kind": fit.kind, "points": int(len(fit.ratios)),
+                     "RMS residual (decades)": np.nan if fit.rms is None else fit.rms,
+                     "worst residual": np.nan if worst is None else float(residuals[worst]),
+                     "at ratio": np.nan if worst is None else float(fit.ratios[extra][worst]),
+                     "near KL floor": int(fit.near_floor.sum())})
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("RMS residual (decades)", ascending=False, na_position="last").reset_index(drop=True) \
+        if len(frame) else frame
 
 
 # ----------------------------------------------------------------------- cache

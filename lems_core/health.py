@@ -8,11 +8,13 @@ show them and offer to remove each one.
 Checked: every ``profiles/<key>/`` folder (``Profile.load``: JSON object, schema,
 checksums, validation), every ``plans/*.json`` entry (a regular file holding a
 valid rank plan; a dangling link or a folder is an entry too), the index database
-(opens) and each of its rows (key and value decode as JSONDisk wrote them).
+(opens) and each of its rows (key and value decode as JSONDisk wrote them), and the
+shipped results file (``results.shipped_results_path()``: schema and every record).
 
 Removing moves a file or folder into ``<cache>/quarantine/`` (nothing is deleted,
 the user can inspect it); an undecodable index row is deleted from the database
-(it has no readable content to keep).
+(it has no readable content to keep). The shipped results file is committed with the
+demo and read-only: it is listed but never moved (restore it from git instead).
 """
 from __future__ import annotations
 
@@ -27,16 +29,17 @@ from .cache import CORRUPT_KEY, CacheIndexError, CorruptEntryError, default_cach
     profiles_dir
 from .plan import PlanError, RankPlan, read_plan_bytes
 from .profile import PROFILE_JSON, Profile, ProfileError
+from .results import ResultsFileError, read_results_file, shipped_results_path
 
 QUARANTINE = "quarantine"
-PROFILE, PLAN, INDEX, INDEX_ROW = "profile", "plan", "index", "index row"
+PROFILE, PLAN, INDEX, INDEX_ROW, SHIPPED_RESULTS = "profile", "plan", "index", "index row", "shipped results"
 
 
 @dataclass(frozen=True)
 class CacheProblem:
     """One unreadable cache entry: what it is, where, and why."""
 
-    kind: str  # PROFILE, PLAN, INDEX or INDEX_ROW
+    kind: str  # PROFILE, PLAN, INDEX, INDEX_ROW or SHIPPED_RESULTS
     path: Path  # the entry (for an index row: the index database)
     reason: str
     rowid: int | None = None  # INDEX_ROW only
@@ -46,11 +49,28 @@ class CacheProblem:
         where = f"{self.path.name} row {self.rowid}" if self.kind == INDEX_ROW else self.path.name
         return f"{self.kind} {where}: {self.reason}"
 
+    @property
+    def removable(self) -> bool:
+        """Whether ``remove_problem`` may set it aside (the shipped results file is read-only)."""
+        return self.kind != SHIPPED_RESULTS
+
 
 def cache_problems(cache_dir: Path | None = None) -> list[CacheProblem]:
-    """Every unreadable entry of the cache (profiles, saved plans, index), in that order."""
+    """Every unreadable entry of the cache (profiles, saved plans, index), then the shipped results file."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    return _profile_problems(cache_dir) + _plan_problems(cache_dir) + _index_problems(cache_dir)
+    return _profile_problems(cache_dir) + _plan_problems(cache_dir) + _index_problems(cache_dir) + _shipped_problems()
+
+
+def _shipped_problems() -> list[CacheProblem]:
+    """The shipped results file when it exists and does not validate (``results.read_results_file``)."""
+    path = shipped_results_path()
+    if not (path.exists() or path.is_symlink()):
+        return []
+    try:
+        read_results_file(path)
+    except ResultsFileError as exc:
+        return [CacheProblem(SHIPPED_RESULTS, path, str(exc))]
+    return []
 
 
 def _profile_problems(cache_dir: Path) -> list[CacheProblem]:
@@ -105,7 +125,11 @@ def remove_problem(problem: CacheProblem, cache_dir: Path | None = None) -> Path
     """Set one bad entry aside: move it to ``<cache>/quarantine/`` (None for a deleted index row).
 
     Only that entry changes: other profiles, plans and index rows are left as they are.
+    The shipped results file is refused (ValueError): it is part of the demo, restore it from git.
     """
+    if not problem.removable:
+        raise ValueError(f"{problem.path} is the shipped results file (read-only); restore it with "
+                         f"`git checkout -- {problem.path.name}` in its folder, or fix it by hand")
     cache_dir = Path(cache_dir or default_cache_dir())
     if problem.kind == INDEX_ROW:
         with sqlite3.connect(problem.path) as con:

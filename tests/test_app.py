@@ -16,7 +16,8 @@ from lems_core.plan import PLAN_SCHEMA
 from lems_core.profile import synthetic_profile
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-PAGES = ["app_pages/spectra.py", "app_pages/sensitivity.py", "app_pages/allocate.py", "app_pages/compress.py"]
+PAGES = ["app_pages/spectra.py", "app_pages/sensitivity.py", "app_pages/allocate.py", "app_pages/compress.py",
+         "app_pages/prediction.py"]
 TIMEOUT = 30
 
 
@@ -558,3 +559,95 @@ def test_budget_sweep_draws_on_request(app):
     assert not app.exception
     fig = _figure(app, "budget_sweep")
     assert {t["name"] for t in fig["data"]} >= {"LEMS (predicted)", "Uniform (predicted)"}
+
+
+# ----------------------------------------------------- shipped results, predicted vs measured (#13)
+def _shipped_demo(tmp_path, monkeypatch, content=None):
+    """A fresh machine: an empty cache and a demo folder holding one profile and its shipped results."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shipped_fixture import fixture_records, write_shipped
+
+    demo = tmp_path / "demo"
+    profile = synthetic_profile()
+    folder = profile.save(demo / "synthetic-demo")
+    records = fixture_records(profile, methods=("lems", "uniform", "mrcs"), budgets=(0.6, 0.7, 0.8))
+    records.append({**records[0], "ranks": None, "created": "2024-01-01T00:00:00+00:00"})  # stored before ranks were
+    if content is None:
+        write_shipped(demo / "results.json", records, note="made-up fixture measurements")
+    else:
+        (demo / "results.json").write_text(content)
+    monkeypatch.setattr("lems_core.cache.DEMO_DIR", demo)
+    monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LEMS_PROFILE_DIR", raising=False)
+    monkeypatch.delenv("LEMS_SHIPPED_RESULTS", raising=False)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.sidebar.selectbox(key="profile_choice").value == str(folder)
+    return at, records
+
+
+def _frame_with(at: AppTest, *columns):
+    return next(d.value for d in at.dataframe if set(columns) <= set(d.value.columns))
+
+
+def test_a_fresh_machine_shows_the_shipped_results_on_compress_and_evaluate(tmp_path, monkeypatch):
+    at, records = _shipped_demo(tmp_path, monkeypatch)
+    goto(at, "app_pages/compress.py")
+    assert not any("No stored results" in i.value for i in at.info)
+    table = _frame_with(at, "source", "ppl wikitext2")
+    assert len(table) == len(records) and set(table["source"]) == {"shipped"}
+    assert {"LEMS", "Uniform", "MRCS"} <= set(table["method"]) and set(table["protocol"]) == {"quick"}
+    assert any("shipped with the demo" in c.value and "made-up fixture" in c.value for c in at.caption)
+    fig = _figure(at, "perplexity on wikitext2")
+    assert {t["name"] for t in fig["data"]} >= {"LEMS", "Uniform", "MRCS"}
+
+
+def test_allocate_shows_measured_results_at_the_budget_and_on_the_sweep(tmp_path, monkeypatch):
+    at, _ = _shipped_demo(tmp_path, monkeypatch)
+    goto(at, "app_pages/allocate.py")
+    here = _frame_with(at, "predicted Σ ε", "source")
+    assert sorted(here["method"]) == ["LEMS", "MRCS", "Uniform"] and set(here["source"]) == {"shipped"}
+    lems = here.set_index("method").loc["LEMS", "predicted Σ ε"]
+    live = at.dataframe[0].value.set_index("method").loc["LEMS", "predicted error"]
+    assert lems == pytest.approx(live)  # the shipped LEMS plan is the one solved live at 0.8
+    at.slider(key="budget").set_value(0.6).run()
+    here = _frame_with(at, "predicted Σ ε", "source")
+    assert len(here) == 4 and here["predicted Σ ε"].isna().sum() == 1  # + the record without ranks
+    at.slider(key="budget").set_value(0.75).run()
+    assert not any("predicted Σ ε" in d.value.columns for d in at.dataframe)
+    assert any("0.60, 0.70, 0.80" in c.value for c in at.caption)
+    at.toggle(key="sweep_on").set_value(True).run()
+    names = {t["name"] for t in _figure(at, "budget_sweep")["data"]}
+    assert {"LEMS (measured KL)", "Uniform (measured KL)", "MRCS (measured KL)"} <= names
+
+
+def test_predicted_vs_measured_page_scatters_correlates_and_fits_layers(tmp_path, monkeypatch):
+    at, records = _shipped_demo(tmp_path, monkeypatch)
+    goto(at, "app_pages/prediction.py")
+    kl = _figure(at, "predicted σ ε vs measured kl")
+    assert kl["layout"]["xaxis"]["type"] == "log" and kl["layout"]["yaxis"]["type"] == "log"
+    assert {t["name"] for t in kl["data"]} == {"LEMS · ρ=1.00", "Uniform · ρ=1.00", "MRCS · ρ=1.00"}
+    assert "ρ over all 9 results: 1.00" in kl["layout"]["title"]["subtitle"]["text"]
+    _figure(at, "predicted σ ε vs measured ppl wikitext2")
+    rho = _frame_with(at, "allocator", "ρ predicted vs KL")
+    assert rho.set_index("allocator").loc["all results", "ρ predicted vs KL"] == pytest.approx(1.0)
+    skipped = _frame_with(at, "reason")
+    assert len(skipped) == 1 and "no ranks" in skipped["reason"].iloc[0]
+    layers = _figure(at, "fitted error curve")
+    assert len(layers["data"]) == 3 * 6  # q and down of blocks 0, 2, 3: curve, points, residuals each
+    worst = _frame_with(at, "RMS residual (decades)")
+    assert len(worst) == len(synthetic_profile().layers)
+
+
+def test_a_malformed_shipped_file_is_reported_and_the_rest_still_shows(tmp_path, monkeypatch):
+    at, _ = _shipped_demo(tmp_path, monkeypatch, content='{"schema": "lems-results/1", "results": [{"method": 3}]}')
+    assert any("shipped results" in m.value for m in at.sidebar.markdown)
+    assert "Remove" not in [b.label for b in at.sidebar.button]  # read-only: never moved from the demo folder
+    goto(at, "app_pages/compress.py")
+    assert any("record 0" in e.value and "'method' must be a non-empty string" in e.value for e in at.error)
+    assert any("No stored results" in i.value for i in at.info)
+    goto(at, "app_pages/prediction.py")
+    assert any("'method' must be a non-empty string" in e.value for e in at.error)
+    assert (tmp_path / "demo" / "results.json").is_file()

@@ -373,3 +373,69 @@ def test_budget_sweep_predicts_lems_best_and_overlays_measured_kl(profile):
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
     assert sum(t.yaxis == "y2" for t in fig.data) == 2  # LEMS and Uniform measured points
     assert len(figures.budget_sweep_figure(sweep, measured.iloc[:0]).data) == 3
+
+
+# ------------------------------------------------------------ predicted vs measured, shipped (#13)
+@pytest.fixture(scope="module")
+def check_records(profile):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shipped_fixture import fixture_records
+
+    records = fixture_records(profile, methods=("lems", "uniform"), budgets=(0.6, 0.7, 0.8))
+    return [{**r, "source": "shipped"} for r in records] + [{**records[0], "ranks": None, "source": "cache"}]
+
+
+def test_prediction_tables_and_scatter(profile, check_records):
+    from lems_core.prediction_check import predicted_vs_measured
+
+    check = predicted_vs_measured(profile, check_records)
+    frame, rho = tables.prediction_frame(check), tables.correlation_frame(check)
+    assert len(frame) == 6 and set(frame["method"]) == {"LEMS", "Uniform"} and set(frame["source"]) == {"shipped"}
+    assert list(rho["allocator"]) == ["LEMS", "Uniform", "all results"]
+    assert rho["ρ predicted vs KL"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert tables.skipped_frame(check)["reason"].str.contains("no ranks").tolist() == [True]
+    fig = figures.prediction_scatter_figure(frame, "KL", rho)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert [t.name for t in fig.data] == ["LEMS · ρ=1.00", "Uniform · ρ=1.00"]
+    assert fig.data[0].marker.color == figures.METHOD_COLORS["lems"]
+    assert "over all 6 results: 1.00" in fig.layout.title.subtitle.text
+    few = figures.prediction_scatter_figure(frame.iloc[:2], "ppl wikitext2", None)
+    assert "too few" in few.layout.title.subtitle.text
+    empty = figures.prediction_scatter_figure(frame.iloc[0:0], "KL", rho)
+    assert empty.layout.title.text.startswith("No results with ranks")
+
+
+def test_layer_fit_figure_and_residual_table(profile):
+    from lems_core.prediction_check import layer_fits
+
+    names = tables.select_layers(profile, [0, 3], ["q"])
+    fits = layer_fits(profile, names, PARAMS)
+    fig = figures.layer_fit_figure(profile, fits, PARAMS)
+    assert len(fig.data) == 3 * len(names)  # curve, measured points, residuals per layer
+    residuals = [t for t in fig.data if t.yaxis == "y2"]
+    assert len(residuals) == len(names) and list(residuals[0].y) == pytest.approx(list(fits[0].residuals))
+    assert fig.layout.yaxis.type == "log"
+    table = tables.layer_fit_frame(layer_fits(profile, params=PARAMS))
+    assert len(table) == len(profile.layers) and table["points"].eq(2).all()
+    assert table["RMS residual (decades)"].is_monotonic_decreasing  # worst first
+    worst = table.iloc[0]
+    assert worst["at ratio"] == pytest.approx(0.3) and abs(worst["worst residual"]) == pytest.approx(
+        worst["RMS residual (decades)"])
+
+
+def test_measured_at_budget_sits_next_to_the_live_prediction(profile, check_records):
+    here = tables.measured_at_budget(check_records, profile, 0.8, PARAMS)
+    assert sorted(here["method"]) == ["LEMS", "Uniform"] and set(here["protocol"]) == {"quick"}
+    lems_ranks = allocate(profile, "lems", 0.8).ranks
+    expected = sum(predicted_errors(profile, lems_ranks, PARAMS).values())
+    assert here.set_index("method").loc["LEMS", "predicted Σ ε"] == pytest.approx(expected)
+    at_six = tables.measured_at_budget(check_records, profile, 0.6, PARAMS)
+    assert len(at_six) == 3 and at_six["predicted Σ ε"].isna().sum() == 1  # the record without ranks
+    assert tables.measured_at_budget(check_records, profile, 0.75).empty
+    assert "predicted Σ ε" not in tables.measured_at_budget(check_records, profile, 0.8).columns
+    assert tables.measured_budgets(check_records, profile.fingerprint) == [0.6, 0.7, 0.8]
+    assert tables.measured_budgets(check_records, "another") == []
+    assert set(tables.results_frame(check_records)["source"]) == {"shipped", "cache"}

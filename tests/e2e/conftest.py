@@ -44,12 +44,19 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def profile_env(tmp_path_factory) -> dict:
-    """A cache folder holding a saved synthetic profile, as environment variables."""
+    """A fresh cache folder holding a saved synthetic profile, and a demo folder whose shipped
+    results (``results.json``, tests/shipped_fixture.py) are of that profile, as environment variables."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from shipped_fixture import fixture_records, write_shipped
+
     from lems_core.profile import synthetic_profile
 
     cache = tmp_path_factory.mktemp("e2e-cache")
-    folder = synthetic_profile().save(cache / "profiles" / "synthetic-e2e")
-    return {"LEMS_CACHE_DIR": str(cache), "LEMS_PROFILE_DIR": str(folder)}
+    profile = synthetic_profile()
+    folder = profile.save(cache / "profiles" / "synthetic-e2e")
+    shipped = write_shipped(tmp_path_factory.mktemp("e2e-demo") / "results.json",
+                            fixture_records(profile, methods=("lems", "uniform", "mrcs")), note="e2e fixture")
+    return {"LEMS_CACHE_DIR": str(cache), "LEMS_PROFILE_DIR": str(folder), "LEMS_SHIPPED_RESULTS": str(shipped)}
 
 
 @pytest.fixture(scope="module")

@@ -126,24 +126,33 @@ def predicted_errors(profile, ranks: Ranks, params: ErrorModelParams) -> dict[st
     """The LEMS surrogate error of each layer at arbitrary ranks (dense: 0).
 
     Lets any allocation be scored under the same error model (e.g. uniform vs LEMS).
+    ``layer_errors`` at one rank per layer, from the memoised cumulative energies of all
+    layers at once: the same float operations in the same order, no loop over layers
+    but the one that reads the ranks.
     """
     biases, scales = block_biases(profile, params), kl_scales(profile, params)
-    cums = energy_cumsums(profile, params.energy_power)
-    out = {}
-    for i, layer in enumerate(profile.layers):
-        rank = dense_if_break_even(layer, ranks[layer.name])
-        if rank is None:
-            out[layer.name] = 0.0
-            continue
-        # layer_errors at one rank, from the memoised cumulative energy (same arithmetic, no cumsum per call)
-        kept = cums[i]
-        total = kept[-1] if kept[-1] > 0 else 1.0
-        n = len(kept) - 1
-        ref = 1.0 - kept[min(max(reference_rank(layer.eq_rank, params.ref_ratio), 0), n)] / total
-        shape = (1.0 - kept[min(max(rank, 0), n)] / total) / max(ref, 1e-6)
-        scale = float(scales[i]) if (params.use_scale and scales is not None) else 1.0
-        out[layer.name] = float(float(biases[i]) * scale * shape)
-    return out
+    flat, offsets, lengths, totals = _flat_energy(profile, params.energy_power)
+    layers = profile.layers
+    chosen = [dense_if_break_even(l, ranks[l.name]) for l in layers]
+    dense = np.array([r is None for r in chosen], dtype=bool)
+    rank = np.array([0 if r is None else int(r) for r in chosen], dtype=np.int64)
+    ref_rank = np.array([reference_rank(l.eq_rank, params.ref_ratio) for l in layers], dtype=np.int64)
+    ref = 1.0 - flat[offsets + np.minimum(np.maximum(ref_rank, 0), lengths)] / totals
+    shape = (1.0 - flat[offsets + np.minimum(np.maximum(rank, 0), lengths)] / totals) / np.maximum(ref, 1e-6)
+    scale = scales if (params.use_scale and scales is not None) else np.ones(len(layers))
+    errors = np.where(dense, 0.0, biases * scale * shape)
+    return {l.name: float(e) for l, e in zip(layers, errors)}
+
+
+def _flat_energy(profile, power: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``energy_cumsums`` back to back: (values, offset and length - 1 of each layer's, totals), memoised."""
+    def compute():
+        cums = energy_cumsums(profile, power)
+        lengths = np.array([len(c) - 1 for c in cums], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+        totals = np.array([c[-1] if c[-1] > 0 else 1.0 for c in cums], dtype=np.float64)
+        return np.concatenate(cums), offsets, lengths, totals
+    return derived(profile, ("flat_energy", power, id(profile.spectra)), compute)
 
 
 def energy_cumsums(profile, power: int) -> list[np.ndarray]:

@@ -4,7 +4,8 @@ A job runs ``fn(*args, progress=..., cancel=..., **kwargs)`` in a daemon thread:
 
 - ``progress(fraction, message)`` records how far it is (fraction clipped to [0, 1])
   and raises :class:`JobCancelled` once a cancel was asked for, so any function that
-  reports progress also stops promptly;
+  reports progress also stops promptly; the snapshot's ``seconds_left`` extrapolates
+  the time per fraction into an estimate, and ``status_line`` shows it;
 - ``cancel`` is a ``threading.Event`` the function may poll between steps.
 
 The page that started a job polls :meth:`Job.snapshot` (e.g. from a
@@ -44,6 +45,7 @@ class JobState:
     error: str | None = None
     traceback: str | None = None
     meta: dict = field(default_factory=dict)
+    reported: float | None = None  # when the fraction last moved (time.time())
 
     @property
     def done(self) -> bool:
@@ -52,6 +54,41 @@ class JobState:
     @property
     def elapsed(self) -> float:
         return (self.finished or time.time()) - self.started
+
+    @property
+    def seconds_left(self) -> float | None:
+        """Estimated seconds to go: the time the reported fraction took, extrapolated linearly.
+
+        None while there is too little to go on (under ``ETA_MIN_FRACTION`` done or under
+        ``ETA_MIN_SECONDS`` spent) and once the job ended. Jobs weight their progress steps
+        by their expected share of the time (``pipeline.EVAL_WEIGHTS``), which is what makes
+        the line straight.
+        """
+        if self.done or self.reported is None or self.fraction < ETA_MIN_FRACTION:
+            return None
+        spent = self.reported - self.started
+        if spent < ETA_MIN_SECONDS:
+            return None
+        return max(0.0, spent * (1.0 - self.fraction) / self.fraction - (time.time() - self.reported))
+
+    @property
+    def status_line(self) -> str:
+        """"<message> (<elapsed> s, about <left> left)": what a progress bar shows."""
+        left = self.seconds_left
+        estimate = "" if left is None else f", about {format_seconds(left)} left"
+        return f"{self.message} ({self.elapsed:.0f} s{estimate})"
+
+
+ETA_MIN_FRACTION, ETA_MIN_SECONDS = 0.02, 3.0
+
+
+def format_seconds(seconds: float) -> str:
+    """"45 s", "3 min", "1 h 05 min": a time estimate at the precision it deserves."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{5 * round(seconds / 5):.0f} s" if seconds >= 10 else f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 class Job:
@@ -64,7 +101,7 @@ class Job:
         self._lock = threading.Lock()
         self._status, self._fraction, self._message = QUEUED, 0.0, "queued"
         self._result = self._error = self._traceback = None
-        self._started, self._finished = time.time(), None
+        self._started, self._finished, self._reported = time.time(), None, None
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}", daemon=True)
 
     def start(self) -> "Job":
@@ -74,7 +111,10 @@ class Job:
     def report(self, fraction: float, message: str = "") -> None:
         """Progress callback handed to the job function; raises JobCancelled after cancel()."""
         with self._lock:
-            self._fraction = min(1.0, max(0.0, float(fraction)))
+            fraction = min(1.0, max(0.0, float(fraction)))
+            if fraction != self._fraction:
+                self._reported = time.time()
+            self._fraction = fraction
             if message:
                 self._message = str(message)
         if self.cancel_event.is_set():
@@ -95,7 +135,7 @@ class Job:
         with self._lock:
             return JobState(
                 self.id, self.name, self._status, self._fraction, self._message, self._started,
-                self._finished, self._result, self._error, self._traceback, dict(self.meta),
+                self._finished, self._result, self._error, self._traceback, dict(self.meta), self._reported,
             )
 
     def _run(self) -> None:

@@ -147,9 +147,11 @@ class _Table:
         counts = mask.sum(axis=1)
         if counts.all() and np.array_equal(counts, self.n):
             return self
-        rows = counts > 0
-        (cost, err, idx), n = _compact(mask[rows], (self.cost[rows], self.err[rows], self.idx[rows]))
-        return _Table(self.gid[rows], cost, err, idx, n)
+        (cost, err, idx), n = _compact(mask, (self.cost, self.err, self.idx))
+        rows = n > 0
+        if rows.all():
+            return _Table(self.gid, cost, err, idx, n)
+        return _Table(self.gid[rows], cost[rows], err[rows], idx[rows], n[rows])
 
     def rows(self, selected: np.ndarray) -> "_Table":
         n = self.n[selected]
@@ -169,14 +171,18 @@ class _Table:
 
 
 def _compact(mask: np.ndarray, arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Move the masked entries of each row to its front (order kept) and pad the rest."""
-    counts = mask.sum(axis=1)
+    """Move the masked entries of each row to its front (order kept) and pad the rest.
+
+    Gathers only the masked entries (the masks here are mostly sparse), not whole rows.
+    """
+    rows, cols = np.nonzero(mask)
+    counts = np.bincount(rows, minlength=mask.shape[0])
     width = int(counts.max()) if counts.size else 0
-    packed_mask = np.arange(width) < counts[:, None]
+    slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
     out = []
     for a in arrays:
-        packed = np.full(packed_mask.shape, np.inf if a.dtype.kind == "f" else -1, dtype=a.dtype)
-        packed[packed_mask] = a[mask]
+        packed = np.full((mask.shape[0], width), np.inf if a.dtype.kind == "f" else -1, dtype=a.dtype)
+        packed[rows, slot] = a[rows, cols]
         out.append(packed)
     return out, counts
 
@@ -353,8 +359,18 @@ class _GreedyFill:
     split: int  # first segment that does not fit, -1 when all fit
 
 
-def _greedy_fill(segments: _Segments, limit: float) -> _GreedyFill:
-    """Take segments by falling efficiency while the cumulative cost stays within `limit`."""
+def _greedy_fill(segments: _Segments, limit: float, ordered: "_HullOrder | None" = None) -> _GreedyFill:
+    """Take segments by falling efficiency while the cumulative cost stays within `limit`.
+
+    With ``ordered`` (every segment already in greedy order with its cumulative cost)
+    this is one binary search; otherwise only the segments near the split are sorted.
+    """
+    if ordered is not None:
+        fit = int(np.searchsorted(ordered.filled, limit, side="right"))
+        taken = np.zeros(segments.row.size, dtype=bool)
+        taken[ordered.order[:fit]] = True
+        split = int(ordered.order[fit]) if fit < ordered.order.size else -1
+        return _GreedyFill(taken, ordered.order[:fit], split)
     eff = segments.efficiency
     hi, lo = _efficiency_bracket(segments, limit) if eff.size > 4096 else (np.inf, -np.inf)
     taken = eff > hi
@@ -363,6 +379,28 @@ def _greedy_fill(segments: _Segments, limit: float) -> _GreedyFill:
     fit = int(np.searchsorted(filled, limit, side="right"))
     taken[order[:fit]] = True
     return _GreedyFill(taken, order[:fit], int(order[fit]) if fit < order.size else -1)
+
+
+@dataclass(frozen=True)
+class _HullOrder:
+    """Budget-independent LP data of one shifted table: hull, segments, greedy order.
+
+    ``filled[k]`` is the cost of the first k + 1 segments in greedy order, so the LP
+    for any budget is a binary search (``_greedy_fill``).
+    """
+
+    hull: _Table
+    segments: _Segments
+    order: np.ndarray
+    filled: np.ndarray
+
+
+def _hull_order(shifted: _Table) -> _HullOrder:
+    """The lower hulls of ``shifted``'s rows, their segments, and all segments in greedy order."""
+    hull = _lower_hull(shifted)
+    segments = _hull_segments(hull)
+    order = _greedy_order(segments, np.arange(segments.row.size))
+    return _HullOrder(hull, segments, order, np.cumsum(segments.step[order]))
 
 
 @dataclass
@@ -374,7 +412,8 @@ class _Relaxation:
     roundings: list[np.ndarray]  # column per row: LP rounded down, and (if possible) up
 
 
-def _lp_relaxation(shifted: _Table, slack: float, budget_tol: float) -> _Relaxation:
+def _lp_relaxation(shifted: _Table, slack: float, budget_tol: float,
+                   ordered: _HullOrder | None = None) -> _Relaxation:
     """Greedy LP solution of the MCKP (Sinha & Zoltners 1979) on a Pareto table.
 
     Costs are shifted so that column 0 of every row costs 0 and `slack` is the budget
@@ -383,11 +422,15 @@ def _lp_relaxation(shifted: _Table, slack: float, budget_tol: float) -> _Relaxat
     gives the optimal multiplier and the fractional part of the bound. Two integer
     solutions come with it: without the split segment, and with it while the least
     efficient taken segments of other rows are given back until the budget holds.
+    ``ordered`` (``_hull_order(shifted)``, made once) skips the hull and the sort.
     """
-    hull = _lower_hull(shifted)
-    segments = _hull_segments(hull)
+    if ordered is None:
+        hull = _lower_hull(shifted)
+        segments = _hull_segments(hull)
+    else:
+        hull, segments = ordered.hull, ordered.segments
     limit = slack + budget_tol
-    fill = _greedy_fill(segments, limit)
+    fill = _greedy_fill(segments, limit, ordered)
     down = _hull_choice(hull, segments, fill.taken)
     if fill.split < 0:
         return _Relaxation(float(shifted.at(down)[1].sum()), 0.0, [down])
@@ -447,20 +490,32 @@ def _shift_costs(table: _Table, budget: float) -> tuple[_Table, float]:
     return shifted, budget - float(base.sum())
 
 
-def _round_down_to_cost_grid(shifted: _Table, slack: float, budget_tol: float) -> float:
+def _cost_grid(shifted: _Table) -> int | None:
+    """gcd of all (shifted) costs when they are integers below 2**53, else None."""
+    costs = shifted.cost[shifted.valid]
+    if not np.all(costs < 2.0 ** 53) or not np.array_equal(costs, np.round(costs)):
+        return None
+    grid = int(np.gcd.reduce(costs.astype(np.int64)))
+    return grid or None
+
+
+def _round_down_to_cost_grid(slack: float, grid: int | None, budget_tol: float) -> float:
     """The largest reachable slack when all (shifted) costs are integers.
 
-    Every choice then costs a multiple of g = gcd(costs), so slack can drop to a
-    multiple of g: this closes LP gaps caused by budget that no choice can use (as with
-    parameter counts, which are multiples of 8 (m + n) for ranks in steps of 8).
+    Every choice then costs a multiple of g = gcd(costs) (``_cost_grid``), so slack can
+    drop to a multiple of g: this closes LP gaps caused by budget that no choice can use
+    (as with parameter counts, which are multiples of 8 (m + n) for ranks in steps of 8).
     """
-    costs = shifted.cost[shifted.valid]
-    if slack <= 0 or not np.all(costs < 2.0 ** 53) or not np.array_equal(costs, np.round(costs)):
-        return slack
-    grid = int(np.gcd.reduce(costs.astype(np.int64)))
-    if grid == 0:
+    if slack <= 0 or grid is None:
         return slack
     return float(np.floor((slack + budget_tol) / grid) * grid)
+
+
+def _reduced_costs(shifted: _Table, multiplier: float) -> np.ndarray:
+    """err + multiplier * cost, inf on padding (padding holds inf cost and error)."""
+    if multiplier == 0.0:
+        return shifted.err
+    return shifted.err + multiplier * shifted.cost
 
 
 def _reduced_cost_excess(shifted: _Table, slack: float, multiplier: float) -> tuple[np.ndarray, float]:
@@ -470,9 +525,8 @@ def _reduced_cost_excess(shifted: _Table, slack: float, multiplier: float) -> tu
     reduced cost rc = err + lam * cost, excess = rc - min_j rc and the Lagrangian
     bound L(lam) = sum_l min_j rc[l, j] - lam * slack. Padding gets excess inf.
     """
-    valid = shifted.valid
     with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the bound is finite
-        reduced = np.where(valid, shifted.err + multiplier * np.where(valid, shifted.cost, 0.0), np.inf)
+        reduced = _reduced_costs(shifted, multiplier)
         row_min = reduced.min(axis=1)
         return reduced - row_min[:, None], float(row_min.sum()) - multiplier * slack
 
@@ -501,36 +555,31 @@ class _SuffixBounds:
 
     The greedy order of all hull segments, restricted to rows > r, is the greedy order
     of that suffix, so one sort serves every suffix. Segments of rows <= r get zero
-    length instead of being removed; `evaluate` always lands on a real segment.
-    When rows x segments is small, all suffixes are tabulated at once.
+    length instead of being removed; `evaluate` always lands on a real segment. The
+    DP asks for the suffixes by rising r, so each call zeroes the segments of the rows
+    passed since the last one and takes one cumulative sum (not a rows x segments table).
     """
 
-    _TABULATE_LIMIT = 2_000_000
-
     def __init__(self, shifted: _Table):
-        self.hull = _lower_hull(shifted)
-        segments = _hull_segments(self.hull)
-        order = _greedy_order(segments, np.arange(segments.row.size))
+        ordered = _hull_order(shifted)
+        self.hull, segments, order = ordered.hull, ordered.segments, ordered.order
         self.row, self.step, self.drop = segments.row[order], segments.step[order], segments.drop[order]
         self.steps, self.drops = np.append(self.step, np.inf), np.append(self.drop, 0.0)
         self.suffix_err = np.append(np.cumsum(shifted.err[::-1, 0])[::-1], 0.0)
-        self.table = None
-        rows = shifted.n.size
-        if rows * (self.row.size + 1) <= self._TABULATE_LIMIT:
-            self.table = self._tabulate(np.arange(rows))
-
-    def _tabulate(self, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Breakpoints and values for each r in `after` (one row each)."""
-        mine = self.row > after[:, None]
-        zero = np.zeros((after.size, 1))
-        breakpoints = np.hstack([zero, np.cumsum(np.where(mine, self.step, 0.0), axis=1)])
-        dropped = np.hstack([zero, np.cumsum(np.where(mine, self.drop, 0.0), axis=1)])
-        return breakpoints, self.suffix_err[after + 1][:, None] - dropped
+        self._by_row = np.argsort(self.row, kind="stable")
+        self._row_start = np.searchsorted(self.row[self._by_row], np.arange(shifted.n.size + 1))
+        self._masked = np.vstack([self.step, self.drop])  # segments of rows <= _done zeroed
+        self._done = -1
 
     def after(self, r: int) -> _Suffix:
-        breakpoints, values = self.table if self.table is not None else self._tabulate(np.array([r]))
-        r_in = r if self.table is not None else 0
-        return _Suffix(r, breakpoints[r_in], values[r_in], self.steps, self.drops)
+        if r < self._done:  # not the DP's order: start again from every row
+            self._masked, self._done = np.vstack([self.step, self.drop]), -1
+        passed = self._by_row[self._row_start[self._done + 1]:self._row_start[r + 1]]
+        self._masked[:, passed] = 0.0
+        self._done = r
+        sums = np.zeros((2, self.row.size + 1))
+        np.cumsum(self._masked, axis=1, out=sums[:, 1:])
+        return _Suffix(r, sums[0], self.suffix_err[r + 1] - sums[1], self.steps, self.drops)
 
     def greedy_columns(self, suffix: _Suffix, prefix: int) -> np.ndarray:
         """Column per row of the greedy completion that takes the first `prefix` segments."""
@@ -545,7 +594,8 @@ def _suffix_lagrangian_terms(shifted: _Table, multiplier: float) -> np.ndarray:
     With b the budget left for those rows, entry k - multiplier * b is their
     Lagrangian lower bound.
     """
-    reduced = np.where(shifted.valid, shifted.err + multiplier * np.where(shifted.valid, shifted.cost, 0.0), np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        reduced = _reduced_costs(shifted, multiplier)
     return np.append(np.cumsum(reduced.min(axis=1)[::-1])[::-1], 0.0)
 
 
@@ -564,6 +614,8 @@ class _ExactSearch:
     the best proven bound on the optimum.
     """
 
+    PROBE = 0.25  # where the probing DP pass puts its target between the bounds
+
     def __init__(self, n_groups: int, budget: float, budget_tol: float, obj_tol: float,
                  max_candidates: int):
         self.budget = budget
@@ -576,15 +628,17 @@ class _ExactSearch:
         self.fixed_choice = np.full(n_groups, -1, dtype=np.int64)
         self.fixed_cost = 0.0
         self.fixed_err = 0.0
+        self.cap = np.inf  # optimistic target of the probing pass (``run``)
+        self.probing = False
 
     @property
     def target(self) -> float:
-        """Objective a solution must stay below to count as an improvement."""
-        return self.best_value - self.obj_tol
+        """Objective a partial solution must be able to beat to be kept (pruning)."""
+        return min(self.best_value - self.obj_tol, self.cap)
 
     def offer(self, table: _Table, columns: np.ndarray) -> None:
         value = self.fixed_err + float(table.at(columns)[1].sum())
-        if value < self.target or self.best_value == np.inf:
+        if value < self.best_value - self.obj_tol or self.best_value == np.inf:
             self.best_value = value
             self.best_choice = self.fixed_choice.copy()
             self.best_choice[table.gid] = table.idx[np.arange(columns.size), columns]
@@ -598,24 +652,60 @@ class _ExactSearch:
             table = table.rows(~single)
         return table
 
-    def run(self, table: _Table) -> None:
-        """Bound and fix until fixing stalls, then finish with the state DP."""
+    def run(self, table: _Table, first: "_FirstRound | None" = None) -> None:
+        """The search, first pruned against an optimistic target near the lower bound.
+
+        The optimum usually lies much closer to the LP bound than the incumbents do,
+        and the work of fixing and of the DP grows with target - bound. A probing pass
+        prunes against cap = LB + PROBE * (UB - LB) (lowered as the bounds move): it
+        finds the optimum whenever that lies below cap, since everything cut had a
+        bound >= cap. If its best stays above cap, the optimum is >= cap, which becomes
+        the lower bound, and a second pass from the improved incumbent finishes exactly.
+        """
+        self.probing = True
+        try:
+            self._bound_fix_dp(table, first)
+        finally:
+            cap, self.cap, self.probing = self.cap, np.inf, False
+        if self.best_value < cap + self.obj_tol:
+            return
+        self.lower_bound = max(self.lower_bound, cap)
+        self.fixed_choice[:] = -1
+        self.fixed_cost = self.fixed_err = 0.0
+        self._bound_fix_dp(table, first)
+
+    def _bound_fix_dp(self, table: _Table, first: "_FirstRound | None") -> None:
+        """Bound and fix until fixing stalls, then finish with the state DP.
+
+        ``first`` (``_first_round(table)``, made once per table) holds what the first
+        round needs that does not depend on the budget: the single-option rows, the
+        shifted table, its cost grid and its LP hull in greedy order.
+        """
         first_round = True
         while True:
-            table = self.fix_single_option_rows(table)
+            if first_round and first is not None:
+                table, shifted, grid, ordered = self._start(first)
+            else:
+                table = self.fix_single_option_rows(table)
+                if table.n.size:
+                    shifted, _ = _shift_costs(table, 0.0)
+                    grid, ordered = _cost_grid(shifted), None
             if not table.n.size:
                 break
-            shifted, slack = _shift_costs(table, self.budget - self.fixed_cost)
+            slack = self.budget - self.fixed_cost - float(table.cost[:, 0].sum())
             if slack < -self.budget_tol:
                 return  # what is left cannot beat the incumbent within the budget
-            slack = _round_down_to_cost_grid(shifted, slack, self.budget_tol)
-            relax = _lp_relaxation(shifted, slack, self.budget_tol)
+            slack = _round_down_to_cost_grid(slack, grid, self.budget_tol)
+            relax = _lp_relaxation(shifted, slack, self.budget_tol, ordered)
             for choice in relax.roundings:
                 # Polishing scans the whole table per upgrade: wait until fixing shrank it.
                 if not first_round:
                     choice = _spend_leftover(shifted, choice, slack, self.budget_tol)
                 self.offer(table, choice)
-            self.lower_bound = max(self.lower_bound, self.fixed_err + relax.bound)
+            # After fixing against a target, the table holds every solution below it, not all of them.
+            self.lower_bound = max(self.lower_bound, min(self.fixed_err + relax.bound, self.target))
+            if self.probing:
+                self.cap = min(self.cap, self.lower_bound + self.PROBE * (self.best_value - self.lower_bound))
             if self.lower_bound >= self.target:
                 return  # the LP bound proves the incumbent optimal
             multiplier = relax.multiplier
@@ -632,6 +722,12 @@ class _ExactSearch:
         if self.fixed_cost <= self.budget + self.budget_tol and self.fixed_err < self.target:
             self.best_value = self.fixed_err
             self.best_choice = self.fixed_choice.copy()
+
+    def _start(self, first: "_FirstRound") -> tuple[_Table, _Table, int | None, _HullOrder | None]:
+        """Apply the cached single-option fixing; the first round's table, shifted table, grid, hull."""
+        self.fixed_choice[first.fixed_gid] = first.fixed_idx
+        self.fixed_cost, self.fixed_err = first.fixed_cost, first.fixed_err
+        return first.table, first.shifted, first.grid, first.ordered
 
     def _state_dp(self, shifted: _Table, slack: float, excess: np.ndarray, multiplier: float) -> None:
         """Exact search over the rows left, improving the incumbent if possible.
@@ -681,7 +777,7 @@ class _ExactSearch:
             lp, greedy, prefix = suffix.evaluate(left)
             completed = np.where(fits, err + greedy, np.inf)
             best = int(np.argmin(completed)) if completed.size else -1
-            if best >= 0 and self.fixed_err + completed[best] < self.target:
+            if best >= 0 and self.fixed_err + completed[best] < self.best_value - self.obj_tol:
                 head = np.append(_trace_back(history, int(parent[best])), slot[best])
                 head = by_excess[np.arange(r + 1), head]  # sorted slots -> table columns
                 tail = suffixes.greedy_columns(suffix, int(prefix[best]))[r + 1:]
@@ -733,24 +829,55 @@ def _trace_back(history: list[tuple[np.ndarray, np.ndarray]], state: int) -> np.
 
 
 @dataclass(frozen=True)
+class _FirstRound:
+    """What the first bound-and-fix round on a Pareto table needs, whatever the budget."""
+
+    fixed_gid: np.ndarray  # groups with a single option, fixed for every budget
+    fixed_idx: np.ndarray
+    fixed_cost: float
+    fixed_err: float
+    table: _Table  # the other rows
+    shifted: _Table  # ... with each row's cheapest option at cost 0
+    grid: int | None  # gcd of the shifted costs (``_cost_grid``)
+    ordered: _HullOrder | None  # their LP hull in greedy order (None: no rows left)
+
+
+def _first_round(table: _Table) -> _FirstRound:
+    """``_FirstRound`` of a Pareto table: its single-option rows fixed, the rest shifted, gridded and hulled."""
+    single = table.n == 1
+    fixed_idx = table.idx[single, 0]
+    fixed_cost, fixed_err = float(table.cost[single, 0].sum()), float(table.err[single, 0].sum())
+    rest = table.rows(~single) if single.any() else table
+    if not rest.n.size:
+        return _FirstRound(table.gid[single], fixed_idx, fixed_cost, fixed_err, rest, rest, None, None)
+    shifted, _ = _shift_costs(rest, 0.0)
+    return _FirstRound(table.gid[single], fixed_idx, fixed_cost, fixed_err, rest, shifted, _cost_grid(shifted),
+                       _hull_order(shifted))
+
+
+@dataclass(frozen=True)
 class PreparedMCKP:
     """The budget-independent part of ``solve_mckp``: validated options reduced to their
-    Pareto front. Reusable for any budget (the Allocate page's slider re-solves one table)."""
+    Pareto front, and the first round's LP hull in greedy order. Reusable for any budget
+    (the Allocate page's slider re-solves one table), so a solve starts at the binary
+    search for the LP split instead of rebuilding the hull of every group."""
 
     raw: _Table
     table: _Table
     n_groups: int
     largest_cost: float  # sum of each group's largest |cost| (budget tolerance)
     obj_tol: float
+    first: _FirstRound
 
 
 def prepare_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray]) -> PreparedMCKP:
-    """Validate and reduce an MCKP once (steps 1 of ``solve_mckp``); pass it as ``prepared=``."""
+    """Validate and reduce an MCKP once (step 1 of ``solve_mckp`` and the first LP hull); pass it as ``prepared=``."""
     problem = _validated(costs, errors, 0.0)
     raw = _table_from_groups(problem)
     largest_cost = float(np.maximum.reduceat(np.abs(problem.flat_cost), problem.starts).sum())
     _, obj_tol = _tolerances(problem)
-    return PreparedMCKP(raw, _pareto(raw), int(problem.lengths.size), largest_cost, obj_tol)
+    table = _pareto(raw)
+    return PreparedMCKP(raw, table, int(problem.lengths.size), largest_cost, obj_tol, _first_round(table))
 
 
 def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, *,
@@ -773,6 +900,10 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
          in the spirit of Pisinger's core algorithms for the MCKP (1995); groups with
          coarse cost steps go first, and greedy completions of the states keep lowering
          the target while it runs.
+    Steps 2-4 first run against an optimistic target a quarter of the way from the LP
+    bound to the incumbent; the optimum usually lies there, and pruning and fixing then
+    cut far more. When nothing that good exists, that target becomes the lower bound
+    and steps 2-4 run again against the incumbent.
 
     Returns the option index per group (ties: some optimal choice). The objective is
     optimal up to 1e-12 of the summed per-group error magnitudes; the budget holds up
@@ -784,7 +915,8 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
     costs), which are hard for ILP solvers as well.
 
     ``prepared`` (``prepare_mckp(costs, errors)``, made once) skips validating and
-    reducing the same options again; it must come from these ``costs`` and ``errors``.
+    reducing the same options again and holds the first round's LP hull in greedy order;
+    it must come from these ``costs`` and ``errors``.
     """
     if prepared is None:
         prepared = prepare_mckp(costs, errors)
@@ -796,7 +928,7 @@ def solve_mckp(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget
         raise InfeasibleBudgetError(min_cost, budget)
     search = _ExactSearch(prepared.n_groups, budget, budget_tol, obj_tol, max_candidates)
     try:
-        search.run(table)
+        search.run(table, prepared.first)
     except _SearchLimit:
         raise MCKPSearchLimitError([int(j) for j in search.best_choice], search.best_value,
                                    search.lower_bound, max_candidates) from None

@@ -15,6 +15,9 @@ blocks are grouped into windows (``memory.plan_windows``); per window one
 block-wise backward pass fills the output-gradient Grams of that window's layers
 only, and a consumer decomposes and frees each block's Grams before the next
 block's are allocated. Every Gram is counted in a ``memory.GramLedger``.
+FWSVD's Fisher rows stream the same way (``window_fisher_rows``): the block-wise
+backward forms one layer's weight gradient at a time in a hook and reduces it to
+its row at once, so no weight ``.grad`` and no whole-model graph is ever alive.
 """
 from __future__ import annotations
 
@@ -153,8 +156,17 @@ def crop_tokens(t: torch.Tensor, fraction: float = GRAD_CROP) -> torch.Tensor:
 
 def summed_lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy summed over positions (the KFAC calibration loss)."""
-    logits = model(input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+    return summed_next_token_loss(model(input_ids, use_cache=False).logits, input_ids)
+
+
+def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits[:, :-1] against labels[:, 1:], summed (KFAC's loss, from the head's output)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+
+
+def mean_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits[:, :-1] against labels[:, 1:], averaged: Hugging Face's causal-LM ``loss``."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
 def collect_grad_grams(
@@ -166,20 +178,31 @@ def collect_grad_grams(
     clip: bool = True,
     progress: Progress | None = None,
     ledger: GramLedger | None = None,
+    inputs: dict[str, InputStats] | None = None,
 ) -> dict[str, torch.Tensor]:
     """KFAC output-side factor G per layer: mean over batch of sum_t g_t g_t^T.
 
     Backpropagates the summed LM loss with the true labels (empirical Fisher). The
-    weights do not need gradients: the embedding output is made to require grad so
-    the backward hooks fire without allocating weight gradients.
+    weights do not need gradients: they are switched off for the pass (and restored)
+    and the embedding output is made to require grad, so the backward hooks fire and
+    only input gradients are formed (no weight-gradient products, no ``.grad``; the
+    output gradients, and so G, are the same bits either way).
+
+    ``inputs`` (a dict, filled here) also collects ``layers``' input statistics from
+    the same forward passes (forward pre-hooks, as ``iter_block_input_stats``): the
+    same inputs summed in the same order, one forward pass over the data fewer.
     """
     layers = layers or compressible_layers(model)
     device = next(model.parameters()).device
     grams = _zero_grad_grams(layers, device, ledger)
     handles = _grad_gram_hooks(model, layers, grams, crop, clip)
+    accumulators = _input_hooks(model, layers, device, handles) if inputs is not None else {}
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
     model.eval()
     try:
         n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
@@ -191,8 +214,26 @@ def collect_grad_grams(
     finally:
         for h in handles:
             h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
         model.train(was_training)
+    if inputs is not None:
+        frozen = {key: acc.freeze() for key, acc in accumulators.items()}
+        inputs.update({l.name: frozen[(l.block, INPUT_GROUP[l.kind])] for l in layers})
     return {k: v.cpu() for k, v in grams.items()}
+
+
+def _input_hooks(model: nn.Module, layers: list[LayerInfo], device, handles: list) -> dict:
+    """Forward pre-hooks accumulating each (block, input group)'s input statistics; appends their handles."""
+    accumulators = {}
+    for layer in layers:
+        key = (layer.block, INPUT_GROUP[layer.kind])
+        if key in accumulators:
+            continue
+        acc = accumulators[key] = _InputAccumulator(layer.in_features, device)
+        module = model.get_submodule(layer.name)
+        handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    return accumulators
 
 
 def _zero_grad_grams(layers: list[LayerInfo], device, ledger: GramLedger | None) -> dict[str, torch.Tensor]:
@@ -247,8 +288,84 @@ def window_grad_grams(
     return grams
 
 
-def _blockwise_backward(model: nn.Module, blocks: nn.ModuleList, item: BlockInput, ids: torch.Tensor, first: int) -> None:
-    """Backpropagate the summed LM loss of one batch down to block ``first``, one block at a time."""
+def fisher_batches(input_ids: torch.Tensor, reference_label_shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model inputs, labels) of FWSVD's loss, as ``collect_fisher_rows`` feeds the model.
+
+    The reference's double shift (methods.md §3.3): inputs ids[:, :-1], labels ids[:, 1:],
+    shifted once more by the loss; otherwise the plain next-token loss on ids.
+    """
+    return (input_ids[:, :-1], input_ids[:, 1:]) if reference_label_shift else (input_ids, input_ids)
+
+
+def window_fisher_rows(
+    model: nn.Module, items: list[BlockInput], labels: torch.Tensor, layers: list[LayerInfo], batch_size: int = 1,
+    ledger: GramLedger | None = None,
+) -> dict[str, torch.Tensor]:
+    """FWSVD's Fisher rows of ``layers`` by the block-wise backward pass: ``collect_fisher_rows``'s values.
+
+    ``items`` are block 0's inputs of the model inputs of ``fisher_batches``, ``labels``
+    its labels. Per batch the loss (mean, as Hugging Face's) is backpropagated block by
+    block down to the window's first block; a hook forms each layer's weight gradient
+    g^T x from its output gradient and its input (kept during the recompute only) and
+    reduces it at once to mean over rows of its square. One m x n gradient exists at a
+    time and no weight ``.grad`` is allocated; the rows and that transient are counted in
+    ``ledger`` (keys "<block>.F.<layer>" and "dW").
+    """
+    blocks = decoder_blocks(model)
+    first = min(l.block for l in layers)
+    device = items[0].hidden.device
+    sums = {}
+    for l in layers:
+        sums[l.name] = torch.zeros(l.in_features, device=device)
+        if ledger is not None:
+            ledger.take(gram_key(l.block, "F", l.name), sums[l.name])
+    handles = _fisher_hooks(model, layers, sums, ledger)
+    try:
+        for i, item in enumerate(items):
+            ids = labels[i * batch_size : (i + 1) * batch_size].to(device)
+            _blockwise_backward(model, blocks, item, ids, first, mean_next_token_loss)
+    finally:
+        for h in handles:
+            h.remove()
+    for row in sums.values():
+        row.div_(max(len(items), 1)).sqrt_()
+    return sums
+
+
+def _fisher_hooks(model: nn.Module, layers: list[LayerInfo], sums: dict[str, torch.Tensor],
+                  ledger: GramLedger | None) -> list:
+    """Hooks adding mean_rows((g^T x)^2) of each layer's batch weight gradient into ``sums``."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_input(name):
+        def hook(_module, args):
+            if torch.is_grad_enabled():  # the recompute, not the no-grad forward of every block
+                kept[name] = args[0].detach()
+        return hook
+
+    def reduce_gradient(name):
+        def hook(_module, _grad_in, grad_out):
+            x, g = kept.pop(name), grad_out[0].detach()
+            weight_grad = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            if ledger is not None:
+                ledger.take("dW", weight_grad)
+            sums[name] += weight_grad.pow_(2).mean(0)
+            del weight_grad
+            if ledger is not None:
+                ledger.release("dW")
+        return hook
+
+    handles = []
+    for l in layers:
+        module = model.get_submodule(l.name)
+        handles.append(module.register_forward_pre_hook(keep_input(l.name)))
+        handles.append(module.register_full_backward_hook(reduce_gradient(l.name)))
+    return handles
+
+
+def _blockwise_backward(model: nn.Module, blocks: nn.ModuleList, item: BlockInput, ids: torch.Tensor, first: int,
+                        loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_next_token_loss) -> None:
+    """Backpropagate ``loss_of(logits, ids)`` of one batch down to block ``first``, one block at a time."""
     hidden = [item.hidden]
     with torch.no_grad():
         for block in blocks[:-1]:
@@ -259,9 +376,7 @@ def _blockwise_backward(model: nn.Module, blocks: nn.ModuleList, item: BlockInpu
             x = hidden.pop().detach().requires_grad_(True)
             out = run_block(blocks[b], BlockInput(x, item.kwargs))
             if upstream is None:
-                logits = head_logits(model, out)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-                (upstream,) = torch.autograd.grad(loss, x)
+                (upstream,) = torch.autograd.grad(loss_of(head_logits(model, out), ids), x)
             else:
                 (upstream,) = torch.autograd.grad(out, x, grad_outputs=upstream)
             del out, x
@@ -274,6 +389,7 @@ class BlockStatistics:
     block: int
     inputs: dict[str, InputStats]
     grad_gram: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def iter_block_statistics(
@@ -283,30 +399,34 @@ def iter_block_statistics(
 ) -> Iterator[BlockStatistics]:
     """Yield every block's input and output-gradient statistics, window after window.
 
-    For each window, its G's are filled first (one block-wise backward pass over the
-    calibration set, hooks on that window's layers only), then the input statistics
-    of its blocks are computed one block at a time. The consumer must free (and
-    release in ``ledger``) a block's Grams before asking for the next block, so live
-    Gram bytes stay within the window's ``gram_bytes``. ``grad_layers`` (default
-    ``layers``) are the layers whose G is collected (a rank's own, under torch.distributed).
+    For each window, its G's (or FWSVD's Fisher rows) are filled first (one block-wise
+    backward pass over the calibration set, hooks on that window's layers only), then
+    the input statistics of its blocks are computed one block at a time. The consumer
+    must free (and release in ``ledger``) a block's Grams before asking for the next
+    block, so live bytes stay within the window's ``gram_bytes``. ``grad_layers``
+    (default ``layers``) are the layers whose G or Fisher row is collected (a rank's
+    own, under torch.distributed).
     """
     grad_layers = layers if grad_layers is None else grad_layers
     blocks_inputs = iter_block_input_stats(model, input_ids, batch_size, ledger=ledger) if "inputs" in needs else None
     items = capture_block_inputs(model, input_ids, batch_size) if "grads" in needs else None
+    fisher_inputs, fisher_labels = fisher_batches(input_ids)
+    fisher_items = capture_block_inputs(model, fisher_inputs, batch_size) if "fisher" in needs else None
     total = sum(len(w.blocks) for w in windows)
     done = 0
     for window in windows:
-        grads = {}
-        if items is not None:
-            mine = [l for l in grad_layers if l.block in window.blocks]
-            grads = window_grad_grams(model, items, input_ids, mine, batch_size, ledger=ledger) if mine else {}
+        mine = [l for l in grad_layers if l.block in window.blocks]
+        grads = window_grad_grams(model, items, input_ids, mine, batch_size, ledger=ledger) if items and mine else {}
+        fisher = (window_fisher_rows(model, fisher_items, fisher_labels, mine, batch_size, ledger)
+                  if fisher_items and mine else {})
         for b in window.blocks:
             inputs = {}
             if blocks_inputs is not None:
                 got, inputs = next(blocks_inputs)
                 assert got == b, (got, b)
             names = [l.name for l in layers if l.block == b]
-            yield BlockStatistics(b, inputs, {n: grads.pop(n).cpu() for n in names if n in grads})
+            yield BlockStatistics(b, inputs, {n: grads.pop(n).cpu() for n in names if n in grads},
+                                  {n: fisher.pop(n).cpu() for n in names if n in fisher})
             done += 1
             if progress:
                 progress(done / total, f"statistics + decomposition: block {b + 1}/{total}")

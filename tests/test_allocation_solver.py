@@ -278,6 +278,32 @@ def test_tied_groups_where_lp_bound_is_never_integral(unit):
     assert total_cost(costs, choice) == pytest.approx(unit * groups / 2)
 
 
+def test_an_optimum_above_the_probing_target_is_still_found():
+    """The probing pass prunes against LB + PROBE * (UB - LB); here the optimum (2) lies above it
+    (LB 1, first UB 3), so the probe finds nothing and the second pass must."""
+    costs, errors = [np.array([0.0]), np.array([0.0, 3, 2, 3, 2])], [np.array([0.0]), np.array([3.0, 0, 2, 0, 2])]
+    assert objective(errors, solve_mckp(costs, errors, 2.0)) == 2.0
+
+
+@pytest.mark.parametrize("probe", [0.0, 0.25, 1.0])  # 0: every probe fails unless LB is optimal; 1: no probe
+def test_every_probing_target_gives_the_exact_optimum(probe, monkeypatch):
+    monkeypatch.setattr(allocation._ExactSearch, "PROBE", probe)
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        costs, errors = zip(*(llm_like_group(rng, str(rng.choice(["convex", "nonconvex"]))) for _ in range(10)))
+        costs = [np.round(c / 64.0) for c in costs]  # small integer costs for the budget DP
+        budget = float(np.floor(rng.uniform(0.3, 0.9) * sum(c.max() for c in costs)))
+        assert_optimal(list(costs), list(errors), budget, integer_budget_dp(costs, errors, budget))
+
+
+def test_single_option_groups_only():
+    """Every group fixed by the prepared first round: nothing left for the bound, the DP or the probe."""
+    costs, errors = [np.array([2.0]), np.array([3.0])], [np.array([1.5]), np.array([0.5])]
+    assert solve_mckp(costs, errors, 5.0) == [0, 0]
+    with pytest.raises(InfeasibleBudgetError):
+        solve_mckp(costs, errors, 4.0)
+
+
 def test_subset_sum_like_instance_stops_at_the_search_limit_with_a_bound():
     """Errors exactly linear in real costs: the optimum is a subset-sum; the limit must hold."""
     rng = np.random.default_rng(0)

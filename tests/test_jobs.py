@@ -158,3 +158,52 @@ def test_for_each_stops_on_cancel_and_reports_item_failure():
 
     state = JobRegistry().submit("each", for_each, fail_on_two, [1, 2, 3]).wait(5)
     assert state.status == FAILED and state.error == "ValueError: bad plan 2"
+
+
+def test_time_left_is_extrapolated_from_the_reported_fraction():
+    """seconds_left: the time the fraction took, scaled to what is left; none before anything moved or after the end."""
+    from lems_core.jobs import JobState, format_seconds
+
+    now = time.time()
+    state = JobState("1", "eval", "running", 0.25, "statistics", started=now - 40, finished=None, reported=now - 10)
+    assert abs(state.seconds_left - (30 * 3 - 10)) < 1.0  # 30 s for a quarter: 90 s in all, 10 s of them already gone
+    assert "about 80 s left" in state.status_line and state.status_line.startswith("statistics (40 s")
+    assert JobState("1", "eval", "running", 0.0, "started", now - 40, None).seconds_left is None
+    assert JobState("1", "eval", "done", 1.0, "done", now - 40, now, reported=now).seconds_left is None
+    assert [format_seconds(s) for s in (4, 42, 200, 3900)] == ["4 s", "40 s", "3 min", "1 h 05 min"]
+
+    gate = threading.Event()
+
+    def work(progress, cancel):
+        time.sleep(0.05)
+        progress(0.5, "half")
+        gate.wait(5)
+
+    job = JobRegistry().submit("half", work)
+    for _ in range(200):
+        if job.snapshot().message == "half":
+            break
+        time.sleep(0.01)
+    assert job.snapshot().reported is not None and job.snapshot().reported >= job.snapshot().started
+    gate.set()
+    job.wait(5)
+
+
+def test_an_evaluation_job_takes_the_threads_the_load_leaves_free(monkeypatch):
+    """pipeline.free_core_threads: one thread on busy cores, torch's own count on idle ones, restored afterwards."""
+    import os
+
+    import torch
+
+    from lems_core import pipeline
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    with pipeline.free_core_threads() as threads:
+        assert threads == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with pipeline.free_core_threads() as threads:
+        assert threads == min(before, 4) == torch.get_num_threads()
+    assert torch.get_num_threads() == before

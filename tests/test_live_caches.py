@@ -71,3 +71,112 @@ def test_lems_min_budget_is_the_first_feasible_step():
     allocate(profile, "lems", low, params=ErrorModelParams())
     with pytest.raises(InfeasibleBudgetError):
         allocate(profile, "lems", round(low - 0.01, 6), params=ErrorModelParams())
+
+
+def test_prepared_lems_tables_follow_the_error_model():
+    """One prepared knapsack (hull, first round) per error model: switching back and forth gives fresh answers."""
+    profile = synthetic_profile(num_blocks=6, seed=4)
+    models = [ErrorModelParams(), ErrorModelParams(gamma=0.5, alpha=1.0), ErrorModelParams(energy_power=1)]
+    for params in models + models[::-1]:
+        fresh = allocate(synthetic_profile(num_blocks=6, seed=4), "lems", 0.6, params=params)
+        assert allocate(profile, "lems", 0.6, params=params).ranks == fresh.ranks
+    prepared = [v for k, v in profile.__dict__["_derived_memo"].items() if k[0] == "mckp_prepared"]
+    assert len(prepared) == len(models) and len({id(p.first) for p in prepared}) == len(models)
+
+
+def test_flat_energies_are_kept_per_energy_power():
+    """predicted_errors memoises the flattened energies per power: power 1 after power 2 is not power 2 again."""
+    profile = synthetic_profile(num_blocks=4, seed=5)
+    ranks = allocate(profile, "uniform", 0.5).ranks
+    for power in (2, 1, 2):
+        params = ErrorModelParams(energy_power=power, use_scale=False)
+        fresh = predicted_errors(synthetic_profile(num_blocks=4, seed=5), ranks, params)
+        assert predicted_errors(profile, ranks, params) == fresh
+    assert predicted_errors(profile, ranks, ErrorModelParams(energy_power=1, use_scale=False)) != \
+        predicted_errors(profile, ranks, ErrorModelParams(energy_power=2, use_scale=False))
+
+
+def test_the_index_handle_is_reused_until_its_database_changes(tmp_path):
+    """cache.index keeps one open handle per folder; a replaced or rewritten database is opened (and checked) again."""
+    from lems_core.cache import CacheIndexError, index
+
+    store = index(tmp_path)
+    store["a"] = 1
+    assert index(tmp_path) is store or index(tmp_path).get("a") == 1
+    again = index(tmp_path)
+    assert index(tmp_path) is again  # nothing written in between: the same handle
+    with index(tmp_path) as closed:  # closing it is harmless
+        closed["b"] = 2
+    assert index(tmp_path).get("b") == 2
+    database = tmp_path / "index" / "cache.db"
+    for f in database.parent.iterdir():
+        f.unlink()
+    database.write_bytes(b"garbage" * 100)
+    with pytest.raises(CacheIndexError):
+        index(tmp_path)
+
+
+def test_a_plan_decomposes_only_its_factorised_layers_and_each_once(tmp_path, monkeypatch):
+    """plan_factorizations (static methods): factors only for the layers a plan factorises (from their own
+    statistics on the first plan), equal to the whole-model file's; a second plan decomposes only the layers
+    the first did not, from the whole model's statistics; the whole-model file is used as it is when it exists."""
+    import torch
+
+    from lems_core import pipeline
+    from lems_core.calibration import CalibrationConfig
+    from lems_core.decompositions import Decomposer
+
+    from helpers import tiny_loaded, word_corpus
+
+    loaded = tiny_loaded(8)
+    cfg = CalibrationConfig(dataset=str(word_corpus(tmp_path / "corpus.txt")), split="train", n_samples=3, seq_len=48,
+                            seed=1, n_search=2)
+    names = [l.name for l in pipeline.compressible_layers(loaded.model)]
+    first = {n: (4 if i % 3 == 0 else None) for i, n in enumerate(names)}
+    second = {n: (4 if i % 2 == 0 else None) for i, n in enumerate(names)}
+    calls = []
+    real_call = Decomposer.__call__
+    monkeypatch.setattr(Decomposer, "__call__", lambda self, layer, *a, **k: calls.append(layer.name) or
+                        real_call(self, layer, *a, **k))
+    cache = tmp_path / "cache"
+    statistics = lambda: sorted(p.parent.name for p in (cache / "tensors").glob("*/*.safetensors"))  # noqa: E731
+    got = pipeline.plan_factorizations(loaded, cfg, "kfac", first, cache_dir=cache)
+    assert set(got) == {n for n, r in first.items() if r is not None} == set(calls)
+    assert "grads" not in statistics() and "inputs" not in statistics()  # the plan's Grams only, not cached
+    calls.clear()
+    again = pipeline.plan_factorizations(loaded, cfg, "kfac", second, cache_dir=cache)
+    assert set(calls) == {n for n, r in second.items() if r is not None} - set(got)  # only the new layers
+    assert {"grads", "inputs"} <= set(statistics())  # the second plan computed (and cached) the whole model's
+    whole = pipeline.factorizations_for(loaded, cfg, "kfac", cache_dir=tmp_path / "other")
+    for name, f in {**got, **again}.items():
+        assert torch.equal(f.left, whole[name].left) and torch.equal(f.right, whole[name].right)
+        assert np.array_equal(f.sigma, whole[name].sigma)
+    calls.clear()
+    full = pipeline.plan_factorizations(loaded, cfg, "kfac", second, cache_dir=tmp_path / "other")
+    assert not calls and set(full) == set(names)  # the cached whole-model file, as before
+
+
+def test_a_shipped_dense_perplexity_is_used_only_for_its_model_and_protocol(tmp_path, monkeypatch):
+    """dense_perplexity: the value in cache/demo/dense_ppl.json for (fingerprint, dataset, split, window, cap) on a
+    CPU in float32 instead of a dense pass, and stored in the index; any other protocol is measured."""
+    import json
+
+    from lems_core import cache, pipeline
+    from lems_core.evaluation import PerplexityResult
+
+    from helpers import tiny_loaded, word_corpus
+
+    loaded = tiny_loaded(8)
+    corpus = str(word_corpus(tmp_path / "corpus.txt"))
+    entry = dict(zip(pipeline.DENSE_PPL_FIELDS, (loaded.fingerprint, corpus, "test", 32, 4)), ppl=12.5)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / pipeline.SHIPPED_DENSE_PPL).write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setattr(cache, "DEMO_DIR", tmp_path / "demo")
+    runs = []
+    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: runs.append(1) or PerplexityResult(7.0, 2.0, 1, 1, 0))
+    assert pipeline.dense_perplexity(loaded, corpus, 32, 4, tmp_path / "c", split="test") == 12.5 and not runs
+    assert pipeline.index(tmp_path / "c").get(f"dense-ppl:{cache.key_of(loaded.fingerprint, corpus, 'test', 32, 4)}") \
+        == 12.5
+    assert pipeline.dense_perplexity(loaded, corpus, 32, 8, tmp_path / "c", split="test") == 7.0 and runs  # other cap
+    loaded.model.half()
+    assert pipeline.shipped_dense_perplexity(loaded, corpus, "test", 32, 4) is None  # not float32

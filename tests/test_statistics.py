@@ -66,3 +66,22 @@ def test_grad_gram_is_psd_and_matches_manual_backward(tiny_ids):
     g = captured[0].reshape(-1, captured[0].shape[-1]).double()
     assert torch.allclose(grams[layer.name].double(), g.T @ g, rtol=1e-4, atol=1e-8)
     assert torch.linalg.eigvalsh(grams[layer.name].double()).min() > -1e-6
+
+
+def test_one_pass_kfac_statistics_equal_the_two_passes(tiny_llama, tiny_ids):
+    """collect_grad_grams(inputs=...) gathers the input statistics during its own forward passes: the same bits as
+    collect_input_stats' block-wise pass, and the same G as without them; no weight .grad is left behind."""
+    layers = compressible_layers(tiny_llama)
+    separate_inputs = collect_input_stats(tiny_llama, tiny_ids)
+    flags = [p.requires_grad for p in tiny_llama.parameters()]
+    inputs = {}
+    grams = collect_grad_grams(tiny_llama, tiny_ids, layers, inputs=inputs)
+    assert [p.requires_grad for p in tiny_llama.parameters()] == flags  # restored
+    assert all(p.grad is None for p in tiny_llama.parameters())
+    for layer in layers:
+        a, b = inputs[layer.name], separate_inputs[layer.name]
+        assert a.tokens == b.tokens
+        for field in ("gram", "abs_sum", "abs_max", "abs_max_sum"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (layer.name, field)
+    alone = collect_grad_grams(tiny_llama, tiny_ids, layers)  # without the input hooks
+    assert all(torch.equal(grams[k], alone[k]) for k in grams)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..budget import Ranks, check_ratio, params_of, realised_ratio, within_budget
+from ..budget import BUDGET_TOL, Ranks, budget_of, check_ratio, params_of, realised_ratio, within_budget
 from ..constraints import LayerConstraints, ResolvedConstraints
 from ..error_model import ErrorModelParams
 from ..plan import RankPlan, plan_from_allocation
@@ -63,7 +63,9 @@ def finish(profile: Profile, alloc: Allocation) -> Allocation:
     alloc.info["params_total"] = profile.total_params
     alloc.info["realised_ratio"] = alloc.info["params_kept"] / profile.total_params
     alloc.info["dense_layers"] = sum(r is None for r in alloc.ranks.values())
-    check_result(profile, alloc)
+    # check_result's test on the params just counted (not a second pass over the layers).
+    if alloc.info["params_kept"] > budget_of(profile, alloc.ratio) * (1 + BUDGET_TOL):
+        check_result(profile, alloc)  # raises
     return alloc
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import sha256_file
+from .cache import read_json_capped, sha256_file
 from .model import KINDS, LayerInfo
 
 PROFILE_SCHEMA = "lems-profile/1"
@@ -255,16 +255,7 @@ def read_profile_document(json_path: Path) -> dict:
     A missing ``profile_sha256`` (profiles written before it existed) is accepted;
     the schema validation in ``Profile.load`` still applies.
     """
-    try:
-        if json_path.stat().st_size > MAX_PROFILE_JSON_BYTES:
-            raise ProfileError(f"{json_path} is too large to be a profile")
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{json_path} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise ProfileError(f"{json_path} is not a profile: its JSON is nested too deeply") from None
-    except OSError as exc:
-        raise ProfileError(f"cannot read {json_path}: {exc}") from exc
+    doc = read_json_capped(json_path, MAX_PROFILE_JSON_BYTES, ProfileError, "a profile")
     if not isinstance(doc, dict):
         raise ProfileError(f"{json_path} must hold a JSON object, got {type(doc).__name__}")
     if doc.get("schema") != PROFILE_SCHEMA:

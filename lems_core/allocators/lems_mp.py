@@ -87,10 +87,13 @@ def profile_points(profile: Profile, ratios=None, extra: Points | None = None) -
 
 
 def kl_floor(profile: Profile, rtol: float = FLOOR_RTOL) -> float:
-    """The profile's KL measurement floor (see the module docstring): its own field when
+    """The profile's KL measurement floor (see the module docstring): the floor of the
+    source profile when the extra points were carried over from one
+    (``scripts/carry_measured_points.py``: they keep its bf16 floor), else its own field when
     present (``Profile.kl_floor["kl"]``, measured by ``sensitivity.kl_floor``), else the lowest measured KL if some layer's two highest measured ratios both
     sit within ``rtol`` of it (a flat tail), else 0."""
-    for source in (getattr(profile, "kl_floor", None), profile.meta.get("kl_floor"), profile.dense.get("kl_floor")):
+    carried = (profile.meta.get("carried_points") or {}).get("kl_floor_of_source")  # the points' own floor
+    for source in (carried, getattr(profile, "kl_floor", None), profile.meta.get("kl_floor"), profile.dense.get("kl_floor")):
         if isinstance(source, dict):  # Profile.kl_floor: {"kl": ..., "reference_precision": ...}
             source = source.get("kl")
         if source is not None:

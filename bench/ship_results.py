@@ -1,0 +1,130 @@
+"""Measure the demo results the app ships (`cache/demo/results.json`, issue #13).
+
+Every record is a real compression + evaluation through the app's own job path
+(`pipeline.evaluate_and_store`): WikiText-2 test perplexity on the quick protocol
+(8 x 512 tokens, `evaluation.QUICK_EVAL`), KL to the dense model on the profile's
+search windows, the realised ratio and the plan's ranks (for predicted vs measured).
+Nothing is copied from elsewhere; a cell that cannot run is reported and skipped.
+
+    python bench/ship_results.py [--profile cache/demo/smollm2-135m-kfac] [--cache-dir DIR]
+        [--methods uniform,lems,...] [--ratios 0.8 0.6] [--out cache/demo/results.json]
+
+Records already in ``--out`` for the same (method, decomposition, budget, protocol) are
+kept and not measured again, so the file can be grown in several runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from lems_core.allocators import MODEL_SCORED, allocate, fit_bias
+from lems_core.cache import DEMO_DIR
+from lems_core.evaluation import QUICK_EVAL
+from lems_core.pipeline import PlanRequest, evaluate_and_store, score_function
+from lems_core.profile import Profile
+
+SCHEMA = "lems-results/1"
+DEFAULT_METHODS = ["uniform", "lems", "lems_fixed", "lems_fit", "svdllm_v2", "atp", "mrcs", "asvd", "ars",
+                   "erc_plc", "lcsvd_search"]
+
+
+def _plan_item(profile: Profile, method: str, ratio: float, cache_dir: Path):
+    """A RankPlan to evaluate, or a PlanRequest the job solves on the model (model-scored methods)."""
+    if method in MODEL_SCORED:
+        return PlanRequest(method, ratio)
+    if method == "lems_fit":  # the reference's fit at exactly this ratio, on the model
+        alloc = fit_bias(profile, ratio, score_function(profile, "kl", "cpu", cache_dir)).allocation
+    else:
+        alloc = allocate(profile, method, ratio)
+    return alloc.to_plan(profile, meta={"calibration": profile.calibration})
+
+
+def _key(record: dict) -> tuple:
+    proto = (record.get("settings") or {}).get("protocol") or {}
+    return record["method"], record["decomposition"], round(float(record["budget"]), 4), proto.get("name")
+
+
+def _write(out: Path, records: list[dict], note: str) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"schema": SCHEMA, "note": note, "results": records}, indent=1))
+    os.replace(tmp, out)
+
+
+def run(args) -> None:
+    profile = Profile.load(args.profile)
+    out = Path(args.out)
+    records = json.loads(out.read_text())["results"] if out.is_file() else []
+    done = {_key(r) for r in records}
+    load = os.getloadavg()[0]
+    note = (f"measured by bench/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
+            f"{Path(args.profile).name}), CPU, torch threads {torch.get_num_threads()}, quick protocol "
+            f"{QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test")
+    for ratio in args.ratios:
+        for method in args.methods:
+            key = (method, profile.decomposition, round(ratio, 4), QUICK_EVAL.name)
+            if key in done:
+                continue
+            started = time.perf_counter()
+            try:
+                item = _plan_item(profile, method, ratio, args.cache_dir)
+                record = evaluate_and_store(item, profile=profile, cache_dir=args.cache_dir, device="cpu", datasets=["wikitext2"],
+                                            seq_len=QUICK_EVAL.seq_len, max_windows=QUICK_EVAL.max_windows)
+            except Exception as exc:  # a cell that cannot run says why; the others go on
+                traceback.print_exc()
+                print(f"{method} {ratio}: n/a ({type(exc).__name__}: {exc})", flush=True)
+                continue
+            if "error" in record:
+                print(f"{method} {ratio}: n/a ({record['error']})", flush=True)
+                continue
+            record["method"] = method  # lems_fit plans are named lems by the allocation
+            record["source"] = "shipped"
+            records.append(record)
+            done.add(key)
+            _write(out, records, note)
+            print(f"[{time.perf_counter() - started:6.1f}s load {os.getloadavg()[0]:.1f} (start {load:.1f})] "
+                  f"{method} {ratio}: ppl {record['ppl']} kl {record['kl']:.4f} "
+                  f"ratio {record['realised_ratio']:.3f}", flush=True)
+
+
+def table(out: Path, dataset: str = "wikitext2") -> str:
+    """The shipped records as a markdown table: method x budget, PPL (realised ratio) and KL."""
+    records = json.loads(out.read_text())["results"]
+    budgets = sorted({round(r["budget"], 4) for r in records}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    cell = {(r["method"], round(r["budget"], 4)): r for r in records}
+    lines = ["| allocator | " + " | ".join(f"kept {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        row = [(f"{cell[(m, b)]['ppl'][dataset]:.2f} ({cell[(m, b)]['realised_ratio']:.3f}; KL {cell[(m, b)]['kl']:.3f})"
+                if (m, b) in cell else "") for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", type=Path, default=DEMO_DIR / "smollm2-135m-kfac")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=DEFAULT_METHODS)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
+    parser.add_argument("--out", default=str(DEMO_DIR / "results.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the stored records as a markdown table")
+    args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.out)))
+        return
+    torch.set_num_threads(args.threads)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Carry the extra single-layer KL points of an older profile into a rebuilt one (issue #11).
+
+The KFAC demo profile was rebuilt with the reference defaults (offset rule, float32
+reference logits, bias fit). Its calibration and search windows are *the same* as the
+old profile's: with seed 42 / 1042 the two offset rules draw the same offsets from
+``random.Random`` here (both upper bounds have the same bit length and no draw falls
+between them), which this script checks. Re-measuring ASVD's six points (1260 suffix
+runs, about an hour of these 2 CPUs) was not affordable in the session, so the old
+points are copied, and the profile says so (``meta["carried_points"]``): they were
+measured against a bf16 reference and include its floor (``kl_bf16`` of the old profile).
+
+    python scripts/carry_measured_points.py OLD_PROFILE_DIR NEW_PROFILE_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lems_core.calibration import SEARCH_SEED_OFFSET, CalibrationConfig
+from lems_core.data import load_text
+from lems_core.profile import Profile
+
+
+def _offsets(cfg: CalibrationConfig, text: str, seed: int, draws: int) -> list[int]:
+    """The first character offsets ``calibration.sample_windows`` draws (no short draw here)."""
+    upper = len(text) - (cfg.seq_len if cfg.sampling == "reference" else 10 * cfg.seq_len) - 1
+    rng = random.Random(seed)
+    return [rng.randint(0, upper) for _ in range(draws)]
+
+
+def same_windows(old: CalibrationConfig, new: CalibrationConfig) -> bool:
+    """Whether both configs draw the same calibration and search offsets on their text."""
+    rest = lambda c: (c.dataset, c.split, c.n_samples, c.n_search, c.seq_len, c.seed)
+    if rest(old) != rest(new):
+        return False
+    text, _ = load_text(new.dataset, new.split)
+    return all(_offsets(old, text, seed, n + 4) == _offsets(new, text, seed, n + 4)
+               for seed, n in ((new.seed, new.n_samples), (new.seed + SEARCH_SEED_OFFSET, new.n_search)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    args = parser.parse_args()
+    old, new = Profile.load(args.old), Profile.load(args.new)
+    if (old.fingerprint, old.decomposition, [l.name for l in old.layers]) != \
+            (new.fingerprint, new.decomposition, [l.name for l in new.layers]):
+        sys.exit("the profiles are not of the same model, decomposition and layers")
+    if not same_windows(CalibrationConfig.from_dict(old.calibration), CalibrationConfig.from_dict(new.calibration)):
+        sys.exit("the profiles' calibration windows differ: measure the points instead (pipeline.add_measured_points)")
+    carried = sorted(set(old.measured) - set(new.measured))
+    new.measured.update({r: old.measured[r] for r in carried})
+    new.meta["carried_points"] = {
+        "ratios": carried, "from_profile_created": old.meta.get("created"),
+        "reference_precision": (old.kl_floor or {}).get("reference_precision", "bf16"),
+        "kl_floor_of_source": (old.kl_floor or {}).get("kl_bf16"),
+        "note": "single-layer KL at these ratios copied from the profile built before the reference defaults "
+                "(same calibration and search windows); measured against a bf16 reference, so they include its "
+                "floor, and no single-layer NLL (ASVD's reference ranking falls back to KL)",
+    }
+    new.save(args.new)
+    print(f"carried {carried} into {args.new}")
+
+
+if __name__ == "__main__":
+    main()

@@ -123,15 +123,13 @@ def cmd_profile(args) -> int:
     ratios = tuple(float(x) for x in args.extra_ratios.split(",")) if args.extra_ratios else ()
     ctx = distributed.context()  # under torchrun: rank, world, this rank's GPU
     device = args.device or (ctx.device if ctx.world > 1 else None)
-    source = args.model
-    if args.offload_folder or args.weights_memory:
-        from .model import default_device
-        from .offload import load_offloaded
+    offload = _offload_spec(args)
+    if offload:
+        from .offload import load_with
 
-        where = device or default_device()
-        limits = {(int(where.split(":")[1]) if ":" in where else 0) if where.startswith("cuda") else "cpu":
-                  args.weights_memory} if args.weights_memory else None
-        source = load_offloaded(args.model, max_memory=limits, offload_folder=args.offload_folder)
+        source = load_with(offload, args.model, device)
+    else:
+        source = args.model
     with (progress_bar(f"profile {args.decomposition}") if ctx.main else contextlib.nullcontext(None)) as bar:
         folder = build_profile(source, args.decomposition, _calibration(args), extra_ratios=ratios,
                                device=device, progress=bar, force=args.force,
@@ -141,6 +139,25 @@ def cmd_profile(args) -> int:
     if ctx.main:
         print(folder)
     return 0
+
+
+def _offload_args(sp) -> None:
+    """--weights-memory / --offload-folder of profile, evaluate, evaluate-plans and compress."""
+    sp.add_argument("--weights-memory", type=memory_size, default=None,
+                    help="load with accelerate: at most this much of the weights on the device (e.g. 20GB), the rest "
+                         "in CPU RAM, then in --offload-folder")
+    sp.add_argument("--offload-folder", default=None,
+                    help="load with accelerate, offloading what fits neither device nor CPU to this folder "
+                         "(memory-mapped safetensors)")
+
+
+def _offload_spec(args):
+    """The OffloadSpec of --weights-memory / --offload-folder, or None when neither is given."""
+    from .offload import OffloadSpec
+
+    if args.weights_memory is None and not args.offload_folder:
+        return None
+    return OffloadSpec(args.weights_memory, args.offload_folder)
 
 
 def _bias_fit_ratios(text: str) -> tuple[float, ...]:
@@ -268,7 +285,8 @@ def cmd_evaluate(args) -> int:
     with progress_bar(f"evaluate {plan.method} ({decomposition}, {protocol.name} protocol)") as bar:
         result = evaluate_plan(plan, [d for d in args.datasets.split(",") if d.strip()], protocol.max_windows,
                                protocol.seq_len, args.device, progress=bar, decomposition=decomposition,
-                               calibration=calibration, tasks=tasks, task_limit=args.task_limit)
+                               calibration=calibration, tasks=tasks, task_limit=args.task_limit,
+                               offload=_offload_spec(args))
     print(json.dumps(result.to_dict(), indent=1))
     if tasks:  # zero-shot runs are long: keep them where the app's results table reads them
         from .results import ResultStore
@@ -285,12 +303,13 @@ def cmd_evaluate_plans(args) -> int:
     from .plan import RankPlan
 
     protocol = _eval_protocol(args)
+    offload = _offload_spec(args)
     inputs = [_plan_inputs(args, RankPlan.load(p)) for p in args.plans.split(",") if p.strip()]
     if not inputs:
         raise ValueError("--plans names no plan file")
     results = evaluate_plans([p for p, _ in inputs], datasets=[d for d in args.datasets.split(",") if d.strip()],
                              max_windows=protocol.max_windows, seq_len=protocol.seq_len, device=args.device,
-                             calibration=inputs[0][1], decomposition=args.decomposition)
+                             calibration=inputs[0][1], decomposition=args.decomposition, offload=offload)
     if distributed.context().main:
         print(json.dumps(results, indent=1))
     return 0
@@ -326,14 +345,15 @@ def _eval_protocol(args):
 def cmd_compress(args) -> int:
     from .compression import count_parameters, save_compressed
     from .model import compressible_layers
-    from .pipeline import check_decomposition, compressed, get_model, plan_factorizations
+    from .offload import weights_in_memory
+    from .pipeline import check_decomposition, compressed, model_for, plan_factorizations
     from .plan import PlanError, RankPlan, check_plan_layers
 
     plan = RankPlan.load(args.plan)
     decomposition = check_decomposition(args.decomposition or plan.decomposition)
     plan, cfg = _plan_inputs(args, plan)
     _check_output_folder(Path(args.output), plan.model_source, args.force)
-    loaded = get_model(plan.model_source, args.device)
+    loaded = model_for(plan.model_source, args.device, _offload_spec(args))
     if plan.fingerprint != loaded.fingerprint:
         raise PlanError(f"plan was made for another model: plan fingerprint {plan.fingerprint!r}, "
                         f"{plan.model_source} loads as {loaded.fingerprint!r}")
@@ -341,7 +361,7 @@ def cmd_compress(args) -> int:
     with progress_bar(f"factorise ({decomposition})") as bar:
         factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), progress=bar)
     dense_params = count_parameters(loaded.model)
-    with compressed(loaded, plan.ranks(), factors) as applied:
+    with compressed(loaded, plan.ranks(), factors) as applied, weights_in_memory(loaded.model):
         params = count_parameters(loaded.model)
         meta = {"plan": json.loads(plan.to_json()), "decomposition": decomposition, "dense_params": dense_params}
         if args.format == "hf":
@@ -398,6 +418,9 @@ def cmd_ars(args) -> int:
         info = doc["meta"]["ars"]
         print(f"ARS at {ratio:g}: learned {info['learned_ratio']:.4f}, realised {s['realised_ratio']:.4f} "
               f"after {info['repair_cuts']} repair cuts, {info['seconds']:.0f} s")
+        if "budget_model" in info:  # the reference rule trains against the whole model's kept fraction
+            print(f"  {info.get('rule')} rule: {info['steps_run']} steps{' (early stop)' if info['stopped_early'] else ''}, "
+                  f"whole-model target {info['budget_model']:.4f}, realised {info['realised_model_ratio']:.4f}")
         if args.output:
             out = Path(args.output.replace("{ratio}", f"{ratio:g}"))
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -456,10 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "blocks are processed in windows that fit it")
     sp.add_argument("--factor-dtype", default="fp32", choices=("fp32", "fp16"),
                     help="storage of the streamed factors on disk (default fp32)")
-    sp.add_argument("--weights-memory", type=memory_size, default=None,
-                    help="load with accelerate: at most this much of the weights on the device, the rest on CPU")
-    sp.add_argument("--offload-folder", default=None,
-                    help="load with accelerate, offloading what fits neither device nor CPU to this folder")
+    _offload_args(sp)
     sp.set_defaults(fn=cmd_profile)
 
     sp = sub.add_parser("allocate", help="allocate ranks over a profile and write a rank plan")
@@ -510,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--decomposition", default=None,
                     help=f"factorise the plan's ranks with this decomposition instead of the plan's own: {decompositions} "
                          "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
+    _offload_args(sp)
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("evaluate-plans", help="evaluate several plans (spread over the ranks under torchrun)")
@@ -521,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None)
     _plan_args(sp)
     sp.add_argument("--decomposition", default=None)
+    _offload_args(sp)
     sp.set_defaults(fn=cmd_evaluate_plans)
 
     sp = sub.add_parser("compress", help="compress with a plan and save the low-rank model")
@@ -537,12 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--decomposition", default=None,
                     help=f"factorise the plan's ranks with this decomposition instead of the plan's own: {decompositions} "
                          "(saes, erc, lcsvd are computed for the plan's ranks: closed-loop / trained, slower)")
+    _offload_args(sp)
     sp.set_defaults(fn=cmd_compress)
 
     sp = sub.add_parser("ars", help="train ARS (learned rank selection) for a profile; results are cached")
     sp.add_argument("--profile", required=True, help="profile folder (contains profile.json)")
     sp.add_argument("--ratio", required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
-    sp.add_argument("--preset", default="cpu-small", choices=sorted(ARS_PRESETS))
+    sp.add_argument("--preset", default="cpu-small", choices=sorted(ARS_PRESETS),
+                    help="cpu-small (default: 101-200 steps, reference rule) | reference (at most 2000 steps) | "
+                         "<name>-legacy: the earlier rule (fixed steps, one-sided penalty, compressible only, "
+                         "one-way GRU)")
     sp.add_argument("--device", default=None)
     sp.add_argument("--cache-dir", default=None)
     sp.add_argument("-o", "--output", default=None, help="write the plan here ({ratio} is replaced)")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
+import os
 import threading
 import time
 import weakref
@@ -24,7 +27,7 @@ from . import __version__
 from .allocators import BIAS_FIT_RATIOS, MODEL_SCORED, Allocation, allocate, ars, profile_bias_fit
 from .cache import index, key_of, load_tensors, profiles_dir, save_tensors, tensor_path
 from .calibration import CalibrationConfig, SEARCH_SEED_OFFSET, sample_windows
-from .compression import compress_model, restore_dense
+from .compression import compress_model, is_dense_rank, restore_dense
 from .data import evaluation_split, load_text
 from .decompositions import (DecompositionOptions, DecompositionSpec, Decomposer, Factorization, MethodOptions, base_of,
                              check_decomposition, decomposition_names, spec_of)
@@ -36,7 +39,9 @@ from .plan import check_plan_layers
 from .profile import Profile, ProfileError
 from .sensitivity import LOG_PROB_CACHE_BYTES, layer_kl_sweep
 from . import distributed
-from .memory import grad_gram_bytes, input_gram_bytes, available_memory
+from .memory import grad_gram_bytes, input_gram_bytes, available_memory, budget_or_default
+from .blocks import plan_input_placement
+from .offload import OffloadSpec, has_offloaded_weights, load_with
 from .zero_shot import ZeroShotResult, load_tasks, tasks_key, zero_shot
 from .streaming import decomposition_workspace, plan_stream, streamed_dir, streamed_factorizations
 from .statistics import (INPUT_GROUP, InputStats, Statistics, collect_fisher_rows, collect_grad_grams,
@@ -57,16 +62,24 @@ _MODEL_LOCK = threading.Lock()
 _MODELS: dict[tuple, LoadedModel] = {}
 
 
-def get_model(source: str, device: str | None = None) -> LoadedModel:
-    """Load a model once per process (the demo takes ~30 s to load on CPU); keeps one."""
+def get_model(source: str, device: str | None = None, offload: OffloadSpec | None = None) -> LoadedModel:
+    """Load a model once per process (the demo takes ~30 s to load on CPU); keeps one.
+
+    ``offload`` loads it with accelerate, partly on CPU RAM / disk (``offload.py``).
+    """
     from .model import default_device
 
-    key = (source, check_device(device or default_device()))
+    key = (source, check_device(device or default_device()), offload)
     with _MODEL_LOCK:
         if key not in _MODELS:
             _MODELS.clear()
-            _MODELS[key] = load_model(source, device=key[1])
+            _MODELS[key] = load_with(offload, source, key[1]) if offload else load_model(source, device=key[1])
         return _MODELS[key]
+
+
+def model_for(source: str, device: str | None = None, offload: OffloadSpec | None = None) -> LoadedModel:
+    """``get_model``, handing it ``offload`` only when there is one (a whole model keeps its two-argument call)."""
+    return get_model(source, device, offload) if offload else get_model(source, device)
 
 
 # One lock per loaded model: compression (``compressed``), ARS training and the
@@ -156,6 +169,14 @@ def statistics_for(
     needs = spec_of(decomposition).needs
     stats = Statistics()
     base = (loaded.fingerprint, statistics_key(cfg))
+    if needs == {"inputs", "grads"} and _both_missing(base, cache_dir):
+        # KFAC from scratch: the input statistics come from the gradient pass's forward passes.
+        inputs: dict[str, InputStats] = {}
+        stats.grad_gram = collect_grad_grams(loaded.model, calib_ids, layers, progress=progress, inputs=inputs)
+        save_tensors(tensor_path("inputs", key_of(*base, "inputs"), cache_dir), _input_stats_to_tensors(inputs, layers))
+        save_tensors(tensor_path("grads", key_of(*base, "grads"), cache_dir), stats.grad_gram)
+        stats.inputs = inputs
+        return stats
     if "inputs" in needs:
         path = tensor_path("inputs", key_of(*base, "inputs"), cache_dir)
         cached = load_tensors(path)
@@ -174,6 +195,11 @@ def statistics_for(
         stats.fisher = _cached_tensors(tensor_path("fisher", key_of(*base, "fisher"), cache_dir), lambda: collect_fisher_rows(
             loaded.model, calib_ids, layers, progress=stage(progress, 0, 1)))
     return stats
+
+
+def _both_missing(base: tuple, cache_dir: Path | None) -> bool:
+    """Whether neither the input nor the gradient statistics of ``base`` are cached."""
+    return not any(tensor_path(kind, key_of(*base, kind), cache_dir).is_file() for kind in ("inputs", "grads"))
 
 
 def _cached_tensors(path: Path, compute: Callable[[], dict]) -> dict:
@@ -195,18 +221,19 @@ def factorizations_for(
     """Every layer's Factorization (cached as one safetensors file per model/config/method).
 
     With ``max_memory`` (bytes for statistics + decomposition), or when the model's
-    Grams would not fit what the device has, or for one rank's ``owned`` layers, the
-    streamed path runs instead (``streaming.py``): windows of blocks, Grams freed per
-    layer, factors on disk per block in ``factor_dtype`` (a read-only Mapping).
+    Grams would not fit what the device has, for one rank's ``owned`` layers, or for a
+    model with offloaded weights, the streamed path runs instead (``streaming.py``):
+    windows of blocks, Grams freed per layer, factors on disk per block in
+    ``factor_dtype`` (a read-only Mapping).
     """
     options = options or DecompositionOptions()
     layers = compressible_layers(loaded.model)
-    if max_memory is not None or owned is not None or not _grams_fit(loaded, layers, decomposition, options):
+    if (max_memory is not None or owned is not None or has_offloaded_weights(loaded.model)
+            or not _grams_fit(loaded, layers, decomposition, options)):
         if calib_ids is None and spec_of(decomposition).needs:
             calib_ids, _ = calibration_windows(loaded, cfg)
         shard = None if owned is None else (distributed.context().rank, distributed.context().world)
-        folder = streamed_dir(loaded, statistics_key(cfg), decomposition, _options_dict(options), factor_dtype,
-                              cache_dir, shard)
+        folder = _streamed_folder(loaded, cfg, decomposition, options, factor_dtype, cache_dir, shard)
         plan = plan_stream(layers, decomposition, max_memory, loaded.device, options)
         return streamed_factorizations(loaded, calib_ids, decomposition, options, folder, plan, factor_dtype, owned,
                                        progress)
@@ -228,6 +255,13 @@ def factorizations_for(
             progress(0.6 + 0.4 * (i + 1) / len(layers), f"decomposing {layer.name}")
     save_tensors(path, _factors_to_tensors(result), {"decomposition": decomposition})
     return result
+
+
+def _streamed_folder(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, options: DecompositionOptions,
+                     factor_dtype: str, cache_dir: Path | None, shard: tuple[int, int] | None = None) -> Path:
+    """The block-file folder of a streamed build (one rank's ``shard`` has its own; None: complete factors)."""
+    return streamed_dir(loaded, statistics_key(cfg), decomposition, _options_dict(options), factor_dtype, cache_dir,
+                        shard)
 
 
 def _grams_fit(loaded: LoadedModel, layers: list[LayerInfo], decomposition: str, options: DecompositionOptions) -> bool:
@@ -294,7 +328,8 @@ def build_profile(
     if tuple(bias_fit_ratios) != BIAS_FIT_RATIOS:  # the default fit stays out of the key
         settings["bias_fit_ratios"] = sorted(bias_fit_ratios)
     folder = profiles_dir(cache_dir) / key_of(loaded.fingerprint, calibration.to_dict(), decomposition, settings)
-    if not force and distributed.broadcast_object(distributed.context(), _profile_readable(folder)):
+    expects_fit = bool(bias_fit_ratios) and measure_scale
+    if not force and distributed.broadcast_object(distributed.context(), _profile_readable(folder, expects_fit)):
         return folder  # under torchrun rank 0 decides, so no rank waits alone in a merge
     with hold_model(loaded, cancel, progress):
         return _build_profile(loaded, decomposition, calibration, folder, settings, extra_ratios, ref_ratio,
@@ -302,9 +337,12 @@ def build_profile(
                               factor_dtype, tuple(bias_fit_ratios))
 
 
-def _profile_readable(folder: Path) -> bool:
+def _profile_readable(folder: Path, expects_fit: bool = False) -> bool:
+    """A valid profile is there; with ``expects_fit``, not one a torchrun build wrote without its bias fit
+    (multi-process builds skipped the fit before it moved to rank 0, under the same key)."""
     with contextlib.suppress(ProfileError):
-        return bool(Profile.load(folder))
+        profile = Profile.load(folder)
+        return not (expects_fit and profile.bias_fit is None and profile.meta.get("world_size", 1) > 1)
     return False
 
 
@@ -325,17 +363,22 @@ def _build_profile(loaded: LoadedModel, decomposition: str, calibration: Calibra
                                  max_memory=max_memory, factor_dtype=factor_dtype, owned=owned)
     spectra = getattr(factors, "spectra", None) or {n: f.sigma for n, f in factors.items()}
     kl_ref, measured, dense, sweep, floor, nll = None, {}, {}, {}, None, {}
-    fit_here = bool(bias_fit_ratios) and measure_scale and ctx.world == 1  # the fit needs every layer's factors
+    fit_here = bool(bias_fit_ratios) and measure_scale  # under torchrun: on rank 0, with every layer's factors
     if measure_scale:
         ratios = [ref_ratio, *sorted(set(extra_ratios) - {ref_ratio})]
         sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search_ids, ratios,
                                     batch_size=search_batch, progress=stage(progress, 0.4, 0.9 if fit_here else 1.0),
-                                    cancel=cancel, only=owned, nll=nll)
+                                    cancel=cancel, only=owned, nll=nll,
+                                    inputs=plan_input_placement(loaded.model, search_ids, max_memory, loaded.device))
         dense = {"search_nll": ref.nll, "search_ppl": ref.ppl}
         floor = {"kl": ref.floor, "reference_precision": ref.precision, "search_windows": int(search_ids.shape[0]),
                  "seq_len": int(search_ids.shape[1])}
     if ctx.world > 1:  # rank 0 merges every rank's layers and writes the one profile
         merged = distributed.merge_at_main(ctx, spectra, {**sweep, **{("nll", r): v for r, v in nll.items()}})
+        if fit_here:  # each rank holds only its layers' factors: rank 0 gathers all of them once, for the fit
+            complete = _streamed_folder(loaded, calibration, base, options, factor_dtype, cache_dir)
+            factors = distributed.gather_factors_at_main(ctx, layers, factors, merged and merged[0], complete,
+                                                         factor_dtype, loaded.device)
         if not ctx.main:
             distributed.barrier(ctx)
             return folder
@@ -357,7 +400,7 @@ def _build_profile(loaded: LoadedModel, decomposition: str, calibration: Calibra
         kl_floor=floor, measured_nll=nll,
     )
     if fit_here:
-        scorer = make_kl_scorer(loaded, factors, search_ids, cancel=cancel)
+        scorer = make_kl_scorer(loaded, factors, search_ids, cancel=cancel, max_memory=max_memory)
         profile.bias_fit = profile_bias_fit(profile, scorer, bias_fit_ratios, progress=stage(progress, 0.9, 1.0))
     profile.save(folder)
     distributed.barrier(ctx)
@@ -406,8 +449,96 @@ def plan_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, decompositi
     if not isinstance(options, type(spec.options)):
         raise TypeError(f"{decomposition} takes {type(spec.options).__name__}, not {type(options).__name__}")
     if not spec.rank_dependent:
-        return factorizations_for(loaded, cfg, decomposition, options, cache_dir=cache_dir, progress=progress)
+        return _planned_static_factors(loaded, cfg, decomposition, options, ranks, cache_dir, progress)
+    if has_offloaded_weights(loaded.model):
+        raise ValueError(f"{decomposition} compresses whole blocks in place and needs the model loaded whole; "
+                         "drop --weights-memory / --offload-folder, or use a static decomposition "
+                         "(svd, asvd, fwsvd, svd_llm, svd_llm_v2, kfac)")
     return _rank_dependent_factorizations(loaded, cfg, spec, ranks, options, cache_dir, progress)
+
+
+STATISTICS_SHARE = 0.86  # of a static factorisation's progress: statistics, then the decompositions
+
+
+def _planned_static_factors(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str,
+                            options: DecompositionOptions, ranks: dict[str, int | None], cache_dir: Path | None,
+                            progress: Progress | None) -> dict[str, Factorization]:
+    """A static method's factors of the layers ``ranks`` factorise; the layers it keeps dense get none.
+
+    The whole model's file (``factorizations_for``) serves when it is cached, and for
+    streamed builds. Otherwise only the planned layers are decomposed, each cached in a
+    file of its own (statistics: ``_decompose_layers``): a first evaluation does not pay
+    for the layers its plan keeps dense (122 of 210 for the demo's LEMS @ 0.8), and a
+    later plan decomposes only the layers no plan before it did. A layer's factors
+    depend on its own weight and statistics alone, so they are the ones the whole-model
+    file holds.
+    """
+    layers = compressible_layers(loaded.model)
+    key = key_of(loaded.fingerprint, statistics_key(cfg), decomposition, _options_dict(options))
+    if (tensor_path("factors", key, cache_dir).is_file() or has_offloaded_weights(loaded.model)
+            or not _grams_fit(loaded, layers, decomposition, options)):
+        return factorizations_for(loaded, cfg, decomposition, options, cache_dir=cache_dir, progress=progress)
+    planned = [l for l in layers if l.name in ranks and not is_dense_rank(l, ranks[l.name])]
+    factors, missing = {}, []
+    for layer in planned:
+        stored = load_tensors(_layer_factors_path(key, layer.name, cache_dir))
+        if stored is None:
+            missing.append(layer)
+        else:
+            factors.update(_factors_from_tensors(stored, [layer.name], loaded.device))
+    if missing:
+        factors.update(_decompose_layers(loaded, cfg, decomposition, options, missing, key, cache_dir, progress))
+    return factors
+
+
+_SUBSET_PASSES: set[str] = set()  # (model, calibration) keys that had their one plan-only statistics pass
+
+
+def _decompose_layers(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, options: DecompositionOptions,
+                      layers: list[LayerInfo], key: str, cache_dir: Path | None,
+                      progress: Progress | None) -> dict[str, Factorization]:
+    """Statistics, then ``layers``' factors, each saved as it is made.
+
+    The statistics are the whole model's (read from the cache, or computed and cached)
+    except once per model and calibration in a process, for KFAC: when ``layers`` are
+    at most half the model and nothing is cached, the Grams of ``layers`` alone are
+    formed (two thirds of a first evaluation's arithmetic is Grams; a layer's
+    statistics do not depend on which others are collected). A later plan with other
+    layers then computes and caches the whole model's, so no plan sequence runs more
+    than one extra pass.
+    """
+    calib_ids = None
+    if spec_of(decomposition).needs:
+        if progress:
+            progress(0.0, "sampling the calibration windows")
+        calib_ids, _ = calibration_windows(loaded, cfg)
+    base = (loaded.fingerprint, statistics_key(cfg))
+    if (spec_of(decomposition).needs == {"inputs", "grads"} and 2 * len(layers) <= len(compressible_layers(loaded.model))
+            and key_of(*base) not in _SUBSET_PASSES and _both_missing(base, cache_dir)):
+        _SUBSET_PASSES.add(key_of(*base))
+        inputs: dict[str, InputStats] = {}
+        grads = collect_grad_grams(loaded.model, calib_ids, layers, progress=stage(progress, 0, STATISTICS_SHARE),
+                                   inputs=inputs)
+        stats = Statistics(inputs=inputs, grad_gram=grads)
+    else:
+        stats = statistics_for(loaded, calib_ids, cfg, decomposition, cache_dir, stage(progress, 0, STATISTICS_SHARE))
+    decomposer = Decomposer(decomposition, options)
+    out = {}
+    for i, layer in enumerate(layers):
+        weight = loaded.model.get_submodule(layer.name).weight
+        out[layer.name] = decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
+                                     stats.fisher.get(layer.name))
+        save_tensors(_layer_factors_path(key, layer.name, cache_dir), _factors_to_tensors({layer.name: out[layer.name]}),
+                     {"decomposition": decomposition, "layer": layer.name})
+        if progress:
+            progress(STATISTICS_SHARE + (1 - STATISTICS_SHARE) * (i + 1) / len(layers),
+                     f"decomposing the plan's layers: {i + 1}/{len(layers)} ({layer.name})")
+    return out
+
+
+def _layer_factors_path(key: str, name: str, cache_dir: Path | None) -> Path:
+    """One layer's factors under the whole-model key ``key`` (``_planned_static_factors``)."""
+    return tensor_path("layer-factors", key_of(key, name), cache_dir)
 
 
 def _rank_dependent_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, spec: DecompositionSpec, ranks: dict,
@@ -487,10 +618,46 @@ def dense_perplexity(loaded: LoadedModel, dataset: str, seq_len: int, max_window
     cached = store.get(key)  # a corrupt row reads as missing
     if isinstance(cached, (int, float)) and not isinstance(cached, bool):
         return float(cached)
-    text, _ = load_text(dataset, split)
-    value = perplexity(loaded.model, token_windows(loaded.tokenizer, text, seq_len, max_windows), cancel=cancel).ppl
+    value = shipped_dense_perplexity(loaded, dataset, split, seq_len, max_windows)
+    if value is None:
+        text, _ = load_text(dataset, split)
+        value = perplexity(loaded.model, token_windows(loaded.tokenizer, text, seq_len, max_windows), cancel=cancel).ppl
     store[key] = value
     return value
+
+
+SHIPPED_DENSE_PPL = "dense_ppl.json"  # in cache/demo: {"schema", "note", "entries": [{fingerprint, dataset, ...}]}
+
+
+def shipped_dense_perplexity(loaded: LoadedModel, dataset: str, split: str, seq_len: int,
+                             max_windows: int | None) -> float | None:
+    """The demo's dense perplexity shipped in ``cache/demo/dense_ppl.json``, or None.
+
+    A first evaluation on a fresh clone would spend a dense pass on a number every
+    CPU computes the same (float32, the same bits with any thread count); the file
+    holds it for the demo model's protocols (``bench/first_run.py --ship-dense-ppl``
+    writes it). Used only for a model on the CPU in float32 with the same fingerprint,
+    dataset, split, window length and window cap; an unreadable file is ignored.
+    """
+    from .cache import DEMO_DIR
+
+    if loaded.device.type != "cpu" or next(loaded.model.parameters()).dtype != torch.float32:
+        return None
+    try:
+        entries = json.loads((DEMO_DIR / SHIPPED_DENSE_PPL).read_text()).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    wanted = (loaded.fingerprint, dataset, split, seq_len, max_windows)
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or tuple(entry.get(k) for k in DENSE_PPL_FIELDS) != wanted:
+            continue
+        value = entry.get("ppl")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return float(value)
+    return None
+
+
+DENSE_PPL_FIELDS = ("fingerprint", "dataset", "split", "seq_len", "max_windows")
 
 
 def evaluate_plan(
@@ -507,11 +674,14 @@ def evaluate_plan(
     decomposition: str | None = None,
     tasks: list[str] | tuple[str, ...] = (),
     task_limit: int | None = None,
+    offload: OffloadSpec | None = None,
 ) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
 
     ``tasks`` (lm-eval names or local task YAMLs, see ``zero_shot``) add zero-shot
     acc / acc_norm of the compressed and the dense model, ``task_limit`` documents per task.
+    ``offload`` loads the model partly on CPU RAM / disk with accelerate (``offload.py``);
+    factorisation, perplexity and KL then run with about one block's weights on the device.
 
     The plan must be for the loaded model (fingerprint check). Factorisations use
     the calibration config recorded in the plan (or `calibration`) and the plan's
@@ -524,7 +694,12 @@ def evaluate_plan(
     decomposition = check_decomposition(decomposition or plan.decomposition)
     _check_eval_sizes(seq_len, max_windows)
     loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
-    loaded = get_model(plan.model_source, device)
+    if progress:
+        progress(0.0, f"loading the model {plan.model_source}")
+    loaded = model_for(plan.model_source, device, offload)
+    if progress:
+        progress(EVAL_WEIGHTS["model load"], "model loaded")
+        progress = stage(progress, EVAL_WEIGHTS["model load"], 1.0)
     if plan.fingerprint != loaded.fingerprint:
         raise ValueError(f"Plan is for model {plan.fingerprint}, but {plan.model_source} loads as {loaded.fingerprint}")
     check_plan_layers(plan, compressible_layers(loaded.model))
@@ -600,29 +775,64 @@ def _check_eval_sizes(seq_len: int, max_windows: int | None) -> None:
         raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}")
 
 
+# Shares of the progress bar, from a first evaluation of the demo's LEMS @ 0.8 plan with the quick protocol
+# (bench/first_run.py: load 26 s, statistics 106 s, decompositions 16 s, KL 10 s, perplexity 18 s; the demo's
+# dense perplexity is shipped). Cached steps then just go by, and the time estimate
+# (``jobs.JobState.seconds_left``) adapts.
+EVAL_WEIGHTS = {"model load": 0.14, "factorising the plan's layers": 0.68, "KL reference": 0.03, "dense perplexity": 0.02,
+                "compression": 0.0, "perplexity": 0.1, "KL": 0.03}
+
+
+class _EvalSteps:
+    """Hands out consecutive parts of the bar (``stage``) for _evaluate_plan's steps, each announced by its message."""
+
+    def __init__(self, progress: Progress | None, datasets: int, with_kl: bool):
+        w = EVAL_WEIGHTS
+        parts = [w["factorising the plan's layers"]] + ([w["KL reference"]] if with_kl else [])
+        parts += [w["dense perplexity"] / max(datasets, 1)] * datasets + [w["compression"]]
+        parts += [w["perplexity"] / max(datasets, 1)] * datasets + ([w["KL"]] if with_kl else [])
+        total = sum(parts)
+        self._bounds = np.cumsum([0.0] + [p / total for p in parts])
+        self._progress, self._k = progress, 0
+
+    def next(self, message: str) -> Progress | None:
+        """The next step's part of the bar; reports its start with ``message``."""
+        lo, hi = self._bounds[self._k], self._bounds[min(self._k + 1, len(self._bounds) - 1)]
+        self._k += 1
+        if self._progress is None:
+            return None
+        self._progress(float(lo), message)
+        return stage(self._progress, float(lo), float(hi))
+
+
 def _evaluate_plan(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, datasets: list[str],
                    max_windows: int | None, seq_len: int, progress: Progress | None, cancel: threading.Event | None,
                    cache_dir: Path | None, with_kl: bool, started: float) -> EvalResult:
     """evaluate_plan's work, with the model's lock held (no other job can see the compressed weights)."""
     ranks = plan.ranks()
-    factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, stage(progress, 0, 0.3))
+    steps = _EvalSteps(progress, len(datasets), with_kl)
+    factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, steps.next("factorising the plan's layers"))
     kl = None
     ppl, dense_ppl = {}, {}
     ref_logits, search_ids = None, None
     if with_kl:
+        steps.next("KL: the dense model's logits on the search windows")
         _, search_ids = calibration_windows(loaded, cfg)
-        ref_logits = model_logits(loaded.model, search_ids, dtype=reference_logits_dtype(loaded, search_ids))
+        ref_logits = reference_logits(loaded, search_ids)
     splits = {ds: evaluation_split(ds) for ds in datasets}
     for i, ds in enumerate(datasets):
+        steps.next(f"dense perplexity on {ds} (cached after the first evaluation)")
         dense_ppl[ds] = dense_perplexity(loaded, ds, seq_len, max_windows, cache_dir, cancel, split=splits[ds])
+    planned = sum(not is_dense_rank(l, ranks[l.name]) for l in compressible_layers(loaded.model) if l.name in ranks)
+    steps.next(f"compressing the model: {planned} layers factorised")
     with compressed(loaded, ranks, factors):
         for i, ds in enumerate(datasets):
             check_cancel(cancel)
             text, _ = load_text(ds, splits[ds])
             windows = token_windows(loaded.tokenizer, text, seq_len, max_windows)
-            lo = 0.3 + 0.6 * i / len(datasets)
-            ppl[ds] = perplexity(loaded.model, windows, progress=stage(progress, lo, lo + 0.6 / len(datasets)), cancel=cancel).ppl
+            ppl[ds] = perplexity(loaded.model, windows, progress=steps.next(f"perplexity on {ds}"), cancel=cancel).ppl
         if with_kl:
+            steps.next("KL on the search windows")
             kl = kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
     summary = plan.summary
     return EvalResult(
@@ -639,20 +849,36 @@ def _evaluate_plan(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposit
 
 
 def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor,
-                   cancel: threading.Event | None = None) -> Callable[[dict], float]:
+                   cancel: threading.Event | None = None, max_memory: int | None = None) -> Callable[[dict], float]:
     """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, §1.3).
 
     Each call holds the model's lock, so scores from concurrent jobs never mix weights.
     The dense logits are kept in float32 when they fit in ``LOG_PROB_CACHE_BYTES`` (no
-    bf16 KL floor, see sensitivity.py), else in bf16 as the reference.
+    bf16 KL floor, see sensitivity.py), else in bf16 as the reference; on the CPU when
+    they do not fit ``max_memory`` (``reference_logits``).
     """
     with hold_model(loaded, cancel):
-        ref_logits = model_logits(loaded.model, search_ids, dtype=reference_logits_dtype(loaded, search_ids))
+        ref_logits = reference_logits(loaded, search_ids, max_memory)
 
     def score(ranks: dict[str, int | None]) -> float:
         with hold_model(loaded, cancel), compressed(loaded, ranks, factors):
             return kl_to_reference(loaded.model, search_ids, ref_logits, cancel=cancel)
     return score
+
+
+def reference_logits(loaded: LoadedModel, search_ids: torch.Tensor, max_memory: int | None = None) -> list[torch.Tensor]:
+    """The dense model's logits per search window (``reference_logits_dtype``), one batch computed at a time.
+
+    Kept on the device when all of them fit ``max_memory`` (default: DEFAULT_FRACTION of
+    what the device has free), else in CPU RAM, from where ``kl_to_reference`` brings
+    one window's to the device at a time.
+    """
+    dtype = reference_logits_dtype(loaded, search_ids)
+    vocab = int(getattr(getattr(loaded.model, "config", None), "vocab_size", 0) or 0)
+    fits = search_ids.numel() * vocab * dtype.itemsize <= budget_or_default(max_memory, loaded.device)
+    home = loaded.device if fits else torch.device("cpu")
+    return [model_logits(loaded.model, search_ids[i : i + 1], dtype=dtype)[0].to(home)
+            for i in range(search_ids.shape[0])]
 
 
 def reference_logits_dtype(loaded: LoadedModel, search_ids: torch.Tensor) -> torch.dtype:
@@ -784,10 +1010,35 @@ def evaluate_and_store(item, progress: Progress | None = None, cancel: threading
         item = alloc.to_plan(profile, meta={"calibration": profile.calibration})
         progress = stage(progress, 0.5, 1.0)
     item, calibration = plan_for_profile(item, profile)
-    result = evaluate_plan(item, progress=progress, cancel=cancel, calibration=calibration, device=device,
-                           cache_dir=cache_dir, decomposition=decomposition, **options)
+    with free_core_threads():
+        result = evaluate_plan(item, progress=progress, cancel=cancel, calibration=calibration, device=device,
+                               cache_dir=cache_dir, decomposition=decomposition, **options)
     ResultStore(cache_dir).add(result)
     return result.to_dict()
+
+
+@contextlib.contextmanager
+def free_core_threads() -> Iterator[int]:
+    """Run a background job with as many intra-op threads as the load average leaves cores free
+    (at least one, at most torch's setting); restored afterwards. Yields the count.
+
+    On a machine busy with other work, OpenMP threads wait on each other at every
+    barrier: with another job on this 2-core machine (load 4.5), a 512-token forward of
+    the demo took 11 s with two threads and 2.2 s with one, and its KFAC statistics
+    3.5x longer. The thread count does not change the numbers (the demo's statistics
+    and logits are the same bits with one and two threads; bench/first_run.py).
+    """
+    before = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: leave it as it is
+        load = 0.0
+    threads = max(1, min(before, round((os.cpu_count() or 1) - load)))
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 __all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for", "statistics_for", "get_model",

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import BlockInput, advance, capture_block_inputs, logits_from_block
+from .blocks import (BlockInputs, InputPlacement, advance, capture_inputs, iter_logits_from_block,
+                     sequence_length)
+from .memory import GramLedger
 from .compression import LowRankLinear, set_module
 from .decompositions import Factorization
 from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, reference_log_probs
@@ -45,13 +47,14 @@ class DenseReference:
     floor: float | None = None  # KL of the dense model against this reference (``kl_floor``)
 
     def log_probs(self, batch: int, device) -> torch.Tensor:
-        """log p_ref of one batch on the scored positions; kept after the first use when
-        all batches fit in LOG_PROB_CACHE_BYTES (saves a softmax over the vocabulary per layer)."""
+        """log p_ref of one batch on the scored positions, on ``device``; kept (beside the logits)
+        after the first use when all batches fit in LOG_PROB_CACHE_BYTES (saves a softmax over
+        the vocabulary per layer)."""
         if batch in self._log_probs:
-            return self._log_probs[batch]
+            return self._log_probs[batch].to(device)
         p_log = reference_log_probs(self.logits[batch].to(device))
         if sum(l.numel() for l in self.logits) * 4 <= LOG_PROB_CACHE_BYTES:
-            self._log_probs[batch] = p_log
+            self._log_probs[batch] = p_log.to(self.logits[batch].device)
         return p_log
 
     @property
@@ -69,26 +72,30 @@ def _batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return loss.item(), ids[:, 1:].numel()
 
 
-def dense_reference(model: nn.Module, items: list[BlockInput], windows: torch.Tensor, batch_size: int,
-                    precision: str = "auto") -> DenseReference:
+def dense_reference(model: nn.Module, items: BlockInputs, windows: torch.Tensor, batch_size: int,
+                    precision: str = "auto", home=None) -> DenseReference:
     """The dense logits (bf16) and NLL; log-probs in float32 when ``precision`` is "fp32",
-    or "auto" and they fit in LOG_PROB_CACHE_BYTES (else from the bf16 logits, as the reference)."""
+    or "auto" and they fit in LOG_PROB_CACHE_BYTES (else from the bf16 logits, as the reference).
+
+    One batch's logits are on the device at a time; what is kept goes to ``home`` (e.g.
+    "cpu" when the block inputs are kept off the device; default: where it was computed)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    logits = logits_from_block(model, 0, items)
-    total, count = 0.0, 0
-    for i, out in enumerate(logits):
+    total, count, kept, log_probs = 0.0, 0, [], {}
+    for i, out in enumerate(iter_logits_from_block(model, 0, items)):
         s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
         total, count = total + s, count + n
-    ref = DenseReference([l.to(torch.bfloat16) for l in logits], total / max(count, 1))
-    fits = sum(l.numel() for l in logits) * 4 <= LOG_PROB_CACHE_BYTES
-    if precision == "fp32" or (precision == "auto" and fits):
-        ref._log_probs = {i: reference_log_probs(l) for i, l in enumerate(logits)}
+        fits = windows.numel() * out.shape[-1] * 4 <= LOG_PROB_CACHE_BYTES
+        if precision == "fp32" or (precision == "auto" and fits):
+            log_probs[i] = reference_log_probs(out).to(home or out.device)
+        kept.append(out.to(torch.bfloat16).to(home or out.device))
+    ref = DenseReference(kept, total / max(count, 1), log_probs)
+    if log_probs:
         ref.precision = "fp32"
     return ref
 
 
-def kl_floor(model: nn.Module, items: list[BlockInput], ref: DenseReference) -> float:
+def kl_floor(model: nn.Module, items: BlockInputs, ref: DenseReference) -> float:
     """KL of the unmodified model against its own cached reference, through the sweep's code path.
 
     ~0 with float32 reference log-probs; with bf16 ones it is the rounding floor that
@@ -96,20 +103,20 @@ def kl_floor(model: nn.Module, items: list[BlockInput], ref: DenseReference) -> 
     return _kl_suffix(model, 0, items, ref)
 
 
-def _kl_suffix(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference) -> float:
+def _kl_suffix(model: nn.Module, start: int, items: BlockInputs, ref: DenseReference) -> float:
     return _suffix_scores(model, start, items, ref)[0]
 
 
-def _suffix_scores(model: nn.Module, start: int, items: list[BlockInput], ref: DenseReference,
+def _suffix_scores(model: nn.Module, start: int, items: BlockInputs, ref: DenseReference,
                    windows: torch.Tensor | None = None, batch_size: int = 1) -> tuple[float, float | None]:
     """(KL on the scored positions, mean NLL over every position or None) from block ``start`` on.
 
     The NLL (given ``windows``) is the single-layer search-set perplexity ASVD's
     reference search ranks by (methods.md §4.2); it costs only the head on the first
     eighth of the positions, which the KL skips."""
-    first = int(KL_SKIP_FRACTION * items[0].hidden.shape[1])  # positions the KL scores
+    first = int(KL_SKIP_FRACTION * sequence_length(items))  # positions the KL scores
     total, count, nll_sum, nll_count = 0.0, 0, 0.0, 0
-    for i, out in enumerate(logits_from_block(model, start, items, 0 if windows is not None else first)):
+    for i, out in enumerate(iter_logits_from_block(model, start, items, 0 if windows is not None else first)):
         if windows is not None:
             s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
             nll_sum, nll_count = nll_sum + s, nll_count + n
@@ -131,6 +138,8 @@ def layer_kl_sweep(
     only: Collection[str] | None = None,
     precision: str = "auto",
     nll: dict[float, np.ndarray] | None = None,
+    inputs: InputPlacement | None = None,
+    ledger: GramLedger | None = None,
 ) -> tuple[dict[float, np.ndarray], DenseReference]:
     """KL with only one layer compressed, for every layer and ratio.
 
@@ -141,10 +150,16 @@ def layer_kl_sweep(
     ``floor`` and ``precision`` (see ``dense_reference``, ``kl_floor``) say what the
     measurements sit on. A dict passed as ``nll`` is filled with {ratio: per-layer mean
     NLL on the search windows} from the same runs (single-layer perplexity = exp).
+
+    ``inputs`` (``blocks.InputPlacement``, default: on the device) is where the dense
+    block inputs wait: off the device, a chunk within its budget comes to the device at
+    a time (counted in ``ledger``, by default a new one limited to that budget) and the
+    reference logits are kept on the CPU, one batch brought over per use.
     """
     blocks = decoder_blocks(model)
-    items = capture_block_inputs(model, windows, batch_size)
-    ref = dense_reference(model, items, windows, batch_size, precision)
+    items = capture_inputs(model, windows, batch_size, inputs, ledger)
+    off_device = inputs is not None and inputs.where != "device"
+    ref = dense_reference(model, items, windows, batch_size, precision, home="cpu" if off_device else None)
     ref.floor = kl_floor(model, items, ref)
     index = {l.name: i for i, l in enumerate(layers)}
     result = {r: np.full(len(layers), np.nan) for r in ratios}

@@ -147,7 +147,7 @@ def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, ca
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ([], (None, 2048)), (["--quick"], (16, 512)), (["--quick", "--max-windows", "all"], (None, 512)),
+    ([], (None, 2048)), (["--quick"], (8, 512)), (["--quick", "--max-windows", "all"], (None, 512)),
     (["--seq-len", "1024"], (None, 1024)),
 ])
 def test_evaluate_defaults_to_the_reference_protocol(tiny_plan, monkeypatch, capsys, extra, expected):

@@ -245,16 +245,21 @@ def factorizations_for(
     if calib_ids is None and spec_of(decomposition).needs:
         calib_ids, _ = calibration_windows(loaded, cfg)
     stats = statistics_for(loaded, calib_ids, cfg, decomposition, cache_dir, stage(progress, 0, 0.6))
-    decomposer = Decomposer(decomposition, options)
     result = {}
-    for i, layer in enumerate(layers):
-        weight = loaded.model.get_submodule(layer.name).weight
-        result[layer.name] = decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
-                                        stats.fisher.get(layer.name))
+    for i, (layer, factors) in enumerate(_decomposed(loaded, layers, stats, Decomposer(decomposition, options))):
+        result[layer.name] = factors
         if progress:
             progress(0.6 + 0.4 * (i + 1) / len(layers), f"decomposing {layer.name}")
     save_tensors(path, _factors_to_tensors(result), {"decomposition": decomposition})
     return result
+
+
+def _decomposed(loaded: LoadedModel, layers: list[LayerInfo], stats: Statistics, decomposer: Decomposer):
+    """(layer, Factorization) for each of ``layers``, one at a time, from the collected statistics."""
+    for layer in layers:
+        weight = loaded.model.get_submodule(layer.name).weight
+        yield layer, decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
+                                stats.fisher.get(layer.name))
 
 
 def _streamed_folder(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, options: DecompositionOptions,
@@ -522,12 +527,9 @@ def _decompose_layers(loaded: LoadedModel, cfg: CalibrationConfig, decomposition
         stats = Statistics(inputs=inputs, grad_gram=grads)
     else:
         stats = statistics_for(loaded, calib_ids, cfg, decomposition, cache_dir, stage(progress, 0, STATISTICS_SHARE))
-    decomposer = Decomposer(decomposition, options)
     out = {}
-    for i, layer in enumerate(layers):
-        weight = loaded.model.get_submodule(layer.name).weight
-        out[layer.name] = decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
-                                     stats.fisher.get(layer.name))
+    for i, (layer, factors) in enumerate(_decomposed(loaded, layers, stats, Decomposer(decomposition, options))):
+        out[layer.name] = factors
         save_tensors(_layer_factors_path(key, layer.name, cache_dir), _factors_to_tensors({layer.name: out[layer.name]}),
                      {"decomposition": decomposition, "layer": layer.name})
         if progress:

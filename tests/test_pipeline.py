@@ -190,3 +190,24 @@ def test_profile_records_the_kl_floor_and_the_reference_bias_fit(loaded, corpus,
     assert ref.ranks == allocate_lems(profile, 0.7, params).ranks
     fixed = allocate(profile, "lems_fixed", 0.7)
     assert fixed.method == "lems_fixed" and fixed.info["error_model"]["gamma"] == 5.0
+
+
+@pytest.mark.parametrize("decomposition", ["kfac", "svd_llm"])
+def test_plan_only_factors_equal_the_whole_model_ones(loaded, corpus, tmp_path, decomposition):
+    """A first plan on an empty cache decomposes only the layers it factorises (KFAC: with
+    Grams of those layers alone); each factor equals the whole model's, and dense layers get none."""
+    from lems_core.model import compressible_layers
+    from lems_core.pipeline import plan_factorizations
+
+    layers = compressible_layers(loaded.model)
+    ranks = {l.name: (2 if i % 3 == 0 else None) for i, l in enumerate(layers)}  # a third factorised
+    planned = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, cache_dir=tmp_path / "plan")
+    assert set(planned) == {n for n, r in ranks.items() if r is not None}
+    whole = factorizations_for(loaded, _cfg(corpus), decomposition, cache_dir=tmp_path / "whole")
+    for name, factors in planned.items():
+        np.testing.assert_allclose(factors.sigma, whole[name].sigma, rtol=1e-6, atol=1e-9)
+        left, right = factors.factors(2)
+        wl, wr = whole[name].factors(2)
+        torch.testing.assert_close(left @ right, wl @ wr, rtol=1e-5, atol=1e-6)
+    again = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, cache_dir=tmp_path / "plan")
+    assert all(torch.equal(again[n].factors(2)[0], planned[n].factors(2)[0]) for n in planned)  # from the per-layer files

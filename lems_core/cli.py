@@ -346,14 +346,14 @@ def cmd_compress(args) -> int:
     from .compression import count_parameters, save_compressed
     from .model import compressible_layers
     from .offload import weights_in_memory
-    from .pipeline import check_decomposition, compressed, model_for, plan_factorizations
+    from .pipeline import check_decomposition, compressed, get_model, plan_factorizations
     from .plan import PlanError, RankPlan, check_plan_layers
 
     plan = RankPlan.load(args.plan)
     decomposition = check_decomposition(args.decomposition or plan.decomposition)
     plan, cfg = _plan_inputs(args, plan)
     _check_output_folder(Path(args.output), plan.model_source, args.force)
-    loaded = model_for(plan.model_source, args.device, _offload_spec(args))
+    loaded = get_model(plan.model_source, args.device, _offload_spec(args))
     if plan.fingerprint != loaded.fingerprint:
         raise PlanError(f"plan was made for another model: plan fingerprint {plan.fingerprint!r}, "
                         f"{plan.model_source} loads as {loaded.fingerprint!r}")

@@ -77,11 +77,6 @@ def get_model(source: str, device: str | None = None, offload: OffloadSpec | Non
         return _MODELS[key]
 
 
-def model_for(source: str, device: str | None = None, offload: OffloadSpec | None = None) -> LoadedModel:
-    """``get_model``, handing it ``offload`` only when there is one (a whole model keeps its two-argument call)."""
-    return get_model(source, device, offload) if offload else get_model(source, device)
-
-
 # One lock per loaded model: compression (``compressed``), ARS training and the
 # profile's KL sweep swap the shared model's Linears in place, so every job that
 # runs the model holds its lock for as long as it uses it. Re-entrant, because
@@ -698,7 +693,7 @@ def evaluate_plan(
     loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
     if progress:
         progress(0.0, f"loading the model {plan.model_source}")
-    loaded = model_for(plan.model_source, device, offload)
+    loaded = get_model(plan.model_source, device, offload)
     if progress:
         progress(EVAL_WEIGHTS["model load"], "model loaded")
         progress = stage(progress, EVAL_WEIGHTS["model load"], 1.0)

@@ -49,7 +49,7 @@ def tiny_plan(tmp_path, monkeypatch):
 
     loaded = tiny_loaded(8)
     model = loaded.model
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "model", "rank", "layer", "the", "of", "and"]

@@ -47,7 +47,7 @@ def hf_plan(tmp_path, monkeypatch):
     from lems_core.plan import from_loadconfig
 
     loaded = word_loaded(5, tie_word_embeddings=True)
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     layers = compressible_layers(loaded.model)
     ratios = {l.name: (1.0 if l.kind == "v" else 0.4) for l in layers}  # v stays dense: a mixed structure

@@ -45,7 +45,7 @@ def served(loaded, tmp_path, monkeypatch):
     """get_model returns the tiny model and records every source it is asked for; cache in tmp_path."""
     asked = []
 
-    def fake_get_model(source, device=None):
+    def fake_get_model(source, device=None, offload=None):
         asked.append(source)
         return loaded
 

@@ -136,7 +136,7 @@ def test_evaluate_plan_uses_the_decomposition_argument(loaded, corpus, tmp_path,
     from lems_core.model import compressible_layers
     from lems_core.plan import from_loadconfig
 
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
     used = []
     real = pipeline.plan_factorizations
     monkeypatch.setattr(pipeline, "plan_factorizations",

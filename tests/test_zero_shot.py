@@ -76,7 +76,7 @@ def zs_plan(tmp_path, monkeypatch):
     from lems_core.plan import from_loadconfig
 
     loaded = word_loaded(3)
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None: loaded)
+    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     task = next_word_task(loaded.model, tmp_path / "tasks")
     corpus = tmp_path / "corpus.txt"

@@ -94,10 +94,11 @@ def owned_layers(layers: Sequence[LayerInfo], ctx: DistContext) -> set[str] | No
 
 
 def merge_at_main(ctx: DistContext, spectra: dict[str, np.ndarray], sweep: dict[float, np.ndarray]):
-    """Gather every rank's spectra and KL arrays at rank 0; there return the merged pair, elsewhere None.
+    """Gather every rank's spectra and per-layer arrays at rank 0; there return the merged pair, elsewhere None.
 
-    Each layer's KL values come from the one rank that measured it (the others hold
-    NaN there); a layer measured twice or by nobody is an error.
+    ``sweep`` maps any key (a ratio's KL, or ``("nll", ratio)`` for the single-layer NLL
+    the profile keeps) to an array over all layers. Each layer's value comes from the one
+    rank that measured it (the others hold NaN there); a layer measured twice is an error.
     """
     parts = [None] * ctx.world if ctx.main else None
     dist.gather_object({"spectra": spectra, "sweep": sweep}, parts, dst=0)
@@ -111,7 +112,7 @@ def merge_at_main(ctx: DistContext, spectra: dict[str, np.ndarray], sweep: dict[
         stack = np.stack([np.asarray(p["sweep"][ratio], dtype=float) for p in parts])
         counts = np.isfinite(stack).sum(0)
         if np.any(counts > 1):
-            raise RuntimeError(f"KL at ratio {ratio} measured by several ranks")
+            raise RuntimeError(f"sweep entry {ratio} measured by several ranks")
         merged_sweep[ratio] = np.where(counts > 0, np.nansum(np.where(np.isfinite(stack), stack, 0.0), 0), np.nan)
     return merged_spectra, merged_sweep
 

@@ -85,6 +85,74 @@ def plan_input_placement(model: nn.Module, input_ids: torch.Tensor, max_memory: 
     return InputPlacement("cpu" if torch.device(device).type == "cuda" else "disk", budget, folder)
 
 
+def _temporary_folder(owner, prefix: str, parent: str | Path | None) -> Path:
+    """A new temporary folder under ``parent`` (default: the system's), removed when ``owner`` is collected."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def memmap_tensor(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of ``numel`` elements backed by a new memory-mapped file at ``path``."""
+    raw = np.memmap(path, dtype=_NUMPY_OF_SIZE[dtype.itemsize], mode="w+", shape=(max(numel, 1),))
+    return torch.from_numpy(raw).view(dtype)[:numel]
+
+
+def place_off_device(nbytes: int, device, max_memory: int | None) -> str:
+    """Where ``nbytes`` of kept tensors (the dense reference logits) wait: "device" when they fit
+    ``max_memory`` (default: DEFAULT_FRACTION of what the device has free); else "cpu" for a GPU
+    device when they fit the CPU RAM's default budget; else "disk" (memory-mapped)."""
+    return "device" if nbytes <= budget_or_default(max_memory, device) else home_off_device(nbytes, device)
+
+
+def home_off_device(nbytes: int, device) -> str:
+    """Where ``nbytes`` kept off the device wait: CPU RAM for a GPU device when they fit its default
+    budget, else memory-mapped on disk (the device's own memory is the CPU's, or RAM is short)."""
+    return "cpu" if torch.device(device).type == "cuda" and nbytes <= budget_or_default(None, "cpu") else "disk"
+
+
+class TensorShelf:
+    """Tensors kept, once written, on the device, in CPU RAM or memory-mapped on disk.
+
+    The dense reference logits of the KL measurements live here: they grow with the
+    search tokens x the vocabulary (16 GB in bf16 for Llama-3's reference preset), not
+    with the model, and a disk shelf keeps them out of RAM altogether. ``append``
+    returns the kept tensor ("device": the tensor itself, "disk": a view of its file);
+    readers bring one to the device with ``.to(device)``. A disk shelf's folder goes when the shelf does.
+    """
+
+    def __init__(self, where: str, folder: str | Path | None = None):
+        if where not in PLACES:
+            raise ValueError(f"tensors are kept on one of {', '.join(PLACES)}, not {where!r}")
+        self.where, self._parent = where, folder
+        self._kept: list[torch.Tensor] = []
+        self._folder: Path | None = None
+
+    def append(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep ``tensor`` ("device": where it is, "cpu": a copy in RAM, "disk": a copy in its own file)."""
+        if self.where == "device":
+            kept = tensor.detach()
+        elif self.where == "cpu":
+            kept = tensor.detach().to("cpu")
+        else:
+            if self._folder is None:
+                self._folder = _temporary_folder(self, "lems-logits-", self._parent)
+            flat = memmap_tensor(self._folder / f"{len(self._kept)}.bin", tensor.numel(), tensor.dtype)
+            kept = flat.view(tensor.shape)
+            kept.copy_(tensor.detach())
+        self._kept.append(kept)
+        return kept
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._kept[i]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._kept)
+
+
 class BlockInputStore:
     """The hidden states entering one block, one per batch, kept in CPU RAM or memory-mapped on disk.
 
@@ -117,11 +185,8 @@ class BlockInputStore:
         if self.placement.where == "cpu":
             self._data = torch.empty(total, dtype=hidden.dtype)
             return
-        folder = Path(tempfile.mkdtemp(prefix="lems-block-inputs-", dir=self.placement.folder))
-        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
-        raw = np.memmap(folder / "hidden.bin", dtype=_NUMPY_OF_SIZE[hidden.element_size()], mode="w+",
-                        shape=(max(total, 1),))
-        self._data = torch.from_numpy(raw).view(hidden.dtype)[:total]
+        folder = _temporary_folder(self, "lems-block-inputs-", self.placement.folder)
+        self._data = memmap_tensor(folder / "hidden.bin", total, hidden.dtype)
 
     def _view(self, i: int) -> torch.Tensor:
         per_row = math.prod(self._row_shape)

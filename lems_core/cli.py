@@ -142,7 +142,11 @@ def cmd_profile(args) -> int:
 
 
 def _offload_args(sp) -> None:
-    """--weights-memory / --offload-folder of profile, evaluate, evaluate-plans and compress."""
+    """--max-memory / --weights-memory / --offload-folder of profile, evaluate, evaluate-plans and compress."""
+    sp.add_argument("--max-memory", type=memory_size, default=None,
+                    help="memory for statistics + decomposition, e.g. 24GB (default: what the device has free); "
+                         "blocks are processed in windows that fit it, and the dense reference logits of the KL "
+                         "wait in CPU RAM or on disk when they do not fit it")
     sp.add_argument("--weights-memory", type=memory_size, default=None,
                     help="load with accelerate: at most this much of the weights on the device (e.g. 20GB), the rest "
                          "in CPU RAM, then in --offload-folder")
@@ -286,7 +290,7 @@ def cmd_evaluate(args) -> int:
         result = evaluate_plan(plan, [d for d in args.datasets.split(",") if d.strip()], protocol.max_windows,
                                protocol.seq_len, args.device, progress=bar, decomposition=decomposition,
                                calibration=calibration, tasks=tasks, task_limit=args.task_limit,
-                               offload=_offload_spec(args))
+                               offload=_offload_spec(args), max_memory=args.max_memory)
     print(json.dumps(result.to_dict(), indent=1))
     if tasks:  # zero-shot runs are long: keep them where the app's results table reads them
         from .results import ResultStore
@@ -309,7 +313,8 @@ def cmd_evaluate_plans(args) -> int:
         raise ValueError("--plans names no plan file")
     results = evaluate_plans([p for p, _ in inputs], datasets=[d for d in args.datasets.split(",") if d.strip()],
                              max_windows=protocol.max_windows, seq_len=protocol.seq_len, device=args.device,
-                             calibration=inputs[0][1], decomposition=args.decomposition, offload=offload)
+                             calibration=inputs[0][1], decomposition=args.decomposition, offload=offload,
+                             max_memory=args.max_memory)
     if distributed.context().main:
         print(json.dumps(results, indent=1))
     return 0
@@ -359,7 +364,8 @@ def cmd_compress(args) -> int:
                         f"{plan.model_source} loads as {loaded.fingerprint!r}")
     check_plan_layers(plan, compressible_layers(loaded.model))
     with progress_bar(f"factorise ({decomposition})") as bar:
-        factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), progress=bar)
+        factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), progress=bar,
+                                      max_memory=args.max_memory)
     dense_params = count_parameters(loaded.model)
     with compressed(loaded, plan.ranks(), factors) as applied, weights_in_memory(loaded.model):
         params = count_parameters(loaded.model)
@@ -474,9 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "profile (10 seeded trials each, scored by KL on the search windows); 'none' skips it")
     sp.add_argument("--cache-dir", default=None)
     sp.add_argument("--force", action="store_true")
-    sp.add_argument("--max-memory", type=memory_size, default=None,
-                    help="memory for statistics + decomposition, e.g. 24GB (default: what the device has free); "
-                         "blocks are processed in windows that fit it")
     sp.add_argument("--factor-dtype", default="fp32", choices=("fp32", "fp16"),
                     help="storage of the streamed factors on disk (default fp32)")
     _offload_args(sp)

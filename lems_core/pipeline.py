@@ -39,8 +39,8 @@ from .plan import check_plan_layers
 from .profile import Profile, ProfileError
 from .sensitivity import LOG_PROB_CACHE_BYTES, layer_kl_sweep
 from . import distributed
-from .memory import grad_gram_bytes, input_gram_bytes, available_memory, budget_or_default
-from .blocks import plan_input_placement
+from .memory import grad_gram_bytes, input_gram_bytes, available_memory
+from .blocks import TensorShelf, place_off_device, plan_input_placement
 from .offload import OffloadSpec, has_offloaded_weights, load_with
 from .zero_shot import ZeroShotResult, load_tasks, tasks_key, zero_shot
 from .streaming import decomposition_workspace, plan_stream, streamed_dir, streamed_factorizations
@@ -437,24 +437,27 @@ def add_measured_points(
 # ------------------------------------------------------------------ per-plan factorisations
 def plan_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, ranks: dict[str, int | None],
                         cache_dir: Path | None = None, progress: Progress | None = None,
-                        options: MethodOptions | None = None) -> dict[str, Factorization]:
+                        options: MethodOptions | None = None, max_memory: int | None = None) -> dict[str, Factorization]:
     """Factors to compress with `ranks`: sliced from the static cache, or computed for these ranks.
 
     Any name of ``decomposition_names()`` works. ``options`` are the method's own
     (DecompositionOptions for a static one, e.g. LcOptions for lcsvd); default: the
     registry's. A rank-dependent method's factors hold only the planned layers.
+    ``max_memory`` (bytes for statistics + decomposition) makes a static method's
+    factors come from the streamed build under that budget (``factorizations_for``),
+    and so the static base of a rank-dependent one (ERC).
     """
     spec = spec_of(decomposition)
     options = spec.options if options is None else options
     if not isinstance(options, type(spec.options)):
         raise TypeError(f"{decomposition} takes {type(spec.options).__name__}, not {type(options).__name__}")
     if not spec.rank_dependent:
-        return _planned_static_factors(loaded, cfg, decomposition, options, ranks, cache_dir, progress)
+        return _planned_static_factors(loaded, cfg, decomposition, options, ranks, cache_dir, progress, max_memory)
     if has_offloaded_weights(loaded.model):
         raise ValueError(f"{decomposition} compresses whole blocks in place and needs the model loaded whole; "
                          "drop --weights-memory / --offload-folder, or use a static decomposition "
                          "(svd, asvd, fwsvd, svd_llm, svd_llm_v2, kfac)")
-    return _rank_dependent_factorizations(loaded, cfg, spec, ranks, options, cache_dir, progress)
+    return _rank_dependent_factorizations(loaded, cfg, spec, ranks, options, cache_dir, progress, max_memory)
 
 
 STATISTICS_SHARE = 0.86  # of a static factorisation's progress: statistics, then the decompositions
@@ -462,7 +465,7 @@ STATISTICS_SHARE = 0.86  # of a static factorisation's progress: statistics, the
 
 def _planned_static_factors(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str,
                             options: DecompositionOptions, ranks: dict[str, int | None], cache_dir: Path | None,
-                            progress: Progress | None) -> dict[str, Factorization]:
+                            progress: Progress | None, max_memory: int | None = None) -> dict[str, Factorization]:
     """A static method's factors of the layers ``ranks`` factorise; the layers it keeps dense get none.
 
     The whole model's file (``factorizations_for``) serves when it is cached, and for
@@ -471,13 +474,15 @@ def _planned_static_factors(loaded: LoadedModel, cfg: CalibrationConfig, decompo
     for the layers its plan keeps dense (122 of 210 for the demo's LEMS @ 0.8), and a
     later plan decomposes only the layers no plan before it did. A layer's factors
     depend on its own weight and statistics alone, so they are the ones the whole-model
-    file holds.
+    file holds. A memory budget (``max_memory``) takes the streamed build, which reads
+    the factors back a layer at a time.
     """
     layers = compressible_layers(loaded.model)
     key = key_of(loaded.fingerprint, statistics_key(cfg), decomposition, _options_dict(options))
-    if (tensor_path("factors", key, cache_dir).is_file() or has_offloaded_weights(loaded.model)
-            or not _grams_fit(loaded, layers, decomposition, options)):
-        return factorizations_for(loaded, cfg, decomposition, options, cache_dir=cache_dir, progress=progress)
+    if max_memory is not None or (tensor_path("factors", key, cache_dir).is_file() or has_offloaded_weights(loaded.model)
+                                  or not _grams_fit(loaded, layers, decomposition, options)):
+        return factorizations_for(loaded, cfg, decomposition, options, cache_dir=cache_dir, progress=progress,
+                                  max_memory=max_memory)
     planned = [l for l in layers if l.name in ranks and not is_dense_rank(l, ranks[l.name])]
     factors, missing = {}, []
     for layer in planned:
@@ -540,7 +545,7 @@ def _layer_factors_path(key: str, name: str, cache_dir: Path | None) -> Path:
 
 def _rank_dependent_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, spec: DecompositionSpec, ranks: dict,
                                    options: MethodOptions, cache_dir: Path | None,
-                                   progress: Progress | None) -> dict[str, Factorization]:
+                                   progress: Progress | None, max_memory: int | None = None) -> dict[str, Factorization]:
     """A rank-dependent method's factors for ``ranks``, cached as one safetensors file per plan.
 
     Key: model fingerprint, calibration config, method, its options' ``to_dict()`` and
@@ -556,7 +561,7 @@ def _rank_dependent_factorizations(loaded: LoadedModel, cfg: CalibrationConfig, 
     base = None
     if spec.base_factors:
         base = factorizations_for(loaded, cfg, spec.base, cache_dir=cache_dir, progress=stage(progress, 0, 0.8),
-                                  calib_ids=calib_ids)
+                                  calib_ids=calib_ids, max_memory=max_memory)
         progress = stage(progress, 0.8, 1.0)
     factors = spec.factorizations(loaded.model, ranks, calib_ids, options, base, progress)
     save_tensors(path, _factors_to_tensors(factors), {"decomposition": spec.name})
@@ -672,6 +677,7 @@ def evaluate_plan(
     tasks: list[str] | tuple[str, ...] = (),
     task_limit: int | None = None,
     offload: OffloadSpec | None = None,
+    max_memory: int | None = None,
 ) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
 
@@ -679,6 +685,9 @@ def evaluate_plan(
     acc / acc_norm of the compressed and the dense model, ``task_limit`` documents per task.
     ``offload`` loads the model partly on CPU RAM / disk with accelerate (``offload.py``);
     factorisation, perplexity and KL then run with about one block's weights on the device.
+    ``max_memory`` (bytes) bounds statistics + decomposition (the streamed build, as
+    ``profile --max-memory``) and where the dense reference logits of the KL wait
+    (device, CPU RAM or disk, ``reference_logits``); default: what the device has.
 
     The plan must be for the loaded model (fingerprint check). Factorisations use
     the calibration config recorded in the plan (or `calibration`) and the plan's
@@ -706,11 +715,11 @@ def evaluate_plan(
     with hold_model(loaded, cancel, progress):
         if not tasks:
             return _evaluate_plan(plan, loaded, cfg, decomposition, datasets, max_windows, seq_len, progress, cancel,
-                                  cache_dir, with_kl, started)
+                                  cache_dir, with_kl, started, max_memory)
         result = _evaluate_plan(plan, loaded, cfg, decomposition, datasets, max_windows, seq_len,
-                                stage(progress, 0, 0.4), cancel, cache_dir, with_kl, started)
+                                stage(progress, 0, 0.4), cancel, cache_dir, with_kl, started, max_memory)
         dense, scores = plan_zero_shot(plan, loaded, cfg, decomposition, list(tasks), task_limit, cache_dir,
-                                       stage(progress, 0.4, 1.0), cancel, loaded_tasks)
+                                       stage(progress, 0.4, 1.0), cancel, loaded_tasks, max_memory)
         result.zero_shot, result.dense_zero_shot = scores.to_dict(), dense.to_dict()
         result.seconds = round(time.perf_counter() - started, 1)
         return result
@@ -718,8 +727,8 @@ def evaluate_plan(
 
 def plan_zero_shot(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, tasks: list[str],
                    limit: int | None = None, cache_dir: Path | None = None, progress: Progress | None = None,
-                   cancel: threading.Event | None = None,
-                   loaded_tasks: dict | None = None) -> tuple[ZeroShotResult, ZeroShotResult]:
+                   cancel: threading.Event | None = None, loaded_tasks: dict | None = None,
+                   max_memory: int | None = None) -> tuple[ZeroShotResult, ZeroShotResult]:
     """(dense, compressed) zero-shot scores of ``plan`` on ``tasks``; the caller holds the model's lock.
 
     ``loaded_tasks`` are ``load_tasks(tasks)`` (loaded here when not given); the factors
@@ -728,7 +737,7 @@ def plan_zero_shot(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposit
     _check_hf_tokenizer(loaded.tokenizer)
     loaded_tasks = loaded_tasks or load_tasks(tasks)
     dense = dense_zero_shot(loaded, tasks, limit, cache_dir, stage(progress, 0, 0.45), cancel, loaded_tasks)
-    factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), cache_dir)
+    factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), cache_dir, max_memory=max_memory)
     with compressed(loaded, plan.ranks(), factors):
         scores = zero_shot(loaded.model, loaded.tokenizer, tasks, limit, progress=stage(progress, 0.45, 1.0),
                            cancel=cancel, tasks=loaded_tasks)
@@ -804,18 +813,19 @@ class _EvalSteps:
 
 def _evaluate_plan(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, datasets: list[str],
                    max_windows: int | None, seq_len: int, progress: Progress | None, cancel: threading.Event | None,
-                   cache_dir: Path | None, with_kl: bool, started: float) -> EvalResult:
+                   cache_dir: Path | None, with_kl: bool, started: float, max_memory: int | None = None) -> EvalResult:
     """evaluate_plan's work, with the model's lock held (no other job can see the compressed weights)."""
     ranks = plan.ranks()
     steps = _EvalSteps(progress, len(datasets), with_kl)
-    factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, steps.next("factorising the plan's layers"))
+    factors = plan_factorizations(loaded, cfg, decomposition, ranks, cache_dir, steps.next("factorising the plan's layers"),
+                                  max_memory=max_memory)
     kl = None
     ppl, dense_ppl = {}, {}
     ref_logits, search_ids = None, None
     if with_kl:
         steps.next("KL: the dense model's logits on the search windows")
         _, search_ids = calibration_windows(loaded, cfg)
-        ref_logits = reference_logits(loaded, search_ids)
+        ref_logits = reference_logits(loaded, search_ids, max_memory)
     splits = {ds: evaluation_split(ds) for ds in datasets}
     for i, ds in enumerate(datasets):
         steps.next(f"dense perplexity on {ds} (cached after the first evaluation)")
@@ -863,19 +873,20 @@ def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], searc
     return score
 
 
-def reference_logits(loaded: LoadedModel, search_ids: torch.Tensor, max_memory: int | None = None) -> list[torch.Tensor]:
+def reference_logits(loaded: LoadedModel, search_ids: torch.Tensor, max_memory: int | None = None) -> TensorShelf:
     """The dense model's logits per search window (``reference_logits_dtype``), one batch computed at a time.
 
     Kept on the device when all of them fit ``max_memory`` (default: DEFAULT_FRACTION of
-    what the device has free), else in CPU RAM, from where ``kl_to_reference`` brings
-    one window's to the device at a time.
+    what the device has free), else in CPU RAM (GPU device, when they fit it), else
+    memory-mapped on disk (``blocks.place_off_device``); ``kl_to_reference`` brings one
+    window's to the device at a time.
     """
     dtype = reference_logits_dtype(loaded, search_ids)
     vocab = int(getattr(getattr(loaded.model, "config", None), "vocab_size", 0) or 0)
-    fits = search_ids.numel() * vocab * dtype.itemsize <= budget_or_default(max_memory, loaded.device)
-    home = loaded.device if fits else torch.device("cpu")
-    return [model_logits(loaded.model, search_ids[i : i + 1], dtype=dtype)[0].to(home)
-            for i in range(search_ids.shape[0])]
+    shelf = TensorShelf(place_off_device(search_ids.numel() * vocab * dtype.itemsize, loaded.device, max_memory))
+    for i in range(search_ids.shape[0]):
+        shelf.append(model_logits(loaded.model, search_ids[i : i + 1], dtype=dtype)[0])
+    return shelf
 
 
 def reference_logits_dtype(loaded: LoadedModel, search_ids: torch.Tensor) -> torch.dtype:

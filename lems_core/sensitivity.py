@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import (BlockInputs, InputPlacement, advance, capture_inputs, iter_logits_from_block,
-                     sequence_length)
+from .blocks import (BlockInputs, InputPlacement, TensorShelf, advance, capture_inputs, home_off_device,
+                     iter_logits_from_block, sequence_length)
 from .memory import GramLedger
 from .compression import LowRankLinear, set_module
 from .decompositions import Factorization
@@ -40,7 +40,7 @@ LOG_PROB_CACHE_BYTES = 2 << 30  # float32 reference log-probs kept in memory up 
 class DenseReference:
     """The dense model's logits on the search windows, and its NLL there."""
 
-    logits: list[torch.Tensor]  # one bf16 tensor per batch
+    logits: Sequence[torch.Tensor]  # one bf16 tensor per batch (a list or a blocks.TensorShelf)
     nll: float
     _log_probs: dict = field(default_factory=dict, repr=False)
     precision: str = "bf16"  # of the log-probs KL is measured against: "fp32" when they fit in memory
@@ -53,7 +53,8 @@ class DenseReference:
         if batch in self._log_probs:
             return self._log_probs[batch].to(device)
         p_log = reference_log_probs(self.logits[batch].to(device))
-        if sum(l.numel() for l in self.logits) * 4 <= LOG_PROB_CACHE_BYTES:
+        on_disk = getattr(self.logits, "where", None) == "disk"  # RAM is short: recompute rather than keep
+        if not on_disk and sum(l.numel() for l in self.logits) * 4 <= LOG_PROB_CACHE_BYTES:
             self._log_probs[batch] = p_log.to(self.logits[batch].device)
         return p_log
 
@@ -73,22 +74,24 @@ def _batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 
 def dense_reference(model: nn.Module, items: BlockInputs, windows: torch.Tensor, batch_size: int,
-                    precision: str = "auto", home=None) -> DenseReference:
+                    precision: str = "auto", home: str = "device", folder=None) -> DenseReference:
     """The dense logits (bf16) and NLL; log-probs in float32 when ``precision`` is "fp32",
     or "auto" and they fit in LOG_PROB_CACHE_BYTES (else from the bf16 logits, as the reference).
 
-    One batch's logits are on the device at a time; what is kept goes to ``home`` (e.g.
-    "cpu" when the block inputs are kept off the device; default: where it was computed)."""
+    One batch's logits are on the device at a time; what is kept goes to ``home``: "device",
+    "cpu" or "disk" (memory-mapped under ``folder``, ``blocks.TensorShelf``), e.g. off the
+    device when the block inputs are."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    total, count, kept, log_probs = 0.0, 0, [], {}
+    total, count, kept, log_probs = 0.0, 0, TensorShelf(home, folder), TensorShelf(home, folder)
     for i, out in enumerate(iter_logits_from_block(model, 0, items)):
         s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
         total, count = total + s, count + n
         fits = windows.numel() * out.shape[-1] * 4 <= LOG_PROB_CACHE_BYTES
         if precision == "fp32" or (precision == "auto" and fits):
-            log_probs[i] = reference_log_probs(out).to(home or out.device)
-        kept.append(out.to(torch.bfloat16).to(home or out.device))
+            log_probs.append(reference_log_probs(out))
+        kept.append(out.to(torch.bfloat16))
+    log_probs = dict(enumerate(log_probs))
     ref = DenseReference(kept, total / max(count, 1), log_probs)
     if log_probs:
         ref.precision = "fp32"
@@ -154,12 +157,15 @@ def layer_kl_sweep(
     ``inputs`` (``blocks.InputPlacement``, default: on the device) is where the dense
     block inputs wait: off the device, a chunk within its budget comes to the device at
     a time (counted in ``ledger``, by default a new one limited to that budget) and the
-    reference logits are kept on the CPU, one batch brought over per use.
+    reference logits are kept off the device too (CPU RAM for a GPU device when they fit
+    it, else memory-mapped on disk beside the inputs), one batch brought over per use.
     """
     blocks = decoder_blocks(model)
     items = capture_inputs(model, windows, batch_size, inputs, ledger)
     off_device = inputs is not None and inputs.where != "device"
-    ref = dense_reference(model, items, windows, batch_size, precision, home="cpu" if off_device else None)
+    vocab = int(model.config.vocab_size)
+    home = home_off_device(windows.numel() * vocab * 2, next(model.parameters()).device) if off_device else "device"
+    ref = dense_reference(model, items, windows, batch_size, precision, home, inputs.folder if off_device else None)
     ref.floor = kl_floor(model, items, ref)
     index = {l.name: i for i, l in enumerate(layers)}
     result = {r: np.full(len(layers), np.nan) for r in ratios}

@@ -318,8 +318,11 @@ def test_kl_sweep_with_block_inputs_off_the_device_equals_the_in_memory_sweep(tm
     assert 2 * batch <= ledger.peak <= placement.budget < 2 * block_input_bytes(model, ids)
     assert ledger.live == 0
     assert all(l.device.type == "cpu" for l in ref_b.logits)
+    assert ref_b.logits.where == "disk" and list(tmp_path.glob("lems-logits-*/*.bin"))  # CPU device: RAM is short
+    del ref_b
     gc.collect()
     assert not list(tmp_path.glob("lems-block-inputs-*"))  # every store's file is gone with it
+    assert not list(tmp_path.glob("lems-logits-*"))
     with pytest.raises(MemoryBudgetError, match="below two batches of block inputs"):
         layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], batch_size=2,
                        inputs=InputPlacement(where, 2 * batch - 1, tmp_path))
@@ -443,6 +446,92 @@ def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint
         assert "exists and is not a folder" in capsys.readouterr().err
     assert main(evaluate + offload + ["--decomposition", "lcsvd"]) == 2
     assert "needs the model loaded whole" in capsys.readouterr().err
+
+
+def test_reference_logits_go_to_the_device_cpu_ram_or_disk_by_the_budget(tmp_path, one_thread):
+    """place_off_device: the device when they fit --max-memory, else CPU RAM beside a GPU, else disk; a disk
+    shelf holds the same logits, memory-mapped, and its folder goes with it."""
+    import gc
+
+    from lems_core.blocks import TensorShelf, place_off_device
+    from lems_core.pipeline import reference_logits
+
+    assert place_off_device(100, "cpu", 100) == "device" and place_off_device(101, "cpu", 100) == "disk"
+    assert place_off_device(101, "cuda:0", 100) == "cpu"  # the CPU RAM's default budget holds 101 bytes
+    assert place_off_device(1 << 60, "cuda:0", 100) == "disk"
+    loaded = tiny_loaded(2)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    kept, spilled = reference_logits(loaded, ids), reference_logits(loaded, ids, max_memory=1)
+    assert kept.where == "device" and spilled.where == "disk" and len(spilled) == len(kept) == 3
+    for a, b in zip(kept, spilled):
+        assert b.dtype == a.dtype and b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    shelf = TensorShelf("disk", tmp_path)
+    shelf.append(torch.arange(6.0).view(2, 3))
+    assert torch.equal(shelf[0], torch.arange(6.0).view(2, 3)) and len(list(tmp_path.glob("lems-logits-*/*.bin"))) == 1
+    del shelf
+    gc.collect()
+    assert not list(tmp_path.glob("lems-logits-*"))
+    with pytest.raises(ValueError, match="one of device, cpu, disk"):
+        TensorShelf("gpu")
+
+
+def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_numbers(tmp_path, checkpoint, capsys,
+                                                                                 monkeypatch, one_thread):
+    """evaluate / evaluate-plans / compress --max-memory: factors from the streamed build under the budget
+    (the ledger never over it), reference logits on disk, PPL and KL of the run without a budget; a budget
+    below one block's statistics exits 2 and names the smallest that runs."""
+    from safetensors.torch import load_file
+
+    from lems_core import pipeline, streaming
+    from lems_core.cli import main
+
+    c = checkpoint
+    layers = compressible_layers(pipeline.get_model(str(c["folder"]), "cpu").model)
+    budget = _stream_plan(pipeline.get_model(str(c["folder"]), "cpu"), 1).max_memory
+    common = ["--model", str(c["folder"]), "--calib-dataset", str(c["corpus"]), "--device", "cpu"]
+    evaluate = ["evaluate", "--plan", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
+                "--max-windows", "2", *common]
+    ledgers, shelves = [], []
+    real_stream, real_logits = streaming.streamed_factorizations, pipeline.reference_logits
+
+    def streamed(*args, ledger=None, **kwargs):
+        ledgers.append(ledger or streaming.GramLedger(limit=args[5].gram_budget))
+        return real_stream(*args, ledger=ledgers[-1], **kwargs)
+
+    def logits(*args, **kwargs):
+        shelves.append(real_logits(*args, **kwargs))
+        return shelves[-1]
+    monkeypatch.setattr(pipeline, "streamed_factorizations", streamed)
+    monkeypatch.setattr(pipeline, "reference_logits", logits)
+
+    def run(argv) -> dict | list:
+        capsys.readouterr()
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+    whole = run(evaluate)
+    assert not ledgers and shelves[-1].where == "device"  # the tiny model's Grams fit: the classic path
+    monkeypatch.setattr(pipeline, "place_off_device", lambda *a: "disk")  # as if the logits outgrew the budget
+    capped = run(evaluate + ["--max-memory", str(budget)])
+    assert ledgers and all(0 < l.peak <= l.limit <= budget for l in ledgers) and shelves[-1].where == "disk"
+    assert capped["ppl"] == pytest.approx(whole["ppl"], rel=1e-5) and capped["kl"] == pytest.approx(whole["kl"], rel=1e-4)
+    both = run(["evaluate-plans", "--plans", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
+                "--max-windows", "2", *common, "--max-memory", str(budget)])
+    assert both[0]["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
+    ledgers.clear()
+    for name, extra in (("whole", []), ("capped", ["--max-memory", str(budget)])):
+        assert main(["compress", "--plan", str(c["plan_path"]), "-o", str(tmp_path / name), *common, *extra]) == 0
+    assert ledgers  # the capped compress factorised under the budget
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "capped" / "model.safetensors"))
+    assert set(a) == set(b) and len(a) > len(layers)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    assert main(evaluate + ["--max-memory", str(budget // 4)]) == 2
+    assert "memory budget" in capsys.readouterr().err.lower()
+    with pytest.raises(SystemExit) as exc:
+        main(evaluate + ["--max-memory", "lots"])
+    assert exc.value.code == 2 and "cannot read memory size" in capsys.readouterr().err
 
 
 def test_a_cached_torchrun_profile_without_its_bias_fit_is_rebuilt(tmp_path, corpus, one_thread):

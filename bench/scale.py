@@ -53,22 +53,56 @@ def rss() -> int:
     return 0
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def build_model(args):
+    """The random-weight LLaMA of ``--width`` / ``--depth`` / ``--vocab`` in ``--dtype``."""
+    from lems_core.model import tiny_model
+
+    w = BENCH_WIDTHS[args.width]
+    torch.set_default_dtype(DTYPES[args.dtype])
+    try:
+        return tiny_model("llama", seed=0, vocab_size=args.vocab, hidden_size=w["hidden"],
+                          intermediate_size=w["intermediate"], num_hidden_layers=args.depth,
+                          num_attention_heads=w["heads"], num_key_value_heads=w["kv"], max_position_embeddings=4096)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def offloaded_model(args, tmp: Path):
+    """The same model saved by a child process, then loaded with accelerate so that the embeddings, the
+    head and one block's weights are in memory (on the device) and the other blocks on disk.
+
+    The checkpoint is written by a separate process so this one's peak RSS never held the whole model.
+    """
+    from lems_core.offload import OffloadSpec, load_offloaded
+
+    folder = tmp / "checkpoint"
+    cmd = [sys.executable, __file__, "--save-checkpoint", str(folder), "--depth", str(args.depth), "--width",
+           args.width, "--vocab", str(args.vocab), "--dtype", args.dtype]
+    subprocess.run(cmd, check=True)
+    w, item = BENCH_WIDTHS[args.width], DTYPES[args.dtype].itemsize
+    h, i = w["hidden"], w["intermediate"]
+    kv = h // w["heads"] * w["kv"]
+    block = (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) * item
+    spec = OffloadSpec(2 * args.vocab * h * item + block + h * item, str(tmp / "offload"))
+    return load_offloaded(str(folder), spec.max_memory(args.device), spec.folder, dtype=DTYPES[args.dtype]).model
+
+
 def run_one(args) -> dict:
     """One depth in this process: build, stream, report (JSON on stdout's last line)."""
     from lems_core.decompositions import DecompositionOptions
     from lems_core.memory import GramLedger, parse_bytes
-    from lems_core.model import LoadedModel, compressible_layers, tiny_model
+    from lems_core.model import LoadedModel, compressible_layers
     from lems_core.streaming import plan_stream, streamed_factorizations
 
     torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
-    w = BENCH_WIDTHS[args.width]
-    torch.set_default_dtype(dtype)
-    model = tiny_model("llama", seed=0, vocab_size=args.vocab, hidden_size=w["hidden"],
-                       intermediate_size=w["intermediate"], num_hidden_layers=args.depth,
-                       num_attention_heads=w["heads"], num_key_value_heads=w["kv"], max_position_embeddings=4096)
-    torch.set_default_dtype(torch.float32)
-    model.to(args.device)
+    tmp_models = tempfile.TemporaryDirectory(prefix="lems-scale-")
+    if args.offload:
+        model = offloaded_model(args, Path(tmp_models.name))
+    else:
+        model = build_model(args).to(args.device)
     loaded = LoadedModel(model, None, f"bench-8b-width-{args.depth}", f"bench{args.depth}{args.dtype}")
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     if args.device.startswith("cuda"):
@@ -87,24 +121,26 @@ def run_one(args) -> dict:
            "windows": len(plan.windows), "seconds": round(time.perf_counter() - started, 1),
            "cuda_peak": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
            "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), **_config(args)}
+    tmp_models.cleanup()
     print(json.dumps(out))
     return out
 
 
 def _config(args) -> dict:
-    """What a run's figures depend on (the key of a row in --reuse)."""
+    """What a run's figures depend on (the key of a row in --reuse; rows without "offload" were not offloaded)."""
     return {"width": args.width, "max_memory": args.max_memory, "samples": args.samples, "seq_len": args.seq_len,
-            "vocab": args.vocab, "dtype": args.dtype, "factor_dtype": args.factor_dtype, "device": args.device}
+            "vocab": args.vocab, "dtype": args.dtype, "factor_dtype": args.factor_dtype, "device": args.device,
+            **({"offload": True} if args.offload else {})}
 
 
 def _reused(path: str | None, args, method: str, depth: int) -> dict | None:
     """An earlier run of the same configuration from the --reuse file (JSON lines), if any."""
     if not path or not Path(path).is_file():
         return None
-    want = {**_config(args), "method": method, "depth": depth}
+    want = {**_config(args), "method": method, "depth": depth, "offload": args.offload}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
-        if all(row.get(k) == v for k, v in want.items()):
+        if all(row.get(k, False if k == "offload" else None) == v for k, v in want.items()):
             return row
     return None
 
@@ -170,13 +206,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", default="8B", choices=sorted(BENCH_WIDTHS),
                         help="8B: Llama-3-8B layers (default); quarter: 1024/3584, for a quick depth series")
+    parser.add_argument("--offload", action="store_true",
+                        help="weights on disk (accelerate offload folder) but the embeddings, head and one block: "
+                             "peak RSS then does not grow with depth either")
     parser.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--save-checkpoint", default=None, help=argparse.SUPPRESS)  # child of an --offload run
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", default=None, help="also write the table here")
     parser.add_argument("--reuse", default=None,
                         help="JSON-lines file of runs: rows of the same configuration are read from it instead of "
                              "run again, new runs are appended (lets a long 8B-width series be built in pieces)")
     args = parser.parse_args()
+    if args.save_checkpoint:
+        build_model(args).save_pretrained(args.save_checkpoint, max_shard_size="200MB")
+        return
     if args.depth is not None:
         run_one(args)
         return
@@ -184,7 +227,8 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()}, torch threads {args.threads} per run, device {args.device}, "
           f"model {args.dtype}, factors {args.factor_dtype}, {args.samples}x{args.seq_len} tokens, "
-          f"vocab {args.vocab}, budget {args.max_memory}, width {args.width} {BENCH_WIDTHS[args.width]}", flush=True)
+          f"vocab {args.vocab}, budget {args.max_memory}, width {args.width} {BENCH_WIDTHS[args.width]}"
+          f"{', weights offloaded to disk but one block' if args.offload else ''}", flush=True)
     measured, lines = {}, []
     header = (f"{'method':8} {'blocks':>6} {'peak RSS':>9} {'model RSS':>9} {'work':>7} {'Gram peak':>9} "
               f"{'windows':>7} {'seconds':>7} {'CUDA peak':>9} {'load avg':>8}")
@@ -195,7 +239,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--depth", str(depth), "--method", method, "--max-memory", args.max_memory,
                    "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
                    "--dtype", args.dtype, "--factor-dtype", args.factor_dtype, "--device", args.device,
-                   "--threads", str(args.threads), "--width", args.width]
+                   "--threads", str(args.threads), "--width", args.width] + (["--offload"] if args.offload else [])
             r = _reused(args.reuse, args, method, depth)
             if r is None:
                 done = subprocess.run(cmd, capture_output=True, text=True)
@@ -219,7 +263,8 @@ def main() -> None:
             lo, hi = measured[(method, depths[0])], measured[(method, depths[-1])]
             lines.append(f"{method}: working peak {depths[-1]} vs {depths[0]} block(s): {hi['work'] / lo['work']:.2f}x "
                          f"(goal <= {GOAL_RATIO}x); peak RSS {hi['peak_rss'] / lo['peak_rss']:.2f}x "
-                         f"(weights grow with depth unless offloaded)")
+                         + ("(weights on disk but one block)" if args.offload else
+                            "(weights grow with depth unless offloaded)"))
         if (method, 1) in measured:
             peak = measured[(method, 1)]["peak_rss"] / GB
             lines.append(f"{method}: one {args.width}-width block peak RSS {peak:.2f} GB (goal < {GOAL_BLOCK_GB:g} GB)")

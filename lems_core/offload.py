@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .memory import DEFAULT_FRACTION, MemoryBudgetError, available_memory
+from .memory import DEFAULT_FRACTION, MemoryBudgetError, available_memory, format_bytes
 from .model import LoadedModel, _weight_sample, default_device, model_fingerprint, resolve_source
 
 
@@ -154,4 +154,17 @@ def load_offloaded(
         offload_folder=str(offload_folder) if offload_folder else None, **kwargs)
     model.eval()
     model.config.use_cache = False
+    check_embeddings_placed(model, max_memory)
     return LoadedModel(model, tokenizer, source, offloaded_fingerprint(model))
+
+
+def check_embeddings_placed(model: nn.Module, max_memory: dict | None) -> None:
+    """The input embeddings must sit on a real device: every step reads the execution device from the
+    model's first parameter and runs the blocks from there. accelerate puts them on disk (a meta tensor)
+    when the weights budget cannot hold them beside its reserve for the largest layer."""
+    embed = model.get_input_embeddings().weight
+    if embed.device.type == "meta":
+        raise MemoryBudgetError(
+            f"--weights-memory leaves not even the input embeddings on the device (accelerate's max_memory "
+            f"{max_memory}, embeddings {format_bytes(embed.numel() * embed.element_size())} beside the largest "
+            "layer it sets aside): raise --weights-memory")

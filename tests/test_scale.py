@@ -444,6 +444,9 @@ def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint
         assert exc.value.code == 2 and "cannot read memory size" in capsys.readouterr().err
         assert main(command + ["--offload-folder", str(c["corpus"])]) == 2
         assert "exists and is not a folder" in capsys.readouterr().err
+    pipeline._MODELS.clear()
+    assert main(evaluate + ["--weights-memory", "1KB", "--offload-folder", str(tmp_path / "offload")]) == 2
+    assert "not even the input embeddings" in capsys.readouterr().err  # not torch's "copy out of meta tensor"
     assert main(evaluate + offload + ["--decomposition", "lcsvd"]) == 2
     assert "needs the model loaded whole" in capsys.readouterr().err
 

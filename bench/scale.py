@@ -5,16 +5,19 @@ intermediate 14336, 32/8 heads) and a small vocabulary at each depth, runs the
 streamed statistics + decomposition (``streaming.streamed_factorizations``) under
 ``--max-memory`` and prints, per method and depth: peak RSS, RSS after the model
 was built (its weights), the working peak (their difference), the ledger's peak
-live Gram bytes, the windows (= backward passes for KFAC), and peak CUDA memory
-when a GPU is used. Each run is a fresh subprocess, so peaks do not leak between
-depths. Then an extrapolated table for 8B (32 blocks) and 70B (80 blocks,
+live Gram bytes, the windows (= backward passes for KFAC), the peak of anonymous
+memory (RssAnon, sampled: RSS without file-backed pages) and peak CUDA memory when a
+GPU is used. Each run is a fresh subprocess, so peaks do not leak between depths.
+``--offload`` saves each model from a child process and loads it with accelerate with
+every block on disk (the embeddings in memory), so the weights do not grow with depth
+either. Then an extrapolated table for 8B (32 blocks) and 70B (80 blocks,
 8192/28672) with its assumptions.
 
 Goals: working peak at 8 blocks within 1.2x of 1 block; one 8B-width block under
 8 GB peak RSS (14.6 GB before this issue for KFAC).
 
     nice python bench/scale.py [--depths 1,2,4,8] [--methods kfac,svd_llm] [--max-memory 7GB]
-                               [--samples 2 --seq-len 128] [--dtype bf16] [--device cpu]
+                               [--samples 2 --seq-len 128] [--dtype bf16] [--device cpu] [--offload]
 
 Cost here (2 shared cores, one LAPACK thread): a KFAC block takes minutes (three
 14336 x 14336 float64 Cholesky factorisations); SVD-LLM with 256 tokens hits the
@@ -29,6 +32,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,12 +49,38 @@ BENCH_WIDTHS = {"8B": WIDTHS["8B"],  # the issue's setting
 GB = 2**30
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
+    """This process's resident bytes: all of them (VmRSS), or the anonymous ones only (RssAnon)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class AnonPeak:
+    """The largest RssAnon seen, sampled every 20 ms in a thread: the peak without file-backed pages.
+
+    With --offload, the blocks' weights are read through memory-mapped checkpoint files; the
+    pages read stay mapped (RssFile, counted in ru_maxrss) although the kernel may drop them
+    at any time, so the anonymous peak is the memory the run actually needs."""
+
+    def __init__(self):
+        self.peak, self._stop = rss("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss("RssAnon"))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss("RssAnon"))
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -107,12 +137,12 @@ def run_one(args) -> dict:
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    base = rss()
+    base, base_anon = rss(), rss("RssAnon")
     layers = compressible_layers(model)
     plan = plan_stream(layers, args.method, parse_bytes(args.max_memory), args.device, DecompositionOptions())
     ledger = GramLedger(limit=plan.gram_budget)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, AnonPeak() as anon:
         streamed_factorizations(loaded, ids, args.method, DecompositionOptions(), Path(tmp) / "f", plan,
                                 args.factor_dtype, ledger=ledger)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -120,7 +150,8 @@ def run_one(args) -> dict:
            "gram_peak": ledger.peak, "gram_budget": plan.gram_budget, "workspace": plan.workspace,
            "windows": len(plan.windows), "seconds": round(time.perf_counter() - started, 1),
            "cuda_peak": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
-           "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), **_config(args)}
+           "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "peak_anon": anon.peak,
+           "model_anon": base_anon, **_config(args)}
     tmp_models.cleanup()
     print(json.dumps(out))
     return out
@@ -231,7 +262,7 @@ def main() -> None:
           f"{', weights offloaded to disk but one block' if args.offload else ''}", flush=True)
     measured, lines = {}, []
     header = (f"{'method':8} {'blocks':>6} {'peak RSS':>9} {'model RSS':>9} {'work':>7} {'Gram peak':>9} "
-              f"{'windows':>7} {'seconds':>7} {'CUDA peak':>9} {'load avg':>8}")
+              f"{'windows':>7} {'seconds':>7} {'CUDA peak':>9} {'load avg':>8} {'anon peak':>9}")
     print(header, flush=True)
     lines.append(header)
     for method in args.methods.split(","):
@@ -253,7 +284,8 @@ def main() -> None:
             measured[(method, depth)] = r
             cuda = f"{r['cuda_peak'] / GB:8.2f}G" if r["cuda_peak"] else "      n/a"
             line = (f"{method:8} {depth:6d} {r['peak_rss'] / GB:8.2f}G {r['model_rss'] / GB:8.2f}G "
-                    f"{r['work'] / GB:6.2f}G {r['gram_peak'] / GB:8.2f}G {r['windows']:7d} {r['seconds']:7.0f} {cuda} {r.get('loadavg', [0])[0]:8.1f}")
+                    f"{r['work'] / GB:6.2f}G {r['gram_peak'] / GB:8.2f}G {r['windows']:7d} {r['seconds']:7.0f} {cuda} "
+                    f"{r.get('loadavg', [0])[0]:8.1f} " + (f"{r['peak_anon'] / GB:8.2f}G" if "peak_anon" in r else "      n/a"))
             print(line, flush=True)
             lines.append(line)
     lines.append("")
@@ -264,7 +296,9 @@ def main() -> None:
             lines.append(f"{method}: working peak {depths[-1]} vs {depths[0]} block(s): {hi['work'] / lo['work']:.2f}x "
                          f"(goal <= {GOAL_RATIO}x); peak RSS {hi['peak_rss'] / lo['peak_rss']:.2f}x "
                          + ("(weights on disk but one block)" if args.offload else
-                            "(weights grow with depth unless offloaded)"))
+                            "(weights grow with depth unless offloaded)")
+                         + (f"; anonymous peak {hi['peak_anon'] / lo['peak_anon']:.2f}x (without file-backed pages)"
+                            if "peak_anon" in hi and "peak_anon" in lo else ""))
         if (method, 1) in measured:
             peak = measured[(method, 1)]["peak_rss"] / GB
             lines.append(f"{method}: one {args.width}-width block peak RSS {peak:.2f} GB (goal < {GOAL_BLOCK_GB:g} GB)")

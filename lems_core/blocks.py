@@ -10,7 +10,9 @@ The captured hidden states are a plain list on the device, or (issue #10) a
 ``BlockInputStore`` that keeps them in CPU RAM or memory-mapped in a temporary
 file and brings them to the device a chunk at a time, within a byte budget
 counted in a ``memory.GramLedger`` (``InputPlacement``, ``plan_input_placement``).
-``advance`` and ``iter_logits_from_block`` take either.
+``advance`` and ``iter_logits_from_block`` take either. A ``TensorShelf`` keeps the
+dense reference logits of the KL measurements the same way (device, CPU RAM or disk,
+``place_off_device``).
 """
 from __future__ import annotations
 

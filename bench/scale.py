@@ -45,7 +45,8 @@ GPU_BUDGET = 60 * 2**30  # second extrapolation budget: statistics + decompositi
 WIDTHS = {"8B": dict(hidden=4096, intermediate=14336, heads=32, kv=8, blocks=32, vocab=128256),
           "70B": dict(hidden=8192, intermediate=28672, heads=64, kv=8, blocks=80, vocab=128256)}
 BENCH_WIDTHS = {"8B": WIDTHS["8B"],  # the issue's setting
-                "quarter": dict(hidden=1024, intermediate=3584, heads=8, kv=2)}  # 1/4 width: ~64x cheaper LAPACK
+                "quarter": dict(hidden=1024, intermediate=3584, heads=8, kv=2),  # 1/4 width: ~64x cheaper LAPACK
+                "tiny": dict(hidden=64, intermediate=160, heads=4, kv=2)}  # the test's smoke run
 GB = 2**30
 
 
@@ -101,23 +102,32 @@ def build_model(args):
 
 
 def offloaded_model(args, tmp: Path):
-    """The same model saved by a child process, then loaded with accelerate so that the embeddings, the
-    head and one block's weights are in memory (on the device) and the other blocks on disk.
+    """The same model saved by a child process, then loaded with accelerate with every block off memory:
+    on disk (memory-mapped) for a CPU run, in CPU RAM for a GPU run; embeddings, final norm and head
+    on the device. accelerate's hooks bring one block's weights in while it runs.
 
     The checkpoint is written by a separate process so this one's peak RSS never held the whole model.
     """
-    from lems_core.offload import OffloadSpec, load_offloaded
+    from lems_core.offload import load_offloaded
 
     folder = tmp / "checkpoint"
     cmd = [sys.executable, __file__, "--save-checkpoint", str(folder), "--depth", str(args.depth), "--width",
            args.width, "--vocab", str(args.vocab), "--dtype", args.dtype]
     subprocess.run(cmd, check=True)
-    w, item = BENCH_WIDTHS[args.width], DTYPES[args.dtype].itemsize
-    h, i = w["hidden"], w["intermediate"]
-    kv = h // w["heads"] * w["kv"]
-    block = (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) * item
-    spec = OffloadSpec(2 * args.vocab * h * item + block + h * item, str(tmp / "offload"))
-    return load_offloaded(str(folder), spec.max_memory(args.device), spec.folder, dtype=DTYPES[args.dtype]).model
+    device, away = (0, "cpu") if args.device.startswith("cuda") else ("cpu", "disk")
+    device_map = {name: device for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map.update({f"model.layers.{i}": away for i in range(args.depth)})
+    return load_offloaded(str(folder), offload_folder=tmp / "offload", device_map=device_map,
+                          dtype=DTYPES[args.dtype]).model
+
+
+def blocks_offloaded(model) -> int:
+    """How many decoder blocks accelerate keeps off memory (their weights meta until their hooks run)."""
+    from lems_core.model import decoder_blocks
+    from lems_core.offload import is_offloaded
+
+    return sum(all(is_offloaded(m) for m in block.modules() if isinstance(m, torch.nn.Linear))
+               for block in decoder_blocks(model))
 
 
 def run_one(args) -> dict:
@@ -151,7 +161,7 @@ def run_one(args) -> dict:
            "windows": len(plan.windows), "seconds": round(time.perf_counter() - started, 1),
            "cuda_peak": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
            "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "peak_anon": anon.peak,
-           "model_anon": base_anon, **_config(args)}
+           "model_anon": base_anon, "blocks_offloaded": blocks_offloaded(model), **_config(args)}
     tmp_models.cleanup()
     print(json.dumps(out))
     return out
@@ -236,7 +246,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--width", default="8B", choices=sorted(BENCH_WIDTHS),
-                        help="8B: Llama-3-8B layers (default); quarter: 1024/3584, for a quick depth series")
+                        help="8B: Llama-3-8B layers (default); quarter: 1024/3584, for a quick depth series; "
+                             "tiny: 64/160, a smoke run")
     parser.add_argument("--offload", action="store_true",
                         help="weights on disk (accelerate offload folder) but the embeddings, head and one block: "
                              "peak RSS then does not grow with depth either")

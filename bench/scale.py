@@ -48,6 +48,9 @@ BENCH_WIDTHS = {"8B": WIDTHS["8B"],  # the issue's setting
                 "quarter": dict(hidden=1024, intermediate=3584, heads=8, kv=2),  # 1/4 width: ~64x cheaper LAPACK
                 "tiny": dict(hidden=64, intermediate=160, heads=4, kv=2)}  # the test's smoke run
 GB = 2**30
+# glibc's MALLOC_MMAP_THRESHOLD_, when set: a fixed threshold stops the heap fragmentation that freed Grams
+# under 32 MB (quarter width) leave with the default dynamic one (a run's key, see --reuse)
+MALLOC_THRESHOLD = os.environ.get("MALLOC_MMAP_THRESHOLD_")
 
 
 def rss(field: str = "VmRSS") -> int:
@@ -171,14 +174,15 @@ def _config(args) -> dict:
     """What a run's figures depend on (the key of a row in --reuse; rows without "offload" were not offloaded)."""
     return {"width": args.width, "max_memory": args.max_memory, "samples": args.samples, "seq_len": args.seq_len,
             "vocab": args.vocab, "dtype": args.dtype, "factor_dtype": args.factor_dtype, "device": args.device,
-            **({"offload": True} if args.offload else {})}
+            **({"offload": True} if args.offload else {}),
+            **({"malloc_mmap_threshold": MALLOC_THRESHOLD} if MALLOC_THRESHOLD else {})}
 
 
 def _reused(path: str | None, args, method: str, depth: int) -> dict | None:
     """An earlier run of the same configuration from the --reuse file (JSON lines), if any."""
     if not path or not Path(path).is_file():
         return None
-    want = {**_config(args), "method": method, "depth": depth, "offload": args.offload}
+    want = {"offload": False, "malloc_mmap_threshold": None, **_config(args), "method": method, "depth": depth}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
         if all(row.get(k, False if k == "offload" else None) == v for k, v in want.items()):
@@ -270,7 +274,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()}, torch threads {args.threads} per run, device {args.device}, "
           f"model {args.dtype}, factors {args.factor_dtype}, {args.samples}x{args.seq_len} tokens, "
           f"vocab {args.vocab}, budget {args.max_memory}, width {args.width} {BENCH_WIDTHS[args.width]}"
-          f"{', weights offloaded to disk but one block' if args.offload else ''}", flush=True)
+          f"{', weights offloaded to disk but one block' if args.offload else ''}"
+          f"{f', MALLOC_MMAP_THRESHOLD_={MALLOC_THRESHOLD}' if MALLOC_THRESHOLD else ''}", flush=True)
     measured, lines = {}, []
     header = (f"{'method':8} {'blocks':>6} {'peak RSS':>9} {'model RSS':>9} {'work':>7} {'Gram peak':>9} "
               f"{'windows':>7} {'seconds':>7} {'CUDA peak':>9} {'load avg':>8} {'anon peak':>9}")

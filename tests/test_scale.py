@@ -490,8 +490,8 @@ def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_number
     from lems_core.cli import main
 
     c = checkpoint
-    layers = compressible_layers(pipeline.get_model(str(c["folder"]), "cpu").model)
-    budget = _stream_plan(pipeline.get_model(str(c["folder"]), "cpu"), 1).max_memory
+    loaded = pipeline.get_model(str(c["folder"]), "cpu")
+    layers, budget = compressible_layers(loaded.model), _stream_plan(loaded, 1).max_memory
     common = ["--model", str(c["folder"]), "--calib-dataset", str(c["corpus"]), "--device", "cpu"]
     evaluate = ["evaluate", "--plan", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
                 "--max-windows", "2", *common]

@@ -83,15 +83,15 @@ def dense_reference(model: nn.Module, items: BlockInputs, windows: torch.Tensor,
     device when the block inputs are."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    total, count, kept, log_probs = 0.0, 0, TensorShelf(home, folder), TensorShelf(home, folder)
+    kept, probs_shelf = TensorShelf(home, folder), TensorShelf(home, folder)
+    total, count, log_probs = 0.0, 0, {}
     for i, out in enumerate(iter_logits_from_block(model, 0, items)):
         s, n = _batch_nll(out, windows[i * batch_size : (i + 1) * batch_size])
         total, count = total + s, count + n
         fits = windows.numel() * out.shape[-1] * 4 <= LOG_PROB_CACHE_BYTES
         if precision == "fp32" or (precision == "auto" and fits):
-            log_probs.append(reference_log_probs(out))
+            log_probs[i] = probs_shelf.append(reference_log_probs(out))
         kept.append(out.to(torch.bfloat16))
-    log_probs = dict(enumerate(log_probs))
     ref = DenseReference(kept, total / max(count, 1), log_probs)
     if log_probs:
         ref.precision = "fp32"

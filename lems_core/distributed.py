@@ -13,14 +13,23 @@ point-to-point and layer by layer, and rank 0 writes them to one complete factor
 folder (the single-process build's, which a later evaluation then reuses).
 
 Backend: NCCL when CUDA is present (each rank on ``cuda:LOCAL_RANK``), gloo on CPU.
-The process group's timeout is ``LEMS_DIST_TIMEOUT_MINUTES`` (default 360): while rank
-0 runs the bias fit alone the other ranks wait at a barrier, longer than torch's
-default of 10-30 minutes on a large model.
+
+Timeouts: a collective where every rank arrives after a similar share of work (the
+merge, the factor gather, the start-up broadcast) gives up after ``LEMS_DIST_TIMEOUT_S``
+seconds (default 30 min; ``context(timeout=...)``), so a rank that died, hangs or was
+stopped is reported within that time, naming the ranks this one waited for, instead
+of keeping the others waiting for hours. The two waits that are uneven by design,
+the other ranks' wait while rank 0 alone runs the bias fit and writes the profile and
+the gather of plan evaluations, go through a second (gloo, CPU) group with the patient
+timeout ``LEMS_DIST_SOLO_TIMEOUT_S`` (default 6 h). A failed or timed-out collective is
+a :class:`DistributedError`.
 Nothing here runs unless torchrun set WORLD_SIZE > 1 (or a process group exists).
 """
 from __future__ import annotations
 
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +43,26 @@ from .decompositions.base import Factorization
 from .factor_store import FactorShards, finish, is_complete, write_block
 from .model import LayerInfo
 
-DEFAULT_TIMEOUT_MINUTES = 360
+DEFAULT_TIMEOUT_S = 30 * 60  # a collective: the ranks' shares of a step differ by minutes at most
+DEFAULT_SOLO_TIMEOUT_S = 6 * 3600  # rank 0 alone: the bias fit of a large model, one plan's evaluation
+TIMEOUT_ENV, SOLO_TIMEOUT_ENV = "LEMS_DIST_TIMEOUT_S", "LEMS_DIST_SOLO_TIMEOUT_S"
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out; the message names this rank, the ranks it waited for and what to check."""
+
+
+@dataclass(frozen=True)
+class _Waits:
+    """The timeouts this process's groups were created with, and the patient group (None: the default group)."""
+
+    timeout: timedelta
+    solo_timeout: timedelta
+    patient_group: object = None
+
+
+_WAITS: _Waits | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +88,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def context() -> DistContext:
-    """The current job's context; initialises the process group from torchrun's env on first use."""
+def context(timeout: float | timedelta | None = None) -> DistContext:
+    """The current job's context; initialises the process group from torchrun's env on first use.
+
+    ``timeout`` (seconds or a timedelta; default ``LEMS_DIST_TIMEOUT_S``) bounds every
+    collective of the group created here; it only matters on the first call.
+    """
+    global _WAITS
     if not dist.is_available():
         return DistContext()
     if not dist.is_initialized():
@@ -70,20 +103,68 @@ def context() -> DistContext:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=process_group_timeout())
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timeout raises here instead of aborting
+        limit = process_group_timeout() if timeout is None else _as_timedelta(timeout, "timeout")
+        dist.init_process_group(backend, timeout=limit)
+        solo = solo_timeout()
+        _WAITS = _Waits(limit, solo, dist.new_group(backend="gloo", timeout=solo))
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def process_group_timeout() -> timedelta:
-    """How long a rank waits in a collective: ``LEMS_DIST_TIMEOUT_MINUTES``, default DEFAULT_TIMEOUT_MINUTES."""
-    text = os.environ.get("LEMS_DIST_TIMEOUT_MINUTES", str(DEFAULT_TIMEOUT_MINUTES))
+    """How long a rank waits in a collective: ``LEMS_DIST_TIMEOUT_S`` seconds, default DEFAULT_TIMEOUT_S."""
+    return _env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def solo_timeout() -> timedelta:
+    """How long the other ranks wait while rank 0 works alone: ``LEMS_DIST_SOLO_TIMEOUT_S``, default 6 h."""
+    return _env_seconds(SOLO_TIMEOUT_ENV, DEFAULT_SOLO_TIMEOUT_S)
+
+
+def _env_seconds(name: str, default: float) -> timedelta:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return timedelta(seconds=default)
     try:
-        minutes = float(text)
+        seconds = float(text[:32])
     except ValueError:
-        raise ValueError(f"LEMS_DIST_TIMEOUT_MINUTES must be a number of minutes, got {text!r}") from None
-    if minutes <= 0:
-        raise ValueError(f"LEMS_DIST_TIMEOUT_MINUTES must be positive, got {text!r}")
-    return timedelta(minutes=minutes)
+        raise ValueError(f"{name} must be a number of seconds, got {text[:32]!r}") from None
+    return _as_timedelta(seconds, name)
+
+
+def _as_timedelta(value: float | timedelta, name: str) -> timedelta:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+        raise ValueError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S}] (7 days), got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+@contextmanager
+def _collective(ctx: DistContext, what: str, waits_for: str, solo: bool = False):
+    """Turn a failed or timed-out collective into a DistributedError that says who waited for whom."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's timeouts are RuntimeErrors
+        env = SOLO_TIMEOUT_ENV if solo else TIMEOUT_ENV
+        limit = None if _WAITS is None else (_WAITS.solo_timeout if solo else _WAITS.timeout)
+        after = f"after at most {limit.total_seconds():g} s" if limit else "within the process group's timeout"
+        raise DistributedError(
+            f"rank {ctx.rank} of {ctx.world}: {what} failed or timed out ({after}, {env}) waiting for {waits_for}. "
+            f"Check in torchrun's output whether {waits_for} died (an exception, out of memory, killed) or hangs or "
+            f"was stopped, that every rank reaches MASTER_ADDR:MASTER_PORT and the others (NCCL_SOCKET_IFNAME / "
+            f"GLOO_SOCKET_IFNAME on several machines), or raise {env} for a slower machine. Cause: {exc}"
+        ) from exc
+
+
+def _others(ctx: DistContext) -> str:
+    """The ranks rank 0 waits for in a gather, or rank 0 itself from any other rank."""
+    if not ctx.main:
+        return "rank 0"
+    return "rank 1" if ctx.world == 2 else f"ranks 1-{ctx.world - 1}"
+
+
+def _patient_group():
+    return None if _WAITS is None else _WAITS.patient_group
 
 
 def owned_layers(layers: Sequence[LayerInfo], ctx: DistContext) -> set[str] | None:
@@ -101,7 +182,8 @@ def merge_at_main(ctx: DistContext, spectra: dict[str, np.ndarray], sweep: dict[
     rank that measured it (the others hold NaN there); a layer measured twice is an error.
     """
     parts = [None] * ctx.world if ctx.main else None
-    dist.gather_object({"spectra": spectra, "sweep": sweep}, parts, dst=0)
+    with _collective(ctx, "the merge of spectra and KL values at rank 0", _others(ctx)):
+        dist.gather_object({"spectra": spectra, "sweep": sweep}, parts, dst=0)
     if not ctx.main:
         return None
     merged_spectra: dict[str, np.ndarray] = {}
@@ -118,8 +200,10 @@ def merge_at_main(ctx: DistContext, spectra: dict[str, np.ndarray], sweep: dict[
 
 
 def barrier(ctx: DistContext) -> None:
+    """Wait for rank 0's work alone (the bias fit, writing the profile): the patient timeout applies."""
     if ctx.world > 1:
-        dist.barrier()
+        with _collective(ctx, "the wait for rank 0's bias fit and profile", _others(ctx), solo=True):
+            dist.barrier(group=_patient_group())
 
 
 def broadcast_object(ctx: DistContext, obj):
@@ -127,7 +211,8 @@ def broadcast_object(ctx: DistContext, obj):
     if ctx.world <= 1:
         return obj
     box = [obj if ctx.main else None]
-    dist.broadcast_object_list(box, src=0)
+    with _collective(ctx, "a broadcast from rank 0", "every other rank" if ctx.main else "rank 0"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -137,11 +222,16 @@ def shard(items: Sequence, ctx: DistContext) -> list:
 
 
 def gather_lists(ctx: DistContext, mine: list) -> list | None:
-    """All ranks' lists concatenated at rank 0 (None elsewhere)."""
+    """All ranks' lists concatenated at rank 0 (None elsewhere).
+
+    The ranks' shares (e.g. plan evaluations) may differ by a whole item, so the patient
+    timeout applies.
+    """
     if ctx.world <= 1:
         return list(mine)
     parts = [None] * ctx.world if ctx.main else None
-    dist.gather_object(mine, parts, dst=0)
+    with _collective(ctx, "the gather of every rank's results at rank 0", _others(ctx), solo=True):
+        dist.gather_object(mine, parts, dst=0, group=_patient_group())
     return [x for p in parts for x in p] if ctx.main else None
 
 
@@ -152,6 +242,7 @@ def _comm_device(ctx: DistContext) -> torch.device:
 
 
 def _send_factors(factors: Factorization, comm: torch.device) -> None:
+    """Shape, left and right of one layer to rank 0 (``_receive_factors`` there)."""
     left, right = factors.left.detach(), factors.right.detach()
     dist.send(torch.tensor([*left.shape, *right.shape], dtype=torch.int64, device=comm), dst=0)
     dist.send(left.to(comm, torch.float32).contiguous(), dst=0)
@@ -187,14 +278,16 @@ def gather_factors_at_main(ctx: DistContext, layers: Sequence[LayerInfo], factor
         for i, layer in enumerate(layers):
             owner = i % ctx.world
             if ctx.main:
-                left, right = ((factors[layer.name].left.cpu(), factors[layer.name].right.cpu()) if owner == 0
-                               else _receive_factors(owner, comm))
+                with _collective(ctx, f"receiving the factors of {layer.name}", f"rank {owner}"):
+                    left, right = ((factors[layer.name].left.cpu(), factors[layer.name].right.cpu()) if owner == 0
+                                   else _receive_factors(owner, comm))
                 pending[layer.name] = Factorization(np.asarray(spectra[layer.name]), left, right)
                 if i + 1 == len(layers) or layers[i + 1].block != layer.block:
                     write_block(folder, layer.block, pending, factor_dtype)
                     pending = {}
             elif ctx.rank == owner:
-                _send_factors(factors[layer.name], comm)
+                with _collective(ctx, f"sending the factors of {layer.name}", "rank 0"):
+                    _send_factors(factors[layer.name], comm)
         if ctx.main:
             finish(folder, {l.name: l.block for l in layers}, factor_dtype, {"gathered_from_ranks": ctx.world})
     return FactorShards(folder, device) if ctx.main else None

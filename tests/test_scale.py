@@ -553,3 +553,37 @@ def test_a_cached_torchrun_profile_without_its_bias_fit_is_rebuilt(tmp_path, cor
     profile.meta["world_size"] = 1  # a single-process profile without a fit (older builds) is kept as it is
     profile.save(folder)
     assert Profile.load(build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)).bias_fit is None
+
+
+def test_a_rank_that_never_joins_is_reported_within_the_collective_timeout(tmp_path):
+    """LEMS_DIST_TIMEOUT_S reaches the process group: rank 0 gives up on a silent rank 1 in seconds, naming it."""
+    import re
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LEMS_DIST_TIMEOUT_S": "2"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "dist_stall_worker.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=90)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "DistributedError: rank 0 of 2: the merge of spectra and KL values at rank 0 failed or timed out" in output
+    assert "after at most 2 s, LEMS_DIST_TIMEOUT_S) waiting for rank 1" in output
+    waited = float(re.search(r"rank 0 waited ([0-9.]+) s", output).group(1))
+    assert 1.5 <= waited < 30, output[-3000:]  # the 2 s timeout, not the default 30 min
+
+
+def test_collective_timeouts_come_from_the_environment_and_refuse_nonsense(monkeypatch):
+    from datetime import timedelta
+
+    from lems_core import distributed
+
+    monkeypatch.delenv("LEMS_DIST_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("LEMS_DIST_SOLO_TIMEOUT_S", raising=False)
+    assert distributed.process_group_timeout() == timedelta(minutes=30)
+    assert distributed.solo_timeout() == timedelta(hours=6)
+    monkeypatch.setenv("LEMS_DIST_TIMEOUT_S", "90")
+    assert distributed.process_group_timeout() == timedelta(seconds=90)
+    for bad in ("soon", "0", "-5", "inf", "nan", "1e400", "9" * 400):
+        monkeypatch.setenv("LEMS_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="LEMS_DIST_TIMEOUT_S must be a number of seconds"):
+            distributed.process_group_timeout()

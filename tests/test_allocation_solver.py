@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lems_core.solver as allocation
 from lems_core.solver import (InfeasibleBudgetError, MCKPSearchLimitError, PulpRun, objective, run_pulp_mckp,
                                   solve_mckp, solve_mckp_pulp, total_cost)
+import lems_core.solver.pulp_reference as pulp_reference
+from lems_core.solver.search import ExactSearch
 
 REL = 1e-9
 
@@ -287,7 +288,7 @@ def test_an_optimum_above_the_probing_target_is_still_found():
 
 @pytest.mark.parametrize("probe", [0.0, 0.25, 1.0])  # 0: every probe fails unless LB is optimal; 1: no probe
 def test_every_probing_target_gives_the_exact_optimum(probe, monkeypatch):
-    monkeypatch.setattr(allocation._ExactSearch, "PROBE", probe)
+    monkeypatch.setattr(ExactSearch, "PROBE", probe)
     rng = np.random.default_rng(7)
     for _ in range(12):
         costs, errors = zip(*(llm_like_group(rng, str(rng.choice(["convex", "nonconvex"]))) for _ in range(10)))
@@ -365,7 +366,7 @@ def test_pulp_rejects_unknown_solver():
 
 def test_pulp_without_proven_optimum_raises(monkeypatch):
     stopped = PulpRun(choice=[0], status="Optimal", proven_optimal=False, solver="HiGHS", seconds=1.0)
-    monkeypatch.setattr(allocation, "run_pulp_mckp", lambda *a, **k: stopped)
+    monkeypatch.setattr(pulp_reference, "run_pulp_mckp", lambda *a, **k: stopped)
     with pytest.raises(RuntimeError, match="HiGHS stopped without a proven optimum"):
         solve_mckp_pulp([np.ones(2)], [np.ones(2)], 5.0)
 

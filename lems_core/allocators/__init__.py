@@ -16,7 +16,7 @@ One module per method, one registry (``registry.py``), one budget accounting
 - ``erc_plc``       ERC-SVD partial-layer compression, scored on the model
 - ``lcsvd_search``  LC-SVD sensitivity-prior search, scored on the model
 
-The exact solver they use is ``lems_core/solver.py``.
+The exact solver they use is ``lems_core/solver/``.
 """
 from ..budget import (BUDGET_TOL, candidate_lower_bound, candidate_ranks, params_of, rank_at_ratio,
                       realised_ratio)

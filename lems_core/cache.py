@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_io import open_regular, read_json_capped  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,22 +38,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT / "cache"
 
 
-def read_json_capped(path: Path, max_bytes: int, error: type[Exception], what: str):
-    """The JSON value of a file we did not write ourselves (an upload, a committed file):
-    at most ``max_bytes``, valid UTF-8 JSON, not nested too deeply; ``error`` names the
-    problem otherwise (``what`` says what the file should have been)."""
-    try:
-        if path.stat().st_size > max_bytes:
-            raise error(f"{path} is larger than {max_bytes // 2**20} MB: not {what}")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise error(f"{path} is not {what}: its JSON is nested too deeply") from None
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc}") from exc
-
-
 def key_of(*parts) -> str:
     """A short stable hash of JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -60,8 +46,8 @@ def key_of(*parts) -> str:
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (checksums of tensors and profiles)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open_regular(path, OSError, "a file to checksum") as fd:  # a FIFO or device is refused, never read
+        for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -104,7 +90,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
-        expected = json.loads(sidecar.read_text())["sha256"]
+        expected = read_json_capped(sidecar, 1 << 16, ValueError, "a checksum sidecar")["sha256"]
         if sha256_file(path) != expected:
             raise ValueError("checksum mismatch")
         return load_file(str(path))
@@ -241,10 +227,12 @@ def list_profiles(cache_dir: Path | None = None, include_demo: bool = True) -> l
     folders = [(p.parent, False) for p in profiles_dir(cache_dir).glob("*/profile.json")]
     if include_demo:
         folders += [(p, True) for p in demo_profile_dirs()]
+    from .profile import MAX_PROFILE_JSON_BYTES  # profile imports this module: imported here, at call time
+
     entries = []
     for folder, is_demo in folders:
         try:
-            doc = json.loads((folder / "profile.json").read_text())
+            doc = read_json_capped(folder / "profile.json", MAX_PROFILE_JSON_BYTES, ValueError, "a profile")
             meta = doc.get("meta") or {}
             entries.append(ProfileEntry(folder, str(doc["model_source"]), str(doc["decomposition"]),
                                         str(doc["fingerprint"]), dict(doc["calibration"]),

@@ -371,16 +371,18 @@ def cmd_compress(args) -> int:
         params = count_parameters(loaded.model)
         meta = {"plan": json.loads(plan.to_json()), "decomposition": decomposition, "dense_params": dense_params}
         if args.format == "hf":
-            _export_hf(loaded, plan, applied, decomposition, dense_params, args.output, meta)
+            _export_hf(loaded, plan, applied, decomposition, dense_params, args.output, meta, args.force)
         else:
-            save_compressed(loaded.model, loaded.tokenizer, applied, args.output, meta=meta)
+            save_compressed(loaded.model, loaded.tokenizer, applied, args.output, meta=meta, overwrite=args.force)
     print(f"saved {args.output}: {params:,} parameters (dense {dense_params:,}), factorised with {decomposition}"
           + (" (Hugging Face format: load with trust_remote_code=True)" if args.format == "hf" else ""))
     return 0
 
 
 def _check_output_folder(out: Path, source: str, force: bool) -> None:
-    """Refuse to write a compressed model over its source, a file, or (without --force) a non-empty folder."""
+    """Refuse to write a compressed model over its source, a file, a non-empty folder without --force, or
+    (even with --force, which replaces the whole folder) a folder that is not an earlier export."""
+    from .compression import check_output_folder
     from .model import resolve_source
 
     src = None
@@ -392,10 +394,12 @@ def _check_output_folder(out: Path, source: str, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"-o {out} is not empty; pass --force to write into it anyway")
+        raise ValueError(f"-o {out} is not empty; pass --force to replace it (an earlier export only)")
+    check_output_folder(out, overwrite=force)
 
 
-def _export_hf(loaded, plan, applied, decomposition: str, dense_params: int, output: str, meta: dict) -> None:
+def _export_hf(loaded, plan, applied, decomposition: str, dense_params: int, output: str, meta: dict,
+               overwrite: bool) -> None:
     """Write the Hugging Face folder; its model card lists the results stored for this plan."""
     from .cache import CacheIndexError
     from .hf_export import card_for, export_hf
@@ -407,7 +411,7 @@ def _export_hf(loaded, plan, applied, decomposition: str, dense_params: int, out
         print(f"warning: stored results not read for the model card: {exc}", file=sys.stderr)
         records = []
     card = card_for(loaded.model, plan, decomposition, applied, dense_params, records)
-    export_hf(loaded.model, loaded.tokenizer, applied, output, plan.to_dict(), card, meta=meta)
+    export_hf(loaded.model, loaded.tokenizer, applied, output, plan.to_dict(), card, meta=meta, overwrite=overwrite)
 
 
 def cmd_ars(args) -> int:
@@ -552,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plan", required=True)
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--force", action="store_true",
-                    help="write into a non-empty output folder (never the model's source folder)")
+                    help="replace an earlier export in the output folder as a whole (never the model's source "
+                         "folder, never a folder of other files)")
     _plan_args(sp)
     sp.add_argument("--format", default="lems", choices=("lems", "hf"),
                     help="lems (default): reload with lems_core.compression.load_compressed; hf: also loads with "

@@ -13,6 +13,8 @@ loads without the original checkpoint), `ranks.json` (the structure), and
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -21,10 +23,19 @@ from torch import nn
 
 from .budget import is_force_factorised
 from .model import LayerInfo, compressible_layers
+from .safe_io import check_regular_file, read_json_capped, replaced_folder
 
 RANKS_FILE = "ranks.json"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 COMPRESSED_SCHEMA = "lems-compressed/1"
+LOW_RANK_CONFIG_KEY = "lems_low_rank"  # an HF export's ranks in config.json; must match modeling_lowrank.RANKS_KEY
+MAX_RANKS_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+class CompressedModelError(ValueError):
+    """A compressed model folder that cannot be written or loaded as it is (named file and reason)."""
 
 
 class Factors(Protocol):
@@ -138,12 +149,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_compressed(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: str | Path, meta: dict | None = None) -> Path:
-    """Write config, tokenizer, ranks and weights so the model reloads without recompressing."""
+def write_weights(model: nn.Module, path: Path) -> None:
+    """All of ``model``'s weights to one safetensors file (tied tensors stored once)."""
     from safetensors.torch import save_model
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+
+
+def write_compressed(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: Path,
+                     meta: dict | None = None) -> None:
+    """Write config, tokenizer, ranks and weights into the existing folder ``folder`` (no atomicity)."""
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # GGUF sources are dequantised in memory
@@ -152,30 +167,80 @@ def save_compressed(model: nn.Module, tokenizer, ranks: dict[str, int | None], f
         tokenizer.save_pretrained(folder)
     doc = {"schema": COMPRESSED_SCHEMA, "ranks": ranks, "meta": meta or {}}
     (folder / RANKS_FILE).write_text(json.dumps(doc, indent=1))
-    save_model(model, str(folder / WEIGHTS_FILE))
+    write_weights(model, folder / WEIGHTS_FILE)
+
+
+def save_compressed(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: str | Path,
+                    meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write config, tokenizer, ranks and weights so the model reloads without recompressing.
+
+    The folder is written beside ``folder`` and renamed into place: a kill mid-write leaves
+    the earlier folder (or none), and ``overwrite`` replaces an earlier export as a whole.
+    """
+    folder = Path(folder)
+    check_output_folder(folder, overwrite)
+    with replaced_folder(folder) as temporary:
+        write_compressed(model, tokenizer, ranks, temporary, meta)
     return folder
 
 
+def is_compressed_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a compressed model (a readable ranks.json of our schema)."""
+    try:
+        doc = read_json_capped(folder / RANKS_FILE, MAX_RANKS_BYTES, CompressedModelError, "a ranks file")
+    except CompressedModelError:
+        return False
+    return isinstance(doc, dict) and doc.get("schema") == COMPRESSED_SCHEMA
+
+
+def check_output_folder(folder: str | Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, a non-empty folder (unless ``overwrite``), or a folder of other files.
+
+    ``overwrite`` replaces the whole folder, so it is allowed only over an earlier export:
+    a folder of someone's other files is never deleted.
+    """
+    folder = Path(folder)
+    if not os.path.lexists(folder):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CompressedModelError(f"{folder} exists and is not a folder")
+    if not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise CompressedModelError(f"{folder} is not empty; pass overwrite (--force) to replace an earlier export")
+    if not is_compressed_folder(folder):
+        raise CompressedModelError(f"{folder} holds files that are not a compressed model (no {RANKS_FILE} of "
+                                   f"{COMPRESSED_SCHEMA}); replacing it would delete them: choose another folder")
+
+
 def load_compressed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """Rebuild a compressed model from `save_compressed` output; returns (model, tokenizer, ranks, meta)."""
+    """Rebuild a compressed model from `save_compressed` output; returns (model, tokenizer, ranks, meta).
+
+    Every file is checked before anything is allocated: each is a regular file, ranks.json
+    is capped in size and its ranks fit the layers the config describes, and the weights'
+    shapes match that structure. Anything else is a CompressedModelError.
+    """
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    doc = json.loads((folder / RANKS_FILE).read_text())
-    if doc.get("schema") != COMPRESSED_SCHEMA:
-        raise ValueError(f"{folder / RANKS_FILE}: not a compressed model (schema {doc.get('schema')!r})")
+    doc = _read_ranks_document(folder)
+    config_doc = read_json_capped(folder / CONFIG_FILE, MAX_CONFIG_BYTES, CompressedModelError, "a model config")
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    ranks = check_saved_ranks(doc.get("ranks"), compressible_layers(model), folder / RANKS_FILE)
+    _check_config_ranks(config_doc, ranks, folder)
+    apply_structure(model, ranks)
+    weights = folder / WEIGHTS_FILE
+    check_weight_shapes(model, weights)
     model.to_empty(device=device)
     model.tie_weights()
-    ranks = {k: (None if v is None else int(v)) for k, v in doc["ranks"].items()}
-    apply_structure(model, ranks)
-    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=device)
+    missing, unexpected = load_model(model, str(weights), strict=False, device=device)
     missing = [m for m in missing if "rotary_emb" not in m and not _is_tied_to_loaded(model, m, set(missing))]
     if missing or unexpected:
-        raise ValueError(f"Weights do not match the saved structure: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CompressedModelError(f"Weights do not match the saved structure: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
     _reset_rotary_buffers(model, device)
     if dtype is not None:
         model.to(dtype)
@@ -183,6 +248,78 @@ def load_compressed(folder: str | Path, device: str = "cpu", dtype: torch.dtype 
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model, tokenizer, ranks, doc.get("meta", {})
+
+
+def _read_ranks_document(folder: Path) -> dict:
+    """ranks.json of ``folder`` (capped, our schema), after refusing pipes and devices anywhere in the folder."""
+    if not folder.is_dir():
+        raise CompressedModelError(f"{folder} is not a folder: not a compressed model")
+    _refuse_special_files(folder)
+    doc = read_json_capped(folder / RANKS_FILE, MAX_RANKS_BYTES, CompressedModelError, "a compressed model's ranks")
+    if not isinstance(doc, dict) or doc.get("schema") != COMPRESSED_SCHEMA:
+        schema = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise CompressedModelError(f"{folder / RANKS_FILE}: not a compressed model (schema {schema!r})")
+    return doc
+
+
+def _refuse_special_files(folder: Path) -> None:
+    """Refuse a folder holding a named pipe, device or socket: transformers would block on or stream from it."""
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: the reader that needs the file names it
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            check_regular_file(entry, CompressedModelError, "a file of a compressed model")
+
+
+def check_saved_ranks(raw, layers: list[LayerInfo], where: Path) -> dict[str, int | None]:
+    """The saved ``{layer: rank or None}``, each rank an integer in [1, min(m, n)] of a known layer."""
+    if not isinstance(raw, dict):
+        raise CompressedModelError(f"{where}: 'ranks' must be an object {{layer name: rank or null}}")
+    by_name = {l.name: l for l in layers}
+    unknown = sorted(set(raw) - set(by_name))
+    if unknown:
+        raise CompressedModelError(f"{where}: {len(unknown)} layers are not compressible Linears of the model "
+                                   f"config.json describes, e.g. {unknown[:3]}")
+    return {name: _checked_rank(by_name[name], rank, where) for name, rank in raw.items()}
+
+
+def _checked_rank(layer: LayerInfo, rank, where: Path) -> int | None:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise CompressedModelError(f"{where}: layer {layer.name}: rank must be an integer or null, got {rank!r}")
+    upper = min(layer.out_features, layer.in_features)
+    if not 1 <= rank <= upper:
+        raise CompressedModelError(f"{where}: layer {layer.name}: rank {rank} out of range [1, {upper}] for a "
+                                   f"{layer.out_features}x{layer.in_features} matrix")
+    return rank
+
+
+def _check_config_ranks(config: dict, ranks: dict[str, int | None], folder: Path) -> None:
+    """config.json's ``lems_low_rank`` (an HF export's structure for remote code), when present, equals ranks.json's."""
+    listed = config.get(LOW_RANK_CONFIG_KEY) if isinstance(config, dict) else None
+    if listed is not None and listed != {n: r for n, r in ranks.items() if r is not None}:
+        raise CompressedModelError(f"{folder / CONFIG_FILE}: {LOW_RANK_CONFIG_KEY} disagrees with {RANKS_FILE}: "
+                                   "the folder mixes two exports")
+
+
+def check_weight_shapes(model: nn.Module, path: Path) -> None:
+    """Each tensor of the safetensors file has the shape ``model``'s structure expects (read from its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    check_regular_file(path, CompressedModelError, "a safetensors weights file")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise CompressedModelError(f"{path} is not a readable safetensors file: {exc}") from None
+    wrong = [f"{k} {stored[k]} (expected {expected[k]})" for k in stored if k in expected and stored[k] != expected[k]]
+    if wrong:
+        raise CompressedModelError(f"{path}: tensors of the wrong shape for {RANKS_FILE} and {CONFIG_FILE}: "
+                                   + ", ".join(wrong[:3]))
 
 
 def _is_tied_to_loaded(model: nn.Module, name: str, missing: set[str]) -> bool:

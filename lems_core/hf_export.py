@@ -2,8 +2,8 @@
 
 `export_hf` writes what `compression.save_compressed` writes (config, tokenizer,
 `ranks.json`, `model.safetensors`, so `load_compressed(folder)` reloads it without
-remote code) and adds, for `AutoModelForCausalLM.from_pretrained(folder,
-trust_remote_code=True)`:
+remote code; written beside the target and renamed into place) and adds, for
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`:
 
 - `modeling_lowrank.py` (copied from `lems_core/remote/`, imports only torch and
   transformers): the base architecture's CausalLM class with the planned Linears
@@ -25,14 +25,16 @@ from pathlib import Path
 
 from torch import nn
 
-from .compression import count_parameters, save_compressed
+from .compression import (CONFIG_FILE, LOW_RANK_CONFIG_KEY, MAX_CONFIG_BYTES, CompressedModelError,
+                          check_output_folder, count_parameters, write_compressed)
+from .safe_io import read_json_capped, replaced_folder
 
 HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
 FORMATS = (NATIVE_FORMAT, HF_FORMAT)
 MODELING_FILE = "modeling_lowrank.py"
 PLAN_FILE = "plan.json"
 CARD_FILE = "README.md"
-RANKS_CONFIG_KEY = "lems_low_rank"  # must match modeling_lowrank.RANKS_KEY
+RANKS_CONFIG_KEY = LOW_RANK_CONFIG_KEY  # must match modeling_lowrank.RANKS_KEY
 DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the demo GGUF's original checkpoint
 # Base CausalLM classes with a low-rank subclass in remote/modeling_lowrank.py.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -133,16 +135,32 @@ def remote_class_name(model: nn.Module) -> str:
 
 
 def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: str | Path, plan_doc: dict,
-              card: ModelCard, meta: dict | None = None) -> Path:
+              card: ModelCard, meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write a folder loadable by transformers (remote code) and by ``load_compressed`` (no remote code).
 
     ``model`` is the compressed model (its planned Linears already LowRankLinear);
-    ``ranks`` the applied ranks (None = kept dense).
+    ``ranks`` the applied ranks (None = kept dense). The folder is written beside
+    ``folder`` and renamed into place, so it is complete or absent (``overwrite``
+    replaces an earlier export as a whole: no file of it is left to contradict this one).
     """
     class_name = remote_class_name(model)
-    folder = save_compressed(model, tokenizer, ranks, folder, meta=meta)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
+    folder = Path(folder)
+    check_output_folder(folder, overwrite)
+    with replaced_folder(folder) as temporary:
+        write_compressed(model, tokenizer, ranks, temporary, meta=meta)
+        _write_remote_config(temporary / CONFIG_FILE, class_name, ranks)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(temporary)
+        shutil.copyfile(Path(__file__).with_name("remote") / MODELING_FILE, temporary / MODELING_FILE)
+        (temporary / PLAN_FILE).write_text(json.dumps(plan_doc, indent=1))
+        (temporary / CARD_FILE).write_text(card.to_markdown())
+    return folder
+
+
+def _write_remote_config(config_path: Path, class_name: str, ranks: dict[str, int | None]) -> None:
+    """config.json naming the remote-code class and listing the factorised ranks."""
+    config = read_json_capped(config_path, MAX_CONFIG_BYTES, CompressedModelError, "a model config")
     config.update({
         "architectures": [class_name],
         "auto_map": {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"},
@@ -150,13 +168,6 @@ def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder:
         "use_cache": True,  # the in-memory models run without a KV cache; generation wants one
     })
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    shutil.copyfile(Path(__file__).with_name("remote") / MODELING_FILE, folder / MODELING_FILE)
-    (folder / PLAN_FILE).write_text(json.dumps(plan_doc, indent=1))
-    (folder / CARD_FILE).write_text(card.to_markdown())
-    return folder
 
 
 def card_for(model: nn.Module, plan, decomposition: str, applied: dict[str, int | None], dense_params: int,

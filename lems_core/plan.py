@@ -27,7 +27,6 @@ import math
 import numbers
 import os
 import re
-import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from .budget import (  # noqa: F401  (re-exported)
 from .error_model import predicted_errors
 from .constraints import ConstraintError, LayerConstraints, layer_from_name
 from .model import LayerInfo
+from .safe_io import read_bytes_capped
 
 PLAN_SCHEMA = "lems-rank-plan/1"
 MAX_PLAN_BYTES = 5 * 1024 * 1024
@@ -287,25 +287,7 @@ class RankPlan:
 # --------------------------------------------------------------------------- parsing helpers
 def read_plan_bytes(path: str | Path) -> bytes:
     """The bytes of a plan file, refusing what is not a regular file of at most MAX_PLAN_BYTES."""
-    path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise PlanError(f"plan file not found: {path}") from None
-    except OSError as exc:
-        raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise PlanError(f"{path} is not a regular file (a folder, device or pipe); not a rank plan")
-    if info.st_size > MAX_PLAN_BYTES:
-        raise PlanError(f"{path} is too large ({info.st_size} bytes > {MAX_PLAN_BYTES}); not a rank plan")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PLAN_BYTES + 1)
-    except OSError as exc:
-        raise PlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_PLAN_BYTES:
-        raise PlanError(f"{path} is too large (> {MAX_PLAN_BYTES} bytes); not a rank plan")
-    return data
+    return read_bytes_capped(path, MAX_PLAN_BYTES, PlanError, "a rank plan")
 
 
 def _parse_json_object(text: str | bytes) -> dict:

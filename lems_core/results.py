@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from . import cache as _cache
 from .cache import CacheIndexError, index, key_of
+from .safe_io import read_json_capped
 
 PREFIX = "result:"
 RESULTS_SCHEMA = "lems-results/1"
@@ -165,7 +166,7 @@ def shipped_document(path: str | Path | None = None) -> dict | None:
 def read_results_file(path: str | Path) -> dict:
     """A ``lems-results/1`` document, every record validated and marked shipped; ResultsFileError otherwise."""
     path = Path(path)
-    doc = _cache.read_json_capped(path, MAX_RESULTS_BYTES, ResultsFileError, "a results file")
+    doc = read_json_capped(path, MAX_RESULTS_BYTES, ResultsFileError, "a results file")
     return validate_results_document(doc, path.name)
 
 

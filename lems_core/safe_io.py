@@ -10,12 +10,20 @@ the open-and-fstat part for files handed to another reader (safetensors).
 
 Every refusal raises the caller's own exception class, with a message naming
 the path and what the file should have been.
+
+Folders the project writes as a whole (exported models) go through
+``replaced_folder``: written into a hidden temporary sibling and renamed into
+place, so a kill mid-write never leaves a half-written or mixed folder.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import secrets
+import shutil
+import socket
 import stat
 from pathlib import Path
 from typing import Iterator
@@ -106,3 +114,79 @@ def read_text_capped(path: str | Path, max_bytes: int, error: type[Exception], w
         return read_bytes_capped(path, max_bytes, error, what).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{path} is not UTF-8 text: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- folder writes
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+
+
+def _sibling(target: Path, role: str) -> Path:
+    """A new hidden sibling name of ``target``: ``.<name>.<role>-<host>-<pid>-<random>``."""
+    return target.parent / f".{target.name}.{role}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def remove_abandoned_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary siblings of ``target`` left by a killed writer on this host; returns them.
+
+    Only ``.<name>.tmp-<this host>-<pid>-*`` folders whose process no longer exists are
+    touched: a writer still running (here or on another host) keeps its folder.
+    """
+    prefix = f".{target.name}.tmp-{_host_tag()}-"
+    removed = []
+    for sibling in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = sibling.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and _pid_is_dead(int(pid)) and sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
+@contextlib.contextmanager
+def replaced_folder(target: str | Path) -> Iterator[Path]:
+    """A new empty temporary sibling of ``target`` to write into; it becomes ``target`` when the block ends.
+
+    On success an existing ``target`` is renamed aside, the new folder renamed in, and the
+    old one removed: nothing of the old folder is left in the new one. On an error (or a
+    kill) ``target`` is untouched: a reader sees the old complete folder or the new one,
+    never a half-written mix. The caller decides whether ``target`` may be replaced.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(target)
+    temporary = _sibling(target, "tmp")
+    temporary.mkdir()
+    try:
+        yield temporary
+        _swap_in(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``, moving an existing ``target`` aside first and removing it after."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    old = _sibling(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -60,3 +60,26 @@ def word_loaded(seed: int, arch: str = "llama", **overrides) -> LoadedModel:
     """A tiny random model with the in-memory word tokenizer (for lm-eval and the Hugging Face export)."""
     model = tiny_model(arch, seed=seed, **overrides)
     return LoadedModel(model, word_tokenizer(model.config.vocab_size), f"tiny-{arch}", model_fingerprint(model))
+
+
+def error_within(seconds: float, fn):
+    """The exception ``fn()`` raises (None when it returns), failing if it runs longer than ``seconds``.
+
+    ``fn`` runs in a daemon thread, so a regression that blocks forever (opening a FIFO,
+    reading /dev/zero) fails the test instead of hanging the suite.
+    """
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001  (handed to the test)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s: blocked on its input"
+    return outcome.get("error")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,124 @@ def test_hf_export_rejects_an_architecture_it_has_no_class_for():
 
     with pytest.raises(ValueError, match="supports LlamaForCausalLM"):
         remote_class_name(nn.Linear(2, 2))
+
+
+LOAD_STRUCTURE = textwrap.dedent("""
+    import json, sys
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    ranks = {n: m.rank for n, m in hf.named_modules() if type(m).__name__ == "LowRankLinear"}
+    print(json.dumps({"class": type(hf).__name__, "ranks": ranks}))
+""")
+
+
+def _remote_structure(folder, tmp_path) -> dict:
+    """The class and low-rank ranks of ``folder`` loaded by transformers with its remote code, in a fresh process."""
+    import lems_core
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PYTHONPATH": str(Path(lems_core.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", LOAD_STRUCTURE, str(folder)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _second_plan(loaded, tmp_path):
+    """A plan other than hf_plan's: every Linear at keep 0.25 (v included), saved as plan2.json."""
+    from lems_core.model import compressible_layers
+    from lems_core.plan import from_loadconfig
+
+    layers = compressible_layers(loaded.model)
+    plan = from_loadconfig({l.name: 0.25 for l in layers}, layers, "tiny-llama", loaded.fingerprint,
+                           method="uniform", decomposition="svd")
+    return plan, plan.save(tmp_path / "plan2.json")
+
+
+def test_force_replaces_an_hf_export_with_one_describing_only_the_second_plan(hf_plan, tmp_path):
+    loaded, first, first_path = hf_plan
+    second, second_path = _second_plan(loaded, tmp_path)
+    out = tmp_path / "hf"
+    compress = ["compress", "--format", "hf", "-o", str(out), "--device", "cpu"]
+    assert main([*compress, "--plan", str(first_path)]) == 0
+    assert main([*compress, "--plan", str(second_path), "--force"]) == 0
+    expected = {n: r for n, r in second.ranks().items() if r is not None}
+    assert expected != {n: r for n, r in first.ranks().items() if r is not None}
+    config = json.loads((out / "config.json").read_text())
+    assert config[RANKS_CONFIG_KEY] == expected
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankLlamaForCausalLM"
+    assert json.loads((out / PLAN_FILE).read_text())["layers"] == json.loads(second_path.read_text())["layers"]
+    assert f"budget {second.budget:g}" in (out / CARD_FILE).read_text()
+    got = _remote_structure(out, tmp_path)
+    assert got["class"] == "LowRankLlamaForCausalLM" and got["ranks"] == expected
+
+
+def test_force_with_the_native_format_leaves_nothing_of_an_earlier_hf_export(hf_plan, tmp_path):
+    loaded, _, plan_path = hf_plan
+    out = tmp_path / "hf"
+    assert main(["compress", "--plan", str(plan_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["compress", "--plan", str(plan_path), "-o", str(out), "--device", "cpu", "--force"]) == 0
+    assert not {MODELING_FILE, PLAN_FILE, CARD_FILE} & {p.name for p in out.iterdir()}
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+def test_a_crash_mid_export_leaves_the_earlier_export_intact(hf_plan, tmp_path, monkeypatch, capsys):
+    import lems_core.compression as compression
+    from lems_core.compression import load_compressed
+
+    loaded, first, first_path = hf_plan
+    _, second_path = _second_plan(loaded, tmp_path)
+    out = tmp_path / "hf"
+    assert main(["compress", "--plan", str(first_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(model, path):
+        path.write_bytes(b"half a tensor")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(compression, "write_weights", crash)
+    code = main(["compress", "--plan", str(second_path), "--format", "hf", "-o", str(out), "--device", "cpu", "--force"])
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf.")) == []
+    monkeypatch.undo()
+    assert load_compressed(out)[2] == first.ranks()
+
+
+ABSURD = [(1e12, "rank must be an integer, got 1000000000000.0"), (2.5, "rank must be an integer, got 2.5"),
+          (True, "rank must be an integer, got True"), (-3, "rank -3 out of range [1, 64]"),
+          (2**23, f"rank {2**23} out of range [1, 64] for a 64x64 matrix")]
+
+
+@pytest.mark.parametrize("rank, message", ABSURD, ids=[str(r) for r, _ in ABSURD])
+def test_remote_code_refuses_absurd_ranks_before_building_a_low_rank_layer(rank, message, monkeypatch):
+    import re
+
+    from lems_core.remote import modeling_lowrank
+    from lems_core.model import tiny_model
+
+    config = tiny_model("llama").config
+    name = "model.layers.0.self_attn.q_proj"
+    setattr(config, RANKS_CONFIG_KEY, {name: rank})
+    built = []
+    monkeypatch.setattr(modeling_lowrank, "LowRankLinear", lambda *a, **k: built.append(a))
+    with torch.device("meta"), pytest.raises(ValueError, match=re.escape(f"{name}: {message}")):
+        modeling_lowrank.LowRankLlamaForCausalLM(config)
+    assert built == []
+
+
+@pytest.mark.parametrize("listed, message", [
+    ({"lm_head": 4}, "'lm_head' is not a projection Linear"),
+    ({"model.layers.9.mlp.up_proj": 4}, "'model.layers.9.mlp.up_proj' is not a projection Linear"),
+    ([4], "must be an object {module name: rank}, got list"),
+])
+def test_remote_code_refuses_unknown_layer_names(listed, message):
+    import re
+
+    from lems_core.remote import modeling_lowrank
+    from lems_core.model import tiny_model
+
+    config = tiny_model("llama").config
+    setattr(config, RANKS_CONFIG_KEY, listed)
+    with torch.device("meta"), pytest.raises(ValueError, match=re.escape(message)):
+        modeling_lowrank.LowRankLlamaForCausalLM(config)

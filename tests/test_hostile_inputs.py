@@ -24,7 +24,7 @@ from lems_core.model import compressible_layers
 from lems_core.plan import PlanError, RankPlan, from_loadconfig, plan_file_name
 from lems_core.profile import CHECKSUM_FIELD, PROFILE_JSON, Profile, ProfileError, synthetic_profile
 
-from helpers import tiny_loaded, word_corpus
+from helpers import error_within, tiny_loaded, word_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -455,8 +455,13 @@ def test_compress_refuses_the_source_folder_and_non_empty_folders(served, corpus
     (busy / "keep.txt").write_text("mine")
     code, _, err = _cli(capsys, *base, "-o", busy)
     assert code == 2 and "is not empty; pass --force" in err and sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
-    code, out, _ = _cli(capsys, *base, "-o", busy, "--force")
-    assert code == 0 and "saved" in out and (busy / "keep.txt").read_text() == "mine"
+    code, _, err = _cli(capsys, *base, "-o", busy, "--force")  # --force replaces a whole folder: only an export
+    assert code == 2 and "holds files that are not a compressed model" in err
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    export = tmp_path / "export"
+    for extra in ((), ("--force",)):
+        code, out, _ = _cli(capsys, *base, "-o", export, *extra)
+        assert code == 0 and "saved" in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -625,3 +630,45 @@ def test_c4_is_evaluated_on_its_local_validation_file(tmp_path, monkeypatch):
     split = evaluation_split("c4")
     text, source = load_text("c4", split)
     assert split == "validation" and source.origin.endswith("c4-validation.json") and "document 4" in text
+
+
+# ------------------------------------------------ 10. every file read is a regular file read with a cap
+def _special(kind: str, tmp_path: Path) -> Path:
+    """A path that is not a regular file: a FIFO nobody writes to, /dev/zero, or a folder."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe.json")
+        return tmp_path / "pipe.json"
+    if kind == "folder":
+        (tmp_path / "dir.json").mkdir()
+        return tmp_path / "dir.json"
+    return Path("/dev/zero")
+
+
+@pytest.mark.parametrize("kind, words", [("fifo", "a named pipe"), ("zero", "a device"), ("folder", "a folder")])
+def test_the_capped_reader_refuses_pipes_devices_and_folders_at_once(kind, words, tmp_path):
+    from lems_core.safe_io import read_json_capped
+
+    path = _special(kind, tmp_path)
+    error = error_within(1.0, lambda: read_json_capped(path, 1024, PlanError, "a rank plan"))
+    assert isinstance(error, PlanError) and f"{path} is not a regular file ({words}): not a rank plan" in str(error)
+
+
+def test_the_cap_is_on_the_bytes_read(tmp_path):
+    from lems_core.safe_io import read_bytes_capped
+
+    path = tmp_path / "f.json"
+    path.write_bytes(b"1" * 100)
+    assert read_bytes_capped(path, 100, PlanError, "x") == b"1" * 100
+    with pytest.raises(PlanError, match=r"too large \(more than 99 bytes\): not x"):
+        read_bytes_capped(path, 99, PlanError, "x")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_pipe_or_device_as_the_shipped_results_is_a_quick_error(kind, tmp_path, monkeypatch):
+    from lems_core.results import ResultsFileError, ResultStore, shipped_results
+
+    monkeypatch.setenv("LEMS_SHIPPED_RESULTS", str(_special(kind, tmp_path)))
+    error = error_within(1.0, shipped_results)
+    assert isinstance(error, ResultsFileError) and "is not a regular file" in str(error)
+    merged = ResultStore(tmp_path / "cache").merged()  # what the app's sidebar shows on every page
+    assert merged.records == [] and len(merged.problems) == 1 and "is not a regular file" in merged.problems[0]

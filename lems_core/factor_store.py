@@ -18,6 +18,7 @@ import torch
 
 from .cache import load_tensors, save_tensors
 from .decompositions.base import Factorization
+from .safe_io import check_regular_file, read_json_capped
 
 INDEX = "index.json"
 FACTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -58,7 +59,7 @@ class FactorShards(Mapping):
 
     def __init__(self, folder: Path, device: str | torch.device = "cpu"):
         self.folder = Path(folder)
-        doc = json.loads((self.folder / INDEX).read_text())
+        doc = read_json_capped(self.folder / INDEX, 64 * 2**20, ValueError, "a factor index")
         self._block = {str(k): int(v) for k, v in doc["layers"].items()}
         self.dtype = doc.get("dtype", "fp32")
         self.device = torch.device(device)
@@ -69,7 +70,8 @@ class FactorShards(Mapping):
 
         spectra = {}
         for block in sorted(set(self._block.values())):
-            with safe_open(str(block_file(self.folder, block)), framework="pt") as f:
+            path = check_regular_file(block_file(self.folder, block), ValueError, "a factor block file")
+            with safe_open(str(path), framework="pt") as f:
                 for name in (n for n, b in self._block.items() if b == block):
                     spectra[name] = f.get_tensor(f"{name}.sigma").numpy()
         return spectra

@@ -149,18 +149,26 @@ def candidate_ranks(layer: LayerInfo, ratio: float, multiple: int | None = 8) ->
     return ranks[keep]
 
 
-def candidate_cost(layer: LayerInfo, ranks: np.ndarray, cost_model: str) -> np.ndarray:
-    """Parameter cost of factorised candidates.
+def candidate_cost(layer: LayerInfo, ranks: np.ndarray, cost_model) -> np.ndarray:
+    """Cost of factorised candidates.
 
     "params" (default): the real r(m+n). "reference": c*m*n with c = r/eq as in the
     reference ILP (§1.4); since eq = floor(mn/(m+n)) this is >= r(m+n), i.e. slightly
-    pessimistic, so the real budget still holds.
+    pessimistic, so the real budget still holds. A cost object instead of a name (such
+    as ``latency.LatencyCost``: measured seconds) prices them itself.
     """
+    if not isinstance(cost_model, str):
+        return np.asarray(cost_model.candidate_cost(layer, ranks), dtype=np.float64)
     if cost_model == "params":
         return ranks.astype(np.float64) * (layer.out_features + layer.in_features)
     if cost_model == "reference":
         return ranks / layer.eq_rank * float(layer.params)
     raise ValueError(f"cost_model must be 'params' or 'reference', got {cost_model!r}")
+
+
+def dense_cost(layer: LayerInfo, cost_model) -> float:
+    """Cost of keeping ``layer`` dense: m*n parameters, or a cost object's own price (``candidate_cost``)."""
+    return float(layer.params) if isinstance(cost_model, str) else float(cost_model.dense_cost(layer))
 
 
 def repair_budget(profile, ranks: Ranks, ratio: float) -> tuple[Ranks, int]:

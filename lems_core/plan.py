@@ -40,6 +40,7 @@ from .budget import (  # noqa: F401  (re-exported)
 from .error_model import predicted_errors
 from .constraints import ConstraintError, LayerConstraints, layer_from_name
 from .model import LayerInfo
+from .plan_cost import PlanCost, PlanCostError
 from .safe_io import read_bytes_capped
 
 PLAN_SCHEMA = "lems-rank-plan/1"
@@ -231,7 +232,7 @@ class RankPlan:
             error_model=_optional_dict(doc, "error_model"),
             layers=layer_plans,
             created=str(doc.get("created", "")),
-            meta=_optional_dict(doc, "meta") or {},
+            meta=_parse_meta(doc),
             constraints=_parse_constraints(doc.get("constraints"), layer_plans, layers),
         )
 
@@ -320,6 +321,17 @@ def _optional_dict(doc: dict, key: str) -> dict | None:
     if value is not None and not isinstance(value, dict):
         raise PlanError(f"plan field {key!r} must be an object or null")
     return value
+
+
+def _parse_meta(doc: dict) -> dict:
+    """The plan's ``meta``, with its optional cost record (``plan_cost.PlanCost``) validated."""
+    meta = _optional_dict(doc, "meta") or {}
+    if meta.get("cost") is not None:
+        try:
+            PlanCost.from_dict(meta["cost"])
+        except PlanCostError as exc:
+            raise PlanError(f"plan {exc}") from None
+    return meta
 
 
 def _parse_layers(raw) -> list[LayerPlan]:
@@ -543,9 +555,12 @@ def plan_from_allocation(profile, allocation, params=None, meta: dict | None = N
     methods without one, ``params`` (an ErrorModelParams) is used to annotate each
     layer with its predicted error under that model, so plans of different methods
     can be compared. If the profile cannot support ``params`` (e.g. no KL scale),
-    the errors stay empty and meta["predicted_error_note"] says why.
+    the errors stay empty and meta["predicted_error_note"] says why. An allocation under
+    a latency budget records it in meta["cost"] (``plan_cost.PlanCost``).
     """
     meta = {"objective": allocation.objective, "solve_seconds": allocation.solve_seconds, **(meta or {})}
+    if "cost" in allocation.info:
+        meta.setdefault("cost", allocation.info["cost"])
     error_model, errors = allocation.info.get("error_model"), allocation.predicted_error
     if errors is None and params is not None:
         try:

@@ -10,24 +10,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..budget import BUDGET_TOL, budget_of, candidate_cost, candidate_lower_bound, candidate_ranks, check_ratio
+from ..budget import BUDGET_TOL, candidate_cost, candidate_lower_bound, candidate_ranks, check_ratio, dense_cost
 from ..constraints import ConstraintError, LayerConstraints, ResolvedConstraints
 from ..derived import derived
 from ..error_model import ErrorModelParams, block_biases, kl_scales, layer_errors
 from ..profile import Profile
 from ..solver import prepare_mckp, solve_mckp, solve_mckp_pulp
-from .base import (Allocation, BudgetBelowMinimumError, ScoreFn, constraint_info, finish, finite_score, min_ratio,
-                   resolve_constraints)
+from .base import Allocation, ScoreFn, constraint_info, finite_score, resolve_constraints
+from .latency_budget import below_minimum, check_cost_constraints, cost_key, finish_under_cost, knapsack_budget
 
 
 def lems_error_table(
-    profile: Profile, params: ErrorModelParams, ratio: float, multiple: int | None = 8, cost_model: str = "params",
+    profile: Profile, params: ErrorModelParams, ratio: float, multiple: int | None = 8, cost_model="params",
     constraints: ResolvedConstraints | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int | None]]]:
     """Options of the LEMS knapsack, per layer: (costs, errors, ranks), dense first.
 
     Dense costs m*n with error 0; factorised candidates (``candidate_ranks``) cost
     r(m+n) and err beta_b * KL_l * S_l(r) (methods.md §1.2, via ``layer_errors``).
+    A cost object as ``cost_model`` (``latency.LatencyCost``) prices both instead.
     ``constraints`` only remove options (a dense-only layer keeps just dense; kept
     fraction bounds and the rank multiple filter the candidates; ``max_kept`` < 1
     drops dense), so the knapsack over the rest is still solved exactly.
@@ -39,7 +40,7 @@ def lems_error_table(
     costs, errors, options = [], [], []
     for i, layer in enumerate(profile.layers):
         ranks = candidate_ranks(layer, ratio, multiple)
-        dense = [float(layer.params)], [0.0], [None]
+        dense = [dense_cost(layer, cost_model)], [0.0], [None]
         if constraints is not None:
             ranks = ranks[constraints.rank_mask(i, ranks)]
             if not constraints.dense_allowed(i):
@@ -63,7 +64,7 @@ def allocate_lems(
     params: ErrorModelParams = ErrorModelParams(),
     multiple: int | None = 8,
     solver: str = "exact",
-    cost_model: str = "params",
+    cost_model="params",
     constraints: LayerConstraints | None = None,
     **solver_options,
 ) -> Allocation:
@@ -73,21 +74,24 @@ def allocate_lems(
     PuLP (``solver_options`` such as time_limit, gap_rel are passed on). ``constraints``
     (``LayerConstraints``) filter the options; with excluded layers ``ratio`` applies to
     the others and the allocation's ratio is the resulting kept fraction over all layers.
+    With a ``latency.LatencyCost`` as ``cost_model`` the options cost their measured times
+    and ``ratio`` is the kept fraction of the dense latency (``latency_budget``).
     """
     ratio = check_ratio(ratio)
+    check_cost_constraints(cost_model, constraints)
     resolved, full_ratio = resolve_constraints(profile, ratio, constraints)
     # The table depends on the budget only through the candidate grid's lower bound: one per profile and setting.
-    key = ("lems_table", params, multiple, candidate_lower_bound(ratio), cost_model, id(profile.kl_ref),
+    key = ("lems_table", params, multiple, candidate_lower_bound(ratio), cost_key(cost_model), id(profile.kl_ref),
            None if resolved is None else constraints.key())
     costs, errors, options = derived(profile, key, lambda: lems_error_table(profile, params, ratio, multiple,
                                                                              cost_model, resolved))
-    budget = budget_of(profile, full_ratio)
+    budget = knapsack_budget(profile, ratio, full_ratio, cost_model)
     minimum = sum(float(c.min()) for c in costs)
     grid = multiple if resolved is None or resolved.requested_multiple is None else resolved.requested_multiple
     if minimum > budget * (1 + BUDGET_TOL):
-        raise BudgetBelowMinimumError(
-            "lems", ratio, min_ratio(profile, minimum, resolved), profile.total_params,
-            f"every layer at its smallest candidate rank, multiple={grid}, cost_model={cost_model!r}"
+        raise below_minimum(
+            "lems", ratio, minimum, profile, cost_model, resolved,
+            f"every layer at its smallest candidate rank, multiple={grid}, cost_model={cost_key(cost_model)!r}"
             + (", under the layer constraints" if resolved is not None else ""))
     start = time.perf_counter()
     if solver == "exact":
@@ -100,10 +104,10 @@ def allocate_lems(
     seconds = time.perf_counter() - start
     ranks = {l.name: options[i][j] for i, (l, j) in enumerate(zip(profile.layers, choice))}
     per_layer = {l.name: float(errors[i][j]) for i, (l, j) in enumerate(zip(profile.layers, choice))}
-    info = {"error_model": params.to_dict(), "solver": solver, "multiple": grid, "cost_model": cost_model,
+    info = {"error_model": params.to_dict(), "solver": solver, "multiple": grid, "cost_model": cost_key(cost_model),
             "num_options": int(sum(len(c) for c in costs)), **constraint_info(constraints, ratio, full_ratio)}
     alloc = Allocation("lems", full_ratio, ranks, per_layer, float(sum(per_layer.values())), seconds, info)
-    return finish(profile, alloc)
+    return finish_under_cost(profile, alloc, cost_model, ratio)
 
 
 def lems_min_budget(profile: Profile, multiple: int | None = 8, cost_model: str = "params", step: float = 0.01) -> float:

@@ -33,12 +33,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..budget import BUDGET_TOL, budget_of, candidate_cost, candidate_ranks, check_ratio
+from ..budget import BUDGET_TOL, candidate_cost, candidate_ranks, check_ratio, dense_cost
 from ..error_model import ErrorModelParams, block_biases, residual_energy
 from ..model import LayerInfo
 from ..profile import Profile
 from ..solver import solve_mckp
-from .base import Allocation, BudgetBelowMinimumError, finish, finite_score
+from .base import Allocation, finite_score
+from .latency_budget import below_minimum, cost_key, finish_under_cost, knapsack_budget
 
 FLOOR_RTOL = 0.02  # a KL within 2% of the floor is "at the floor" (demo: block-0 q/k at 0.7-0.9 agree to 0.1%)
 _TINY = 1e-300
@@ -198,37 +199,37 @@ def fit_multipoint(profile: Profile, params: ErrorModelParams = ErrorModelParams
 
 
 def lems_mp_error_table(profile: Profile, model: MultiPointModel, ratio: float, multiple: int | None = 8,
-                        cost_model: str = "params"):
+                        cost_model="params"):
     """Knapsack options per layer, dense first, as ``lems.lems_error_table`` but with LEMS-MP errors."""
     costs, errors, options = [], [], []
     for i, layer in enumerate(profile.layers):
         ranks = candidate_ranks(layer, ratio, multiple)
-        costs.append(np.concatenate([[float(layer.params)], candidate_cost(layer, ranks, cost_model)]))
+        costs.append(np.concatenate([[dense_cost(layer, cost_model)], candidate_cost(layer, ranks, cost_model)]))
         errors.append(np.concatenate([[0.0], model.errors(profile, i, ranks)]))
         options.append([None] + [int(r) for r in ranks])
     return costs, errors, options
 
 
 def solve_with_model(profile: Profile, ratio: float, model: MultiPointModel, method: str = "lems_mp",
-                     multiple: int | None = 8, cost_model: str = "params") -> Allocation:
-    """Solve the exact knapsack (§1.4) under a fitted multi-point model."""
+                     multiple: int | None = 8, cost_model="params") -> Allocation:
+    """Solve the exact knapsack (§1.4) under a fitted multi-point model (parameter or latency cost, ``latency_budget``)."""
     ratio = check_ratio(ratio)
     costs, errors, options = lems_mp_error_table(profile, model, ratio, multiple, cost_model)
-    budget = budget_of(profile, ratio)
+    budget = knapsack_budget(profile, ratio, ratio, cost_model)
     minimum = sum(float(c.min()) for c in costs)
     if minimum > budget * (1 + BUDGET_TOL):
-        raise BudgetBelowMinimumError(method, ratio, minimum / profile.total_params, profile.total_params,
-                                      f"every layer at its smallest candidate rank, multiple={multiple}")
+        raise below_minimum(method, ratio, minimum, profile, cost_model, None,
+                            f"every layer at its smallest candidate rank, multiple={multiple}")
     start = time.perf_counter()
     choice = solve_mckp(costs, errors, budget)
     seconds = time.perf_counter() - start
     ranks = {l.name: options[i][j] for i, (l, j) in enumerate(zip(profile.layers, choice))}
     per_layer = {l.name: float(errors[i][j]) for i, (l, j) in enumerate(zip(profile.layers, choice))}
     info = {"error_model": model.params.to_dict(), "solver": "exact", "multiple": multiple,
-            "cost_model": cost_model, "kl_floor": model.floor,
+            "cost_model": cost_key(cost_model), "kl_floor": model.floor,
             "points_per_layer": float(np.mean([c.points for c in model.curves.values()]))}
     alloc = Allocation(method, ratio, ranks, per_layer, float(sum(per_layer.values())), seconds, info)
-    return finish(profile, alloc)
+    return finish_under_cost(profile, alloc, cost_model, ratio)
 
 
 def allocate_lems_mp(
@@ -240,7 +241,7 @@ def allocate_lems_mp(
     floor: float | None = None,
     floor_rtol: float = FLOOR_RTOL,
     multiple: int | None = 8,
-    cost_model: str = "params",
+    cost_model="params",
 ) -> Allocation:
     """LEMS-MP: the multi-point error model (all measured ratios, or ``fit_ratios``) + the exact ILP."""
     model = fit_multipoint(profile, params, fit_ratios, extra_points, floor, floor_rtol)

@@ -1,6 +1,5 @@
 """Compress & evaluate: run chosen plans on the real model in the background, keep the results."""
 from functools import partial
-from pathlib import Path
 
 import streamlit as st
 
@@ -11,13 +10,14 @@ from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
 from lems_core.jobs import CANCELLED, DONE, for_each
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.results import SHIPPED, ResultStore, shipped_note
-from lems_core.zero_shot import PAPER_TASKS, is_local_task
+from lems_core.zero_shot import PAPER_TASKS, TASKS_DIR_ENV, TaskYAMLError, check_task_yaml, offered_task_files
 from app_pages import common, figures, tables
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
 DATASETS = ("wikitext2", "ptb", "c4")
 GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")  # solved here, from the profile
 MODEL_SCORED_METHODS = tuple(MODEL_SCORED)  # atp, erc_plc, lcsvd_search: solved inside the job, on the model
+MAX_EVALUATIONS = 24  # plans one submission may queue: each is a model pass (hours with zero-shot tasks)
 
 profile = common.current_profile()
 st.title("Compress & evaluate")
@@ -41,18 +41,36 @@ def available_plans() -> dict[str, RankPlan]:
     return plans
 
 
-def generated_plans(methods: list[str], budgets_text: str) -> dict[str, RankPlan | pipeline.PlanRequest]:
+def form_budgets(methods: list[str], budgets_text: str) -> list[float] | None:
+    """The budgets of new plans ([] without methods or text); None, after st.error, when one is malformed."""
+    if not methods or not budgets_text.strip():
+        return []
+    try:
+        return parse_budgets(budgets_text)
+    except ValueError as exc:
+        st.error(f"Budgets: {exc}")
+        return None
+
+
+def within_evaluation_cap(chosen: list[str], methods: list[str], budgets: list[float]) -> bool:
+    """Whether one submission asks for at most MAX_EVALUATIONS plans; st.error naming the cap otherwise.
+
+    Counted before any plan is solved, so an oversized request costs nothing.
+    """
+    requested = len(chosen) + len(methods) * len(budgets)
+    if requested <= MAX_EVALUATIONS:
+        return True
+    st.error(f"This asks for {requested} evaluations ({len(chosen)} plan(s) + {len(methods)} method(s) x "
+             f"{len(budgets)} budget(s)); one submission may queue at most {MAX_EVALUATIONS}. "
+             "Choose fewer plans, methods or budgets.")
+    return False
+
+
+def generated_plans(methods: list[str], budgets: list[float]) -> dict[str, RankPlan | pipeline.PlanRequest]:
     """Plans of ``methods`` at each budget under the current error model; failures are shown, not raised.
 
     Model-scored methods become PlanRequests, allocated later inside the evaluation job.
     """
-    if not methods or not budgets_text.strip():
-        return {}
-    try:
-        budgets = parse_budgets(budgets_text)
-    except ValueError as exc:
-        st.error(f"Budgets: {exc}")
-        return {}
     params, plans = common.error_model_params(profile), {}
     for method in methods:
         for budget in budgets:
@@ -111,7 +129,10 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         submitted = st.form_submit_button("Compress & evaluate", type="primary")
     if not submitted:
         return
-    selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets_text))
+    budgets = form_budgets(new_methods, budgets_text)
+    if budgets is None or not within_evaluation_cap(chosen, new_methods, budgets):
+        return
+    selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets))
     zero_shot = zero_shot_options(*zero_shot_choice)
     if zero_shot is None:
         return
@@ -130,31 +151,48 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     st.session_state[EVAL_JOB] = job.id
 
 
-def zero_shot_form() -> tuple[bool, list[str], str, int]:
-    """Zero-shot accuracy (lm-eval) inside the form: on/off, hub tasks (the paper's eight), local YAMLs, doc cap."""
+def zero_shot_form() -> tuple[bool, list[str], list[str], int]:
+    """Zero-shot accuracy (lm-eval) inside the form: on/off, hub tasks (the paper's eight), local YAMLs, doc cap.
+
+    Local tasks are chosen from the YAMLs the server offers (the folder ``LEMS_TASKS_DIR``
+    names), never typed: a client cannot name, or learn about, any other path.
+    """
     on = st.toggle("Zero-shot accuracy (lm-eval)", value=False, key="zero_shot_on",
                    help="acc and acc_norm of the compressed and the dense model (dense cached per task), as the paper "
                         "(num_fewshot 0). Slow: the paper's eight tasks take hours on a CPU for the full sets.")
     z1, z2, z3 = st.columns([3, 2, 1])
     hub = z1.multiselect("Tasks", PAPER_TASKS, default=list(PAPER_TASKS), key="zero_shot_tasks",
                          help="lm-eval tasks (default: the paper's eight); their data comes from the Hugging Face hub.")
-    local = z2.text_input("…and/or local task YAMLs", placeholder="path/to/task.yaml, …", key="zero_shot_local",
-                          help="Tasks in lm-eval's YAML format with local data (e.g. dataset_path: json + a jsonl); "
-                               "they run offline.")
+    offered = list(offered_task_files())
+    local = z2.multiselect("…and/or local task YAMLs", offered, key="zero_shot_local", disabled=not offered,
+                           help="Tasks in lm-eval's YAML format with local data (e.g. dataset_path: json + a jsonl), "
+                                f"from the folder the server's {TASKS_DIR_ENV} names (none offered without it); "
+                                "they run offline. Templates are plain field access only; !function is refused.")
     limit = z3.number_input("Docs per task (0 = all)", 0, 1_000_000, 0, step=100, key="zero_shot_limit",
                             help="Score at most this many documents per task (faster, noisier; 0 = the full set).")
     return on, hub, local, int(limit)
 
 
-def zero_shot_options(on: bool, hub: list[str], local: str, limit: int) -> dict | None:
-    """evaluate_plan's tasks / task_limit for the form's choice, {} when off, None (after st.error) when unusable."""
+def zero_shot_options(on: bool, hub: list[str], local: list[str], limit: int) -> dict | None:
+    """evaluate_plan's tasks / task_limit for the form's choice, {} when off, None (after st.error) when unusable.
+
+    Names are looked up again in what the server offers, and each chosen YAML is validated
+    (``check_task_yaml``) before a job is queued.
+    """
     if not on:
         return {}
-    paths = [p.strip() for p in local.split(",") if p.strip()]
-    bad = [p for p in paths if not is_local_task(p) or not Path(p).expanduser().is_file()]
-    if bad:
-        st.error(f"Local zero-shot tasks must be existing .yaml files: {', '.join(bad)}")
+    offered = offered_task_files()
+    unknown = [name for name in hub if name not in PAPER_TASKS] + [name for name in local if name not in offered]
+    if unknown:
+        st.error(f"Not an offered zero-shot task: {', '.join(map(str, unknown))}")
         return None
+    paths = [str(offered[name]) for name in local]
+    for name, path in zip(local, paths):
+        try:
+            check_task_yaml(path)
+        except TaskYAMLError as exc:
+            st.error(f"Task {name}: {str(exc).replace(path, name)}")
+            return None
     tasks = [*hub, *paths]
     if not tasks:
         st.error("Zero-shot accuracy is on: choose at least one task.")

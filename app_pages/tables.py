@@ -442,17 +442,42 @@ ZERO_SHOT_METRICS = ("acc", "acc_norm")
 
 
 def zero_shot_columns(rec: dict) -> dict:
-    """A record's zero-shot scores as columns: "acc piqa", "acc_norm piqa", "mean acc", "dense mean acc"."""
+    """A record's zero-shot scores as columns: "acc piqa", "acc_norm piqa", "mean acc", "dense mean acc".
+
+    A malformed ``zero_shot`` / ``dense_zero_shot`` field (a record from a hand-edited or
+    foreign store) gives no score columns, only that field's own column set to "invalid",
+    so one bad record never breaks the table or the accuracy figure.
+    """
     row = {}
     for prefix, key in (("", "zero_shot"), ("dense ", "dense_zero_shot")):
-        scores = rec.get(key) or {}
-        for metric, value in (scores.get("mean") or {}).items():
-            row[f"{prefix}mean {metric}"] = value
-        for task, metrics in (scores.get("tasks") or {}).items():
-            for metric in ZERO_SHOT_METRICS:
-                if (metrics or {}).get(metric) is not None:
-                    row[f"{prefix}{metric} {task}"] = metrics[metric]
+        if rec.get(key) is None:
+            continue
+        columns = _score_columns(rec[key], prefix)
+        row.update({key: INVALID} if columns is None else columns)
     return row
+
+
+INVALID = "invalid"
+
+
+def _score_columns(scores, prefix: str) -> dict | None:
+    """One ZeroShotResult.to_dict()'s columns, None unless every mean and score is a number (or null)."""
+    if not isinstance(scores, dict):
+        return None
+    means, tasks = scores.get("mean") or {}, scores.get("tasks") or {}
+    if not isinstance(means, dict) or not isinstance(tasks, dict) or not all(map(_is_score, means.values())):
+        return None
+    row = {f"{prefix}mean {metric}": value for metric, value in means.items() if value is not None}
+    for task, metrics in tasks.items():
+        metrics = metrics or {}
+        if not isinstance(metrics, dict) or not all(_is_score(metrics.get(m)) for m in ZERO_SHOT_METRICS):
+            return None
+        row.update({f"{prefix}{m} {task}": metrics[m] for m in ZERO_SHOT_METRICS if metrics.get(m) is not None})
+    return row
+
+
+def _is_score(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def zero_shot_metrics(frame: pd.DataFrame) -> list[str]:

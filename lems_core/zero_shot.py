@@ -10,6 +10,13 @@ task YAML in lm-eval's format (``dataset_path: json`` + ``dataset_kwargs.data_fi
 pointing at a local jsonl works offline; relative data files are resolved against the
 YAML's folder). Hub tasks whose data cannot be fetched raise ``HubTasksUnavailable``,
 which names them.
+
+A local task YAML is data, never code: ``task_yaml.check_task_yaml`` reads and validates
+it and every file it includes before lm-eval sees it and before any model work, and
+refuses what would run code the user did not choose (``UnsafeTaskYAML``: ``!function``,
+Jinja beyond field access, includes outside its folder, aliases; see ``task_yaml.py``).
+The app offers only the paper's tasks and the YAMLs in the folder ``LEMS_TASKS_DIR``
+names (``offered_task_files``), never a typed path.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +33,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 from .evaluation import check_cancel
+from .safe_io import open_regular
+from .task_yaml import TaskYAMLError, UnsafeTaskYAML, check_task_yaml  # noqa: F401  (re-exported)
 
 # piqa .. boolq as in the reference; the reference's 8th task is a local MathQA copy,
 # lm-eval's `mathqa` (regisss/math_qa on the hub) stands in for it.
@@ -32,6 +42,7 @@ PAPER_TASKS = ("piqa", "openbookqa", "hellaswag", "arc_challenge", "arc_easy", "
 PAPER_ALIAS = "paper"
 METRICS = ("acc", "acc_norm")
 CPU_BATCH = 8  # batch_size="auto" probes ever larger batches: fine on a GPU, pointless on a CPU
+TASKS_DIR_ENV = "LEMS_TASKS_DIR"  # the folder of local task YAMLs the app offers
 
 Progress = Callable[[float, str], None]
 
@@ -104,16 +115,30 @@ def is_local_task(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml"))
 
 
-def _local_config(spec: str) -> dict:
-    """A local task YAML as an lm-eval config dict, with relative data files made absolute."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+def configured_tasks_dir() -> Path | None:
+    """The folder ``LEMS_TASKS_DIR`` names (the server's choice of local task YAMLs), None when unset."""
+    value = os.environ.get(TASKS_DIR_ENV, "").strip()
+    return Path(value).expanduser() if value else None
 
+
+def offered_task_files(folder: Path | None = None) -> dict[str, Path]:
+    """File name -> path of the task YAMLs directly in ``folder`` (default: ``LEMS_TASKS_DIR``), sorted.
+
+    Only regular files (or links to them) ending in .yaml / .yml; a missing folder offers none.
+    """
+    folder = folder if folder is not None else configured_tasks_dir()
+    if folder is None or not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.iterdir() if is_local_task(p.name) and p.is_file())
+    return {p.name: p for p in files}
+
+
+def _local_config(spec: str) -> dict:
+    """A local task YAML as a validated lm-eval config dict (includes merged), relative data files made absolute."""
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"task YAML not found: {spec}")
-    cfg = load_yaml(path)
-    if "task" not in cfg:
-        raise ValueError(f"{spec}: a task YAML needs a 'task:' name")
+    cfg = check_task_yaml(path)
+    if not isinstance(cfg.get("task"), str) or not cfg["task"]:
+        raise TaskYAMLError(f"{spec}: a task YAML needs a 'task:' name")
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if files is not None:
         cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": _absolute(files, path.parent.resolve())}
@@ -150,6 +175,8 @@ def load_tasks(specs: Sequence[str], manager=None) -> dict[str, object]:
             tasks = manager.load([_local_config(spec) if is_local_task(spec) else spec])["tasks"]
         except Exception as exc:  # hub / network / offline-mode errors come in many types
             reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            if isinstance(exc, TaskYAMLError):
+                raise
             if is_local_task(spec):
                 raise ValueError(f"task {spec}: {reason}") from exc
             unreachable[spec] = reason
@@ -238,9 +265,16 @@ def tasks_key(specs: Sequence[str]) -> list:
         h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
         for f in _files_of((cfg.get("dataset_kwargs") or {}).get("data_files")):
             if Path(f).is_file():
-                h.update(Path(f).read_bytes())
+                _hash_file(h, Path(f))
         out.append(f"{spec}#{h.hexdigest()[:16]}")
     return out
+
+
+def _hash_file(h, path: Path) -> None:
+    """Feed a data file's bytes to ``h`` in 1 MiB chunks (never the whole file in memory, never a FIFO)."""
+    with open_regular(path, TaskYAMLError, "a task data file") as fd:
+        for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
+            h.update(chunk)
 
 
 def _files_of(files) -> list[str]:

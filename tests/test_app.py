@@ -420,8 +420,11 @@ def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch,
     import lems_core.pipeline as pipeline
 
     seen = []
-    local = tmp_path / "mine.yaml"
+    (tmp_path / "tasks").mkdir()
+    local = tmp_path / "tasks" / "mine.yaml"
     local.write_text("task: mine\n")
+    (tmp_path / "tasks" / "evil.yaml").write_text("task: evil\nprocess_docs: !function evilmod.proc\n")
+    monkeypatch.setenv("LEMS_TASKS_DIR", str(tmp_path / "tasks"))
 
     def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
                       calibration=None, tasks=(), task_limit=None, **_):
@@ -442,12 +445,14 @@ def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch,
     assert app.multiselect(key="zero_shot_tasks").value == ["piqa", "openbookqa", "hellaswag", "arc_challenge",
                                                             "arc_easy", "winogrande", "boolq", "mathqa"]
     app.toggle(key="zero_shot_on").set_value(True)
-    app.text_input(key="zero_shot_local").set_value(str(tmp_path / "missing.yaml"))
+    assert app.multiselect(key="zero_shot_local").options == ["evil.yaml", "mine.yaml"]  # the server's folder only
+    app.multiselect(key="zero_shot_local").set_value(["evil.yaml"])
     _button(app, "Compress & evaluate").click().run()
-    assert any("must be existing .yaml files" in e.value for e in app.error) and not seen
+    assert any("Task evil.yaml" in e.value and "!function" in e.value for e in app.error) and not seen
+    assert "eval_job_id" not in app.session_state
 
     app.multiselect(key="zero_shot_tasks").set_value(["arc_easy"])
-    app.text_input(key="zero_shot_local").set_value(str(local))
+    app.multiselect(key="zero_shot_local").set_value(["mine.yaml"])
     app.number_input(key="zero_shot_limit").set_value(50)
     _button(app, "Compress & evaluate").click().run()
     state = _wait_for_job(app, "eval_job_id")

@@ -1,5 +1,11 @@
-"""Zero-shot accuracy through lm-eval, offline, on a multiple-choice task these tests write themselves."""
+"""Zero-shot accuracy through lm-eval, offline, on a multiple-choice task these tests write themselves.
+
+The second half: a local task YAML is validated before lm-eval sees it and runs no code
+(injections, aliases, FIFOs, includes outside its folder are refused).
+"""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +177,230 @@ def test_means_are_over_the_tasks_that_define_each_metric():
     result = ZeroShotResult({"piqa": TaskScore(0.5, 0.7), "boolq": TaskScore(0.8, None)})
     assert result.mean == pytest.approx({"acc": 0.65, "acc_norm": 0.7})
     assert ZeroShotResult({}).mean == {}
+
+
+# ------------------------------------------------------------------ local task YAMLs run no code
+def write_task(folder, name="safe", **fields) -> str:
+    """A valid local task YAML over a one-document jsonl, with ``fields`` (YAML lines) added or replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text(json.dumps({"context": "w3 w4", "choices": ["w5", "w6"], "label": 0}) + "\n")
+    lines, replaced = [], False
+    for line in TASK_YAML.format(name=name, data="data.jsonl").splitlines():
+        if not line.startswith(" "):  # a top-level key: its indented lines follow it (or go with it)
+            replaced = line.split(":", 1)[0] in fields
+        if not replaced:
+            lines.append(line)
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines + [f"{k}: {v}" for k, v in fields.items()]) + "\n")
+    return str(path)
+
+
+def marker_module(folder, name, marker) -> None:
+    """A Python module that creates ``marker`` when it is imported (what an attacker's !function loads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                       "def proc(docs):\n    return docs\n")
+
+
+def injections(tmp_path) -> dict[str, tuple[str, str]]:
+    """Name -> (task YAML path, what the refusal names) for the three ways a YAML used to run code."""
+    marker = tmp_path / "marker"
+    tasks = tmp_path / "tasks"
+    jinja = f"\"{{{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}}}{{{{context}}}}\""
+    marker_module(tasks, "evilmod", marker)
+    marker_module(tmp_path / "elsewhere", "payload", marker)
+    return {
+        "jinja": (write_task(tasks, "jinja", doc_to_text=jinja), "plain field access"),
+        "function next to the YAML": (write_task(tasks, "local_fn", process_docs="!function evilmod.proc"),
+                                      "!function"),
+        "function by absolute path": (write_task(tasks, "abs_fn", process_docs=f"!function {tmp_path}/elsewhere/"
+                                                                               "payload.proc"), "!function"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["jinja", "function next to the YAML", "function by absolute path"])
+def test_task_yaml_injections_are_refused_before_anything_runs(tmp_path, kind):
+    from lems_core.zero_shot import UnsafeTaskYAML, tasks_key
+
+    path, named = injections(tmp_path)[kind]
+    with pytest.raises(UnsafeTaskYAML, match=named):
+        load_tasks([path])
+    with pytest.raises(UnsafeTaskYAML, match=named):
+        tasks_key([path])
+    assert not (tmp_path / "marker").exists()
+
+
+def test_cli_refuses_an_injected_task_yaml_with_exit_2_before_the_model_loads(zs_plan, tmp_path, monkeypatch,
+                                                                              capsys):
+    import lems_core.pipeline as pipeline
+    from lems_core.cli import main
+
+    _, _, plan_path, corpus = zs_plan
+    asked = []
+    monkeypatch.setattr(pipeline, "get_model", lambda *a, **k: asked.append(a))
+    for path, named in injections(tmp_path).values():
+        assert main(["evaluate", "--plan", str(plan_path), "--device", "cpu", "--calib-dataset", str(corpus),
+                     "--tasks", path]) == 2
+        assert named in capsys.readouterr().err
+    assert not asked and not (tmp_path / "marker").exists()
+
+
+def test_a_safe_task_yaml_still_loads_with_field_access_and_an_include_inside_its_folder(tmp_path):
+    from lems_core.zero_shot import check_task_yaml
+
+    folder = tmp_path / "tasks"
+    path = write_task(folder, "safe", doc_to_text="\"Q: {{ context|trim }} {{choices[0]}} {{ choices[-1] }}\"")
+    (folder / "common").mkdir()
+    (folder / "common" / "base.yaml").write_text("description: \"{{ context }}\"\ntarget_delimiter: \"-\"\n")
+    text = Path(path).read_text().replace('target_delimiter: " "\n', "")
+    Path(path).write_text(text + "include: common/base.yaml\n")
+    cfg = check_task_yaml(path)
+    assert cfg["target_delimiter"] == "-" and cfg["description"] == "{{ context }}" and "include" not in cfg
+    assert list(load_tasks([path])) == [path]
+
+
+@pytest.mark.parametrize("template", ["{{context}}", "{{ choices.text }}", "{{choices[0]}}", "{{doc['q']}}",
+                                      "{{ q|trim }}", "{{[a, b]}}", "Q: {{q}}\nA:", "{{x[-1]}}", "{{a ~ ' ' ~ b}}",
+                                      "{# note #}{{q|replace('a', 'b')}}", "plain {text} with braces"])
+def test_templates_of_plain_field_access_are_accepted(template):
+    from lems_core.task_yaml import check_template
+
+    check_template(template, "test")
+
+
+@pytest.mark.parametrize("template", ["{% for x in y %}{{x}}{% endfor %}", "{% set a = 1 %}", "{{ x.upper() }}",
+                                      "{{ x.__class__ }}", "{{ x._private }}", "{{ x['__class__'] }}", "{{ lipsum }}",
+                                      "{{ range }}", "{{ self }}", "{{ x|attr('y') }}", "{{ x|map('upper') }}",
+                                      "{{ x[y] }}", "{{ 1 + 2 }}", "{{ x if y }}", "{{ x|replace(y, 'b') }}",
+                                      "{{ cycler.next }}", "{{ {'a': 1} }}"])
+def test_templates_beyond_field_access_are_refused(template):
+    from lems_core.task_yaml import UnsafeTaskYAML, check_template
+
+    with pytest.raises(UnsafeTaskYAML):
+        check_template(template, "test")
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"class": "my.Task"}, "'class:' names Python code"),
+    ({"custom_dataset": "x"}, "'custom_dataset:' names Python code"),
+    ({"metric_list": "\n  - metric: /tmp/metric_script.py"}, "not one lm-eval registers"),
+    ({"metric_list": "\n  - metric: acc\n    hf_evaluate: true"}, "hf_evaluate"),
+    ({"doc_to_target": "!!python/object/apply:os.system ['true']"}, "tag"),
+    ({"doc_to_target": "!custom label"}, "tag"),
+])
+def test_keys_tags_and_metrics_that_would_run_code_are_refused(tmp_path, fields, named):
+    from lems_core.zero_shot import UnsafeTaskYAML
+
+    with pytest.raises(UnsafeTaskYAML, match=named):
+        load_tasks([write_task(tmp_path / "tasks", **fields)])
+
+
+def test_a_billion_laughs_yaml_is_refused_without_expanding(tmp_path):
+    from lems_core.zero_shot import UnsafeTaskYAML, tasks_key
+
+    levels = ["lol0: &l0 [" + ", ".join(['"lol"'] * 10) + "]"]
+    levels += [f"lol{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    path = write_task(tmp_path / "tasks", metadata="\n  " + "\n  ".join(levels))  # 10^6 strings once expanded
+    for load in (load_tasks, tasks_key):
+        with pytest.raises(UnsafeTaskYAML, match="anchors and aliases"):
+            load([path])
+
+
+def test_a_deeply_nested_yaml_is_a_task_yaml_error(tmp_path):
+    from lems_core.zero_shot import TaskYAMLError
+
+    path = write_task(tmp_path / "tasks", metadata="[" * 100 + "]" * 100)
+    with pytest.raises(TaskYAMLError, match="nested more than"):
+        load_tasks([path])
+
+
+def _within_a_second(fn, fifos):
+    """fn's exception, or a failure if it takes more than a second; a reader stuck on a FIFO is released."""
+    import threading
+    import time
+
+    outcome = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 (the test inspects it)
+            outcome["error"] = exc
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=1.0)
+    elapsed = time.monotonic() - started
+    if worker.is_alive():
+        for fifo in fifos:  # a writer end lets a blocked open() return, so the thread ends
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        worker.join(timeout=5)
+        pytest.fail(f"reading a FIFO task YAML blocked for more than a second ({elapsed:.1f} s)")
+    return outcome.get("error")
+
+
+def test_a_fifo_task_yaml_or_include_errors_within_a_second(tmp_path):
+    from lems_core.zero_shot import TaskYAMLError
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.yaml")
+    including = write_task(folder, "including")
+    Path(including).write_text(Path(including).read_text() + "include: pipe.yaml\n")
+    for spec in (str(folder / "pipe.yaml"), including):
+        error = _within_a_second(lambda: load_tasks([spec]), [folder / "pipe.yaml"])
+        assert isinstance(error, TaskYAMLError) and "named pipe" in str(error), error
+
+
+def test_an_oversized_task_yaml_is_refused(tmp_path):
+    from lems_core.task_yaml import MAX_YAML_BYTES, TaskYAMLError
+
+    path = write_task(tmp_path / "tasks")
+    Path(path).write_text(Path(path).read_text() + "# " + "x" * MAX_YAML_BYTES + "\n")
+    with pytest.raises(TaskYAMLError, match="too large"):
+        load_tasks([path])
+
+
+def test_includes_outside_the_task_folder_and_cycles_are_refused(tmp_path):
+    from lems_core.zero_shot import UnsafeTaskYAML
+
+    folder = tmp_path / "tasks"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "base.yaml").write_text("target_delimiter: \"-\"\n")
+    for name, include in (("up", "../outside/base.yaml"), ("absolute", str(outside / "base.yaml"))):
+        path = write_task(folder, name)
+        Path(path).write_text(Path(path).read_text() + f"include: {include}\n")
+        with pytest.raises(UnsafeTaskYAML, match="outside the task's folder"):
+            load_tasks([path])
+    (folder / "link.yaml").symlink_to(outside / "base.yaml")  # a link inside the folder to a file outside it
+    path = write_task(folder, "linked")
+    Path(path).write_text(Path(path).read_text() + "include: link.yaml\n")
+    with pytest.raises(UnsafeTaskYAML, match="outside the task's folder"):
+        load_tasks([path])
+    (folder / "a.yaml").write_text("include: b.yaml\n")
+    (folder / "b.yaml").write_text("include: a.yaml\n")
+    path = write_task(folder, "cycle")
+    Path(path).write_text(Path(path).read_text() + "include: a.yaml\n")
+    with pytest.raises(UnsafeTaskYAML, match="include cycle"):
+        load_tasks([path])
+
+
+def test_the_offered_task_files_are_the_yamls_of_the_configured_folder(tmp_path, monkeypatch):
+    from lems_core.zero_shot import TASKS_DIR_ENV, offered_task_files
+
+    monkeypatch.delenv(TASKS_DIR_ENV, raising=False)
+    assert offered_task_files() == {}
+    folder = tmp_path / "tasks"
+    write_task(folder, "b_task")
+    write_task(folder, "a_task")
+    os.mkfifo(folder / "pipe.yaml")
+    (folder / "sub.yaml").mkdir()
+    monkeypatch.setenv(TASKS_DIR_ENV, str(folder))
+    assert offered_task_files() == {"a_task.yaml": folder / "a_task.yaml", "b_task.yaml": folder / "b_task.yaml"}
+    monkeypatch.setenv(TASKS_DIR_ENV, str(tmp_path / "missing"))
+    assert offered_task_files() == {}

@@ -36,7 +36,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(PY) bench/mckp.py
-	$(PY) bench/decompose.py
-	$(PY) bench/sensitivity.py
-	$(PY) bench/inference.py
+	$(PY) -m bench.mckp
+	$(PY) -m bench.decompose
+	$(PY) -m bench.sensitivity
+	$(PY) -m bench.inference

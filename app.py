@@ -3,14 +3,9 @@
 The entry point is only a router: it sets up the page, draws the shared sidebar
 (profile picker + cache status) and runs the page chosen in st.navigation.
 """
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from app_pages import common  # noqa: E402  (needs the repository root on sys.path)
+from app_pages import common  # `streamlit run` puts this file's folder on sys.path
 
 st.set_page_config(page_title="LEMS Explorer", page_icon=":material/compress:", layout="wide")
 

@@ -240,7 +240,7 @@ def results_section() -> None:
     shipped = sum(r.get("source") == SHIPPED for r in records)
     if shipped:
         st.caption(f"{shipped} of {len(records)} results are shipped with the demo (source 'shipped', read-only): "
-                   + (shipped_note() or "measured by bench/ship_results.py").rstrip(". ") + ".")
+                   + (shipped_note() or "measured by studies/ship_results.py").rstrip(". ") + ".")
     frame = tables.results_frame(records)
     if "protocol" in frame and (frame["protocol"] != "reference").any():
         st.caption("Rows whose protocol is not 'reference' (quick: 8 x 512 tokens; custom) are not comparable "

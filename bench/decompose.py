@@ -4,23 +4,19 @@ Statistics are those of the demo profiles (16 x 512 calibration tokens), read fr
 the cache when `scripts/build_demo_profiles.py` has run, else computed once. Prints
 seconds per method and the ratio to the 60 s goal.
 
-    python bench/decompose.py [--methods svd_llm,kfac] [--threads 2]
+    python -m bench.decompose [--methods svd_llm,kfac] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from lems_core.calibration import demo_calibration
 from lems_core.decompositions import METHODS, Decomposer
 from lems_core.model import compressible_layers
 from lems_core.pipeline import calibration_windows, get_model, statistics_for
-from scripts.build_demo_profiles import DEMO_CALIBRATION
 
 GOAL_SECONDS = 60.0
 
@@ -34,10 +30,11 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded = get_model("demo", "cpu")
     print(f"load demo model: {time.perf_counter() - t0:.1f} s")
-    calib, _ = calibration_windows(loaded, DEMO_CALIBRATION)
+    config = demo_calibration()
+    calib, _ = calibration_windows(loaded, config)
     layers = compressible_layers(loaded.model)
     t0 = time.perf_counter()
-    stats = {m: statistics_for(loaded, calib, DEMO_CALIBRATION, m) for m in ("kfac", "fwsvd")}
+    stats = {m: statistics_for(loaded, calib, config, m) for m in ("kfac", "fwsvd")}
     inputs, grads, fisher = stats["kfac"].inputs, stats["kfac"].grad_gram, stats["fwsvd"].fisher
     print(f"statistics ({calib.shape[0]}x{calib.shape[1]} tokens, cached after the first run): {time.perf_counter() - t0:.1f} s")
     print(f"{'method':<12} {'seconds':>8} {'layers':>7}  vs 60 s goal")

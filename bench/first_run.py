@@ -1,6 +1,6 @@
 """Benchmark: a new user's first evaluation of a demo plan, stage by stage (issue #13).
 
-Run as `python bench/first_run.py` (minutes). With an empty temporary cache folder
+Run as `python -m bench.first_run` (minutes). With an empty temporary cache folder
 (plus the committed `cache/demo`), it builds the LEMS plan at budget 0.8 from the
 committed KFAC demo profile, with the error model the Allocate page starts from, and
 evaluates it through the app's background-job entry point
@@ -27,18 +27,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from lems_core import pipeline
+from lems_core.allocators import allocate, fitted_params
+from lems_core.error_model import ErrorModelParams
+from lems_core.evaluation import QUICK_EVAL
+from lems_core.jobs import ETA_MIN_FRACTION
+from lems_core.profile import Profile
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from lems_core import pipeline  # noqa: E402
-from lems_core.allocators import allocate, fitted_params  # noqa: E402
-from lems_core.error_model import ErrorModelParams  # noqa: E402
-from lems_core.evaluation import QUICK_EVAL  # noqa: E402
-from lems_core.jobs import ETA_MIN_FRACTION  # noqa: E402
-from lems_core.profile import Profile  # noqa: E402
-
 DEMO = ROOT / "cache" / "demo" / "smollm2-135m-kfac"
 BUDGET = 0.8
 GOAL_SECONDS = 180.0
@@ -168,7 +166,7 @@ def ship_dense_ppl() -> None:
                                                              QUICK_EVAL.max_windows)), ppl=perplexity(loaded.model, windows).ppl))
         print(entries[-1], flush=True)
     doc = {"schema": "lems-dense-ppl/1", "note": "dense perplexity of the demo model, measured on a CPU in float32 by "
-           "`python bench/first_run.py --ship-dense-ppl` (pipeline.shipped_dense_perplexity)", "entries": entries}
+           "`python -m bench.first_run --ship-dense-ppl` (pipeline.shipped_dense_perplexity)", "entries": entries}
     (DEMO_DIR / pipeline.SHIPPED_DENSE_PPL).write_text(json.dumps(doc, indent=1) + "\n")
 
 

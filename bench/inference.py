@@ -12,18 +12,15 @@ alternately, repeat after repeat, so load changes on shared cores hit both alike
 Medians of ``--repeats``; prints tokens/s, compressed/dense ratios, the thread count and
 the load average. With a GPU, the same figures in fp16 on it.
 
-    python bench/inference.py [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
+    python -m bench.inference [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -1,6 +1,6 @@
 """Benchmark: one budget-slider move on the Allocate page, server side, without a browser.
 
-Run as `python bench/live.py` (about a minute). For each profile (the shipped demo
+Run as `python -m bench.live` (about a minute). For each profile (the shipped demo
 KFAC profile, and synthetic profiles shaped like Llama-3-8B and Llama-3-70B) it moves
 the budget to values never solved before and times what the page's fragment does:
 every default live allocator (LEMS, uniform, SVD-LLM V2, MRCS, ARS lookup), the
@@ -18,22 +18,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import plotly.io as pio
 
-import plotly.io as pio  # noqa: E402
-
-from app_pages import figures, tables  # noqa: E402
-from lems_core.allocators import allocate  # noqa: E402
-from lems_core.error_model import ErrorModelParams  # noqa: E402
-from lems_core.profile import Profile, synthetic_profile  # noqa: E402
+from app_pages import figures, tables
+from lems_core.allocators import allocate
+from lems_core.error_model import ErrorModelParams
+from lems_core.profile import Profile, synthetic_profile
 
 METHODS = ("lems", "uniform", "svdllm_v2", "mrcs", "ars")
+ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "cache" / "demo" / "smollm2-135m-kfac"
 
 

@@ -1,6 +1,6 @@
 """Benchmark: exact numpy MCKP solver vs PuLP+HiGHS and PuLP+CBC on LLM-shaped instances.
 
-Run as `python bench/mckp.py` (about 2-3 minutes, dominated by the ILP solvers).
+Run as `python -m bench.mckp` (about 2-3 minutes, dominated by the ILP solvers).
 Instances are synthetic but shaped like the real allocation problem (methods.md §1.4):
 candidate ranks are multiples of 8 in [0.3 eq, 0.95 eq) plus the dense option, cost is
 rank * (m + n) (dense: m * n), error = KL scale * normalised residual energy of a
@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pulp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lems_core.solver import objective, run_pulp_mckp, solve_mckp, total_cost  # noqa: E402
-from lems_core.error_model import residual_energy  # noqa: E402
+from lems_core.solver import objective, run_pulp_mckp, solve_mckp, total_cost
+from lems_core.error_model import residual_energy
 
 
 def pulp_version() -> str:

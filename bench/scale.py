@@ -16,7 +16,7 @@ either. Then an extrapolated table for 8B (32 blocks) and 70B (80 blocks,
 Goals: working peak at 8 blocks within 1.2x of 1 block; one 8B-width block under
 8 GB peak RSS (14.6 GB before this issue for KFAC).
 
-    nice python bench/scale.py [--depths 1,2,4,8] [--methods kfac,svd_llm] [--max-memory 7GB]
+    nice python -m bench.scale [--depths 1,2,4,8] [--methods kfac,svd_llm] [--max-memory 7GB]
                                [--samples 2 --seq-len 128] [--dtype bf16] [--device cpu] [--offload]
 
 Cost here (2 shared cores, one LAPACK thread): a KFAC block takes minutes (three
@@ -35,8 +35,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

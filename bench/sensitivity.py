@@ -4,16 +4,12 @@ One layer per block (kinds rotating, 30 layers over the whole depth) is measured
 both ways on the demo model with the same search windows; prints both times,
 their ratio and the largest relative difference between the two KL values.
 
-    python bench/sensitivity.py [--windows 2] [--seq-len 256]
+    python -m bench.sensitivity [--windows 2] [--seq-len 256]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

@@ -131,6 +131,13 @@ def default_preset(device: str) -> str:
     return "reference" if str(device).startswith("cuda") else "cpu"
 
 
+def demo_calibration() -> CalibrationConfig:
+    """The committed demo profiles' calibration: the ``cpu`` preset (16 x 512 tokens) with 2 x 512
+    search windows, since the per-layer KL sweep dominates a CPU build (about one 1k-token pass
+    per layer and ratio). A function, because the preset's split depends on the local data."""
+    return preset("cpu", n_search=2)
+
+
 def sample_windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: int,
                    sampling: str = "reference") -> torch.Tensor:
     """`n_samples` token windows of exactly `seq_len` tokens, as a LongTensor [n, seq_len].

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lems_core.cache import DEMO_DIR
-from lems_core.calibration import preset
+from lems_core.calibration import demo_calibration
 from lems_core.pipeline import add_measured_points, build_profile, get_model
 
-# Calibration: 16 x 512 tokens of WikiText-2 validation; 2 x 512 search windows (the
-# per-layer KL sweep dominates the cost on CPU: about one 1k-token pass per layer and ratio).
-DEMO_CALIBRATION = preset("cpu", n_search=2)
 # Extra measured point to validate the error model; --asvd-points adds ASVD's 0.4..0.9.
 DEMO_RATIOS = {"kfac": (0.5,), "svd_llm": ()}
 ASVD_POINTS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -44,7 +37,7 @@ def main() -> None:
                 last[0] = fraction
                 print(f"[{time.perf_counter() - started:7.1f}s] {100 * fraction:5.1f}% {message}", flush=True)
 
-        folder = build_profile(loaded, decomposition, DEMO_CALIBRATION, extra_ratios=ratios, progress=progress)
+        folder = build_profile(loaded, decomposition, demo_calibration(), extra_ratios=ratios, progress=progress)
         if args.asvd_points:
             add_measured_points(folder, ASVD_POINTS, progress=progress)
         target = DEMO_DIR / f"smollm2-135m-{decomposition.replace('_', '-')}"

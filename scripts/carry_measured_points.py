@@ -18,8 +18,6 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lems_core.calibration import SEARCH_SEED_OFFSET, CalibrationConfig
 from lems_core.data import load_text
 from lems_core.profile import Profile

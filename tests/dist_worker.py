@@ -7,16 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import torch
 
-import torch  # noqa: E402
-
-from helpers import tiny_loaded  # noqa: E402
-from lems_core import distributed  # noqa: E402
-from lems_core.calibration import CalibrationConfig  # noqa: E402
-from lems_core.multi_eval import evaluate_plans  # noqa: E402
-from lems_core.pipeline import build_profile  # noqa: E402
+from helpers import tiny_loaded
+from lems_core import distributed
+from lems_core.calibration import CalibrationConfig
+from lems_core.multi_eval import evaluate_plans
+from lems_core.pipeline import build_profile
 
 CFG = dict(split="train", n_samples=3, seq_len=48, seed=1, n_search=2)
 

@@ -1,4 +1,4 @@
-"""A small shipped-results file for tests (the real one is cache/demo/results.json, measured by bench/ship_results.py).
+"""A small shipped-results file for tests (the real one is cache/demo/results.json, measured by studies/ship_results.py).
 
 Records are ``EvalResult.to_dict()`` of real allocations of a profile, ranks included;
 the measurements are made up but deterministic: KL grows with the predicted error

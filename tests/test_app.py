@@ -569,9 +569,6 @@ def test_budget_sweep_draws_on_request(app):
 # ----------------------------------------------------- shipped results, predicted vs measured (#13)
 def _shipped_demo(tmp_path, monkeypatch, content=None):
     """A fresh machine: an empty cache and a demo folder holding one profile and its shipped results."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from shipped_fixture import fixture_records, write_shipped
 
     demo = tmp_path / "demo"

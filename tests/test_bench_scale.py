@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _scale(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "bench" / "scale.py"), "--width", "tiny", "--methods", "svd_llm",
+    cmd = [sys.executable, "-m", "bench.scale", "--width", "tiny", "--methods", "svd_llm",
            "--max-memory", "4MB", "--samples", "1", "--seq-len", "16", "--vocab", "256", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)

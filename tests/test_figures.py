@@ -378,10 +378,6 @@ def test_budget_sweep_predicts_lems_best_and_overlays_measured_kl(profile):
 # ------------------------------------------------------------ predicted vs measured, shipped (#13)
 @pytest.fixture(scope="module")
 def check_records(profile):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from shipped_fixture import fixture_records
 
     records = fixture_records(profile, methods=("lems", "uniform"), budgets=(0.6, 0.7, 0.8))

@@ -30,12 +30,9 @@ def test_remove_and_non_json_rejected(tmp_path):
 # ------------------------------------------------------------------ shipped results (#13)
 import json  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shipped_fixture import fixture_records, write_shipped  # noqa: E402
 
 from lems_core.profile import synthetic_profile  # noqa: E402

@@ -46,7 +46,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 def profile_env(tmp_path_factory) -> dict:
     """A fresh cache folder holding a saved synthetic profile, and a demo folder whose shipped
     results (``results.json``, tests/shipped_fixture.py) are of that profile, as environment variables."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from shipped_fixture import fixture_records, write_shipped
 
     from lems_core.profile import synthetic_profile

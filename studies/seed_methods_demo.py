@@ -11,30 +11,26 @@ Calibration is the demo profiles' (cpu preset: 16 x 512 tokens, 2 search windows
 the SVD-LLM statistics come from the cache when the demo profiles were built.
 Every number is a real compression + perplexity run.
 
-    nice python bench/seed_methods_demo.py [--ratio 0.8] [--windows 8] [--seq-len 512]
+    nice python -m studies.seed_methods_demo [--ratio 0.8] [--windows 8] [--seq-len 512]
         [--threads 1] [--only saes,erc] [--lc-steps 50] [--lc-batches 4]
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from lems_core import pipeline
 from lems_core.allocators import allocate, realised_ratio
+from lems_core.calibration import demo_calibration
 from lems_core.data import load_text
 from lems_core.decompositions.erc import rec_factorizations
 from lems_core.decompositions.lcsvd import LcOptions
 from lems_core.evaluation import make_final_error_scorer, perplexity, token_windows
 from lems_core.model import compressible_layers
 from lems_core.profile import Profile
-from scripts.build_demo_profiles import DEMO_CALIBRATION
 
 ROWS = ("svd_llm", "svd_llm_v2", "saes", "erc", "erc_full", "lcsvd", "lcsvd_full")
 
@@ -55,7 +51,7 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = pipeline.get_model("demo", "cpu")
-    cfg = DEMO_CALIBRATION
+    cfg = demo_calibration()
     calib, search = pipeline.calibration_windows(loaded, cfg)
     text, _ = load_text("wikitext2", "test")
     windows = token_windows(loaded.tokenizer, text, args.seq_len, args.windows)

@@ -6,7 +6,7 @@ writes cache/demo/ars/<profile-fingerprint>-<decomposition>-<ratio>.json, which
 the ``ars`` allocator then serves without training. The full factors are
 computed once (from the pipeline's cached statistics) and shared by all ratios.
 
-    nice python bench/ars_demo.py --profile cache/demo/smollm2-135m-kfac [--ratios 0.8,0.6] [--preset cpu-small]
+    nice python -m studies.ars_demo --profile cache/demo/smollm2-135m-kfac [--ratios 0.8,0.6] [--preset cpu-small]
 
 "cpu-small" trains under the reference rule (whole-model budget, two-sided penalty with
 the lambda band, early stop on the 100-step mean: 101-200 steps); "cpu-small-legacy"
@@ -15,11 +15,8 @@ reproduces the plans committed before issue #11 (80 fixed steps, the earlier rul
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

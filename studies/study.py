@@ -4,19 +4,16 @@ Table 1 (KFAC-SVD decomposition, every allocator) at kept ratios 0.8 and 0.6, an
 Table 2 (uniform allocation, each decomposition) at 0.8 and 0.6, on the committed
 demo profiles. Every row is a real compression + perplexity run; nothing is copied.
 
-    python bench/study.py [--windows 16] [--seq-len 512] [--out bench/study_results.md]
+    python -m studies.study [--windows 16] [--seq-len 512] [--out studies/results/study_results.md]
         [--allocators uniform,lems] [--decompositions kfac,svd_llm]   (subsets, e.g. to add a row)
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 import traceback
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -24,11 +21,9 @@ from lems_core.allocators import allocate, fit_bias
 from lems_core.cache import DEMO_DIR
 from lems_core.calibration import CalibrationConfig
 from lems_core.data import load_text
-from lems_core.error_model import ErrorModelParams
 from lems_core.evaluation import perplexity, token_windows
 from lems_core.pipeline import (calibration_windows, compressed, factorizations_for, get_model, make_kl_scorer,
                                 make_ppl_scorer, plan_factorizations)
-from lems_core.plan import plan_from_allocation
 from lems_core.profile import Profile
 
 ALLOCATORS = ["uniform", "lems", "lems_fixed", "lems_fit", "lems_mp", "svdllm_v2", "atp", "mrcs", "asvd", "ars", "erc_plc", "lcsvd_search"]
@@ -119,7 +114,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
-    parser.add_argument("--out", default="bench/study_results.md")
+    parser.add_argument("--out", default="studies/results/study_results.md")
     parser.add_argument("--allocators", type=_names, default=ALLOCATORS, help="comma-separated subset of Table 1")
     parser.add_argument("--decompositions", type=_names, default=DECOMPOSITIONS, help="comma-separated subset of Table 2")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when other jobs share the CPU)")

@@ -3,8 +3,8 @@
 fit, LEMS-MP (all measured points, with and without the same bias fit, and {0.1, 0.5, 0.9})
 and adaptive LEMS-MP, with the model evaluations each one used.
 
-    python bench/study_lems_mp.py [--windows 16] [--rounds 5] [--per-round 30] [--threads 1]
-        [--methods lems,lems_fit,lems_mp,lems_mp_fit,lems_mp3,lems_adaptive] [--out bench/results/study_lems_mp.md]
+    python -m studies.study_lems_mp [--windows 16] [--rounds 5] [--per-round 30] [--threads 1]
+        [--methods lems,lems_fit,lems_mp,lems_mp_fit,lems_mp3,lems_adaptive] [--out studies/results/study_lems_mp.md]
 
 Costs are counted as single-layer suffix runs (one layer compressed, search set, blocks
 b..B-1: what the profile's sensitivity sweep does per layer and ratio) and full-model
@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -136,7 +133,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="bench/results/study_lems_mp.md")
+    parser.add_argument("--out", default="studies/results/study_lems_mp.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = run(args)

@@ -6,7 +6,7 @@ Every record is a real compression + evaluation through the app's own job path
 search windows, the realised ratio and the plan's ranks (for predicted vs measured).
 Nothing is copied from elsewhere; a cell that cannot run is reported and skipped.
 
-    python bench/ship_results.py [--profile cache/demo/smollm2-135m-kfac] [--cache-dir DIR]
+    python -m studies.ship_results [--profile cache/demo/smollm2-135m-kfac] [--cache-dir DIR]
         [--methods uniform,lems,...] [--ratios 0.8 0.6] [--out cache/demo/results.json]
 
 Records already in ``--out`` for the same (method, decomposition, budget, protocol) are
@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -65,7 +62,7 @@ def run(args) -> None:
     records = json.loads(out.read_text())["results"] if out.is_file() else []
     done = {_key(r) for r in records}
     load = os.getloadavg()[0]
-    note = (f"measured by bench/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
+    note = (f"measured by studies/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
             f"{Path(args.profile).name}), CPU, torch threads {torch.get_num_threads()}, quick protocol "
             f"{QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test")
     for ratio in args.ratios:

@@ -6,7 +6,7 @@ others; the table gives Spearman's rank correlation between predicted and measur
 over the 210 layers at each held-out ratio, the pooled correlation over every held-out
 (layer, ratio) pair, and the median |log10(predicted / measured)|.
 
-    python bench/error_model_heldout.py [--out bench/results/error_model_heldout.md]
+    python -m studies.error_model_heldout [--out studies/results/error_model_heldout.md]
 
 Models: ``lems`` = one-point LEMS, kl_ref * S(r) (§1.2); ``lems+floor`` = the same
 shape applied to the excess over the profile's KL floor (LEMS-MP with the reference
@@ -16,10 +16,7 @@ part of a single-layer KL, so no model applies it here.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -77,7 +74,7 @@ def run() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="bench/results/error_model_heldout.md")
+    parser.add_argument("--out", default="studies/results/error_model_heldout.md")
     args = parser.parse_args()
     lines = run()
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -1,9 +1,10 @@
 """Step 1 of the data flow: load a causal LM and list its compressible Linears.
 
 A model can come from a hub id, a local folder, or a GGUF file (dequantised by
-transformers on load). Compressible layers are the seven projections of every
-decoder block (q, k, v, o, gate, up, down) in LLaMA / Mistral / Qwen2 / Qwen3
-layouts; embeddings, norms and lm_head are never compressed (methods.md §0).
+transformers once, then loaded from its converted folder in the cache: gguf_cache.py).
+Compressible layers are the seven projections of every decoder block (q, k, v, o,
+gate, up, down) in LLaMA / Mistral / Qwen2 / Qwen3 layouts; embeddings, norms and
+lm_head are never compressed (methods.md §0).
 """
 from __future__ import annotations
 
@@ -158,15 +159,17 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .gguf_cache import converted_folder
+
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     folder, gguf = resolve_source(source)
     kwargs = {"trust_remote_code": trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
     check_device(device)
     try:
+        if gguf:  # converted once into a safetensors folder in the cache (gguf_cache.py), loaded from there
+            folder = str(converted_folder(Path(folder) / gguf).folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loaders raise anything (struct.error on a truncated GGUF)

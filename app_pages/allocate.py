@@ -14,7 +14,7 @@ from lems_core.allocators.lems import lems_min_budget
 from lems_core.cache import plans_dir
 from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstraints, parse_fractions
 from lems_core.error_model import ErrorModelParams
-from lems_core.jobs import DONE
+from lems_core.jobs import DONE, JobLimitError
 from lems_core.model import KINDS
 from lems_core.plan import PlanError, RankPlan, parse_budgets, plan_file_name
 from app_pages import common, figures, tables
@@ -117,7 +117,7 @@ def _kept_constraints() -> LayerConstraints | None:
                                        rank_multiple=v["rank_multiple"])
         if not constraints.is_empty:
             constraints.resolve(profile.layers)
-    except ConstraintError as exc:
+    except (ConstraintError, OverflowError) as exc:  # typed text: a number too large for a float is a message too
         st.session_state["constraint_error"] = str(exc)
         return None
     return constraints
@@ -357,13 +357,18 @@ def ars_section() -> None:
 def start_ars_training(budgets: str, preset: str, device: str) -> None:
     try:
         ratios = parse_budgets(budgets)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         st.error(f"Budgets: {exc}")
         return
     if not ratios or common.job_registry().active("ars"):
         st.error("Give at least one budget; only one ARS training runs at a time.")
         return
-    job = pipeline.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset, device)
+    try:
+        job = pipeline.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset,
+                                           device)
+    except JobLimitError as exc:
+        st.error(f"ARS training not started: {exc}")
+        return
     st.session_state[ARS_JOB] = job.id
 
 

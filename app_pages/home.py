@@ -4,7 +4,7 @@ import streamlit as st
 from lems_core import pipeline
 from lems_core.calibration import PRESETS, default_preset, preset as calibration_preset
 from lems_core.decompositions import METHODS
-from lems_core.jobs import DONE
+from lems_core.jobs import DONE, JobLimitError
 from lems_core.memory import MemoryBudgetError, parse_bytes
 from app_pages import common, tables
 
@@ -62,9 +62,13 @@ def build_form() -> None:
         except MemoryBudgetError as exc:
             st.error(str(exc))
             return
-        job = common.job_registry().submit(
-            f"build {source} / {decomposition}", pipeline.build_profile, source, decomposition,
-            calibration=calibration_preset(preset), device=device, max_memory=max_memory, meta={"kind": "build"})
+        try:
+            job = common.job_registry().submit(
+                f"build {source} / {decomposition}", pipeline.build_profile, source, decomposition,
+                calibration=calibration_preset(preset), device=device, max_memory=max_memory, meta={"kind": "build"})
+        except JobLimitError as exc:
+            st.error(f"Profile build not started: {exc}")
+            return
         st.session_state[BUILD_JOB] = job.id
 
 

@@ -24,6 +24,7 @@ from .model import LayerInfo
 Ranks = dict[str, "int | None"]
 
 BUDGET_TOL = 1e-9  # relative slack allowed on the budget (float round-off only)
+MAX_RATIO_CHARS = 40  # a double holds 17 significant digits: a longer ratio was not meant
 
 
 def eq_rank_of(out_features: int, in_features: int) -> int:
@@ -99,8 +100,18 @@ def realised_ratio(profile, ranks: Ranks) -> float:
 
 
 def check_ratio(ratio: float) -> float:
-    """``ratio`` as a float in (0, 1]: the kept fraction of the compressible parameters."""
-    ratio = float(ratio)
+    """``ratio`` as a float in (0, 1]: the kept fraction of the compressible parameters.
+
+    Anything else is a ValueError naming the ratio: also an integer too large for a float
+    (which ``float`` reports as OverflowError) and text too long to be a number that was
+    meant (``0.`` and 400 nines, which a float would silently round to 1).
+    """
+    if isinstance(ratio, str) and len(ratio.strip()) > MAX_RATIO_CHARS:
+        raise ValueError(f"ratio {ratio.strip()[:20]!r}… ({len(ratio.strip())} characters) is too long to be a number")
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"ratio is the kept fraction and must be a number in (0, 1], got {str(ratio)[:40]!r}") from None
     if not (0.0 < ratio <= 1.0):
         raise ValueError(f"ratio is the kept fraction and must lie in (0, 1], got {ratio}")
     return ratio

@@ -12,15 +12,40 @@ from pathlib import Path
 from .model import DEMO_SOURCE
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 windows, samples or tokens would mean nothing to measure)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+MAX_NUMBER_CHARS = 40  # a double holds 17 significant digits: a longer number is a typo or an attack
+MAX_COUNT = 2**31 - 1  # counts and sizes (tokens, windows, samples, trials): a C int, beyond any real run
+MAX_SEED = 2**32 - 1
+
+
+def _number_text(text: str) -> str:
+    """``text`` stripped; too long to be a number anyone meant (400 nines) is an argparse error."""
+    text = str(text).strip()
+    if len(text) > MAX_NUMBER_CHARS:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}… ({len(text)} characters) is too long to be a number "
+                                         f"(at most {MAX_NUMBER_CHARS})")
+    return text
+
+
+def int_in(low: int, high: int, what: str):
+    """argparse type: an integer in [low, high]; ``what`` ("a positive integer") heads the message."""
+
+    def parse(text: str) -> int:
+        text = _number_text(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what} in [{low}, {high}], got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+# 0 windows, samples or tokens would mean nothing to measure
+positive_int = int_in(1, MAX_COUNT, "a positive integer")
+seed_int = int_in(0, MAX_SEED, "a seed")
 
 
 def window_cap(text: str) -> int | str:
@@ -29,16 +54,14 @@ def window_cap(text: str) -> int | str:
     if str(text).strip().lower() == "all":
         return "all"
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all' (every window), got {value}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'all', every window)") from None
 
 
 def finite_float(text: str) -> float:
-    """argparse type: a finite number (nan / inf are refused here, with this message)."""
+    """argparse type: a finite number of at most MAX_NUMBER_CHARS characters (nan / inf are refused)."""
+    text = _number_text(text)
     try:
         value = float(text)
     except ValueError:
@@ -46,6 +69,26 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def kept_fraction(text: str) -> float:
+    """argparse type: a budget, the kept fraction of the compressible parameters, in (0, 1]."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text.strip()} is not a kept fraction in (0, 1]")
+    return value
+
+
+def kept_fractions(text: str) -> list[float]:
+    """argparse type: comma-separated kept fractions ("0.8,0.6"), in the order given; "" is none."""
+    return [kept_fraction(token) for token in str(text).split(",") if token.strip()]
+
+
+def bias_fit_ratios(text: str) -> tuple[float, ...]:
+    """argparse type of --bias-fit-ratios: "0.6,0.8" -> (0.6, 0.8), sorted and unique; "" or "none" -> ()."""
+    if str(text).strip().lower() in ("", "none"):
+        return ()
+    return tuple(sorted({round(value, 6) for value in kept_fractions(text)}))
 
 
 def memory_size(text: str) -> int:
@@ -120,7 +163,7 @@ def cmd_profile(args) -> int:
     from . import distributed
     from .pipeline import build_profile
 
-    ratios = tuple(float(x) for x in args.extra_ratios.split(",")) if args.extra_ratios else ()
+    ratios = tuple(args.extra_ratios)
     ctx = distributed.context()  # under torchrun: rank, world, this rank's GPU
     device = args.device or (ctx.device if ctx.world > 1 else None)
     offload = _offload_spec(args)
@@ -135,7 +178,7 @@ def cmd_profile(args) -> int:
                                device=device, progress=bar, force=args.force,
                                cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                                max_memory=args.max_memory, factor_dtype=args.factor_dtype,
-                               bias_fit_ratios=_bias_fit_ratios(args.bias_fit_ratios))
+                               bias_fit_ratios=args.bias_fit_ratios)
     if ctx.main:
         print(folder)
     return 0
@@ -162,15 +205,6 @@ def _offload_spec(args):
     if args.weights_memory is None and not args.offload_folder:
         return None
     return OffloadSpec(args.weights_memory, args.offload_folder)
-
-
-def _bias_fit_ratios(text: str) -> tuple[float, ...]:
-    """--bias-fit-ratios "0.6,0.8" -> (0.6, 0.8); "" or "none" -> () (no fit)."""
-    from .plan import parse_budgets
-
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(parse_budgets(text))
 
 
 def cmd_allocate(args) -> int:
@@ -418,7 +452,7 @@ def cmd_ars(args) -> int:
     """Train ARS for a profile at each ratio (cached), print the budget bookkeeping, write the plans."""
     from . import pipeline
 
-    ratios = [float(x) for x in str(args.ratio).split(",") if x.strip()]
+    ratios = list(args.ratio)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     plans = pipeline.run_ars_job(args.profile, ratios, args.preset, args.device, cache_dir,
                                  progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True))
@@ -474,12 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: reference on CUDA, cpu otherwise)")
     sp.add_argument("--sampling", default=None, choices=("reference", "chars10"),
                     help="calibration offset rule (default reference: randint(0, len - seq_len - 1))")
-    for name, typ in [("n-samples", positive_int), ("seq-len", positive_int), ("seed", int), ("n-search", positive_int)]:
+    for name, typ in [("n-samples", positive_int), ("seq-len", positive_int), ("seed", seed_int),
+                      ("n-search", positive_int)]:
         sp.add_argument(f"--{name}", type=typ, default=None)
     sp.add_argument("--calib-dataset", default=None)
     sp.add_argument("--calib-split", default=None)
-    sp.add_argument("--extra-ratios", default="", help="extra measured ratios, e.g. 0.4,0.5,0.6,0.7,0.8,0.9")
-    sp.add_argument("--bias-fit-ratios", default="0.6,0.8",
+    sp.add_argument("--extra-ratios", type=kept_fractions, default="", help="extra measured ratios, e.g. 0.4,0.5,0.6,0.7,0.8,0.9")
+    sp.add_argument("--bias-fit-ratios", type=bias_fit_ratios, default="0.6,0.8",
                     help="ratios at which the reference LEMS's (alpha, gamma) search runs and is stored in the "
                          "profile (10 seeded trials each, scored by KL on the search windows); 'none' skips it")
     sp.add_argument("--cache-dir", default=None)
@@ -494,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default="lems",
                     help=f"one of {', '.join(allocator_names())} (default lems); {', '.join(MODEL_SCORED)} "
                          "score candidates on the model (loads it)")
-    sp.add_argument("--ratio", type=finite_float, required=True, help="kept fraction of compressible params")
-    sp.add_argument("--energy-power", type=int, default=2)
+    sp.add_argument("--ratio", type=kept_fraction, required=True, help="kept fraction of compressible params")
+    sp.add_argument("--energy-power", type=int_in(1, 2, "the energy power"), default=2)
     sp.add_argument("--no-scale", action="store_true")
     sp.add_argument("--alpha", type=finite_float, default=None,
                     help="depth-bias alpha of lems_fixed (default 0); lems uses the profile's fitted value")
@@ -514,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-kept", default="", metavar="KIND=FRAC,...", help="minimum kept fraction r/eq per kind, e.g. q=0.3")
     sp.add_argument("--max-kept", default="", metavar="KIND=FRAC,...",
                     help="maximum kept fraction r/eq per kind (below 1 forbids dense)")
-    sp.add_argument("--rank-multiple", type=int, default=None, choices=(1, 8, 16, 32, 64, 128),
+    sp.add_argument("--rank-multiple", type=positive_int, default=None, choices=(1, 8, 16, 32, 64, 128),
                     help="every factorised rank a multiple of this (LEMS: replaces its grid's 8)")
     sp.set_defaults(fn=cmd_allocate)
 
@@ -572,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("ars", help="train ARS (learned rank selection) for a profile; results are cached")
     sp.add_argument("--profile", required=True, help="profile folder (contains profile.json)")
-    sp.add_argument("--ratio", required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
+    sp.add_argument("--ratio", type=kept_fractions, required=True, help="kept fraction(s), comma separated, e.g. 0.8,0.6")
     sp.add_argument("--preset", default="cpu-small", choices=sorted(ARS_PRESETS),
                     help="cpu-small (default: 101-200 steps, reference rule) | reference (at most 2000 steps) | "
                          "<name>-legacy: the earlier rule (fixed steps, one-sided penalty, compressible only, "

@@ -30,6 +30,8 @@ DEFAULT_FRACTION = 0.8  # of the device's free memory, when no budget is given
 INPUT_GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+MAX_MEMORY_BYTES = 1 << 60  # 1 EiB: a larger "budget" is a typo, and would overflow the float arithmetic
+MAX_SIZE_CHARS = 40  # a memory size written longer than this is not one
 
 
 class MemoryBudgetError(ValueError):
@@ -43,13 +45,18 @@ def parse_bytes(text: str | int | float) -> int:
     80 GB card means the card.
     """
     if isinstance(text, (int, float)):
-        value = int(text)
+        number, scale = text, 1
     else:
+        if len(str(text)) > MAX_SIZE_CHARS:
+            raise MemoryBudgetError(f"memory size {str(text)[:MAX_SIZE_CHARS]!r}… is too long to be one")
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         unit = match.group(2).upper() if match else None
         if not match or unit not in _UNITS:
             raise MemoryBudgetError(f"cannot read memory size {text!r}: use e.g. 24GB, 512MB or a number of bytes")
-        value = int(float(match.group(1)) * _UNITS[unit])
+        number, scale = float(match.group(1)), _UNITS[unit]
+    if not number * scale <= MAX_MEMORY_BYTES:  # also inf and nan; an int too large for a float is caught the same way
+        raise MemoryBudgetError(f"memory size {str(text)[:MAX_SIZE_CHARS]!r} must be a finite size of at most 1 EiB")
+    value = int(number * scale)
     if value <= 0:
         raise MemoryBudgetError(f"memory budget must be positive, got {text!r}")
     return value

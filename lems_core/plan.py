@@ -37,6 +37,7 @@ from typing import Mapping
 from .budget import (  # noqa: F401  (re-exported)
     ForcedFactorisedRank, eq_rank_of, force_factorised, is_force_factorised, layer_param_cost, normalise_rank,
 )
+from .budget import MAX_RATIO_CHARS
 from .error_model import predicted_errors
 from .constraints import ConstraintError, LayerConstraints, layer_from_name
 from .model import LayerInfo
@@ -49,6 +50,7 @@ DENSE = "dense"
 _TOP_LEVEL_FIELDS = ("schema", "model", "method", "decomposition", "budget", "layers")
 _LAYER_FIELDS = ("name", "out", "in", "rank")
 _LISTED_NAMES = 5  # how many offending layer names an error message quotes
+_LARGEST_FLOAT = 1.7976931348623157e308  # sys.float_info.max
 
 
 class PlanError(ValueError):
@@ -398,7 +400,8 @@ def _optional_float(entry: dict, name: str) -> float | None:
     value = entry.get("predicted_error")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # a comparison, not math.isfinite: an integer too large for a float would raise OverflowError there
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _LARGEST_FLOAT:
         raise PlanError(f"layer {name}: predicted_error must be a finite number or null")
     return float(value)
 
@@ -591,6 +594,8 @@ def parse_budgets(text: str) -> list[float]:
     for token in re.split(r"[,\s;]+", text.strip()):
         if not token:
             continue
+        if len(token) > MAX_RATIO_CHARS:  # a float would round 0. and 400 nines to 1 without a word
+            raise ValueError(f"budget {token[:20]!r}… ({len(token)} characters) is too long to be a number")
         try:
             value = float(token)
         except ValueError:

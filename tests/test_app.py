@@ -653,3 +653,54 @@ def test_a_malformed_shipped_file_is_reported_and_the_rest_still_shows(tmp_path,
     goto(at, "app_pages/prediction.py")
     assert any("'method' must be a non-empty string" in e.value for e in at.error)
     assert (tmp_path / "demo" / "results.json").is_file()
+
+
+# ----------------------------------------------------- oversized numbers and the server's job cap
+def test_home_refuses_an_oversized_memory_budget_with_a_message(app, monkeypatch):
+    import lems_core.pipeline
+
+    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    for typed, message in (("9" * 400 + "GB", "too long"), ("1" * 30 + "GB", "at most 1 EiB"),
+                           ("1e400", "cannot read memory size")):
+        app.text_input[1].set_value(typed)
+        _button(app, "Build profile").click().run()
+        assert not app.exception, typed
+        assert any(message in e.value for e in app.error), typed
+    assert "build_job_id" not in app.session_state
+
+
+def test_a_build_beyond_the_job_cap_is_refused_with_a_message(app, monkeypatch):
+    import threading
+
+    import lems_core.pipeline
+    from app_pages.common import job_registry
+    from lems_core.jobs import MAX_ACTIVE_JOBS
+
+    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    gate, registry = threading.Event(), job_registry()
+    held = [registry.submit("hold", lambda progress, cancel: gate.wait(20))
+            for _ in range(MAX_ACTIVE_JOBS - len(registry.active()))]
+    try:
+        _button(app, "Build profile").click().run()
+        assert not app.exception
+        assert any("Profile build not started" in e.value and "already queued or running" in e.value for e in app.error)
+        assert "build_job_id" not in app.session_state
+    finally:
+        gate.set()
+        for job in held:
+            job.wait(5)
+    _button(app, "Build profile").click().run()
+    assert _wait_for_job(app, "build_job_id").status == "done"
+
+
+def test_allocate_refuses_oversized_budgets_and_fractions_with_a_message(app):
+    goto(app, "app_pages/allocate.py")
+    form_text = next(t for t in app.text_input if t.label.startswith("Budgets"))
+    form_text.set_value("0.7, 0." + "9" * 400)
+    _button(app, "Train ARS").click().run()
+    assert not app.exception
+    assert any(e.value.startswith("Budgets:") and "too long to be a number" in e.value for e in app.error)
+    assert "ars_job_id" not in app.session_state
+    app.text_input(key="con_min_kept").set_value("q=" + "9" * 400).run()
+    assert not app.exception
+    assert any("Layer constraints" in e.value for e in app.error)

@@ -214,3 +214,76 @@ def test_allocate_lems_uses_the_profiles_bias_fit_and_lems_fixed_the_fixed_bias(
     assert main(["allocate", "--profile", str(folder), "--method", "lems", "--gamma", "3", "--ratio", "0.75",
                  "-o", str(fixed)]) == 2
     assert "lems_fixed" in capsys.readouterr().err
+
+
+NINES = "0." + "9" * 400  # a float rounds it to 1.0 without a word
+HUGE = "9" * 400  # an int Python holds, but no float, C int or tensor size does
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["allocate", "--ratio", NINES], "--ratio"),
+    (["allocate", "--ratio", "1e400"], "--ratio"),
+    (["allocate", "--ratio", HUGE], "--ratio"),
+    (["allocate", "--ratio", "1.5"], "--ratio"),
+    (["allocate", "--ratio", "0.5", "--trials", HUGE], "--trials"),
+    (["allocate", "--ratio", "0.5", "--energy-power", HUGE], "--energy-power"),
+    (["allocate", "--ratio", "0.5", "--rank-multiple", HUGE], "--rank-multiple"),
+    (["ars", "--ratio", f"0.8,{NINES}"], "--ratio"),
+    (["ars", "--ratio", "0.8,1e400"], "--ratio"),
+    (["profile", "--seq-len", HUGE], "--seq-len"),
+    (["profile", "--seed", HUGE], "--seed"),
+    (["profile", "--n-samples", "0"], "--n-samples"),
+    (["profile", "--extra-ratios", f"0.4,{NINES}"], "--extra-ratios"),
+    (["profile", "--bias-fit-ratios", HUGE], "--bias-fit-ratios"),
+    (["profile", "--max-memory", HUGE + "GB"], "--max-memory"),
+    (["profile", "--max-memory", "1" * 30 + "GB"], "--max-memory"),
+    (["ppl", "--max-windows", HUGE], "--max-windows"),
+    (["evaluate", "--plan", "p.json", "--task-limit", HUGE], "--task-limit"),
+])
+def test_oversized_or_out_of_range_numbers_are_argparse_errors(argv, option, profile_dir, tmp_path, capsys):
+    """Exit 2 with one line naming the option, before anything is loaded: never an OverflowError traceback."""
+    extra = ["--profile", str(profile_dir), "-o", str(tmp_path / "p.json")] if argv[0] in ("allocate", "ars") else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"error: argument {option}" in err and "Traceback" not in err and "OverflowError" not in err
+    assert len(err.splitlines()[-1]) < 300  # the 400 digits are not echoed back
+
+
+def test_sensible_numbers_still_parse(profile_dir, tmp_path):
+    from lems_core.cli import build_parser
+
+    args = build_parser().parse_args(["profile", "--seq-len", "2048", "--seed", "0", "--extra-ratios", "0.4, 0.5",
+                                      "--bias-fit-ratios", "0.8,0.6,0.6", "--max-memory", "1.5GB"])
+    assert (args.seq_len, args.seed, args.extra_ratios, args.bias_fit_ratios) == (2048, 0, [0.4, 0.5], (0.6, 0.8))
+    assert args.max_memory == int(1.5 * 2**30)
+    args = build_parser().parse_args(["ars", "--profile", "p", "--ratio", "0.8,0.6"])
+    assert args.ratio == [0.8, 0.6]
+    assert main(["allocate", "--profile", str(profile_dir), "--ratio", "1", "-o", str(tmp_path / "p.json")]) == 0
+
+
+def test_a_budget_too_long_or_too_large_for_a_float_is_a_value_error_wherever_it_is_read():
+    """budget.check_ratio (every allocator) and plan.parse_budgets (the app's budget fields) name the bad value."""
+    from lems_core.budget import check_ratio
+    from lems_core.plan import parse_budgets
+
+    for bad in (NINES, HUGE, 10**400):
+        with pytest.raises(ValueError, match="too long to be a number|must be a number in"):
+            check_ratio(bad)
+    with pytest.raises(ValueError, match="too long to be a number"):
+        parse_budgets(f"0.6, {NINES}")
+    assert check_ratio("0.75") == 0.75 and parse_budgets("0.6 0.999") == [0.6, 0.999]
+
+
+def test_a_plan_with_a_predicted_error_too_large_for_a_float_is_a_plan_error(profile_dir):
+    from lems_core.plan import PlanError
+
+    profile = Profile.load(profile_dir)
+    main_args = ["allocate", "--profile", str(profile_dir), "--method", "uniform", "--ratio", "0.7", "-o"]
+    out = profile_dir.parent / "plan.json"
+    assert main([*main_args, str(out)]) == 0
+    doc = json.loads(out.read_text())
+    doc["layers"][0]["predicted_error"] = 10**400
+    with pytest.raises(PlanError, match="predicted_error must be a finite number"):
+        RankPlan.from_json(json.dumps(doc), layers=profile.layers, fingerprint=profile.fingerprint)

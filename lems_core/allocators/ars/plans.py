@@ -39,7 +39,7 @@ def latest_key(profile: Profile, ratio: float, rule: str = "reference") -> str:
 
 
 def committed_plan_path(profile: Profile, ratio: float) -> Path:
-    """cache/demo/ars/<fingerprint>-<decomposition>-<ratio>.json (written by bench/ars_demo.py)."""
+    """cache/demo/ars/<fingerprint>-<decomposition>-<ratio>.json (written by studies/ars_demo.py)."""
     return COMMITTED_DIR / f"{profile.fingerprint}-{profile.decomposition}-{_ratio_key(ratio):g}.json"
 
 

@@ -704,3 +704,20 @@ def test_allocate_refuses_oversized_budgets_and_fractions_with_a_message(app):
     app.text_input(key="con_min_kept").set_value("q=" + "9" * 400).run()
     assert not app.exception
     assert any("Layer constraints" in e.value for e in app.error)
+
+
+def test_the_websocket_refuses_a_rebound_host_and_accepts_the_local_names(monkeypatch):
+    """server.allowedHosts of .streamlit/config.toml, checked by streamlit's own Host test (DNS rebinding shape)."""
+    import tomllib
+
+    from streamlit import config
+    from streamlit.web.server.starlette.starlette_websocket import is_host_allowed
+
+    hosts = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())["server"]["allowedHosts"]
+    assert hosts, "an empty list accepts every Host"
+    real = config.get_option
+    monkeypatch.setattr(config, "get_option", lambda name: hosts if name == "server.allowedHosts" else real(name))
+    for local in ("localhost:8501", "127.0.0.1:8501", "[::1]:8501", "LOCALHOST"):
+        assert is_host_allowed(local), local
+    for foreign in ("rebind.attacker.example:8501", "localhost.attacker.example", "10.0.0.5:8501", None):
+        assert not is_host_allowed(foreign), foreign

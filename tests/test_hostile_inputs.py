@@ -151,8 +151,9 @@ def test_cli_refuses_paths_named_by_a_plan_unless_given_as_arguments(served, cor
 def test_the_app_listens_on_localhost_by_default():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "localhost"
-    readme = (ROOT / "README.md").read_text()
-    assert "## Security and robustness" in readme and "--server.address 0.0.0.0" in readme
+    security = (ROOT / "docs" / "security.md").read_text()
+    assert "# Security and robustness" in security and "--server.address 0.0.0.0" in security
+    assert "docs/security.md" in (ROOT / "README.md").read_text()
 
 
 # ------------------------------------------------ 2. jobs that use one model never see each other's weights

@@ -23,6 +23,7 @@ from torch import nn
 
 from .budget import is_force_factorised
 from .model import LayerInfo, compressible_layers
+from .numerics import check_finite_factors
 from .safe_io import check_regular_file, read_json_capped, replaced_folder
 
 RANKS_FILE = "ranks.json"
@@ -122,11 +123,14 @@ def compress_model(
 
 
 def _factors_at(factors: Factors, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``factors.factors(rank)``, with the layer's name in the error when the rank is out of reach."""
+    """``factors.factors(rank)``, with the layer's name in the error when the rank is out of reach
+    or the factors are not finite (``numerics.NonFiniteFactorsError``)."""
     try:
-        return factors.factors(rank)
+        left, right = factors.factors(rank)
     except ValueError as exc:
         raise ValueError(f"layer {name}: cannot factorise at rank {rank}: {exc}") from exc
+    check_finite_factors(name, left, right, f"compressing at rank {rank}")
+    return left, right
 
 
 def restore_dense(model: nn.Module, originals: dict[str, nn.Linear]) -> None:

@@ -57,12 +57,19 @@ class ErrorModelParams:
 
 
 def residual_energy(sigma: np.ndarray, ranks: np.ndarray, power: int = 2) -> np.ndarray:
-    """1 - E(r)/E for each rank r, with E(r) = sum_{i<=r} sigma_i^power."""
+    """1 - E(r)/E for each rank r, with E(r) = sum_{i<=r} sigma_i^power.
+
+    The tail energy is >= 0; ``_tail_fraction`` clamps the round-off of 1 - E(r)/E at 0."""
     energy = np.asarray(sigma, dtype=np.float64) ** power
     kept = np.concatenate([[0.0], np.cumsum(energy)])
     total = kept[-1] if kept[-1] > 0 else 1.0
     ranks = np.clip(np.asarray(ranks, dtype=np.int64), 0, len(energy))
-    return 1.0 - kept[ranks] / total
+    return _tail_fraction(kept[ranks], total)
+
+
+def _tail_fraction(kept: np.ndarray, total) -> np.ndarray:
+    """1 - kept / total, at least 0 (a cumulative energy never exceeds its total in exact arithmetic)."""
+    return np.maximum(1.0 - kept / total, 0.0)
 
 
 def reference_rank(eq_rank: int, ref_ratio: float) -> int:
@@ -137,8 +144,8 @@ def predicted_errors(profile, ranks: Ranks, params: ErrorModelParams) -> dict[st
     dense = np.array([r is None for r in chosen], dtype=bool)
     rank = np.array([0 if r is None else int(r) for r in chosen], dtype=np.int64)
     ref_rank = np.array([reference_rank(l.eq_rank, params.ref_ratio) for l in layers], dtype=np.int64)
-    ref = 1.0 - flat[offsets + np.minimum(np.maximum(ref_rank, 0), lengths)] / totals
-    shape = (1.0 - flat[offsets + np.minimum(np.maximum(rank, 0), lengths)] / totals) / np.maximum(ref, 1e-6)
+    ref = _tail_fraction(flat[offsets + np.minimum(np.maximum(ref_rank, 0), lengths)], totals)
+    shape = _tail_fraction(flat[offsets + np.minimum(np.maximum(rank, 0), lengths)], totals) / np.maximum(ref, 1e-6)
     scale = scales if (params.use_scale and scales is not None) else np.ones(len(layers))
     errors = np.where(dense, 0.0, biases * scale * shape)
     return {l.name: float(e) for l, e in zip(layers, errors)}

@@ -22,6 +22,7 @@ from torch import nn
 from .blocks import BlockInput, capture_block_inputs, run_block
 from .compression import compress_model, restore_dense
 from .model import decoder_blocks
+from .numerics import nonnegative
 
 KL_TEMPERATURE = 0.6
 KL_SKIP_FRACTION = 0.125  # positions 256.. of 2048
@@ -151,10 +152,15 @@ def reference_log_probs(ref_logits: torch.Tensor, temperature: float = KL_TEMPER
 
 def kl_from_log_probs(p_log: torch.Tensor, scored_logits: torch.Tensor,
                       temperature: float = KL_TEMPERATURE) -> tuple[float, int]:
-    """(sum of per-position KL(p_ref || q), positions) given log p_ref and the logits of the scored positions only."""
+    """(sum of per-position KL(p_ref || q), positions) given log p_ref and the logits of the scored positions only.
+
+    KL is >= 0; the float32 sum of a KL that is 0 up to round-off (q ~= p, e.g. a layer
+    kept at nearly full rank) can land a few eps below 0, so the sum is clamped at 0
+    (``numerics.nonnegative``): every KL downstream (sweep, floor, plan, bias fit) reads this.
+    """
     q_log = F.log_softmax(scored_logits.float() / temperature, dim=-1).flatten(0, 1)
     kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
-    return kl.item(), p_log.shape[0]
+    return nonnegative(kl.item()), p_log.shape[0]
 
 
 def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, temperature: float = KL_TEMPERATURE,

@@ -31,6 +31,7 @@ import numpy as np
 
 from .cache import read_json_capped, sha256_file
 from .model import KINDS, LayerInfo
+from .numerics import KL_ROUNDOFF
 
 PROFILE_SCHEMA = "lems-profile/1"
 PROFILE_JSON = "profile.json"
@@ -171,7 +172,8 @@ class Profile:
 
     def validate(self) -> None:
         """Check internal consistency: unique layers, one spectrum per layer of the right length,
-        finite non-negative KL measurements with one value per layer."""
+        finite non-negative KL measurements with one value per layer. A measurement a few
+        float32 eps below 0 is round-off of a KL that is 0: it is accepted and set to 0."""
         names = [l.name for l in self.layers]
         if not names:
             raise ProfileError("profile has no layers")
@@ -201,18 +203,29 @@ class Profile:
                 raise ProfileError(f"spectrum of {l.name} missing or of wrong length")
             if not np.all(np.isfinite(s)):
                 raise ProfileError(f"spectrum of {l.name} has non-finite values")
-        for arr in ([self.kl_ref] if self.kl_ref is not None else []) + list(self.measured.values()):
-            if np.ndim(arr) != 1 or len(arr) != len(self.layers):
-                raise ProfileError("a per-layer measurement does not have one value per layer")
-            if not np.all(np.isfinite(arr)) or np.any(np.asarray(arr) < 0):
-                raise ProfileError("a per-layer KL measurement is negative or not finite (KL is >= 0)")
+        if self.kl_ref is not None:
+            self.kl_ref = _measurements(self.kl_ref, len(self.layers), "a per-layer KL measurement (KL is >= 0)")
+        for r, arr in self.measured.items():
+            self.measured[r] = _measurements(arr, len(self.layers), "a per-layer KL measurement (KL is >= 0)")
         for ratio, arr in self.measured_nll.items():
             if not 0.0 < ratio <= 1.0 or np.ndim(arr) != 1 or len(arr) != len(self.layers):
                 raise ProfileError(f"measured_nll at {ratio!r}: needs a kept fraction in (0, 1] and one value per layer")
-            if not np.all(np.isfinite(arr)) or np.any(np.asarray(arr) < 0):
-                raise ProfileError(f"measured_nll at {ratio!r} is negative or not finite")
+        for r, arr in self.measured_nll.items():
+            self.measured_nll[r] = _measurements(arr, len(self.layers), f"measured_nll at {r!r}")
         _check_kl_floor(self.kl_floor)
         _check_bias_fit(self.bias_fit)
+
+
+def _measurements(values, layers: int, what: str) -> np.ndarray:
+    """Per-layer values that are >= 0 in exact arithmetic, one per layer, finite; round-off negatives
+    (down to -KL_ROUNDOFF, the float32 error of a KL near 0) come back as 0, real negatives are refused.
+    An array with nothing to clamp is returned as it is (memoised tables key on its identity)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or len(arr) != layers:
+        raise ProfileError("a per-layer measurement does not have one value per layer")
+    if not np.all(np.isfinite(arr)) or np.any(arr < -KL_ROUNDOFF):
+        raise ProfileError(f"{what}: a value is negative or not finite")
+    return np.maximum(arr, 0.0) if np.any(arr < 0) else arr
 
 
 def _check_kl_floor(floor) -> None:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from . import cache as _cache
 from .cache import CacheIndexError, index, key_of
+from .numerics import KL_ROUNDOFF
 from .safe_io import read_json_capped
 
 PREFIX = "result:"
@@ -227,7 +228,8 @@ def _check_counts(record: dict, label: str) -> None:
 
 
 def _check_measurements(record: dict, label: str) -> None:
-    """ppl / dense_ppl: {dataset: perplexity > 0} (inf = diverged); kl: a finite number >= 0 or null."""
+    """ppl / dense_ppl: {dataset: perplexity > 0} (inf = diverged); kl: a finite number >= 0 or null
+    (down to -KL_ROUNDOFF: the float32 round-off of a KL that is 0)."""
     for name in ("ppl", "dense_ppl"):
         values = record.get(name)
         if not isinstance(values, dict):
@@ -236,7 +238,7 @@ def _check_measurements(record: dict, label: str) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ResultsFileError(f"{label}: {name}[{dataset!r}] must be a perplexity > 0, got {value!r}")
     kl = record.get("kl")
-    if kl is not None and (not _number(kl) or kl < 0):
+    if kl is not None and (not _number(kl) or kl < -KL_ROUNDOFF):
         raise ResultsFileError(f"{label}: 'kl' must be a finite number >= 0 or null, got {kl!r}")
 
 

@@ -28,7 +28,7 @@ from .blocks import (BlockInputs, InputPlacement, TensorShelf, advance, capture_
                      iter_logits_from_block, sequence_length)
 from .memory import GramLedger
 from .compression import LowRankLinear, set_module
-from .decompositions import Factorization
+from .decompositions import Factorization, check_finite_factors
 from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, reference_log_probs
 from .model import LayerInfo, decoder_blocks
 
@@ -179,7 +179,7 @@ def layer_kl_sweep(
             factors = factorization_of(layer)
             for ratio in ratios:
                 check_cancel(cancel)
-                left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
+                left, right = _checked_factors(layer, factors, ratio)
                 set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
                 try:
                     kl, layer_nll = _suffix_scores(model, b, items, ref, windows if nll is not None else None, batch_size)
@@ -195,12 +195,19 @@ def layer_kl_sweep(
     return result, ref
 
 
+def _checked_factors(layer: LayerInfo, factors: Factorization, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's factors at ``ratio`` (capped at what they hold); NonFiniteFactorsError naming it if not finite."""
+    left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
+    check_finite_factors(layer.name, left, right, f"KL sweep at ratio {ratio:g}")
+    return left, right
+
+
 def naive_layer_kl(
     model: nn.Module, layer: LayerInfo, factors: Factorization, windows: torch.Tensor, ratio: float, ref: DenseReference, batch_size: int = 1
 ) -> float:
     """The same measurement with full forward passes (for the benchmark and tests)."""
     original = model.get_submodule(layer.name)
-    left, right = factors.factors(min(rank_at(layer, ratio), factors.max_rank))
+    left, right = _checked_factors(layer, factors, ratio)
     set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
     try:
         total, count = 0.0, 0

@@ -7,6 +7,7 @@ import torch
 from lems_core.cache import load_tensors, save_tensors
 from lems_core.calibration import CalibrationConfig
 from lems_core.model import LoadedModel, model_fingerprint, tiny_model
+from lems_core.numerics import KL_ROUNDOFF
 from lems_core.pipeline import build_profile, factorizations_for
 from lems_core.profile import Profile, ProfileError
 
@@ -164,6 +165,8 @@ def test_add_measured_points_grows_a_profile_without_changing_its_key(loaded, co
     before = Profile.load(folder)
     grown = add_measured_points(folder, (0.5, 0.9), cache_dir=cache)
     assert set(grown.measured) == {0.5, 0.9} and grown.key == before.key
+    # a layer kept at 0.9 can change the logits by round-off only: its KL is measured as >= 0, never -eps
+    assert np.all(grown.measured[0.9] >= 0) and np.all(grown.measured[0.5] >= 0)
     reloaded = Profile.load(folder)
     assert np.array_equal(reloaded.measured[0.9], grown.measured[0.9])
     assert np.mean(reloaded.measured[0.9] <= reloaded.measured[0.5]) > 0.8  # keeping more hurts less
@@ -176,7 +179,8 @@ def test_profile_records_the_kl_floor_and_the_reference_bias_fit(loaded, corpus,
     folder = build_profile(loaded, "svd_llm", _cfg(corpus), cache_dir=tmp_path / "cache", bias_fit_ratios=(0.7,))
     profile = Profile.load(folder)
     assert profile.kl_floor["reference_precision"] == "fp32"
-    assert profile.kl_floor["kl"] == pytest.approx(0.0, abs=1e-8)  # no bf16 floor
+    # no bf16 floor: 0 up to the float32 round-off of a KL between equal distributions (clamped at 0 where measured)
+    assert 0.0 <= profile.kl_floor["kl"] <= KL_ROUNDOFF
     entry = profile.bias_fit["ratios"]["0.7"]
     assert len(entry["trials"]) == 10 and profile.bias_fit["seed"] == 42
     scores = [t["score"] for t in entry["trials"]]

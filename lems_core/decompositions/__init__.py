@@ -13,12 +13,13 @@
     streams.py     two-stream block helpers shared by saes and lcsvd
     registry.py    the table naming all of them, and the Decomposer
 """
-from .base import DecompositionOptions, Factorization, LayerStats, StaticMethod, Whitener, cholesky_lower, shrink
+from .base import (DecompositionOptions, Factorization, LayerStats, NonFiniteFactorsError, StaticMethod, Whitener,
+                   check_finite_factors, cholesky_lower, shrink)
 from .registry import (BASE_DECOMPOSITION, METHODS, RANK_DEPENDENT, SPECS, DecompositionSpec, Decomposer, MethodOptions,
                        base_of, check_decomposition, decomposition_names, spec_of)
 
 __all__ = [
     "BASE_DECOMPOSITION", "DecompositionOptions", "DecompositionSpec", "Decomposer", "Factorization", "LayerStats",
-    "METHODS", "MethodOptions", "RANK_DEPENDENT", "SPECS", "StaticMethod", "Whitener", "base_of", "check_decomposition",
-    "cholesky_lower", "decomposition_names", "shrink", "spec_of",
+    "METHODS", "MethodOptions", "NonFiniteFactorsError", "RANK_DEPENDENT", "SPECS", "StaticMethod", "Whitener", "base_of",
+    "check_decomposition", "check_finite_factors", "cholesky_lower", "decomposition_names", "shrink", "spec_of",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..model import LayerInfo
+from ..numerics import NonFiniteFactorsError, check_finite_factors, rank_tolerance  # noqa: F401 (re-exported)
 from ..statistics import InputStats
 
 Progress = Callable[[float, str], None]
@@ -209,22 +210,36 @@ def top_singular(m: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor
 
     On CPU the eigendecomposition of the smaller Gram (m m^T or m^T m) is ~3x faster
     than a thin SVD; the factors are written so their product is the exact projection
-    of m onto the top-k eigenvectors (U U^T m or m V V^T), so tiny singular values
-    never divide anything that matters. On CUDA a thin SVD is used.
+    of m onto the top-k eigenvectors (U U^T m or m V V^T). On CUDA a thin SVD is used.
+    Singular directions that are numerically zero (``numerically_nonzero``) get zero
+    columns and rows and a zero singular value: a weight of lower rank than ``keep``
+    has exact, finite factors.
     """
     if m.device.type != "cpu":
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        s = numerically_nonzero(s, rank_tolerance(s[0], m.shape, m.dtype))
         root = s[:keep].sqrt()
         return s, u[:, :keep] * root, root[:, None] * vh[:keep]
     wide = m.shape[0] <= m.shape[1]
     lam, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
-    s = lam.flip(0).clamp(min=0).sqrt()
+    lam = lam.flip(0)  # descending: the Gram's eigenvalues are the squared singular values
+    s = numerically_nonzero(lam, rank_tolerance(lam[0], m.shape, m.dtype)).sqrt()
     top = vecs.flip(1)[:, :keep]
     root = s[:keep].sqrt()
-    safe = root.clamp(min=torch.finfo(m.dtype).tiny ** 0.25)
+    inverse = torch.where(root > 0, 1 / root, torch.zeros_like(root))
     if wide:  # left = U sqrt(S), right = U^T m / sqrt(S)
-        return s, top * root, (top.T @ m) / safe[:, None]
-    return s, (m @ top) / safe, root[:, None] * top.T
+        return s, top * root, (top.T @ m) * inverse[:, None]
+    return s, (m @ top) * inverse, root[:, None] * top.T
+
+
+def numerically_nonzero(values: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``values`` with those at or below ``tolerance`` (round-off, negatives included) set to exactly 0.
+
+    For a Gram's eigenvalues the tolerance is the rank rule applied to the Gram: its
+    round-off (forming it and eigh) is eps x max(m, n) x its largest eigenvalue, so a
+    singular value below s_max sqrt(eps max(m, n)) is not resolved and counts as zero.
+    """
+    return torch.where(values > tolerance, values, torch.zeros_like(values))
 
 
 def factorize(weight: torch.Tensor, left: Whitener, right: Whitener, keep: int) -> Factorization:

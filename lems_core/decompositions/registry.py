@@ -17,7 +17,7 @@ from ..model import LayerInfo
 from ..statistics import InputStats
 from .asvd import Asvd
 from .base import (DecompositionOptions, Factorization, LayerStats, RankDependent, StaticMethod, Whitener,
-                   factorize, keep_of, single_threaded_lapack)
+                   check_finite_factors, factorize, keep_of, single_threaded_lapack)
 from .erc import ErcOptions, factorizations as erc_for_plan
 from .fwsvd import Fwsvd
 from .kfac import Kfac
@@ -137,7 +137,9 @@ class Decomposer:
         with single_threaded_lapack(weight.device):
             w = weight.detach().to(self.options.dtype)
             left = self._static.left(stats, self.options, w.device)
-            return factorize(w, left, self._right(stats, w.device), keep_of(layer, keep))
+            f = factorize(w, left, self._right(stats, w.device), keep_of(layer, keep))
+        check_finite_factors(layer.name, f.left, f.right, f"{self.method} decomposition", f.sigma)
+        return f
 
     def _check(self, layer: LayerInfo, stats: LayerStats) -> None:
         given = {"inputs": stats.inputs, "fisher": stats.fisher, "grads": stats.grad_gram}

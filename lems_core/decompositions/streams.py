@@ -13,7 +13,7 @@ from torch import nn
 from ..blocks import BlockInput, run_block
 from ..compression import LowRankLinear, is_dense_rank, set_module
 from ..model import LayerInfo, compressible_layers
-from .base import Factorization, Ranks
+from .base import Factorization, Ranks, check_finite_factors
 
 
 class _Stop(Exception):
@@ -65,7 +65,8 @@ def module_input(block: nn.Module, module_name: str, item: BlockInput) -> torch.
 
 
 def replace_with_factors(block: nn.Module, layer: LayerInfo, f: Factorization) -> None:
-    """Swap ``layer`` in ``block`` (a block-local copy) for its two-Linear factorisation."""
+    """Swap ``layer`` in ``block`` (a block-local copy) for its two-Linear factorisation (finite, or refused)."""
+    check_finite_factors(layer.name, f.left, f.right, "closed-loop decomposition")
     name = relative_name(layer)
     linear = block.get_submodule(name)
     set_module(block, name, LowRankLinear.from_factors(f.left, f.right, linear.bias, linear))

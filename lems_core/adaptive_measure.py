@@ -17,7 +17,7 @@ from torch import nn
 
 from .blocks import advance, capture_block_inputs
 from .compression import LowRankLinear, set_module
-from .decompositions import Factorization
+from .decompositions import Factorization, check_finite_factors
 from .model import LayerInfo, decoder_blocks
 from .pipeline import _profile_model
 from .profile import Profile
@@ -51,6 +51,7 @@ def layer_kl_at_ranks(
             original = model.get_submodule(name)
             factors = factorization_of(layer)
             left, right = factors.factors(min(int(rank), factors.max_rank))
+            check_finite_factors(name, left, right, f"single-layer KL at rank {rank}")
             set_module(model, name, LowRankLinear.from_factors(left, right, original.bias, original))
             try:
                 out[k] = _kl_suffix(model, b, items, ref)

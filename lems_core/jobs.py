@@ -82,9 +82,18 @@ class JobState:
 
     @property
     def status_line(self) -> str:
-        """"<message> (<elapsed> s, about <left> left)": what a progress bar shows."""
+        """"<message> (<elapsed> s, about <left> left)": what a progress bar shows.
+
+        Until the reported progress allows an extrapolation (the first minute of a model
+        load), an estimate made before the start, ``meta["estimate_s"]``, is shown instead.
+        """
         left = self.seconds_left
-        estimate = "" if left is None else f", about {format_seconds(left)} left"
+        if left is not None:
+            estimate = f", about {format_seconds(left)} left"
+        elif isinstance(self.meta.get("estimate_s"), (int, float)) and not self.done:
+            estimate = f", estimated {format_seconds(self.meta['estimate_s'])} in all"
+        else:
+            estimate = ""
         return f"{self.message} ({self.elapsed:.0f} s{estimate})"
 
 

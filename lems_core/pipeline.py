@@ -700,8 +700,8 @@ def evaluate_plan(
     decomposition = check_decomposition(decomposition or plan.decomposition)
     _check_eval_sizes(seq_len, max_windows)
     loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
-    if progress:
-        progress(0.0, f"loading the model {plan.model_source}")
+    if progress:  # above 0, so the bar shows the job has started during a load that may take a minute
+        progress(LOADING_REPORTED, f"loading the model {plan.model_source}")
     loaded = get_model(plan.model_source, device, offload)
     if progress:
         progress(EVAL_WEIGHTS["model load"], "model loaded")
@@ -787,6 +787,7 @@ def _check_eval_sizes(seq_len: int, max_windows: int | None) -> None:
 # (``jobs.JobState.seconds_left``) adapts.
 EVAL_WEIGHTS = {"model load": 0.14, "factorising the plan's layers": 0.68, "KL reference": 0.03, "dense perplexity": 0.02,
                 "compression": 0.0, "perplexity": 0.1, "KL": 0.03}
+LOADING_REPORTED = 0.01  # the fraction reported as the model load starts: under EVAL_WEIGHTS["model load"]
 
 
 class _EvalSteps:
@@ -1009,6 +1010,8 @@ def evaluate_and_store(item, progress: Progress | None = None, cancel: threading
     """
     from .results import ResultStore
 
+    if progress:  # the first report, before anything slow (a model load can take a minute)
+        progress(LOADING_REPORTED, f"loading the model {profile.model_source}")
     if isinstance(item, PlanRequest):
         try:
             alloc = allocate_on_model(profile, item.method, item.budget, params, device, cache_dir,

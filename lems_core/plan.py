@@ -488,6 +488,35 @@ class LoadconfigWarning(UserWarning):
     """A loadconfig file named keys that were ignored (as the reference ignores them)."""
 
 
+def is_loadconfig(doc) -> bool:
+    """Whether a parsed JSON document looks like a loadconfig: a non-empty object of numbers, no ``schema``."""
+    return (isinstance(doc, dict) and bool(doc) and "schema" not in doc
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in doc.values()))
+
+
+def plan_from_upload(text: str | bytes, layers: list[LayerInfo], fingerprint: str, model_source: str = "",
+                     decomposition: str = "unknown") -> RankPlan:
+    """A rank plan or a reference loadconfig file, as a user hands either one over, checked against this model.
+
+    A lems-rank-plan/1 document is read by ``RankPlan.from_json`` (fingerprint and
+    layers checked). A loadconfig carries no model identity, so it is read for this
+    model (``from_loadconfig``) and must name at least one of its layers; what the
+    file does not name stays dense, as the reference reads it.
+    """
+    if len(text) > MAX_PLAN_BYTES:
+        raise PlanError(f"plan is too large ({len(text)} bytes > {MAX_PLAN_BYTES}); not a rank plan")
+    doc = _parse_json_object(text)
+    if not is_loadconfig(doc):
+        return RankPlan.from_json(text, layers=layers, fingerprint=fingerprint)
+    if not {l.name for l in layers} & set(doc):
+        raise PlanError(f"loadconfig names none of this model's {len(layers)} compressible layers "
+                        f"(first keys: {_few(sorted(doc))}): it is for another model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoadconfigWarning)  # the ignored keys are kept in meta
+        return from_loadconfig(doc, layers, model_source=model_source, fingerprint=fingerprint,
+                               decomposition=decomposition)
+
+
 def _rank_from_loadconfig(layer: LayerInfo, value) -> int | None:
     """One loadconfig value -> rank (None = dense): integer = rank, float in (0, 1] = ratio of eq_rank.
 

@@ -234,3 +234,14 @@ def test_the_registry_refuses_a_job_beyond_its_cap_until_one_finishes():
     assert MAX_ACTIVE_JOBS >= 3  # a build, an ARS training and an evaluation can run side by side
     with pytest.raises(ValueError, match="max_active"):
         JobRegistry(max_active=0)
+
+
+def test_an_estimate_made_before_the_start_shows_until_progress_allows_one():
+    from lems_core.jobs import JobState
+
+    now = time.time()
+    loading = JobState("1", "eval", "running", 0.01, "loading the model", now - 20, None, meta={"estimate_s": 1500},
+                       reported=now - 19)
+    assert loading.seconds_left is None and "estimated 25 min in all" in loading.status_line
+    later = JobState("1", "eval", "running", 0.5, "perplexity", now - 100, None, meta={"estimate_s": 1500}, reported=now)
+    assert "about" in later.status_line and "estimated" not in later.status_line

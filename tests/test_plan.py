@@ -351,3 +351,26 @@ def test_loadconfig_export_of_a_forced_layer_is_its_integer_rank(forced_plan, pr
     config = forced_plan.to_loadconfig()
     assert config[first.name] == first.eq_rank and type(config[first.name]) is int
     assert from_loadconfig(config, profile.layers).ranks() == forced_plan.ranks()
+
+
+def test_an_uploaded_loadconfig_is_read_for_this_model(plan, profile):
+    from lems_core.plan import plan_from_upload
+
+    text = json.dumps(plan.to_loadconfig()).encode()
+    back = plan_from_upload(text, profile.layers, profile.fingerprint, "src", decomposition="svd_llm")
+    assert back.ranks() == plan.ranks() and back.method == "loadconfig" and back.fingerprint == profile.fingerprint
+    assert back.decomposition == "svd_llm" and back.budget == pytest.approx(plan.summary["realised_ratio"])
+    same = plan_from_upload(plan.to_json(), profile.layers, profile.fingerprint)  # a plan is still a plan
+    assert same.ranks() == plan.ranks() and same.method == "lems"
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({"model.layers.99.mlp.down_proj": 0.5}, "names none of this model"),
+    ({}, "no 'schema' field"),
+    ({"a": "0.5"}, "no 'schema' field"),
+])
+def test_an_upload_that_is_neither_plan_nor_loadconfig_is_refused(profile, doc, match):
+    from lems_core.plan import plan_from_upload
+
+    with pytest.raises(PlanError, match=match):
+        plan_from_upload(json.dumps(doc), profile.layers, profile.fingerprint)

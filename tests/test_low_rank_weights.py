@@ -157,8 +157,19 @@ def test_the_decomposer_refuses_a_non_finite_weight(setup):
     layer = setup[2][LOW_RANK]
     weight = setup[0].model.get_submodule(LOW_RANK).weight.detach().clone()
     weight[1, 2] = float("inf")
-    with pytest.raises(NonFiniteFactorsError, match=LOW_RANK):
+    with pytest.raises(NonFiniteFactorsError, match=f"{LOW_RANK}.*weight"):
         Decomposer("svd")(layer, weight)
+
+
+def test_the_decomposer_refuses_non_finite_statistics(setup):
+    from lems_core.decompositions import NonFiniteFactorsError
+
+    loaded, _, layers, (inputs, _, _) = setup
+    stats = dataclasses.replace(inputs[LOW_RANK], gram=inputs[LOW_RANK].gram.clone())
+    stats.gram[0, 0] = float("nan")
+    weight = loaded.model.get_submodule(LOW_RANK).weight
+    with pytest.raises(NonFiniteFactorsError, match=f"{LOW_RANK}.*input Gram"):
+        Decomposer("svd_llm")(layers[LOW_RANK], weight, stats)
 
 
 def test_evaluate_refuses_a_non_finite_factor(setup, tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ import torch
 from ..model import LayerInfo
 from ..statistics import InputStats
 from .asvd import Asvd
-from .base import (DecompositionOptions, Factorization, LayerStats, RankDependent, StaticMethod, Whitener,
-                   check_finite_factors, factorize, keep_of, single_threaded_lapack)
+from .base import (DecompositionOptions, Factorization, LayerStats, NonFiniteFactorsError, RankDependent, StaticMethod,
+                   Whitener, check_finite_factors, factorize, keep_of, single_threaded_lapack)
 from .erc import ErcOptions, factorizations as erc_for_plan
 from .fwsvd import Fwsvd
 from .kfac import Kfac
@@ -105,6 +105,7 @@ def base_of(decomposition: str) -> str:
 
 # ============================================================ static methods, layer by layer
 _MISSING = {"inputs": "input statistics", "fisher": "Fisher statistics", "grads": "the output-gradient Gram"}
+_INPUT_NAMES = {"weight": "weight", "inputs": "input Gram", "grads": "output-gradient Gram", "fisher": "Fisher rows"}
 
 
 class Decomposer:
@@ -134,6 +135,7 @@ class Decomposer:
         """Factorise one layer; `keep` components (default: the break-even rank)."""
         stats = LayerStats(inputs, grad_gram, fisher)
         self._check(layer, stats)
+        self._check_finite(layer, weight, stats)
         with single_threaded_lapack(weight.device):
             w = weight.detach().to(self.options.dtype)
             left = self._static.left(stats, self.options, w.device)
@@ -146,6 +148,17 @@ class Decomposer:
         for need, what in _MISSING.items():
             if need in self._static.needs and given[need] is None:
                 raise ValueError(f"{self.method} needs {what} for {layer.name}")
+
+    def _check_finite(self, layer: LayerInfo, weight: torch.Tensor, stats: LayerStats) -> None:
+        """NonFiniteFactorsError naming the layer when its weight or a statistic the method reads holds NaN or inf
+        (LAPACK would otherwise fail or return NaN factors, differently on each machine)."""
+        given = {"weight": weight, "inputs": stats.inputs.gram if stats.inputs is not None else None,
+                 "grads": stats.grad_gram, "fisher": stats.fisher}
+        read = {"weight"} | set(self._static.needs)
+        bad = [name for name, t in given.items() if name in read and t is not None and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteFactorsError(f"layer {layer.name}: {self.method} cannot factorise it: its "
+                                        f"{' and '.join(_INPUT_NAMES[b] for b in bad)} hold NaN or inf")
 
     def _right(self, stats: LayerStats, device: torch.device) -> Whitener:
         if not self._static.shares_input:

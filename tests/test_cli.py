@@ -287,3 +287,39 @@ def test_a_plan_with_a_predicted_error_too_large_for_a_float_is_a_plan_error(pro
     doc["layers"][0]["predicted_error"] = 10**400
     with pytest.raises(PlanError, match="predicted_error must be a finite number"):
         RankPlan.from_json(json.dumps(doc), layers=profile.layers, fingerprint=profile.fingerprint)
+
+
+def test_version_prints_lems_and_the_package_version():
+    """`python -m lems_core --version` (what the `lems` script runs) prints `lems <version>`, exit 0."""
+    import subprocess
+    import sys
+
+    import lems_core
+
+    done = subprocess.run([sys.executable, "-m", "lems_core", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"lems {lems_core.__version__}"
+
+
+def test_help_imports_neither_torch_nor_the_pipeline():
+    """`-h` builds only the command list: no command's heavy imports, so it answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom lems_core.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['-h'])\n"
+            "print(sorted({'torch', 'transformers', 'lems_core.pipeline'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_every_option_of_every_command_has_a_help_string():
+    from lems_core.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    undocumented = [f"{name or 'lems'} {'/'.join(action.option_strings)}"
+                    for name, sub in {"": parser, **commands}.items() for action in sub._actions
+                    if action.option_strings and not (action.help or "").strip()]
+    assert commands and not undocumented

@@ -27,6 +27,8 @@ import torch
 
 from .safe_io import open_regular, read_json_capped  # noqa: F401  (re-exported)
 
+MAX_PROFILE_JSON_BYTES = 64 * 1024 * 1024  # a profile.json of 70B spectra is a few MB
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,8 +229,6 @@ def list_profiles(cache_dir: Path | None = None, include_demo: bool = True) -> l
     folders = [(p.parent, False) for p in profiles_dir(cache_dir).glob("*/profile.json")]
     if include_demo:
         folders += [(p, True) for p in demo_profile_dirs()]
-    from .profile import MAX_PROFILE_JSON_BYTES  # profile imports this module: imported here, at call time
-
     entries = []
     for folder, is_demo in folders:
         try:

@@ -6,14 +6,16 @@ import streamlit as st
 from lems_core import pipeline
 from lems_core.allocators import MODEL_SCORED, allocate
 from lems_core.cache import saved_plans
+from lems_core.eval_time import EvalEstimate, estimate_eval
 from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
-from lems_core.jobs import CANCELLED, DONE, for_each
+from lems_core.jobs import CANCELLED, DONE, JobLimitError, for_each, format_seconds
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.results import SHIPPED, ResultStore, shipped_note
 from lems_core.zero_shot import PAPER_TASKS, TASKS_DIR_ENV, TaskYAMLError, check_task_yaml, offered_task_files
 from app_pages import common, figures, tables
 
 EVAL_JOB, EVAL_SEEN = "eval_job_id", "eval_job_seen"
+PENDING = "pending_eval"  # a reference-protocol run on a CPU, waiting for the user's confirmation
 DATASETS = ("wikitext2", "ptb", "c4")
 GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")  # solved here, from the profile
 MODEL_SCORED_METHODS = tuple(MODEL_SCORED)  # atp, erc_plc, lcsvd_search: solved inside the job, on the model
@@ -93,9 +95,15 @@ def _method_option(method: str) -> str:
 
 
 def run_form(plans: dict[str, RankPlan]) -> None:
-    """Which plans, datasets, window cap and device; submitting starts one background job."""
+    """Which plans, datasets, window cap and device; submitting starts one background job.
+
+    Not an st.form: the Quick and zero-shot toggles disable the fields they make irrelevant,
+    which needs a rerun. A reference-protocol run on a CPU waits for confirmation (``PENDING``).
+    """
     devices = common.devices()
-    with st.form("evaluate"):
+    with st.container(border=True, key="evaluate"):
+        if not plans:
+            no_plan_hint()
         chosen = st.multiselect("Plans", list(plans), default=list(plans)[:1],
                                 help="The current plan (Allocate page), an uploaded one, or plans saved to the cache.")
         gen1, gen2 = st.columns(2)
@@ -114,19 +122,22 @@ def run_form(plans: dict[str, RankPlan]) -> None:
                  "slower, cached per plan.")
         col1, col2, col3, col4 = st.columns(4)
         datasets = col1.multiselect("Datasets", DATASETS, default=["wikitext2"])
-        quick = col2.toggle("Quick protocol", value=False,
-                            help=f"Reference protocol (default): all {REFERENCE_EVAL.seq_len}-token windows, as the "
-                                 f"paper. Quick: the first {QUICK_EVAL.max_windows} windows of {QUICK_EVAL.seq_len} "
-                                 "tokens (minutes on a CPU); results are marked 'quick' and are not comparable "
-                                 "with published numbers.")
-        windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 0, step=8,
-                                    help="Only with the reference protocol: evaluate at most this many windows "
-                                         "(the result is then marked 'custom').")
-        seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3,
-                                 help="Only with the reference protocol (2048 = the paper's).")
+        quick = col2.toggle("Quick protocol", **common.bind("quick_protocol", devices[0] == "cpu"),
+                            help=f"Quick (the default on a CPU): the first {QUICK_EVAL.max_windows} windows of "
+                                 f"{QUICK_EVAL.seq_len} tokens, minutes on a CPU; results are marked 'quick' and are "
+                                 "not comparable with published numbers. Off: the reference protocol, all "
+                                 f"{REFERENCE_EVAL.seq_len}-token windows as the paper (WikiText-2 takes about an "
+                                 "hour on a CPU for the demo model; you are asked first).")
+        windows = col2.number_input("Window cap (0 = all)", 0, 10_000, 0, step=8, disabled=quick,
+                                    help="Only with the reference protocol (Quick off): evaluate at most this many "
+                                         "windows (the result is then marked 'custom').")
+        seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3, disabled=quick,
+                                 help="Only with the reference protocol, Quick off (2048 = the paper's).")
         device = col4.selectbox("Device", devices)
         zero_shot_choice = zero_shot_form()
-        submitted = st.form_submit_button("Compress & evaluate", type="primary")
+        submitted = st.button("Compress & evaluate", type="primary", key="evaluate_submit")
+    if quick or device != "cpu":
+        st.session_state.pop(PENDING, None)  # nothing long to confirm any more
     if not submitted:
         return
     budgets = form_budgets(new_methods, budgets_text)
@@ -139,20 +150,83 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     if not selected or not (datasets or zero_shot):
         st.error("Choose at least one plan and one dataset (or zero-shot task).")
         return
+    protocol = eval_protocol_options(quick, int(windows), int(seq_len))
+    task = partial(pipeline.evaluate_and_store, profile=profile, cache_dir=common.cache_dir(),
+                   params=common.error_model_params(profile), decomposition=factorise_with or None,
+                   datasets=list(datasets), device=device, **protocol, **zero_shot)
+    estimate = cpu_estimate(list(datasets), protocol, len(selected)) if device == "cpu" else None
+    request = {"task": task, "items": list(selected.values()), "estimate": estimate, "zero_shot": bool(zero_shot)}
+    if device == "cpu" and not quick:
+        st.session_state[PENDING] = request  # confirm_reference_run asks first
+        return
+    start_evaluation(request)
+
+
+def no_plan_hint() -> None:
+    """Where plans come from, when there is none to pick: a link to Allocate."""
+    st.info("**No plan to pick yet.** Keep one on the Allocate page (it then shows here as “current”), save it to "
+            "the cache or upload one there; or have new plans made below (“…and/or new plans of”).",
+            icon=":material/info:")
+    st.page_link("app_pages/allocate.py", label="Go to Allocate", icon=":material/tactic:")
+
+
+def cpu_estimate(datasets: list[str], protocol: dict, plans: int) -> EvalEstimate:
+    """The perplexity time estimate of this request on a CPU, for the current profile's model size."""
+    hidden = next((l.in_features for l in profile.layers if l.kind == "q"), 0)
+    return estimate_eval(datasets, protocol["seq_len"], protocol["max_windows"], profile.total_params, hidden,
+                         profile.num_blocks, plans)
+
+
+def estimate_text(estimate: EvalEstimate, zero_shot: bool) -> str:
+    """The estimate in words, with what it rests on: it is a guess from the demo model's timing, not a measurement."""
+    low, high = estimate.low + estimate.setup, estimate.high + estimate.setup
+    span = format_seconds(low) if format_seconds(low) == format_seconds(high) else \
+        f"{format_seconds(low)} to {format_seconds(high)}"
+    per_window = estimate.seconds_per_window
+    return (f"Estimated {span}: about {estimate.windows} perplexity windows at about "
+            f"{format_seconds(per_window) if per_window >= 10 else f'{per_window:.2g} s'} each (the longer end when "
+            "the dense model's perplexity is "
+            f"not cached yet), plus about {format_seconds(estimate.setup)} to load the model and factorise its layers "
+            "the first time" + (", plus the zero-shot tasks" if zero_shot else "") + ". This is an estimate, "
+            "scaled by model size from the demo model's timing on a 2-core CPU; your machine may be faster or slower.")
+
+
+def confirm_reference_run() -> None:
+    """The pending reference-protocol CPU run: its estimate, then start it or go back."""
+    request = st.session_state.get(PENDING)
+    if request is None:
+        return
+    with st.container(border=True, key="confirm_reference"):
+        st.warning("**The reference protocol on a CPU is a long run.** " + estimate_text(request["estimate"],
+                   request["zero_shot"]) + " The Quick protocol takes minutes.", icon=":material/hourglass_top:")
+        start, back = st.columns(2)
+        if start.button("Start the reference run", key="confirm_reference_start", icon=":material/play_arrow:"):
+            start_evaluation(st.session_state.pop(PENDING))
+            st.rerun()
+        if back.button("Back (change the settings)", key="confirm_reference_back"):
+            st.session_state.pop(PENDING, None)
+            st.rerun()
+
+
+def start_evaluation(request: dict) -> None:
+    """Submit the evaluation job (one at a time); its estimate shows until the job's progress allows one."""
     if common.job_registry().active("eval"):
         st.error("An evaluation is already running; wait for it or cancel it.")
         return
-    task = partial(pipeline.evaluate_and_store, profile=profile, cache_dir=common.cache_dir(),
-                   params=common.error_model_params(profile), decomposition=factorise_with or None,
-                   datasets=list(datasets), device=device,
-                   **eval_protocol_options(quick, int(windows), int(seq_len)), **zero_shot)
-    job = common.job_registry().submit(f"evaluate {len(selected)} plan(s)", for_each, task,
-                                       list(selected.values()), meta={"kind": "eval"})
+    estimate = request["estimate"]
+    meta = {"kind": "eval"} | ({} if estimate is None else {"estimate_s": estimate.high + estimate.setup})
+    items = request["items"]
+    try:
+        job = common.job_registry().submit(f"evaluate {len(items)} plan(s)", for_each, request["task"], items,
+                                           meta=meta)
+    except JobLimitError as exc:
+        st.error(f"Evaluation not started: {exc}")
+        return
     st.session_state[EVAL_JOB] = job.id
 
 
 def zero_shot_form() -> tuple[bool, list[str], list[str], int]:
-    """Zero-shot accuracy (lm-eval) inside the form: on/off, hub tasks (the paper's eight), local YAMLs, doc cap.
+    """Zero-shot accuracy (lm-eval): on/off, hub tasks (the paper's eight), local YAMLs, doc cap (off: disabled).
 
     Local tasks are chosen from the YAMLs the server offers (the folder ``LEMS_TASKS_DIR``
     names), never typed: a client cannot name, or learn about, any other path.
@@ -161,14 +235,15 @@ def zero_shot_form() -> tuple[bool, list[str], list[str], int]:
                    help="acc and acc_norm of the compressed and the dense model (dense cached per task), as the paper "
                         "(num_fewshot 0). Slow: the paper's eight tasks take hours on a CPU for the full sets.")
     z1, z2, z3 = st.columns([3, 2, 1])
-    hub = z1.multiselect("Tasks", PAPER_TASKS, default=list(PAPER_TASKS), key="zero_shot_tasks",
+    hub = z1.multiselect("Tasks", PAPER_TASKS, default=list(PAPER_TASKS), key="zero_shot_tasks", disabled=not on,
                          help="lm-eval tasks (default: the paper's eight); their data comes from the Hugging Face hub.")
     offered = list(offered_task_files())
-    local = z2.multiselect("…and/or local task YAMLs", offered, key="zero_shot_local", disabled=not offered,
+    local = z2.multiselect("…and/or local task YAMLs", offered, key="zero_shot_local", disabled=not (offered and on),
                            help="Tasks in lm-eval's YAML format with local data (e.g. dataset_path: json + a jsonl), "
                                 f"from the folder the server's {TASKS_DIR_ENV} names (none offered without it); "
                                 "they run offline. Templates are plain field access only; !function is refused.")
     limit = z3.number_input("Docs per task (0 = all)", 0, 1_000_000, 0, step=100, key="zero_shot_limit",
+                            disabled=not on,
                             help="Score at most this many documents per task (faster, noisier; 0 = the full set).")
     return on, hub, local, int(limit)
 
@@ -232,7 +307,7 @@ def results_section() -> None:
     merged = ResultStore(common.cache_dir()).merged()
     for problem in merged.problems:  # the sidebar's cache problems list names the file / offers to set it aside
         st.error(problem)
-    show_all = st.toggle("Results of all models", value=False, key="results_all")
+    show_all = st.toggle("Results of all models", **common.bind("results_all", False))
     records = merged.records if show_all else [r for r in merged.records if r.get("fingerprint") == profile.fingerprint]
     if not records:
         st.info("No stored results for this model yet.")
@@ -260,6 +335,7 @@ if common.is_synthetic():
     st.warning("The synthetic demo profile has no real model behind it: pick or build a real profile to evaluate.")
 else:
     run_form(available_plans())
+    confirm_reference_run()
     job_panel()
 st.subheader("Results")
 results_section()

@@ -349,7 +349,7 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
     assert state.status == "done", state.error
     assert len(seen) == 2 * 3  # 2 methods x 3 default budgets; the current plan (LEMS @ 0.8) is one of them
     assert seen[0][:2] == ("lems", 0.8) and seen[0][2]["dataset"] == "synthetic"  # the profile's calibration
-    assert seen[0][3] == ("wikitext2",) and seen[0][4:] == (None, 2048)  # the reference protocol by default
+    assert seen[0][3] == ("wikitext2",) and seen[0][4:] == (8, 512)  # the quick protocol by default on a CPU
     app.run()
     assert any("Evaluated 6 plan(s)" in s.value for s in app.success)
     table = app.dataframe[0].value
@@ -444,7 +444,7 @@ def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch,
     goto(app, "app_pages/compress.py")
     assert app.multiselect(key="zero_shot_tasks").value == ["piqa", "openbookqa", "hellaswag", "arc_challenge",
                                                             "arc_easy", "winogrande", "boolq", "mathqa"]
-    app.toggle(key="zero_shot_on").set_value(True)
+    app.toggle(key="zero_shot_on").set_value(True).run()  # the task fields are enabled by the toggle
     assert app.multiselect(key="zero_shot_local").options == ["evil.yaml", "mine.yaml"]  # the server's folder only
     app.multiselect(key="zero_shot_local").set_value(["evil.yaml"])
     _button(app, "Compress & evaluate").click().run()

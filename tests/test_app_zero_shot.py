@@ -27,7 +27,7 @@ def test_zero_shot_tasks_are_chosen_from_the_server_list_never_typed(app, monkey
     monkeypatch.setenv("LEMS_TASKS_DIR", str(tmp_path / "tasks"))
     goto(app, "app_pages/allocate.py")
     goto(app, "app_pages/compress.py")
-    app.toggle(key="zero_shot_on").set_value(True)
+    app.toggle(key="zero_shot_on").set_value(True).run()  # the task fields are enabled by the toggle
     app.multiselect(key="zero_shot_tasks").set_value([])
     answers = []
     for forged in (tmp_path / "tasks" / "mine.yaml", tmp_path / "no-such.yaml"):

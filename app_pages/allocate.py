@@ -16,7 +16,7 @@ from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstrai
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE, JobLimitError
 from lems_core.model import KINDS
-from lems_core.plan import PlanError, RankPlan, parse_budgets, plan_file_name
+from lems_core.plan import PlanError, parse_budgets, plan_file_name, plan_from_upload
 from app_pages import common, figures, tables
 
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
@@ -69,12 +69,12 @@ def constraint_controls() -> tuple[bool, LayerConstraints | None]:
     """The Layer constraints expander: (valid, the constraints or None when none are set).
 
     Invalid input shows its specific error and drops the kept plan (the caller stops)."""
-    active = _kept_constraints()
-    title = "Layer constraints" + (" (active)" if active is not None and not active.is_empty else "")
-    with st.expander(title, expanded=False):
+    with st.expander("Layer constraints", expanded=False):  # a label that changed would collapse it
         st.caption("**Lock dense**: stays dense, its parameters count in the budget (the others pay for it). "
                    "**Exclude**: not compressed and outside the budget (the budget applies to the rest). "
-                   "Kept fraction = rank / eq rank. LEMS honours them exactly (they remove knapsack options); "
+                   "Kept fraction = rank / eq rank, where eq rank ⌊m·n/(m+n)⌋ is the break-even rank at which a "
+                   "factorisation stores as many weights as the dense matrix. LEMS honours them exactly (they remove "
+                   "knapsack options); "
                    "Uniform, SVD-LLM V2 and MRCS are projected onto them; ASVD and ARS do not take them.")
         blocks, kinds = list(range(profile.num_blocks)), [k for k in KINDS if any(l.kind == k for l in profile.layers)]
         for what in ("lock", "exclude"):
@@ -91,12 +91,25 @@ def constraint_controls() -> tuple[bool, LayerConstraints | None]:
         c.selectbox("Rank multiple", [None, *RANK_MULTIPLES], **_bind("rank_multiple", allowed=[None, *RANK_MULTIPLES]),
                     format_func=lambda m: "allocator's own (LEMS: 8)" if m is None else str(m),
                     help="Every factorised rank a multiple of this (hardware alignment).")
-    constraints = _kept_constraints()
+        constraints = _kept_constraints()
+        if constraints is not None and not constraints.is_empty:
+            st.info(f"**Active:** {constraints_summary(constraints)}.", icon=":material/rule:")
     if constraints is None:
         st.error(f"Layer constraints: {st.session_state.get('constraint_error')}")
         st.session_state.pop(CURRENT_PLAN, None)
         return False, None
     return True, None if constraints.is_empty else constraints
+
+
+def constraints_summary(constraints: LayerConstraints) -> str:
+    """What the set constraints do, in a few words ("2 selector(s) locked dense · rank multiple 16")."""
+    c = constraints
+    parts = [f"{len(c.lock_dense)} selector(s) locked dense" if c.lock_dense else "",
+             f"{len(c.exclude)} selector(s) excluded" if c.exclude else "",
+             "min kept " + ", ".join(f"{k}={v:g}" for k, v in c.min_kept.items()) if c.min_kept else "",
+             "max kept " + ", ".join(f"{k}={v:g}" for k, v in c.max_kept.items()) if c.max_kept else "",
+             f"rank multiple {c.rank_multiple}" if c.rank_multiple else ""]
+    return " · ".join(p for p in parts if p)
 
 
 def _bind(name: str, allowed=None) -> dict:
@@ -126,12 +139,14 @@ def _kept_constraints() -> LayerConstraints | None:
 def upload_section() -> None:
     """Load a plan JSON for this model; bad files get the PlanError message."""
     uploaded = st.file_uploader("Upload a plan JSON", type=["json"], key="plan_upload",
-                                help="A lems-rank-plan/1 file for this model (e.g. downloaded here earlier).")
+                                help="A lems-rank-plan/1 file for this model, or a loadconfig file {layer: ratio or "
+                                     "rank} as the reference writes it (both downloaded here earlier, for example).")
     if uploaded is None:
         st.session_state.pop(UPLOADED_PLAN, None)
         return
     try:
-        plan = RankPlan.from_json(uploaded.getvalue(), layers=profile.layers, fingerprint=profile.fingerprint)
+        plan = plan_from_upload(uploaded.getvalue(), profile.layers, profile.fingerprint, profile.model_source,
+                                profile.decomposition)
     except PlanError as exc:
         st.session_state.pop(UPLOADED_PLAN, None)
         st.error(f"Cannot use {uploaded.name}: {exc}")
@@ -142,18 +157,25 @@ def upload_section() -> None:
 
 
 def headline(allocations: dict[str, Allocation], table) -> None:
-    """Solve time, objective and the LEMS vs uniform predicted-error gap."""
-    lems = allocations.get("lems")
-    if lems is None:
+    """Solve time, objective, realised ratio and predicted error of the kept plan (vs Uniform's error)."""
+    key = common.kept("plan_method", "lems")
+    if key not in allocations:
         return
+    name, rows = _label(key), table.set_index("method")
+    row, base = rows.loc[name], rows["predicted error"].get(tables.method_label("uniform"))
     cols = st.columns(4)
-    cols[0].metric("LEMS solve time", f"{1000 * lems.solve_seconds:.1f} ms")
-    cols[1].metric("LEMS objective (Σ ε)", f"{lems.objective:.4g}")
-    cols[2].metric("LEMS realised ratio", f"{lems.info['realised_ratio']:.4f}")
-    error = table.set_index("method")["predicted error"]
-    ours, base = error[tables.method_label("lems")], error.get(tables.method_label("uniform"))
-    delta = f"{100 * (ours - base) / base:+.1f} % vs uniform" if base else None
-    cols[3].metric("LEMS predicted error", f"{ours:.4g}", delta, delta_color="inverse")
+    cols[0].metric(f"{name} solve time", "—" if key == "uploaded" else _number(row["solve ms"], "{:.1f} ms"))
+    objective = f"{name} objective" + (" (Σ ε)" if key.startswith("lems") else "")
+    cols[1].metric(objective, _number(row["objective"], "{:.4g}"))
+    cols[2].metric(f"{name} realised ratio", f"{row['realised ratio']:.4f}")
+    ours = row["predicted error"]
+    delta = f"{100 * (ours - base) / base:+.1f} % vs uniform" if base and key != "uniform" else None
+    cols[3].metric(f"{name} predicted error", f"{ours:.4g}", delta, delta_color="inverse")
+
+
+def _number(value, fmt: str) -> str:
+    """``fmt`` of a table cell, or a dash where the method has no such number (NaN)."""
+    return "—" if value != value else fmt.format(value)
 
 
 def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> None:
@@ -165,14 +187,12 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
     choice = common.kept("plan_method", "lems")
     uploaded = ["uploaded"] if "uploaded" in allocations or choice == "uploaded" else []
     options = list(dict.fromkeys([*(k for k in allocations if k != "uploaded"), *failed, choice, *uploaded]))
-    st.selectbox("Plan to keep", options, format_func=_label, **common.bind("plan_method", "lems"))
+    # Display names that do not change with what is uploaded: an option whose name changes is another option.
+    st.selectbox("Plan to keep", options, format_func=tables.method_label, **common.bind("plan_method", "lems"))
     choice = st.session_state.plan_method
     if choice not in allocations:
         st.session_state.pop(CURRENT_PLAN, None)
-        why = failed.get(choice) or ("no plan is uploaded" if choice == "uploaded" else "it is not among the methods")
-        st.container(key="plan_summary").warning(
-            f"**No plan kept:** {_label(choice)} cannot allocate here ({why}). Change the budget or the "
-            "constraints, or choose another plan to keep.", icon=":material/block:")
+        st.container(key="plan_summary").warning(_no_plan_message(choice, failed), icon=":material/block:")
         return
     plan = st.session_state[UPLOADED_PLAN] if choice == "uploaded" else allocations[choice].to_plan(
         profile, meta={"calibration": profile.calibration})
@@ -190,10 +210,21 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
     col2.download_button("Download loadconfig JSON", lambda: json.dumps(plan.to_loadconfig(), indent=1),
                          file_name=name.replace(".json", "_loadconfig.json"), mime="application/json",
                          on_click="ignore", key="download_loadconfig",
-                         help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense).")
+                         help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense; eq rank = "
+                              "⌊m·n/(m+n)⌋, the break-even rank). Upload it back under “Upload a plan”.")
     if col3.button("Save plan to cache", key="save_plan", icon=":material/save:"):
         path = plan.save(plans_dir(common.cache_dir()) / name)
         st.toast(f"Saved {path.name}")
+
+
+def _no_plan_message(choice: str, failed: dict[str, str]) -> str:
+    """Why no plan is kept, and what would help: the budget only where the method failed at this budget."""
+    if choice == "uploaded":
+        return ("**No plan kept:** no plan is uploaded (or the upload was refused, see above). Upload a plan or "
+                "loadconfig file under “Upload a plan”, or choose another plan to keep.")
+    why = failed.get(choice) or "it is not among the methods"
+    return (f"**No plan kept:** {_label(choice)} cannot allocate here ({why}). Change the budget or the "
+            "constraints, or choose another plan to keep.")
 
 
 def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> None:
@@ -216,8 +247,11 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
     diff, error_col = st.columns(2)
     with diff:
         a, b = st.columns(2)
-        first = a.selectbox("Difference: A", list(ranks), format_func=_label, key="diff_a")
-        second = b.selectbox("minus B", list(ranks), index=min(1, len(ranks) - 1), format_func=_label, key="diff_b")
+        options = list(ranks)
+        first = a.selectbox("Difference: A", options, format_func=_label,
+                            **common.bind("diff_a", options[0], allowed=options))
+        second = b.selectbox("minus B", options, format_func=_label,
+                             **common.bind("diff_b", options[min(1, len(options) - 1)], allowed=options))
         fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         st.plotly_chart(fig, key="diff_fig")
@@ -267,8 +301,9 @@ def live_allocation() -> None:
         common.set_kept("budget", low)
     st.slider("Budget: kept fraction of the compressible parameters", low, 0.95, step=0.01,
               **common.bind("budget", DEFAULT_BUDGET),
-              help=f"ρ of methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible Linears. It starts at "
-                   f"{low:.2f}, the smallest budget LEMS can meet (every layer at its smallest candidate rank).")
+              help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
+                   f"Linears. It starts at {low:.2f}, the smallest budget LEMS can meet (every layer at its smallest "
+                   "candidate rank).")
     with st.expander("Error model (shape · scale · bias)", expanded=False):
         common.error_model_controls(profile)
     st.multiselect("Methods", LIVE_METHODS, format_func=tables.method_label,

@@ -276,7 +276,8 @@ def bias_controls(profile: Profile | None = None) -> None:
     d = error_model_defaults(profile) if profile is not None else {
         "em_bias_form": EM_DEFAULTS.bias_form, "em_alpha": EM_DEFAULTS.alpha, "em_gamma": EM_DEFAULTS.gamma}
     st.selectbox("Bias form", BIAS_FORMS, **bind("em_bias_form", d["em_bias_form"]),
-                 help="harmonic = the reference's harmonicv2 (methods.md §1.2); constant disables the bias")
+                 help="harmonic = the reference's harmonicv2 (docs/reference/methods.md §1.2); constant disables "
+                      "the bias")
     st.slider("Bias α (concentration on early blocks)", 0.0, 3.0, step=0.01, **bind("em_alpha", d["em_alpha"]),
               help="Harmonic exponent: 0 = linear from 1+γ (first block) to 1 (last); larger α puts the extra "
                    "weight on the first few blocks.")

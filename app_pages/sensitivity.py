@@ -4,6 +4,10 @@ import streamlit as st
 from lems_core.model import KINDS
 from app_pages import common, figures, tables
 
+KL_FLOOR_NOTE = ("The KL floor is what the measurement reads with nothing compressed (the dense model against its own "
+                 "reference logits as cached): a layer's KL near it is mostly that rounding, so layers under 3x the "
+                 "floor cannot be ranked reliably. A floor of 0 means the cached reference is exact.")
+
 profile = common.current_profile()
 params = common.error_model_params(profile)
 st.title("Sensitivity")
@@ -16,7 +20,7 @@ if profile.kl_ref is None:
     st.info("This profile has no KL measurements; the error model falls back to shape × bias.")
 else:
     st.plotly_chart(figures.kl_scale_figure(profile), key="kl_scale_fig")
-st.caption(tables.kl_floor_caption(profile))
+st.caption(tables.kl_floor_caption(profile) + " " + KL_FLOOR_NOTE)
 
 st.subheader("Fitted error curves vs measured points")
 ratios = tables.measured_ratios(profile)

@@ -7,7 +7,9 @@ import streamlit as st
 
 from app_pages import common  # `streamlit run` puts this file's folder on sys.path
 
-st.set_page_config(page_title="LEMS Explorer", page_icon=":material/compress:", layout="wide")
+# An emoji favicon is drawn in the browser; a ":material/...:" one is fetched from a font CDN (fails offline).
+# It is also the tab icon of every page: the pages' Material icons come from the bundled font.
+st.set_page_config(page_title="LEMS Explorer", page_icon="🗜️", layout="wide")
 
 PAGES = [
     st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),

@@ -9,10 +9,33 @@ from lems_core.memory import MemoryBudgetError, parse_bytes
 from app_pages import common, tables
 
 BUILD_JOB = "build_job_id"
+PARAMS_COLUMN = st.column_config.NumberColumn(format="localized", help="Weights of the dense matrix, m·n.")
+EQ_RANK_COLUMN = st.column_config.NumberColumn(
+    help="Break-even rank ⌊m·n/(m+n)⌋: a rank-r factorisation stores r·(m+n) weights, so from this rank on it "
+         "stores as many as the dense matrix and the layer is kept dense. Kept fractions are rank / eq rank.")
+REF_RANK_HELP = "The rank at the profile's reference ratio, where each layer's KL was measured."
+KL_SCALE_HELP = "End-to-end KL to the dense model with only this layer compressed to its reference rank."
 
 st.title("LEMS Explorer")
 st.caption("Low-rank SVD compression of LLMs: how many ranks each weight matrix gets under a global "
-           "parameter budget (LEMS error model + exact ILP), against baseline allocators.")
+           "parameter budget, against baseline allocators. **LEMS** (Layer-wise Error Modeling Search) predicts "
+           "each layer's error at every rank from its spectrum and a measured sensitivity, and picks the ranks "
+           "with the smallest summed predicted error that fit the budget, exactly.")
+
+
+def start_here() -> None:
+    """Three steps for a first visit, each a link to its page: explore, allocate, evaluate."""
+    with st.container(border=True, key="start_here"):
+        st.markdown("**Start here**")
+        steps = st.columns(3)
+        steps[0].page_link("app_pages/spectra.py", label="1. Explore the spectra", icon=":material/show_chart:")
+        steps[0].page_link("app_pages/sensitivity.py", label="…and the sensitivities", icon=":material/tune:")
+        steps[0].caption("How fast each layer's spectrum decays, and how much the model minds each layer compressed.")
+        steps[1].page_link("app_pages/allocate.py", label="2. Allocate ranks under a budget", icon=":material/tactic:")
+        steps[1].caption("Move the budget and compare LEMS with the baselines; keep a plan, download or save it.")
+        steps[2].page_link("app_pages/compress.py", label="3. Compress and evaluate", icon=":material/speed:")
+        steps[2].caption("Factorise the model with the kept plan and measure perplexity; the quick protocol takes "
+                         "minutes on a CPU.")
 
 
 def show_profile_summary() -> None:
@@ -22,8 +45,9 @@ def show_profile_summary() -> None:
     st.subheader("Current profile")
     if common.is_synthetic():
         st.warning("This is a **synthetic demo** profile with made-up spectra; build a real one below.")
-    cols = st.columns(4)
-    for col, label in zip(cols, ("Model", "Decomposition", "Blocks", "Compressible params")):
+    st.markdown(f"**Model:** {summary['Model']}")  # in full: a metric cuts long names
+    cols = st.columns(3)
+    for col, label in zip(cols, ("Decomposition", "Blocks", "Compressible params")):
         col.metric(label, summary[label])
     st.caption(" · ".join(f"**{k}**: {v}" for k, v in summary.items()
                           if k not in ("Model", "Decomposition", "Blocks", "Compressible params")))
@@ -33,10 +57,14 @@ def show_profile_summary() -> None:
         st.caption("Calibration: " + ", ".join(f"{k}={v}" for k, v in profile.calibration.items()))
     st.markdown("**Layers by kind**")
     st.dataframe(tables.kind_table(profile), hide_index=True,
-                 column_config={"share of params": st.column_config.ProgressColumn(min_value=0, max_value=1)})
+                 column_config={"share of params": st.column_config.ProgressColumn(min_value=0, max_value=1),
+                                "params": PARAMS_COLUMN})
     with st.expander(f"All {len(profile.layers)} layers", expanded=False):
         st.dataframe(tables.layer_table(profile), hide_index=True, height=360,
-                     column_config={"KL scale": st.column_config.NumberColumn(format="%.4g")})
+                     column_config={"KL scale": st.column_config.NumberColumn(format="%.4g", help=KL_SCALE_HELP),
+                                    "params": PARAMS_COLUMN, "eq rank": EQ_RANK_COLUMN,
+                                    "ref rank": st.column_config.NumberColumn(help=REF_RANK_HELP)})
+
 
 
 def build_form() -> None:
@@ -96,6 +124,7 @@ def _index(options, value) -> int:
     return options.index(value) if value in options else 0
 
 
+start_here()
 show_profile_summary()
 st.divider()
 st.subheader("Build a profile")

@@ -234,7 +234,7 @@ def test_build_profile_runs_as_job_and_can_be_opened(app, monkeypatch):
     app.button(key="open_built").click().run()
     assert app.session_state["profile_choice"].endswith("built-by-test")
     metrics = {m.label: m.value for m in app.metric}
-    assert metrics["Model"] == "my/model" and metrics["Blocks"] == "2"
+    assert "**Model:** my/model" in [m.value for m in app.markdown] and metrics["Blocks"] == "2"
 
 
 def test_build_form_passes_the_memory_budget_and_refuses_a_bad_one(app, monkeypatch):

@@ -278,3 +278,50 @@ def test_excluded_layers_are_refused_under_a_latency_budget(profile, cost):
 def test_a_latency_budget_below_the_smallest_plan_names_the_method(profile, cost):
     with pytest.raises(A.BudgetBelowMinimumError, match="lems: .*latency budget"):
         A.allocate(profile, "lems", 0.05, cost=cost)
+
+
+# ----------------------------------------------------------------- the CLI
+@pytest.fixture()
+def cli_inputs(tmp_path, cost):
+    profile = synthetic_profile(num_blocks=2)
+    return profile.save(tmp_path / "profile"), cost.device_profile.save(tmp_path / "device.json"), tmp_path
+
+
+def _allocate(*extra):
+    from lems_core.cli import main
+
+    return main(["allocate", *extra])
+
+
+def test_cli_allocates_under_a_latency_budget(cli_inputs, capsys):
+    folder, device_profile, tmp = cli_inputs
+    code = _allocate("--profile", str(folder), "--ratio", "0.7", "--cost", "latency", "--device-profile",
+                     str(device_profile), "-o", str(tmp / "plan.json"))
+    assert code == 0, capsys.readouterr().err
+    record = plan_cost(RankPlan.load(tmp / "plan.json"))
+    assert record.kind == "latency" and record.budget == 0.7 and record.predicted_fraction <= 0.7 * (1 + 1e-9)
+    assert "predicted decode 1x1 latency" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, extra, message", [
+    (lambda path: path.write_text("{broken"), (), "device profile is not valid JSON"),
+    (lambda path: path.write_text(path.read_text().replace('"dense_seconds": ', '"dense_seconds": -')), (),
+     "above 0"),
+    (None, ("--workload", "prefill"), "decode 1x1 workload, not the prefill"),
+    (None, ("--method", "atp"), "atp allocates under a parameter budget only"),
+])
+def test_cli_bad_device_profile_exits_2(cli_inputs, capsys, edit, extra, message):
+    folder, device_profile, tmp = cli_inputs
+    if edit is not None:
+        edit(device_profile)
+    code = _allocate("--profile", str(folder), "--ratio", "0.7", "--cost", "latency", "--device-profile",
+                     str(device_profile), "-o", str(tmp / "plan.json"), *extra)
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp / "plan.json").exists()
+
+
+def test_cli_latency_options_have_help():
+    from lems_core.cli import build_parser
+
+    text = build_parser(full={"allocate"})._subparsers._group_actions[0].choices["allocate"].format_help()
+    assert "--cost {params,latency}" in text and "--workload {prefill,decode}" in text and "--device-profile" in text

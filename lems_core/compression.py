@@ -154,10 +154,21 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def write_weights(model: nn.Module, path: Path) -> None:
-    """All of ``model``'s weights to one safetensors file (tied tensors stored once)."""
-    from safetensors.torch import save_model
+    """All of ``model``'s weights to one safetensors file, a tied tensor once under its first name.
 
-    save_model(model, str(path))
+    The first name in the model's order is the input embedding (``model.embed_tokens.weight``),
+    not ``lm_head.weight``, as transformers saves it: a bare base model (``AutoModel``, what
+    serving engines load) finds its embedding, and the causal LM ties its head to it.
+    """
+    from safetensors.torch import save_file
+
+    tensors, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if storage not in stored or tensor.numel() == 0:
+            stored.add(storage)
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def write_compressed(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder: Path,

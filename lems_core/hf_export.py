@@ -8,8 +8,10 @@ remote code; written beside the target and renamed into place) and adds, for
 - `modeling_lowrank.py` (copied from `lems_core/remote/`, imports only torch and
   transformers): the base architecture's CausalLM class with the planned Linears
   swapped for two-Linear low-rank modules before the weights load;
-- `config.json` naming that class in `auto_map` / `architectures` and listing the
-  ranks under `lems_low_rank`;
+- `config.json` naming that class in `auto_map` / `architectures` (and the low-rank
+  base model under `AutoModel`, what vLLM's and SGLang's Transformers backends load),
+  listing the ranks under `lems_low_rank`, with a `base_model_tp_plan` for the factors
+  (`low_rank_tp_plan`);
 - `plan.json` (the rank plan) and `README.md` (a model card: base model, plan,
   method, budget, parameter counts and the measured results stored for the plan).
 
@@ -19,6 +21,7 @@ projections; the file is small and readable in the folder before anyone trusts i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from .compression import (CONFIG_FILE, LOW_RANK_CONFIG_KEY, MAX_CONFIG_BYTES, CompressedModelError,
-                          check_output_folder, count_parameters, write_compressed)
+                          LowRankLinear, check_output_folder, count_parameters, write_compressed)
 from .safe_io import read_json_capped, replaced_folder
 
 HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
@@ -38,6 +41,15 @@ RANKS_CONFIG_KEY = LOW_RANK_CONFIG_KEY  # must match modeling_lowrank.RANKS_KEY
 DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the demo GGUF's original checkpoint
 # Base CausalLM classes with a low-rank subclass in remote/modeling_lowrank.py.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# The stock tensor-parallel style of each projection (the base configs' base_model_tp_plan) and, for a
+# factorised one, the styles of its factors a (in -> r) and b (r -> out): the factor that owns the sharded
+# dimension takes the style, the other one is replicated (colwise: b splits the heads / intermediate
+# features, a runs on the whole input; rowwise: a reads the split input and all-reduces its r outputs).
+PROJECTION_TP_STYLES = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+                        "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                        "mlp.down_proj": "rowwise"}
+FACTOR_TP_STYLES = {"colwise": {"a": "replicate", "b": "colwise"}, "rowwise": {"a": "rowwise", "b": "replicate"}}
+_PROJECTION = re.compile(r"(?:^|\.)layers\.\d+\.(" + "|".join(map(re.escape, PROJECTION_TP_STYLES)) + r")$")
 
 
 @dataclass
@@ -86,7 +98,10 @@ class ModelCard:
                   "`trust_remote_code=True` runs `modeling_lowrank.py` from this folder (torch + transformers only): "
                   "it subclasses the base architecture and swaps the listed Linears for low-rank ones before the "
                   "weights load. Without remote code, `lems_core.compression.load_compressed(folder)` loads the "
-                  "same folder.", ""]
+                  "same folder.", "",
+                  "`AutoModel` builds the low-rank base model, whose attention runs through transformers' attention "
+                  "interface and whose `base_model_tp_plan` shards the factors: what the Transformers backends of "
+                  "vLLM and SGLang load (`vllm serve FOLDER --trust-remote-code --model-impl transformers`).", ""]
         return "\n".join(lines)
 
     def _results_lines(self) -> list[str]:
@@ -148,7 +163,7 @@ def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder:
     check_output_folder(folder, overwrite)
     with replaced_folder(folder) as temporary:
         write_compressed(model, tokenizer, ranks, temporary, meta=meta)
-        _write_remote_config(temporary / CONFIG_FILE, class_name, ranks)
+        _write_remote_config(temporary / CONFIG_FILE, class_name, ranks, low_rank_tp_plan(model))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(temporary)
@@ -158,12 +173,43 @@ def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder:
     return folder
 
 
-def _write_remote_config(config_path: Path, class_name: str, ranks: dict[str, int | None]) -> None:
-    """config.json naming the remote-code class and listing the factorised ranks."""
+def low_rank_tp_plan(model: nn.Module) -> dict[str, str]:
+    """The base model's tensor-parallel plan for ``model``'s structure (names relative to the base model).
+
+    A projection kind factorised in some block gets rules for its factors
+    (``layers.*.self_attn.q_proj.a`` / ``.b``); a kind kept dense in some block keeps the
+    stock rule (``layers.*.self_attn.v_proj``). The factor rules come first: vLLM and SGLang
+    give a Linear the first rule that matches its name *from the start*, so the dense
+    ``q_proj`` rule, which would match ``q_proj.a`` too, is never reached by a factor.
+    transformers' own tensor parallelism matches whole names; it would also hook a low-rank
+    module on the dense rule of a kind that is dense in some blocks and factorised in others.
+    """
+    factorised, dense = set(), set()
+    for name, module in model.named_modules():
+        match = _PROJECTION.search(name)
+        if match:
+            (factorised if isinstance(module, LowRankLinear) else dense).add(match.group(1))
+    plan = {f"layers.*.{kind}.{factor}": style for kind, dense_style in PROJECTION_TP_STYLES.items()
+            if kind in factorised for factor, style in FACTOR_TP_STYLES[dense_style].items()}
+    plan.update({f"layers.*.{kind}": style for kind, style in PROJECTION_TP_STYLES.items() if kind in dense})
+    return plan
+
+
+def base_class_name(class_name: str) -> str:
+    """The remote base-model class of a remote CausalLM class (LowRankLlamaForCausalLM -> LowRankLlamaModel)."""
+    return class_name.removesuffix("ForCausalLM") + "Model"
+
+
+def _write_remote_config(config_path: Path, class_name: str, ranks: dict[str, int | None],
+                         tp_plan: dict[str, str]) -> None:
+    """config.json naming the remote-code classes, listing the factorised ranks and the factors' TP plan."""
     config = read_json_capped(config_path, MAX_CONFIG_BYTES, CompressedModelError, "a model config")
+    module = Path(MODELING_FILE).stem
     config.update({
         "architectures": [class_name],
-        "auto_map": {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"},
+        "auto_map": {"AutoModel": f"{module}.{base_class_name(class_name)}",
+                     "AutoModelForCausalLM": f"{module}.{class_name}"},
+        "base_model_tp_plan": tp_plan,
         RANKS_CONFIG_KEY: {name: int(r) for name, r in ranks.items() if r is not None},
         "use_cache": True,  # the in-memory models run without a KV cache; generation wants one
     })

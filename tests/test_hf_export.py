@@ -94,15 +94,16 @@ def test_hf_export_folder_has_card_plan_tokenizer_and_remote_code(hf_plan, tmp_p
     assert main(["compress", "--plan", str(plan_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
     assert "trust_remote_code" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankLlamaForCausalLM"
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_lowrank.LowRankLlamaForCausalLM",
+                                  "AutoModel": "modeling_lowrank.LowRankLlamaModel"}
     assert config[RANKS_CONFIG_KEY] == {n: r for n, r in plan.ranks().items() if r is not None}
-    assert config["use_cache"] is True
+    assert config["use_cache"] is True and config["base_model_tp_plan"]["layers.*.mlp.down_proj.a"] == "rowwise"
     assert "import lems_core" not in (out / MODELING_FILE).read_text()
     assert json.loads((out / PLAN_FILE).read_text())["layers"] == json.loads(plan_path.read_text())["layers"]
     assert (out / "tokenizer.json").exists()
     card = (out / CARD_FILE).read_text()
     for text in ("tiny-llama", "`uniform` at budget", "`svd`", "trust_remote_code", "load_compressed",
-                 "No evaluation of this plan"):
+                 "No evaluation of this plan", "`AutoModel` builds the low-rank base model", "vllm serve"):
         assert text in card, text
 
 
@@ -248,3 +249,115 @@ def test_remote_code_refuses_unknown_layer_names(listed, message):
     setattr(config, RANKS_CONFIG_KEY, listed)
     with torch.device("meta"), pytest.raises(ValueError, match=re.escape(message)):
         modeling_lowrank.LowRankLlamaForCausalLM(config)
+
+
+SERVE_CHECK = textwrap.dedent("""
+    import re, sys
+    import torch
+    from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("lems_counting", counting)
+    AttentionMaskInterface.register("lems_counting", sdpa_mask)
+    folder, ids_file, out_file = sys.argv[1:]
+    ids = torch.load(ids_file)
+    load = dict(trust_remote_code=True, attn_implementation="lems_counting")
+    base = AutoModel.from_pretrained(folder, **load).eval()
+    lm = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
+    with torch.no_grad():
+        hidden = base(ids).last_hidden_state
+        base_calls = list(calls)
+        logits = lm(ids).logits
+    plan = base.config.base_model_tp_plan
+    modules = dict(base.named_modules())
+    resolved = {key: sorted(type(modules[n]).__name__ for n in modules
+                            if re.fullmatch(re.escape(key).replace(re.escape("*"), r"\\d+"), n)) for key in plan}
+    first_rule = {n: next((style for key, style in plan.items() if re.match(key, n)), "replicate")
+                  for n, m in modules.items() if isinstance(m, torch.nn.Linear) and ".layers." in "." + n}
+    expanded = base._expand_parallel_plan(plan) if hasattr(base, "_expand_parallel_plan") else None
+    hooked = None if expanded is None else {n: type(modules[n]).__name__ for n in expanded if n in modules}
+    torch.save({"class": type(base).__name__, "lm_class": type(lm).__name__, "hidden": hidden, "logits": logits,
+                "base_calls": base_calls, "calls": calls, "backend": type(base)._supports_attention_backend,
+                "low_rank": sorted(n for n, m in modules.items() if type(m).__name__ == "LowRankLinear"),
+                "plan": plan, "resolved": resolved, "first_rule": first_rule, "hooked": hooked}, out_file)
+""")
+
+
+def test_serving_export_builds_the_low_rank_base_model_with_attention_through_the_interface(hf_plan, tmp_path):
+    """What vLLM's / SGLang's Transformers backends load: AutoModel, ALL_ATTENTION_FUNCTIONS, base_model_tp_plan."""
+    from safetensors import safe_open
+
+    import lems_core.pipeline as pipeline
+    from lems_core.calibration import CalibrationConfig
+
+    loaded, plan, plan_path = hf_plan
+    out = tmp_path / "hf"
+    assert main(["compress", "--plan", str(plan_path), "--format", "hf", "-o", str(out), "--device", "cpu"]) == 0
+    ids = torch.randint(2, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    factors = pipeline.plan_factorizations(loaded, CalibrationConfig(), "svd", plan.ranks())
+    with pipeline.compressed(loaded, plan.ranks(), factors) as applied, torch.no_grad():
+        expected_hidden, expected_logits = loaded.model.model(ids).last_hidden_state, loaded.model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)  # transformers alone: the folder's remote code, no lems_core
+    done = subprocess.run([sys.executable, "-c", SERVE_CHECK, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "o.pt")
+
+    assert (got["class"], got["lm_class"]) == ("LowRankLlamaModel", "LowRankLlamaForCausalLM") and got["backend"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as stored:  # the tied tensor under the base's name
+        assert "model.embed_tokens.weight" in stored.keys() and "lm_head.weight" not in stored.keys()
+    assert got["low_rank"] == sorted(n.removeprefix("model.") for n, r in applied.items() if r is not None)
+    blocks = loaded.model.config.num_hidden_layers
+    assert got["base_calls"] == ["LlamaAttention"] * blocks and len(got["calls"]) == 2 * blocks
+    torch.testing.assert_close(got["hidden"], expected_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-5)
+
+    plan_rules = got["plan"]
+    assert all(got["resolved"][key] and set(got["resolved"][key]) == {"Linear"} for key in plan_rules), got["resolved"]
+    assert "layers.*.self_attn.q_proj" not in plan_rules and plan_rules["layers.*.self_attn.v_proj"] == "colwise"
+    want = {"q_proj.a": "replicate", "q_proj.b": "colwise", "k_proj.b": "colwise", "v_proj": "colwise",
+            "o_proj.a": "rowwise", "o_proj.b": "replicate", "gate_proj.a": "replicate", "up_proj.b": "colwise",
+            "down_proj.a": "rowwise", "down_proj.b": "replicate"}
+    for suffix, style in want.items():
+        named = {n: s for n, s in got["first_rule"].items() if n.endswith(suffix)}
+        assert len(named) == blocks and set(named.values()) == {style}, (suffix, named)
+    if got["hooked"] is not None:  # transformers' own expansion hooks only Linears (never a LowRankLinear)
+        assert got["hooked"] and set(got["hooked"].values()) == {"Linear"}
+
+
+def test_tp_plan_of_a_mixed_structure_gives_each_linear_its_own_style():
+    """A kind dense in one block and factorised in another: the factor rules win where a factor is named first."""
+    import re
+
+    from lems_core.compression import compress_model
+    from lems_core.hf_export import low_rank_tp_plan
+    from lems_core.model import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.mlp.down_proj": 8}
+    compress_model(model, ranks, lambda layer: _TruncatedSvd(model.get_submodule(layer.name).weight))
+    plan = low_rank_tp_plan(model)
+    assert re.match("layers.*.self_attn.q_proj", "layers.0.self_attn.q_proj.a")  # why the factor rules come first
+    first_rule = {n: next((style for key, style in plan.items() if re.match(key, n)), None)  # vLLM's matching
+                  for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    assert first_rule["layers.0.self_attn.q_proj.a"] == "replicate" and first_rule["layers.0.self_attn.q_proj.b"] == "colwise"
+    assert first_rule["layers.1.self_attn.q_proj"] == "colwise" and first_rule["layers.0.mlp.down_proj"] == "rowwise"
+    assert first_rule["layers.1.mlp.down_proj.a"] == "rowwise" and first_rule["layers.1.mlp.down_proj.b"] == "replicate"
+    assert None not in first_rule.values()
+
+
+class _TruncatedSvd:
+    def __init__(self, weight):
+        self.u, self.s, self.vh = torch.linalg.svd(weight.detach(), full_matrices=False)
+
+    def factors(self, rank):
+        return self.u[:, :rank] * self.s[:rank], self.vh[:rank]

@@ -352,7 +352,8 @@ def recover(model: nn.Module, tokenizer, config: RecoveryConfig, run: Run = DEFA
 
 # ----------------------------------------------------------------- saving
 def healed_meta(meta: dict | None, result: RecoveryResult) -> dict:
-    """A compressed folder's meta with the recovery settings and outcome added under ``recovery``."""
+    """A compressed folder's meta, or an evaluation record (``EvalResult.to_dict()``) of the healed
+    model, with the recovery settings and outcome added under ``recovery`` (what results store)."""
     return {**(meta or {}), "recovery": result.record()}
 
 

@@ -213,7 +213,7 @@ def check_record(record, where: str) -> None:
     _check_ranks(record.get("ranks"), label)
     if not isinstance(record.get("settings"), dict):
         raise ResultsFileError(f"{label}: 'settings' must be an object, got {record.get('settings')!r}")
-    for name in ("zero_shot", "dense_zero_shot"):
+    for name in ("zero_shot", "dense_zero_shot", "recovery"):  # recovery: a healed model's RecoveryResult.record()
         if record.get(name) is not None and not isinstance(record[name], dict):
             raise ResultsFileError(f"{label}: {name!r} must be an object or null")
 

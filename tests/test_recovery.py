@@ -218,7 +218,8 @@ def test_results_record_the_recovery_settings(tmp_path):
     healed = recovery.RecoveryResult([3.0, 2.0], 2, 1.5, 128, 64, "cpu", RecoveryConfig(steps=2).to_dict())
     record = {"method": "lems", "decomposition": "kfac", "fingerprint": "f", "budget": 0.8, "realised_ratio": 0.8,
               "ppl": {"wikitext2": 20.0}, "dense_ppl": {"wikitext2": 18.0}, "kl": 0.1, "params_kept": 8,
-              "params_total": 10, "settings": {}, "recovery": healed.record()}
+              "params_total": 10, "settings": {}}
+    record = recovery.healed_meta(record, healed)
     ResultStore(tmp_path / "cache").add(record)
     stored = ResultStore(tmp_path / "cache").all()[0]["recovery"]
     assert stored["mode"] == "lora" and stored["steps"] == 2 and stored["lr"] == 2e-4

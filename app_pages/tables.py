@@ -27,19 +27,9 @@ from lems_core.model import DEMO_SOURCE, KINDS, LayerInfo
 from lems_core.plan import layer_param_cost, normalise_rank
 from lems_core.profile import Profile
 
-METHOD_LABELS = {
-    "lems": "LEMS",
-    "lems_fixed": "LEMS (fixed bias)",
-    "lems_mp": "LEMS-MP",
-    "uniform": "Uniform",
-    "svdllm_v2": "SVD-LLM V2",
-    "mrcs": "MRCS",
-    "asvd": "ASVD (STRS)",
-    "atp": "ATP",
-    "ars": "ARS",
-    "erc_plc": "ERC-SVD (PLC)",
-    "lcsvd_search": "LC-SVD search",
-}
+from app_pages.style import METHOD_STYLES, display_name, display_names_in, source_label
+
+METHOD_LABELS = {key: style.name for key, style in METHOD_STYLES.items()}  # display names: app_pages/style.py
 DECOMPOSITION_LABELS = {
     "svd": "SVD",
     "asvd": "ASVD",
@@ -55,8 +45,8 @@ PLAN_DECOMPOSITION = ""  # "factorise with" choice that keeps each plan's own de
 
 
 def method_label(method: str) -> str:
-    """Display name of an allocator method ("lems" -> "LEMS")."""
-    return METHOD_LABELS.get(method, method)
+    """Display name of an allocator method ("lems" -> "LEMS"), as ``style.display_name``."""
+    return display_name(method)
 
 
 def decomposition_label(name: str, rank_dependent: Iterable[str] = ()) -> str:
@@ -219,8 +209,8 @@ def kl_floor_caption(profile: Profile) -> str:
     text = f"KL floor (dense model vs its own cached {floor.get('reference_precision', '?')} reference): {kl:.3g}"
     if "kl_fp32" in floor:
         text += f" (float32 reference: {float(floor['kl_fp32']):.3g})"
-    if profile.kl_ref is not None and len(profile.kl_ref) and kl > 0:  # a floor of 0 has nothing under it
-        below = int(np.sum(np.asarray(profile.kl_ref) < 3 * kl))
+    if profile.kl_ref is not None and len(profile.kl_ref):
+        below = int(np.sum(np.asarray(profile.kl_ref) < 3 * kl)) if kl > 0 else 0
         text += f"; {below} of {len(profile.kl_ref)} layers measure less than 3x the floor at {profile.ref_ratio:g}"
     return text + "."
 
@@ -363,10 +353,10 @@ def measured_at_budget(records: list[dict], profile: Profile, budget: float, par
         if rec.get("fingerprint") != profile.fingerprint or not isinstance(budget_of_rec, (int, float)) \
                 or abs(float(budget_of_rec) - budget) > tol:
             continue
-        row = {"method": method_label(str(rec.get("method"))), "source": rec.get("source", ""),
-               "decomposition": rec.get("decomposition"), "protocol": protocol_name(rec.get("settings")),
-               "realised ratio": rec.get("realised_ratio"), "KL": rec.get("kl")}
+        row = {"method": method_label(str(rec.get("method"))), "source": source_label(rec.get("source")),
+               "protocol": protocol_name(rec.get("settings")), "realised ratio": rec.get("realised_ratio")}
         row |= {f"ppl {d}": v for d, v in (rec.get("ppl") or {}).items()}
+        row |= {"KL": rec.get("kl"), "decomposition": rec.get("decomposition")}
         ranks = rec.get("ranks")
         if params is not None:
             usable = isinstance(ranks, dict) and set(ranks) == names
@@ -374,7 +364,10 @@ def measured_at_budget(records: list[dict], profile: Profile, budget: float, par
                 if usable else np.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame.sort_values(["protocol", "KL"], na_position="last").reset_index(drop=True) if len(frame) else frame
+    if not len(frame):
+        return frame
+    frame = lead_columns(frame, ["method", "source", "protocol", "realised ratio", *_ppl_columns(frame), "KL"])
+    return frame.sort_values(["protocol", "KL"], na_position="last").reset_index(drop=True)
 
 
 def measured_budgets(records: list[dict], fingerprint: str) -> list[float]:
@@ -384,11 +377,12 @@ def measured_budgets(records: list[dict], fingerprint: str) -> list[float]:
 
 
 def failure_message(method: str, exc: Exception) -> str:
-    """An allocator's error without its own "method: " prefix (the page puts the label first)."""
+    """An allocator's error without its own "method: " prefix (the page puts the label first),
+    with the methods it names by key written as their display names."""
     text = str(exc)
     for prefix in (f"{method}: ", f"{method_label(method)}: "):
         text = text.removeprefix(prefix)
-    return text
+    return display_names_in(text)
 
 
 # --------------------------------------------------------------------- results
@@ -417,7 +411,25 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if "method" in frame:
         frame["method"] = frame["method"].map(lambda m: method_label(str(m)))
-    return frame
+    if "source" in frame:
+        frame["source"] = frame["source"].map(source_label)
+    return lead_columns(frame, RESULTS_LEAD + _ppl_columns(frame) + ["kl"])
+
+
+RESULTS_LEAD = ["method", "source", "protocol", "realised_ratio"]  # then perplexities and KL, then the rest
+
+
+def lead_columns(frame: pd.DataFrame, lead: list[str]) -> pd.DataFrame:
+    """``frame`` with the ``lead`` columns it has first, in that order, then the others as they were.
+
+    The results tables are wide (20+ columns): what a reader compares comes first, so it is
+    on screen without scrolling."""
+    first = [c for c in dict.fromkeys(lead) if c in frame]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def _ppl_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("ppl ")]
 
 
 def _windows(rec: dict, settings: dict) -> str:
@@ -491,10 +503,10 @@ def zero_shot_metrics(frame: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------ predicted vs measured
 def prediction_frame(check) -> pd.DataFrame:
     """``prediction_check.PredictionCheck`` points, one row each: predicted Σ ε next to measured KL / PPL."""
-    columns = ["method", "budget", "realised ratio", "protocol", "source", "predicted Σ ε", "KL",
-               f"ppl {check.dataset}", "bias"]
-    rows = [[method_label(p.method), p.budget, p.realised_ratio, p.protocol, p.source, p.predicted,
-             np.nan if p.kl is None else p.kl, np.nan if p.ppl is None else p.ppl,
+    columns = ["method", "source", "protocol", "realised ratio", f"ppl {check.dataset}", "KL", "predicted Σ ε",
+               "budget", "bias"]
+    rows = [[method_label(p.method), source_label(p.source), p.protocol, p.realised_ratio,
+             np.nan if p.ppl is None else p.ppl, np.nan if p.kl is None else p.kl, p.predicted, p.budget,
              f"α={p.alpha:.3g}, γ={p.gamma:.3g} ({p.bias_from})"] for p in check.points]
     return pd.DataFrame(rows, columns=columns)
 

@@ -131,11 +131,13 @@ def test_heatmap_figure_ranges_and_labels(profile, allocations):
     fig = figures.heatmap_figure(diff, "d", "Δ", diverging=True)
     heat = fig.data[0]
     assert heat.zmin == -heat.zmax and heat.zmax == pytest.approx(np.abs(diff.to_numpy()).max())
-    assert heat.texttemplate == "%{z:.2f}"
+    values = fig.data[1]  # 4 blocks: every cell labelled with its value, by a text trace over the heatmap
+    assert values.mode == "text" and len(values.text) == diff.size
+    assert values.text[0] == f"{diff.to_numpy()[0, 0]:.2f}"
     text = tables.rank_grid(profile, allocations["lems"].ranks)
     labelled = figures.heatmap_figure(tables.kept_fraction_grid(profile, allocations["lems"].ranks), "k", "kept",
                                       text=text, zrange=(0.0, 1.0))
-    assert labelled.data[0].texttemplate == "%{text}" and labelled.data[0].zmax == 1.0
+    assert list(labelled.data[1].text) == list(text.to_numpy().ravel()) and labelled.data[0].zmax == 1.0
     zeros = figures.heatmap_figure(diff * 0, "zero", "Δ", diverging=True)
     assert zeros.data[0].zmax == 1.0  # no division by zero on an all-zero difference
 
@@ -156,9 +158,10 @@ def test_comparison_table_scores_every_method_under_one_model(profile, allocatio
     assert np.nansum(per_block.data[0].y) == pytest.approx(table.loc["LEMS", "predicted error"])
     assert np.isnan(table.loc["Uniform", "objective"])  # no objective of its own: empty, not "None"
     lines = figures.per_block_figure(profile, ranks)
-    assert [t.name for t in lines.data] == ["LEMS", "Uniform", "MRCS"]
+    assert [t.name for t in sorted(lines.data, key=lambda t: t.legendrank)] == ["LEMS", "Uniform", "MRCS"]
+    assert lines.data[-1].name == "Uniform"  # drawn last: on top of the lines it coincides with
     assert all(len(t.x) == profile.num_blocks for t in lines.data)  # one point per block, not per layer
-    kept = np.asarray(lines.data[1].y)
+    kept = np.asarray(lines.data[-1].y)
     by_block = tables.ranks_frame(profile, ranks["uniform"]).groupby("block")["params"].sum().to_numpy()
     dense = np.array([sum(l.params for l in profile.layers if l.block == b) for b in range(4)])
     assert kept == pytest.approx(by_block / dense)
@@ -173,8 +176,9 @@ def test_per_block_figure_stays_small_on_a_real_sized_model():
     assert figures.error_by_block_figure(big, errors).layout.yaxis.type == "log"
     grid = tables.kept_fraction_grid(big, ranks["lems"])
     heat = figures.heatmap_figure(grid, "k", "kept", text=tables.rank_grid(big, ranks["lems"]), zrange=(0, 1))
-    assert figures.heatmap_labelled(30) and heat.data[0].texttemplate == "%{text}"  # the caption's promise holds
-    assert not figures.heatmap_labelled(80)
+    # 30 blocks: cells too small for a readable label, so the hover has them (the caption says so)
+    assert not figures.heatmap_labelled(30) and len(heat.data) == 1 and heat.data[0].texttemplate is None
+    assert figures.heatmap_labelled(16) and not figures.heatmap_labelled(80)
 
 
 def test_comparison_table_reports_served_plans_without_a_solve_time(profile):
@@ -354,7 +358,10 @@ def test_fast_figures_are_valid_plotly_specs(profile, allocations):
                                     text=tables.rank_grid(profile, ranks["lems"]), zrange=(0.0, 1.0)),
              figures.heatmap_figure(tables.difference_grid(profile, ranks["lems"], ranks["uniform"]), "d", "Δ",
                                     diverging=True),
-             figures.per_block_figure(profile, ranks), figures.error_by_block_figure(profile, errors)]
+             figures.per_block_figure(profile, ranks), figures.error_by_block_figure(profile, errors),
+             figures.rank_heatmaps_figure(profile, ranks),
+             figures.rank_heatmaps_figure(synthetic_profile(num_blocks=20), {"a": {}, "b": {}, "c": {}, "d": {},
+                                                                            "e": {}, "f": {}})]
     for fig in built:
         go.Figure(fig.to_dict())  # raises ValueError on any invalid property
 
@@ -434,4 +441,153 @@ def test_measured_at_budget_sits_next_to_the_live_prediction(profile, check_reco
     assert "predicted Σ ε" not in tables.measured_at_budget(check_records, profile, 0.8).columns
     assert tables.measured_budgets(check_records, profile.fingerprint) == [0.6, 0.7, 0.8]
     assert tables.measured_budgets(check_records, "another") == []
-    assert set(tables.results_frame(check_records)["source"]) == {"shipped", "cache"}
+    assert set(tables.results_frame(check_records)["source"]) == {"shipped", "yours"}
+
+
+# ------------------------------------------------------------ one look per method, readable figures
+def _lab(color: str) -> np.ndarray:
+    """CIELAB of "#rrggbb" (D65), for colour distances."""
+    rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ lin
+    f = np.cbrt(np.maximum(xyz / np.array([0.95047, 1.0, 1.08883]), 0.008856))
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_every_allocator_has_its_own_name_colour_and_marker():
+    from itertools import combinations
+
+    from app_pages import style
+    from lems_core.allocators import ALLOCATORS
+
+    shown = [*ALLOCATORS, "lems_fit", "uploaded"]  # lems_fit: a method of the shipped study
+    styles = {m: style.method_style(m) for m in shown}
+    assert all(m in style.METHOD_STYLES for m in shown), "an allocator without a style of its own"
+    looks = [*styles.values(), style.DENSE]
+    assert len({s.name for s in looks}) == len(looks) and len({s.marker for s in looks}) == len(looks)
+    for (a, sa), (b, sb) in combinations([*styles.items(), ("dense", style.DENSE)], 2):
+        distance = np.linalg.norm(_lab(sa.color) - _lab(sb.color))
+        assert distance > 15, f"{a} and {b} look alike ({sa.color} vs {sb.color}, ΔE {distance:.0f})"
+    assert style.display_name("lems_fit") == "LEMS (bias fitted on the model)"
+    assert style.display_name("mrcs_dense") == "MRCS (untouched dense)" and style.method_key("SVD-LLM V2") == "svdllm_v2"
+    assert style.method_style("LEMS (fixed bias)") == style.METHOD_STYLES["lems_fixed"]
+
+
+def test_messages_name_methods_by_display_name():
+    from app_pages import style
+    from lems_core.allocators import allocate
+    from lems_core.constraints import ConstraintError, LayerConstraints
+
+    profile = synthetic_profile(num_blocks=2)
+    with pytest.raises(ConstraintError) as refused:
+        allocate(profile, "ars", 0.7, constraints=LayerConstraints(lock_dense=("block:0",)))
+    text = tables.failure_message("ars", refused.value)
+    assert "LEMS (fixed bias)" in text and "MRCS (untouched dense)" in text
+    assert "lems_fixed" not in text and "mrcs_dense" not in text
+    assert style.display_names_in("see lems_core/cache and lems.json; uniform.") == \
+        "see lems_core/cache and lems.json; Uniform."
+
+
+def test_figures_use_the_method_styles_and_display_names(profile, allocations):
+    from app_pages import style
+
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    fig = figures.per_block_figure(profile, ranks)
+    for trace in fig.data:
+        look = style.method_style(trace.name)
+        assert trace.line.color == look.color and trace.marker.symbol == look.marker
+    assert {t.name for t in fig.data} == {"LEMS", "Uniform", "MRCS"}
+    frame = tables.results_frame([dict(RECORDS[0], method="lems_fit"), dict(RECORDS[1], method="mrcs_dense")])
+    ppl = figures.ppl_vs_ratio_figure(frame.assign(protocol="reference"), "wikitext2")
+    names = {t.name for t in ppl.data}
+    assert names == {"LEMS (bias fitted on the model)", "MRCS (untouched dense)"}
+    assert {t.line.color for t in ppl.data} == {style.METHOD_STYLES["lems_fit"].color,
+                                              style.METHOD_STYLES["mrcs_dense"].color}
+
+
+def _log_axes(fig) -> list:
+    layout = fig.layout
+    return [layout[name] for name in layout if name.startswith(("xaxis", "yaxis")) and layout[name].type == "log"]
+
+
+def test_log_axes_use_powers_of_ten_not_si_prefixes(profile, allocations):
+    names = tables.select_layers(profile, [0, 3], ["q", "down"])
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    sweep = tables.sweep_frame(profile, ["lems", "uniform"], PARAMS, budgets=(0.4, 0.8))
+    built = [figures.spectra_figure(profile, names), figures.residual_energy_figure(profile, names),
+             figures.kl_scale_figure(profile), figures.error_curves_figure(profile, names, PARAMS),
+             figures.error_by_block_figure(profile, tables.predicted_error_tables(profile, ranks, PARAMS)),
+             figures.budget_sweep_figure(sweep, tables.measured_points(RECORDS, "f"))]
+    for fig in built:
+        axes = _log_axes(fig)
+        assert axes, fig.layout.title.text
+        for axis in axes:  # "10μ" on a unitless ratio came from Plotly's default SI format
+            assert axis.exponentformat == "power", fig.layout.title.text
+    resid = figures.residual_energy_figure(profile, names)
+    assert resid.layout.yaxis.dtick is not None  # 12 decades: one label per decade or two, no piled 2s and 5s
+
+
+def test_legends_stay_clear_of_the_axis_titles(profile, allocations):
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    names = tables.select_layers(profile, [0, 1, 2], list(KINDS))  # 21 layers, the Spectra default's size
+    frame = tables.results_frame(RECORDS)
+    built = [figures.spectra_figure(profile, names), figures.per_block_figure(profile, ranks),
+             figures.ppl_vs_ratio_figure(frame, "wikitext2")]
+    for fig in built:  # outside the plot on the right, where no axis title is
+        assert fig.layout.legend.x >= 1.0 and fig.layout.legend.xanchor == "left"
+    spectra = built[0]
+    assert spectra.layout.height >= 130 + 22 * len(names)  # the legend fits: no entry cut or scrolled away
+    sweep = tables.sweep_frame(profile, ["lems", "uniform"], PARAMS, budgets=(0.4, 0.8))
+    fig = figures.budget_sweep_figure(sweep, tables.measured_points(RECORDS, "f"))
+    assert fig.layout.yaxis2.side == "right"  # a right axis: the legend sits beyond its title
+    legend = fig.layout.legend
+    assert legend.xref == "container" and legend.x == 1 and legend.xanchor == "right"
+    longest = max(len(t.name) for t in fig.data)
+    assert fig.layout.margin.r >= 60 + 7 * longest
+
+
+def test_sensitivity_crosses_and_the_dense_line_are_labelled(profile):
+    names = tables.select_layers(profile, [0, 1], ["q"])
+    fig = figures.error_curves_figure(profile, names, PARAMS)
+    measured = [t for t in fig.data if t.mode == "markers"]
+    assert len(measured) == 1 and measured[0].name == "measured KL (×)" and measured[0].showlegend is not False
+    assert len(measured[0].x) == 2 * len(names)
+    ppl = figures.ppl_vs_ratio_figure(tables.results_frame(RECORDS), "wikitext2")
+    (label,) = ppl.layout.annotations
+    assert label.text == "dense 15" and label.bgcolor and label.font.color == "#222222"
+
+
+def test_heatmap_labels_are_large_and_contrast_with_their_cell(profile, allocations):
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    fig = figures.rank_heatmaps_figure(profile, ranks)
+    heats = [t for t in fig.data if t.type == "heatmap"]
+    labels = [t for t in fig.data if t.type == "scatter"]
+    assert len(heats) == len(labels) == 3 and {t.coloraxis for t in heats} == {"coloraxis"}  # one colour bar
+    assert [a.text for a in fig.layout.annotations] == ["<b>LEMS</b>", "<b>Uniform</b>", "<b>MRCS</b>"]
+    assert all(t.textfont.size >= 11 for t in labels)
+    z = np.asarray(heats[0].z, dtype=float).ravel()
+    colors = np.asarray(labels[0].textfont.color)
+    assert set(colors[z > 0.9]) == {"#111111"}  # dark on Viridis' yellow end
+    from plotly.colors import sample_colorscale
+
+    cells = sample_colorscale("Viridis", z.tolist())
+    assert list(colors) == [figures.cell_text_color(c) for c in cells]  # each against its own cell's colour
+    assert list(labels[0].text) == list(tables.rank_grid(profile, ranks["lems"]).to_numpy().ravel())
+    assert figures.cell_text_color("#FDE725") == "#111111" and figures.cell_text_color("rgb(68, 1, 84)") == "#FFFFFF"
+    big = synthetic_profile(num_blocks=30)
+    large = figures.rank_heatmaps_figure(big, {m: allocate(big, m, 0.7).ranks for m in ("lems", "uniform")})
+    assert [t.type for t in large.data] == ["heatmap", "heatmap"]  # no text on 14 px rows: the hover has it
+
+
+def test_results_tables_lead_with_method_source_protocol_ratio_ppl_kl(profile, check_records):
+    frame = tables.results_frame([*RECORDS, {**RECORDS[0], "source": "cache"}, {**RECORDS[1], "source": "shipped"}])
+    assert list(frame.columns[:7]) == ["method", "source", "protocol", "realised_ratio", "ppl wikitext2", "ppl ptb",
+                                       "kl"]
+    assert list(frame["source"][3:]) == ["yours", "shipped"]  # your own runs are marked as such
+    here = tables.measured_at_budget(check_records, profile, 0.6, PARAMS)
+    assert list(here.columns[:6]) == ["method", "source", "protocol", "realised ratio", "ppl wikitext2", "KL"]
+    assert set(here["source"]) == {"shipped", "yours"}
+    from lems_core.prediction_check import predicted_vs_measured
+
+    points = tables.prediction_frame(predicted_vs_measured(profile, check_records))
+    assert list(points.columns[:6]) == ["method", "source", "protocol", "realised ratio", "ppl wikitext2", "KL"]

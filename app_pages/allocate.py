@@ -61,8 +61,10 @@ def lems_minimum(_profile, profile_id: str) -> float:
     return lems_min_budget(_profile)
 
 
+OWN_MULTIPLE = 0  # the Rank multiple picker's "allocator's own": a selectbox shows None as no choice at all
 CONSTRAINT_DEFAULTS = {"lock_blocks": [], "lock_kinds": [], "lock_names": "", "exclude_blocks": [],
-                       "exclude_kinds": [], "exclude_names": "", "min_kept": "", "max_kept": "", "rank_multiple": None}
+                       "exclude_kinds": [], "exclude_names": "", "min_kept": "", "max_kept": "",
+                       "rank_multiple": OWN_MULTIPLE}
 
 
 def constraint_controls() -> tuple[bool, LayerConstraints | None]:
@@ -88,8 +90,9 @@ def constraint_controls() -> tuple[bool, LayerConstraints | None]:
         a.text_input("Min kept fraction per kind", placeholder="e.g. q=0.3, k=0.5", **_bind("min_kept"))
         b.text_input("Max kept fraction per kind", placeholder="e.g. down=0.8 (below 1 forbids dense)",
                      **_bind("max_kept"))
-        c.selectbox("Rank multiple", [None, *RANK_MULTIPLES], **_bind("rank_multiple", allowed=[None, *RANK_MULTIPLES]),
-                    format_func=lambda m: "allocator's own (LEMS: 8)" if m is None else str(m),
+        multiples = [OWN_MULTIPLE, *RANK_MULTIPLES]
+        c.selectbox("Rank multiple", multiples, **_bind("rank_multiple", allowed=multiples),
+                    format_func=lambda m: "allocator's own (LEMS: 8)" if m == OWN_MULTIPLE else str(m),
                     help="Every factorised rank a multiple of this (hardware alignment).")
         constraints = _kept_constraints()
         if constraints is not None and not constraints.is_empty:
@@ -127,7 +130,7 @@ def _kept_constraints() -> LayerConstraints | None:
     try:
         constraints = LayerConstraints(lock_dense=selectors("lock"), exclude=selectors("exclude"),
                                        min_kept=parse_fractions(v["min_kept"]), max_kept=parse_fractions(v["max_kept"]),
-                                       rank_multiple=v["rank_multiple"])
+                                       rank_multiple=v["rank_multiple"] or None)
         if not constraints.is_empty:
             constraints.resolve(profile.layers)
     except (ConstraintError, OverflowError) as exc:  # typed text: a number too large for a float is a message too
@@ -209,7 +212,7 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
                          on_click="ignore", key="download_plan", icon=":material/download:")
     col2.download_button("Download loadconfig JSON", lambda: json.dumps(plan.to_loadconfig(), indent=1),
                          file_name=name.replace(".json", "_loadconfig.json"), mime="application/json",
-                         on_click="ignore", key="download_loadconfig",
+                         on_click="ignore", key="download_loadconfig", icon=":material/download:",
                          help="The reference's {layer: ratio} file, ratio = rank / eq rank (1.0 = dense; eq rank = "
                               "⌊m·n/(m+n)⌋, the break-even rank). Upload it back under “Upload a plan”.")
     if col3.button("Save plan to cache", key="save_plan", icon=":material/save:"):

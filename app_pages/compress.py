@@ -133,6 +133,8 @@ def run_form(plans: dict[str, RankPlan]) -> None:
                                          "windows (the result is then marked 'custom').")
         seq_len = col3.selectbox("Sequence length", (256, 512, 1024, 2048), index=3, disabled=quick,
                                  help="Only with the reference protocol, Quick off (2048 = the paper's).")
+        if quick:
+            col3.caption(f"Quick: the first {QUICK_EVAL.max_windows} windows of {QUICK_EVAL.seq_len} tokens.")
         device = col4.selectbox("Device", devices)
         zero_shot_choice = zero_shot_form()
         submitted = st.button("Compress & evaluate", type="primary", key="evaluate_submit")

@@ -252,3 +252,13 @@ def _protocol(options: dict) -> tuple:
 
 def _labelled(widgets, label_start: str):
     return next(w for w in widgets if w.label.startswith(label_start))
+
+
+def test_the_rank_multiple_picker_shows_the_allocators_own_choice(app):
+    goto(app, "app_pages/allocate.py")
+    picker = app.selectbox(key="con_rank_multiple")
+    assert picker.value == 0 and picker.format_func(picker.value).startswith("allocator's own")
+    picker.set_value(16).run()
+    assert app.session_state["current_plan"].constraints["rank_multiple"] == 16
+    app.selectbox(key="con_rank_multiple").set_value(0).run()
+    assert app.session_state["current_plan"].constraints is None

@@ -8,6 +8,8 @@ remote code; written beside the target and renamed into place) and adds, for
 - `modeling_lowrank.py` (copied from `lems_core/remote/`, imports only torch and
   transformers): the base architecture's CausalLM class with the planned Linears
   swapped for two-Linear low-rank modules before the weights load;
+- `fused_lowrank.py` (torch only), which it imports: after loading, the projections
+  sharing an input (q/k/v, gate/up) run one first-factor GEMM per group;
 - `config.json` naming that class in `auto_map` / `architectures` (and the low-rank
   base model under `AutoModel`, what vLLM's and SGLang's Transformers backends load),
   listing the ranks under `lems_low_rank`, with a `base_model_tp_plan` for the factors
@@ -35,6 +37,7 @@ from .safe_io import read_json_capped, replaced_folder
 HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
 FORMATS = (NATIVE_FORMAT, HF_FORMAT)
 MODELING_FILE = "modeling_lowrank.py"
+FUSED_FILE = "fused_lowrank.py"  # imported by MODELING_FILE: inference grouping of shared-input projections
 PLAN_FILE = "plan.json"
 CARD_FILE = "README.md"
 RANKS_CONFIG_KEY = LOW_RANK_CONFIG_KEY  # must match modeling_lowrank.RANKS_KEY
@@ -167,7 +170,8 @@ def export_hf(model: nn.Module, tokenizer, ranks: dict[str, int | None], folder:
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(temporary)
-        shutil.copyfile(Path(__file__).with_name("remote") / MODELING_FILE, temporary / MODELING_FILE)
+        for remote_file in (MODELING_FILE, FUSED_FILE):
+            shutil.copyfile(Path(__file__).with_name("remote") / remote_file, temporary / remote_file)
         (temporary / PLAN_FILE).write_text(json.dumps(plan_doc, indent=1))
         (temporary / CARD_FILE).write_text(card.to_markdown())
     return folder

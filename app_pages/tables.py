@@ -209,8 +209,8 @@ def kl_floor_caption(profile: Profile) -> str:
     text = f"KL floor (dense model vs its own cached {floor.get('reference_precision', '?')} reference): {kl:.3g}"
     if "kl_fp32" in floor:
         text += f" (float32 reference: {float(floor['kl_fp32']):.3g})"
-    if profile.kl_ref is not None and len(profile.kl_ref):
-        below = int(np.sum(np.asarray(profile.kl_ref) < 3 * kl)) if kl > 0 else 0
+    if profile.kl_ref is not None and len(profile.kl_ref) and kl > 0:  # a floor of 0 has nothing under it
+        below = int(np.sum(np.asarray(profile.kl_ref) < 3 * kl))
         text += f"; {below} of {len(profile.kl_ref)} layers measure less than 3x the floor at {profile.ref_ratio:g}"
     return text + "."
 

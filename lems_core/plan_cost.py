@@ -1,6 +1,6 @@
 """What a rank plan records about the cost its budget was counted in (``meta.cost`` of the plan JSON).
 
-Parameters (r(m+n) per factorised layer, methods.md §0) are the default and need no
+Parameters (r(m+n) per factorised layer, docs/reference/methods.md §0) are the default and need no
 record: a plan without ``meta.cost`` was allocated under a parameter budget. A plan
 allocated under a latency budget records the kind, its target (a fraction of the dense
 model's compressible latency), the latency fraction its ranks are predicted to take,

@@ -262,3 +262,16 @@ def test_the_rank_multiple_picker_shows_the_allocators_own_choice(app):
     assert app.session_state["current_plan"].constraints["rank_multiple"] == 16
     app.selectbox(key="con_rank_multiple").set_value(0).run()
     assert app.session_state["current_plan"].constraints is None
+
+
+def test_the_kl_floor_is_explained_and_a_floor_of_zero_has_no_layers_under_it(app):
+    from app_pages import tables
+    from lems_core.profile import synthetic_profile
+
+    goto(app, "app_pages/sensitivity.py")
+    assert any("The KL floor is what the measurement reads" in c.value for c in app.caption)
+    profile = synthetic_profile()
+    profile.kl_floor = {"kl": 0.0, "reference_precision": "fp32"}
+    assert "layers measure less than" not in tables.kl_floor_caption(profile)
+    profile.kl_floor = {"kl": 1e9, "reference_precision": "bf16"}
+    assert f"{len(profile.layers)} of {len(profile.layers)} layers measure less than" in tables.kl_floor_caption(profile)

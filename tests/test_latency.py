@@ -325,3 +325,15 @@ def test_cli_latency_options_have_help():
 
     text = build_parser(full={"allocate"})._subparsers._group_actions[0].choices["allocate"].format_help()
     assert "--cost {params,latency}" in text and "--workload {prefill,decode}" in text and "--device-profile" in text
+
+
+def test_lems_mp_solves_under_latency_and_refuses_projected_constraints(profile, cost):
+    alloc = A.allocate(profile, "lems_mp", 0.7, cost=cost)
+    costs, errors, _ = A.lems_mp.lems_mp_error_table(profile, A.lems_mp.fit_multipoint(profile, ErrorModelParams()),
+                                                     0.7, 8, cost)
+    assert alloc.info["cost"]["predicted_latency_fraction"] <= 0.7 * (1 + 1e-9)
+    best = solve_mckp(costs, errors, 0.7 * cost.dense_total(profile.layers))  # the same knapsack, latency costs
+    assert alloc.objective == pytest.approx(objective(errors, best))
+    assert alloc.objective != pytest.approx(A.allocate(profile, "lems_mp", 0.7).objective)  # not the parameter plan
+    with pytest.raises(ConstraintError, match="lems_mp projects layer constraints"):
+        A.allocate(profile, "lems_mp", 0.7, cost=cost, constraints=LayerConstraints(lock_dense=("kind:q",)))

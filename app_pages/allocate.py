@@ -1,7 +1,8 @@
 """Allocate: a live budget slider re-solving LEMS (exact MCKP) against the baseline allocators.
 
-Everything that reacts to the budget or the error model lives in one st.fragment, so
-moving a slider reruns only that part of the page. The plan chosen for export is kept
+Everything that reacts to the error model, the methods or the constraints lives in one
+st.fragment, and what reacts to the budget in a second one inside it, so a budget move
+reruns (and the browser redraws) only the results under the slider. The plan chosen for export is kept
 in st.session_state["current_plan"] for the Compress & evaluate page.
 """
 import json
@@ -18,6 +19,7 @@ from lems_core.jobs import DONE, JobLimitError
 from lems_core.model import KINDS
 from lems_core.plan import PlanError, parse_budgets, plan_file_name, plan_from_upload
 from app_pages import common, figures, tables
+from app_pages.style import display_names_in
 
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
 ARS_JOB, ARS_SEEN = "ars_job_id", "ars_job_seen"
@@ -152,7 +154,7 @@ def upload_section() -> None:
                                 profile.decomposition)
     except PlanError as exc:
         st.session_state.pop(UPLOADED_PLAN, None)
-        st.error(f"Cannot use {uploaded.name}: {exc}")
+        st.error(f"Cannot use {uploaded.name}: {display_names_in(str(exc))}")
         return
     st.session_state[UPLOADED_PLAN] = plan
     st.success(f"Loaded {uploaded.name}: {tables.method_label(plan.method)} plan, budget {plan.budget:.3f}, "
@@ -242,11 +244,8 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
     st.caption("Predicted error: the LEMS surrogate Σ ε_l under the current error model, for every method. "
                f"Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), {cells}.")
     measured_here(float(common.kept("budget", DEFAULT_BUDGET)), common.error_model_params(profile))
-    cols = st.columns(min(3, len(ranks)))
-    for i, (label, r) in enumerate(ranks.items()):
-        fig = figures.heatmap_figure(tables.kept_fraction_grid(profile, r), _label(label), "kept",
-                                     text=tables.rank_grid(profile, r), zrange=(0.0, 1.0))
-        cols[i % len(cols)].plotly_chart(fig, key=f"heat_{label}")
+    labels = {label: _label(label) for label in ranks}
+    st.plotly_chart(figures.rank_heatmaps_figure(profile, ranks, labels), key="rank_heatmaps_fig")
     diff, error_col = st.columns(2)
     with diff:
         a, b = st.columns(2)
@@ -258,7 +257,6 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
         fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         st.plotly_chart(fig, key="diff_fig")
-    labels = {label: _label(label) for label in ranks}
     error_col.plotly_chart(figures.error_by_block_figure(profile, errors, labels), key="error_block_fig")
     st.plotly_chart(figures.per_block_figure(profile, ranks, labels), key="per_layer_fig")
 
@@ -292,21 +290,13 @@ def measured_here(budget: float, params: ErrorModelParams) -> None:
                                 "predicted Σ ε": st.column_config.NumberColumn(format="%.4g")})
     st.caption("KL to the dense model and perplexity as measured (protocol per row: 'quick' is 8 x 512 tokens); "
                "predicted Σ ε is each result's ranks under the current error model. Source 'shipped': the demo "
-               "study in cache/demo/results.json; 'cache': your own runs (Compress & evaluate). "
+               "study in cache/demo/results.json; 'yours': your own runs (Compress & evaluate). "
                "Predicted vs measured over all results: the *Predicted vs measured* page.")
 
 
 @st.fragment
 def live_allocation() -> None:
-    """Budget + error model -> solve every method -> compare, keep and export a plan."""
-    low = lems_minimum(profile, profile_id)
-    if common.kept("budget", DEFAULT_BUDGET) < low:
-        common.set_kept("budget", low)
-    st.slider("Budget: kept fraction of the compressible parameters", low, 0.95, step=0.01,
-              **common.bind("budget", DEFAULT_BUDGET),
-              help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
-                   f"Linears. It starts at {low:.2f}, the smallest budget LEMS can meet (every layer at its smallest "
-                   "candidate rank).")
+    """Error model, methods and constraints, then the budget view they feed (a fragment of its own)."""
     with st.expander("Error model (shape · scale · bias)", expanded=False):
         common.error_model_controls(profile)
     st.multiselect("Methods", LIVE_METHODS, format_func=tables.method_label,
@@ -318,8 +308,26 @@ def live_allocation() -> None:
     scored = ", ".join(tables.method_label(m) for m in MODEL_SCORED)
     st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
                "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
+    st.caption(tables.error_model_summary(common.error_model_params(profile), profile.kl_ref is not None))
+    budget_view(constraints)
+
+
+@st.fragment
+def budget_view(constraints: LayerConstraints | None) -> None:
+    """Budget -> solve every method -> compare, keep and export a plan.
+
+    A fragment inside ``live_allocation``: a budget move reruns only this, so the browser
+    redraws the results and not the controls above (about 40 fewer elements per move).
+    """
+    low = lems_minimum(profile, profile_id)
+    if common.kept("budget", DEFAULT_BUDGET) < low:
+        common.set_kept("budget", low)
+    st.slider("Budget: kept fraction of the compressible parameters", low, 0.95, step=0.01,
+              **common.bind("budget", DEFAULT_BUDGET),
+              help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
+                   f"Linears. It starts at {low:.2f}, the smallest budget LEMS can meet (every layer at its smallest "
+                   "candidate rank).")
     params = common.error_model_params(profile)
-    st.caption(tables.error_model_summary(params, profile.kl_ref is not None))
     allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params,
                                     constraints)
     if UPLOADED_PLAN in st.session_state:
@@ -410,9 +418,18 @@ def start_ars_training(budgets: str, preset: str, device: str) -> None:
     st.session_state[ARS_JOB] = job.id
 
 
-@st.fragment(run_every=1)
 def ars_progress() -> None:
-    """Polls the ARS training job; when it ends, forget cached solves and redraw the comparison."""
+    """The ARS training job: polled every second while it runs, drawn once otherwise.
+
+    Every poll is a rerun, and a rerun queued beside a budget move delays the move's."""
+    registry = common.job_registry()
+    job = registry.get(st.session_state.get(ARS_JOB))
+    running = (job is not None and not job.snapshot().done) or bool(registry.active("ars"))
+    (_ars_poll if running else _ars_status)()
+
+
+def _ars_status() -> None:
+    """Progress and cancel, or the outcome; when the job ends, forget cached solves and redraw the comparison."""
     state = common.show_job(ARS_JOB, "ARS training", kind="ars")
     if state is None or not state.done:
         return
@@ -421,6 +438,9 @@ def ars_progress() -> None:
     common.rerun_app_once(state, ARS_SEEN)
     if state.status == DONE:
         st.success(f"ARS trained {len(state.result)} plan(s) in {state.elapsed:.0f} s.")
+
+
+_ars_poll = st.fragment(_ars_status, run_every=1)
 
 
 def _label(key: str) -> str:

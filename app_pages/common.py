@@ -20,6 +20,8 @@ from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import CANCELLED, FAILED, JobRegistry, JobState
 from lems_core.profile import Profile, ProfileError, synthetic_profile
 
+from app_pages.style import display_names_in
+
 SYNTHETIC = "synthetic"  # picker value of the synthetic demo profile
 PROFILE_KEY = "profile_choice"
 # Widget keys re-assigned at the top of every run (the sidebar's profile picker, drawn
@@ -325,7 +327,7 @@ def show_job(state_key: str, what: str, kind: str | None = None) -> JobState | N
     elif state.status == CANCELLED:
         st.warning(f"{what.capitalize()} cancelled after {state.elapsed:.0f} s.")
     elif state.status == FAILED:
-        st.error(f"{what.capitalize()} failed: {state.error}")
+        st.error(f"{what.capitalize()} failed: {display_names_in(str(state.error))}")
         with st.expander("Traceback"):
             st.code(state.traceback)
     return state

@@ -83,7 +83,7 @@ def generated_plans(methods: list[str], budgets: list[float]) -> dict[str, RankP
             try:
                 alloc = allocate(profile, method, budget, params=params)
             except ValueError as exc:
-                st.warning(f"{tables.method_label(method)} at {budget:g}: {exc}")
+                st.warning(f"{tables.method_label(method)} at {budget:g}: {tables.failure_message(method, exc)}")
                 continue
             plans[label] = alloc.to_plan(profile, meta={"calibration": profile.calibration})
     return plans
@@ -295,7 +295,8 @@ def job_panel() -> None:
         skipped = [r for r in state.result if "error" in r]
         st.success(f"Evaluated {len(state.result) - len(skipped)} plan(s) in {state.elapsed:.0f} s.")
         for r in skipped:
-            st.warning(f"{tables.method_label(r['method'])} at {r['budget']:g}: {r['error']}")
+            st.warning(f"{tables.method_label(r['method'])} at {r['budget']:g}: "
+                       f"{tables.failure_message(r['method'], r['error'])}")
     elif state.status == CANCELLED:
         st.caption("Plans evaluated before the cancel are stored.")
 

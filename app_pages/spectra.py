@@ -35,3 +35,5 @@ ratio = st.slider("Kept ratio c (rank = int(c · eq rank))", 0.05, 0.95, step=0.
 grid = tables.energy_kept_grid(profile, ratio, power)
 st.plotly_chart(figures.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
                 key="energy_grid_fig")
+if not figures.heatmap_labelled(profile.num_blocks):
+    st.caption("Hover a cell for its value: the cells of this many blocks are too small to label.")

@@ -19,6 +19,11 @@ def wait_for_app(page) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
 
 
+def budget_slider(page):
+    """The Allocate page's budget slider (the error-model sliders are on the page too, in an expander)."""
+    return page.get_by_test_id("stSlider").filter(has_text="Budget: kept fraction")
+
+
 def _open_allocate(page, app_url):
     """Open Allocate and wait for the LEMS summary at the default budget 0.80; return its locator."""
     from playwright.sync_api import expect
@@ -34,7 +39,7 @@ def _budget_down_to_075(page, summary) -> None:
     """Five ArrowLeft presses on the budget slider (0.80 -> 0.75), then wait for the re-solved summary."""
     from playwright.sync_api import expect
 
-    thumb = page.get_by_test_id("stSlider").first.get_by_role("slider")
+    thumb = budget_slider(page).get_by_role("slider")
     thumb.focus()
     for _ in range(5):
         thumb.press("ArrowLeft")
@@ -80,7 +85,7 @@ def test_state_survives_a_page_switch(browser_page, app_url):
     page.get_by_test_id("stSidebarNav").get_by_text("Allocate").click()
     wait_for_app(page)
     expect(summary).to_contain_text("at budget 0.75", timeout=30_000)
-    expect(page.get_by_test_id("stSliderThumbValue").first).to_have_text("0.75")
+    expect(budget_slider(page).get_by_test_id("stSliderThumbValue")).to_have_text("0.75")
 
     plan = _download_plan(page)
     assert plan["budget"] == pytest.approx(0.75) and "constraints" not in plan

@@ -397,7 +397,7 @@ def ppl_vs_ratio_figure(frame: pd.DataFrame, dataset: str, ratio_column: str = "
                           + "".join(f"<br>{c} %{{customdata[{i + 1}]}}" for i, c in enumerate(c for c in _HOVER if c in rows))
                           + f"<extra>{name}</extra>"))
     if dense_ppl:
-        _dense_line(fig, dense_ppl, f"dense {dense_ppl:.4g}")
+        _dense_line(fig, dense_ppl, f"dense {dense_ppl:.4g}", log=True)
     lo_x, hi_x = float(data[ratio_column].min()), float(data[ratio_column].max())
     pad = max(0.02, 0.05 * (hi_x - lo_x))
     fig.update_xaxes(range=[max(0.0, lo_x - pad), min(1.05, hi_x + pad)])
@@ -408,7 +408,7 @@ def ppl_vs_ratio_figure(frame: pd.DataFrame, dataset: str, ratio_column: str = "
                           if off_scale else "one line per method, decomposition and protocol")),
                       xaxis_title="realised param ratio", yaxis_title="perplexity (log)", height=440,
                       legend=LEGEND_RIGHT, margin=dict(t=70, b=40))
-    fig.update_yaxes(exponentformat="power", minor=dict(ticks="outside", ticklen=3))
+    fig.update_yaxes(log_axis(data.loc[data[column] <= PPL_CEILING, column], [dense_ppl or np.nan]))
     return fig
 
 
@@ -420,12 +420,14 @@ def _variant(values: Mapping[str, object]) -> tuple[str, str]:
     return str(values.get("decomposition", "")), str(values.get("protocol", ""))
 
 
-def _dense_line(fig: go.Figure, y: float, text: str) -> None:
-    """The dense model's value as a dotted line, labelled in dark text on a light box (read on both themes)."""
-    fig.add_hline(y=y, line_dash=style.DENSE.dash, line_color=REFERENCE_LINE, line_width=2,
-                  annotation=dict(text=text, font=dict(color="#222222", size=13), bgcolor="rgba(255,255,255,0.85)",
-                                  bordercolor=REFERENCE_LINE, borderpad=2),
-                  annotation_position="top left")
+def _dense_line(fig: go.Figure, y: float, text: str, log: bool = False) -> None:
+    """The dense model's value as a dotted line, labelled at its left end in dark text on a light box
+    (read on both themes). On a log axis the label's position is log10(y): Plotly places annotations
+    in axis units, so ``add_hline``'s own label went ~30 decades off the plot."""
+    fig.add_hline(y=y, line_dash=style.DENSE.dash, line_color=REFERENCE_LINE, line_width=2)
+    fig.add_annotation(text=text, x=0.01, xref="paper", xanchor="left", y=np.log10(y) if log else y, yref="y",
+                       yanchor="bottom", showarrow=False, font=dict(color="#222222", size=13),
+                       bgcolor="rgba(255,255,255,0.85)", bordercolor=REFERENCE_LINE, borderpad=2)
 
 
 def accuracy_vs_ratio_figure(frame: pd.DataFrame, column: str, ratio_column: str = "realised_ratio") -> go.Figure:
@@ -470,7 +472,7 @@ def prediction_scatter_figure(frame: pd.DataFrame, measure: str, correlations: p
         fig.add_trace(go.Scatter(
             x=rows["predicted Σ ε"], y=rows[measure], mode="markers",
             name=method + (f" · ρ={value:.2f}" if value is not None else ""),
-            marker=dict(color=style.method_color(method), size=10, line=dict(width=1.5),
+            marker=dict(color=style.method_color(method), size=10, line=dict(width=1.5, color=style.method_color(method)),
                         symbol=np.where(rows["source"] == "shipped", marker, f"{marker}-open")),
             customdata=rows[["budget", "realised ratio", "protocol", "source"]].astype(object).to_numpy(),
             hovertemplate="Σ ε %{x:.3g}, " + measure + " %{y:.4g}<br>budget %{customdata[0]:.2f}, ratio "
@@ -587,16 +589,29 @@ def _legend_width(names: list[str]) -> int:
 
 
 def log_axis(*values) -> dict:
-    """Settings of a log axis over ``values``: tick labels as powers of ten (10⁻⁵, never an SI
-    prefix such as "10μ" on a unitless ratio), at most ~8 labelled decades, minor ticks unlabelled
-    (their 2s and 5s piled up on short axes)."""
+    """Settings of a log axis over ``values``: numbers as powers of ten (10⁻⁵, never an SI prefix
+    such as "10μ" on a unitless ratio) and no piled-up minor labels. Over half a decade to three,
+    labels at 1, 2 and 5 of each decade; over more, at most ~8 labelled decades; minor ticks unlabelled."""
     data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values]) if values else np.array([])
     data = data[np.isfinite(data) & (data > 0)]
     axis = dict(type="log", exponentformat="power", minor=dict(ticks="outside", ticklen=3, showgrid=False))
     span = float(np.log10(data.max() / data.min())) if data.size else 0.0
-    if span >= 1:
+    if 0.5 <= span <= 3:
+        decades = range(int(np.floor(np.log10(data.min()))), int(np.ceil(np.log10(data.max()))) + 1)
+        ticks = [(m, e) for e in decades for m in (1, 2, 5)]
+        axis |= dict(tickmode="array", tickvals=[m * 10.0 ** e for m, e in ticks],
+                     ticktext=[_power_text(m, e) for m, e in ticks], minor=dict(ticks=""))  # minors piled up here
+    elif span > 3:
         axis["dtick"] = max(1, int(np.ceil(span / 8)))
     return axis
+
+
+def _power_text(mantissa: int, exponent: int) -> str:
+    """A tick label: plain between 0.001 and 10⁴ ("0.02", "500"), else "2×10⁻⁵" in Plotly's markup."""
+    if -3 <= exponent <= 4:
+        return f"{mantissa * 10.0 ** exponent:g}"
+    power = f"10<sup>{'−' if exponent < 0 else ''}{abs(exponent)}</sup>"
+    return power if mantissa == 1 else f"{mantissa}×{power}"
 
 
 def _method_look(method: str) -> dict:

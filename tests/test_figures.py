@@ -524,7 +524,8 @@ def test_log_axes_use_powers_of_ten_not_si_prefixes(profile, allocations):
         for axis in axes:  # "10μ" on a unitless ratio came from Plotly's default SI format
             assert axis.exponentformat == "power", fig.layout.title.text
     resid = figures.residual_energy_figure(profile, names)
-    assert resid.layout.yaxis.dtick is not None  # 12 decades: one label per decade or two, no piled 2s and 5s
+    axis = resid.layout.yaxis  # labels chosen here (1-2-5 or whole decades), not Plotly's piled-up 2s and 5s
+    assert axis.dtick is not None or axis.tickmode == "array"
 
 
 def test_legends_stay_clear_of_the_axis_titles(profile, allocations):
@@ -555,6 +556,17 @@ def test_sensitivity_crosses_and_the_dense_line_are_labelled(profile):
     ppl = figures.ppl_vs_ratio_figure(tables.results_frame(RECORDS), "wikitext2")
     (label,) = ppl.layout.annotations
     assert label.text == "dense 15" and label.bgcolor and label.font.color == "#222222"
+    assert label.yref == "y" and label.y == pytest.approx(np.log10(15.0))  # log axis: placed in decades
+    lo, hi = ppl.layout.yaxis.range
+    assert lo <= label.y <= hi
+
+
+def test_log_ticks_are_one_two_five_over_a_few_decades():
+    short = figures.log_axis([0.12, 5.0])  # 1.6 decades: one label per decade would leave one or two
+    assert short["tickmode"] == "array" and "0.2" in short["ticktext"] and "5" in short["ticktext"]
+    tiny = figures.log_axis([2e-6, 3e-5])
+    assert "2×10<sup>−6</sup>" in tiny["ticktext"] and not any("μ" in t for t in tiny["ticktext"])
+    assert figures.log_axis([1e-12, 1.0])["dtick"] == 2 and "tickvals" not in figures.log_axis([1e-12, 1.0])
 
 
 def test_heatmap_labels_are_large_and_contrast_with_their_cell(profile, allocations):

@@ -12,10 +12,13 @@ import streamlit as st
 from lems_core import pipeline
 from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate, ars
 from lems_core.allocators.lems import lems_min_budget
+from lems_core.allocators.registry import latency_methods
 from lems_core.cache import plans_dir
 from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstraints, parse_fractions
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE, JobLimitError
+from lems_core.latency import DeviceProfileError, LatencyCost, Workload, cache_path, current_key, latency_cost
+from lems_core.latency.measure import GRID_POINTS
 from lems_core.model import KINDS
 from lems_core.plan import PlanError, parse_budgets, plan_file_name, plan_from_upload
 from app_pages import common, figures, tables
@@ -32,8 +35,11 @@ DEFAULT_BUDGET = 0.8
 
 
 @st.cache_data(max_entries=1024, show_spinner=False)
-def solve(_profile, profile_id: str, method: str, ratio: float, params: dict, constraints: str = "") -> Allocation:
-    """One allocator run, cached per (profile, method, budget, error model, constraints JSON).
+def solve(_profile, profile_id: str, method: str, ratio: float, params: dict, constraints: str = "",
+          cost_key: str = "", _cost: LatencyCost | None = None) -> Allocation:
+    """One allocator run, cached per (profile, method, budget, error model, constraints JSON, cost).
+
+    ``_cost`` is the latency cost whose ``key`` is ``cost_key`` (None: a parameter budget).
 
     LEMS uses the bias controls (which start from the profile's fit); LEMS (fixed bias)
     always uses the fixed default alpha=0, gamma=5 with the other error-model settings."""
@@ -41,17 +47,19 @@ def solve(_profile, profile_id: str, method: str, ratio: float, params: dict, co
         defaults = ErrorModelParams()
         params = {**params, "alpha": defaults.alpha, "gamma": defaults.gamma, "bias_form": defaults.bias_form}
     return allocate(_profile, method, ratio, params=ErrorModelParams.from_dict(params),
-                    constraints=LayerConstraints.from_dict(json.loads(constraints)) if constraints else None)
+                    constraints=LayerConstraints.from_dict(json.loads(constraints)) if constraints else None,
+                    cost=_cost or "params")
 
 
-def solve_all(methods: list[str], ratio: float, params,
-              constraints: LayerConstraints | None = None) -> tuple[dict[str, Allocation], dict[str, str]]:
+def solve_all(methods: list[str], ratio: float, params, constraints: LayerConstraints | None = None,
+              cost: LatencyCost | None = None) -> tuple[dict[str, Allocation], dict[str, str]]:
     """Allocations of every method that can run at this budget, and the messages of those that cannot."""
     done, failed = {}, {}
     key = "" if constraints is None or constraints.is_empty else constraints.key()
     for method in methods:
         try:
-            done[method] = solve(profile, profile_id, method, ratio, params.to_dict(), key)
+            done[method] = solve(profile, profile_id, method, ratio, params.to_dict(), key,
+                                 cost.key if cost else "", cost)
         except ValueError as exc:  # InfeasibleBudgetError, missing measurements, no ARS plan, ...
             failed[method] = tables.failure_message(method, exc)
     return done, failed
@@ -206,7 +214,7 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
     st.container(key="plan_summary").markdown(f"**Current plan:** {_label(choice)} at budget {plan.budget:.2f} → realised ratio "
                 f"{summary['realised_ratio']:.4f}, {summary['num_layers'] - summary['dense_layers']} layers factorised, "
                 f"{summary['dense_layers']} dense, {tables.human_count(summary['params_kept'])} of "
-                f"{tables.human_count(summary['params_total'])} params")
+                f"{tables.human_count(summary['params_total'])} params{_latency_note(plan)}")
     name = plan_file_name(plan.method, plan.budget, plan.fingerprint, plan.content_hash)
     col1, col2, col3 = st.columns(3)
     # Callables: the JSON is written on click, not on every budget move (tens of ms on large models).
@@ -220,6 +228,15 @@ def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> No
     if col3.button("Save plan to cache", key="save_plan", icon=":material/save:"):
         path = plan.save(plans_dir(common.cache_dir()) / name)
         st.toast(f"Saved {path.name}")
+
+
+def _latency_note(plan) -> str:
+    """The plan's latency budget and predicted latency, when it was allocated under one."""
+    cost = (plan.meta or {}).get("cost")
+    if not cost or cost.get("kind") != "latency":
+        return ""
+    return (f"; latency budget {cost['budget']:.2f} → predicted {cost['predicted_latency_fraction']:.4f} of the "
+            f"dense {cost['workload'].get('kind', '')} latency")
 
 
 def _no_plan_message(choice: str, failed: dict[str, str]) -> str:
@@ -238,7 +255,11 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
                  column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
                                 "predicted error": st.column_config.NumberColumn(format="%.4g"),
                                 "objective": st.column_config.NumberColumn(format="%.4g"),
-                                "solve ms": st.column_config.NumberColumn(format="%.1f")})
+                                "solve ms": st.column_config.NumberColumn(format="%.1f"),
+                                **_latency_format(table)})
+    st.caption("Realised ratio: kept fraction of the compressible parameters. Predicted latency: the plan's "
+               "compressible latency as a fraction of dense under this machine's device profile (the selected "
+               "workload, else the decode one when cached; — when none is measured yet).")
     cells = ("cells show the rank (D = dense)" if figures.heatmap_labelled(profile.num_blocks)
              else "hover a cell for its rank (D = dense)")
     st.caption("Predicted error: the LEMS surrogate Σ ε_l under the current error model, for every method. "
@@ -259,6 +280,12 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
         st.plotly_chart(fig, key="diff_fig")
     error_col.plotly_chart(figures.error_by_block_figure(profile, errors, labels), key="error_block_fig")
     st.plotly_chart(figures.per_block_figure(profile, ranks, labels), key="per_layer_fig")
+
+
+def _latency_format(table) -> dict:
+    """A number format for the predicted latency column when it holds numbers (not the "—" of unknown)."""
+    numeric = table["predicted latency"].dtype.kind == "f"
+    return {"predicted latency": st.column_config.NumberColumn(format="%.4f")} if numeric else {}
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -294,6 +321,83 @@ def measured_here(budget: float, params: ErrorModelParams) -> None:
                "Predicted vs measured over all results: the *Predicted vs measured* page.")
 
 
+COSTS = {"params": "Parameters", "decode": "Latency: decode", "prefill": "Latency: prefill"}
+LATENCY_COSTS = "_latency_costs"  # session_state: {(profile id, workload, device): LatencyCost}
+REMEASURE = "_remeasure_latency"  # session_state: measure the device profile again on this run
+
+
+def cost_controls() -> tuple[bool, LatencyCost | None]:
+    """The cost selector: (usable, the latency cost, or None for a parameter budget).
+
+    A latency cost needs this machine's device profile for the profile's layer shapes:
+    read from the cache, or measured now (about a minute on a CPU); a broken cached
+    profile is an error with the way out, never silently replaced."""
+    kind = st.radio("Budget counts", list(COSTS), format_func=COSTS.get, horizontal=True,
+                    **common.bind("cost_kind", "params", allowed=list(COSTS)),
+                    help="Parameters: r(m+n) per layer. Latency: the measured time of each layer's option on this "
+                         "machine, in decode (1 token) or prefill (256 tokens); see docs/latency.md.")
+    if kind == "params":
+        return True, None
+    try:
+        return True, latency_here(kind, measure=True, refresh=st.session_state.pop(REMEASURE, False))
+    except DeviceProfileError as exc:
+        st.error(f"{COSTS[kind]}: the device profile of this machine is unusable: {exc}")
+        st.button("Measure it again", key="remeasure_latency", icon=":material/timer:",
+                  on_click=st.session_state.__setitem__, args=(REMEASURE, True))
+        return False, None
+
+
+def latency_here(kind: str, measure: bool, refresh: bool = False) -> LatencyCost | None:
+    """This profile's latency cost in workload ``kind`` on the app's device, kept for the session.
+
+    From the cache file when there is one (DeviceProfileError when it is broken), else
+    measured under a status when ``measure`` (cached by lems_core.latency), else None."""
+    device = common.devices()[0]
+    memo = st.session_state.setdefault(LATENCY_COSTS, {})
+    key = (profile_id, kind, device)
+    if key in memo and not refresh:
+        return memo[key]
+    workload = Workload.named(kind)
+    path = cache_path(current_key(workload, device), [(l.out_features, l.in_features) for l in profile.layers],
+                      8, GRID_POINTS, cache_dir=common.cache_dir())
+    if path.is_file() and not refresh:
+        found = latency_cost(profile.layers, workload, path)
+        found.device_profile.check_key(current_key(workload, device))
+        memo[key] = found
+    elif measure:
+        with st.status(f"Measuring the {workload.describe()} device profile of {device} (once, then cached)…") as box:
+            memo[key] = latency_cost(profile.layers, workload, device=device, cache_dir=common.cache_dir(),
+                                     refresh=refresh)
+            box.update(label=f"Measured the {workload.describe()} device profile of {device}.", state="complete",
+                       expanded=False)
+    return memo.get(key)
+
+
+def known_latency() -> LatencyCost | None:
+    """A latency cost already cached for this machine (decode first), to show parameter plans' latency."""
+    for kind in ("decode", "prefill"):
+        try:
+            found = latency_here(kind, measure=False)
+        except DeviceProfileError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def refused_under(cost: LatencyCost | None, methods: list[str]) -> list[str]:
+    """The methods that allocate under a parameter budget only (none without a latency cost)."""
+    return [] if cost is None else [m for m in methods if m not in latency_methods()]
+
+
+def with_latency(table, allocations: dict[str, Allocation], cost: LatencyCost | None):
+    """The comparison table with each plan's predicted latency fraction next to its parameter ratio ("—" unknown)."""
+    values = (["—"] * len(table) if cost is None
+              else [cost.fraction(profile.layers, a.ranks) for a in allocations.values()])
+    table.insert(table.columns.get_loc("realised ratio") + 1, "predicted latency", values)
+    return table
+
+
 @st.fragment
 def live_allocation() -> None:
     """Error model, methods and constraints, then the budget view they feed (a fragment of its own)."""
@@ -309,11 +413,13 @@ def live_allocation() -> None:
     st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
                "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
     st.caption(tables.error_model_summary(common.error_model_params(profile), profile.kl_ref is not None))
-    budget_view(constraints)
+    usable, cost = cost_controls()
+    if usable:
+        budget_view(constraints, cost)
 
 
 @st.fragment
-def budget_view(constraints: LayerConstraints | None) -> None:
+def budget_view(constraints: LayerConstraints | None, cost: LatencyCost | None = None) -> None:
     """Budget -> solve every method -> compare, keep and export a plan.
 
     A fragment inside ``live_allocation``: a budget move reruns only this, so the browser
@@ -322,26 +428,33 @@ def budget_view(constraints: LayerConstraints | None) -> None:
     low = lems_minimum(profile, profile_id)
     if common.kept("budget", DEFAULT_BUDGET) < low:
         common.set_kept("budget", low)
-    st.slider("Budget: kept fraction of the compressible parameters", low, 0.95, step=0.01,
+    what = "compressible parameters" if cost is None else f"dense compressible {cost.workload.kind} latency"
+    st.slider(f"Budget: kept fraction of the {what}", low, 0.95, step=0.01,
               **common.bind("budget", DEFAULT_BUDGET),
               help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
                    f"Linears. It starts at {low:.2f}, the smallest budget LEMS can meet (every layer at its smallest "
-                   "candidate rank).")
+                   "candidate rank). Under a latency cost, Σ_l time_l ≤ ρ Σ_l dense time_l instead.")
     params = common.error_model_params(profile)
-    allocations, failed = solve_all(st.session_state.compare_methods, float(st.session_state.budget), params,
-                                    constraints)
+    refused = refused_under(cost, st.session_state.compare_methods)
+    for method in refused:
+        st.info(f"{tables.method_label(method)} allocates under a parameter budget only: left out of the latency "
+                "comparison.", icon=":material/timer_off:")
+    methods = [m for m in st.session_state.compare_methods if m not in refused]
+    allocations, failed = solve_all(methods, float(st.session_state.budget), params, constraints, cost)
     if UPLOADED_PLAN in st.session_state:
         plan = st.session_state[UPLOADED_PLAN]
         allocations["uploaded"] = Allocation(plan.method, plan.budget, plan.ranks())
     chosen = common.kept("plan_method", "lems")
-    if chosen not in allocations and chosen not in failed and chosen in LIVE_METHODS:  # kept, not compared
-        extra, extra_failed = solve_all([chosen], float(st.session_state.budget), params, constraints)
+    kept_only = chosen not in allocations and chosen not in failed and chosen in LIVE_METHODS  # kept, not compared
+    if kept_only and not refused_under(cost, [chosen]):
+        extra, extra_failed = solve_all([chosen], float(st.session_state.budget), params, constraints, cost)
         allocations, failed = allocations | extra, failed | extra_failed
     for method, message in failed.items():
         if method == "ars":  # expected at most budgets: plans exist only where ARS was trained
             st.info(f"ARS: {message}", icon=":material/school:")
         else:
             st.warning(f"{tables.method_label(method)}: {message}")
+    failed |= {m: "it allocates under a parameter budget only" for m in refused}
     if not allocations:
         st.info("No method could allocate at this budget.")
         plan_panel(allocations, failed)
@@ -349,6 +462,7 @@ def budget_view(constraints: LayerConstraints | None) -> None:
     ranks = {label: alloc.ranks for label, alloc in allocations.items()}
     errors = tables.predicted_error_tables(profile, ranks, params)
     table = tables.comparison_table(profile, allocations, errors, {label: _label(label) for label in allocations})
+    table = with_latency(table, allocations, cost or known_latency())
     headline(allocations, table)
     plan_panel(allocations, failed)
     comparison_views(ranks, table, errors)

@@ -210,7 +210,7 @@ def _convert_into(target: Path, gguf_path: Path, sha: str, converter: Converter,
     try:
         converter(gguf_path, temporary)
         hashes = write_marker(temporary, sha, gguf_path.name)
-        if _install(temporary, target, sha):
+        if install_conversion(temporary, target, sha):
             remember_sha256(memo, {target / name: h for name, h in hashes.items()})
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # gone already when it was renamed in
@@ -229,7 +229,7 @@ def write_marker(folder: Path, sha: str, source_name: str) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in files.items()}
 
 
-def _install(temporary: Path, target: Path, sha: str) -> bool:
+def install_conversion(temporary: Path, target: Path, sha: str) -> bool:
     """Rename ``temporary`` to ``target``; False when a valid ``target`` appeared meanwhile (it is kept)."""
     if os.path.lexists(target):
         if conversion_problem(target, sha) is None:
@@ -254,18 +254,19 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
+    """This host's name as a file-name part: temporaries of another host are never taken for abandoned."""
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
 
 
 def _sibling(target: Path, role: str) -> Path:
     """A new hidden sibling name: ``.<name>.<role>-<host>-<pid>-<random>``."""
-    return target.parent / f".{target.name}.{role}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{target.name}.{role}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _remove_abandoned_temporaries(target: Path) -> None:
     """Delete temporary conversions of ``target`` left by killed processes on this host."""
-    prefix = f".{target.name}.tmp-{_host_tag()}-"
+    prefix = f".{target.name}.tmp-{host_tag()}-"
     for sibling in target.parent.glob(f".{target.name}.tmp-*"):
         pid = sibling.name[len(prefix):].partition("-")[0] if sibling.name.startswith(prefix) else ""
         if pid.isdigit() and not _pid_alive(int(pid)) and sibling.is_dir() and not sibling.is_symlink():

@@ -208,7 +208,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+def weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    """Up to 256 evenly spaced entries of ``weight``: what a fingerprint reads of each layer."""
     weight = weight.detach()
     return weight.flatten()[:: max(1, weight.numel() // 256)][:256]
 
@@ -225,7 +226,7 @@ def model_fingerprint(model: nn.Module, sample_of=None) -> str:
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for layer in compressible_layers(model):
         h.update(f"{layer.name}:{layer.out_features}x{layer.in_features}".encode())
-        sample = sample_of(layer.name) if sample_of else _weight_sample(model.get_submodule(layer.name).weight)
+        sample = sample_of(layer.name) if sample_of else weight_sample(model.get_submodule(layer.name).weight)
         h.update(sample.float().cpu().numpy().round(5).tobytes())
     return h.hexdigest()[:16]
 

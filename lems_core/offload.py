@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .memory import DEFAULT_FRACTION, MemoryBudgetError, available_memory, format_bytes
-from .model import LoadedModel, _weight_sample, default_device, model_fingerprint, resolve_source
+from .model import LoadedModel, weight_sample, default_device, model_fingerprint, resolve_source
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def offloaded_fingerprint(model: nn.Module) -> str:
     """``model_fingerprint`` with each offloaded weight materialised in turn (same value as loaded whole)."""
     def sample_of(name: str) -> torch.Tensor:
         with module_weight(model, name) as w:
-            return _weight_sample(w).float().cpu().clone()
+            return weight_sample(w).float().cpu().clone()
     return model_fingerprint(model, sample_of=sample_of)
 
 

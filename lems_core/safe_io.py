@@ -117,13 +117,14 @@ def read_text_capped(path: str | Path, max_bytes: int, error: type[Exception], w
 
 
 # ---------------------------------------------------------------------------------- folder writes
-def _host_tag() -> str:
+def host_tag() -> str:
+    """This host's name as a file-name part: temporaries of another host are never taken for abandoned."""
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
 
 
 def _sibling(target: Path, role: str) -> Path:
     """A new hidden sibling name of ``target``: ``.<name>.<role>-<host>-<pid>-<random>``."""
-    return target.parent / f".{target.name}.{role}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{target.name}.{role}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _pid_is_dead(pid: int) -> bool:
@@ -142,7 +143,7 @@ def remove_abandoned_temporaries(target: Path) -> list[Path]:
     Only ``.<name>.tmp-<this host>-<pid>-*`` folders whose process no longer exists are
     touched: a writer still running (here or on another host) keeps its folder.
     """
-    prefix = f".{target.name}.tmp-{_host_tag()}-"
+    prefix = f".{target.name}.tmp-{host_tag()}-"
     removed = []
     for sibling in target.parent.glob(f"{glob.escape(prefix)}*"):
         pid = sibling.name[len(prefix):].partition("-")[0]

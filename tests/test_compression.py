@@ -216,7 +216,7 @@ def test_overwrite_replaces_an_earlier_export_as_a_whole_and_nothing_else(saved,
 def test_a_killed_writers_temporary_folder_is_removed_by_the_next_save(saved):
     folder, model, ranks = saved
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    prefix = f".{folder.name}.tmp-{safe_io._host_tag()}-"
+    prefix = f".{folder.name}.tmp-{safe_io.host_tag()}-"
     abandoned = folder.parent / f"{prefix}{int(dead.stdout)}-0a0b"
     running = folder.parent / f"{prefix}{os.getppid()}-0c0d"
     for path in (abandoned, running):

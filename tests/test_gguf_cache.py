@@ -210,10 +210,10 @@ def test_a_whole_folder_that_appeared_meanwhile_is_kept(tiny_gguf, reference_fol
     inode = os.stat(installed.folder).st_ino
     late = tmp_path / "late"
     shutil.copytree(installed.folder, late)
-    assert gguf_cache._install(late, installed.folder, installed.source_sha256) is False
+    assert gguf_cache.install_conversion(late, installed.folder, installed.source_sha256) is False
     assert os.stat(installed.folder).st_ino == inode and late.is_dir()
     (installed.folder / MARKER).unlink()  # a damaged folder is replaced instead
-    assert gguf_cache._install(late, installed.folder, installed.source_sha256) is True
+    assert gguf_cache.install_conversion(late, installed.folder, installed.source_sha256) is True
     assert not late.exists() and gguf_cache.conversion_problem(installed.folder, installed.source_sha256) is None
 
 
@@ -221,8 +221,8 @@ def test_temporaries_of_killed_converters_are_removed(tiny_gguf, reference_folde
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     target = tmp_path / f"gguf-{sha256_file(tiny_gguf)[:16]}"
-    abandoned = tmp_path / f".{target.name}.tmp-{gguf_cache._host_tag()}-{dead.pid}-0000"
-    running = tmp_path / f".{target.name}.tmp-{gguf_cache._host_tag()}-{os.getpid()}-1111"
+    abandoned = tmp_path / f".{target.name}.tmp-{gguf_cache.host_tag()}-{dead.pid}-0000"
+    running = tmp_path / f".{target.name}.tmp-{gguf_cache.host_tag()}-{os.getpid()}-1111"
     abandoned.mkdir()
     running.mkdir()
     converted_folder(tiny_gguf, tmp_path, Counting(reference_folder))

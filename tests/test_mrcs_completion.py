@@ -14,7 +14,7 @@ def stepwise(ranks, touched, lb, width, untouched_cost, bias, spectral, multiple
     """The one-step-at-a-time greedy: smallest loss x bias among all proposals, first layer on ties."""
     ranks, touched, taken, idx = ranks.copy(), touched.copy(), [], np.arange(len(ranks))
     while current > limit:
-        proposal = np.maximum(mrcs._next_multiple_below(ranks, multiple), lb)
+        proposal = np.maximum(mrcs.next_multiple_below(ranks, multiple), lb)
         valid = proposal < ranks
         if not valid.any():
             return None
@@ -32,7 +32,7 @@ def test_merged_completion_matches_the_stepwise_greedy(monkeypatch, seed, blocks
     profile = synthetic_profile(num_blocks=blocks, hidden=256, inter=640, kv=64, seed=seed)
     fast = allocate(profile, method, ratio, multiple=multiple, schedule_gamma=gamma)
     assert fast.info["completion_steps"] > 50  # phase 2 really runs in these cases
-    monkeypatch.setattr(mrcs, "_completion_steps", stepwise)
+    monkeypatch.setattr(mrcs, "completion_steps", stepwise)
     slow = allocate(profile, method, ratio, multiple=multiple, schedule_gamma=gamma)
     assert fast.ranks == slow.ranks and fast.info["completion_steps"] == slow.info["completion_steps"]
     forced = [name for name, r in fast.ranks.items() if is_force_factorised(r)]

@@ -27,7 +27,7 @@ from ..budget import candidate_ranks, check_ratio
 from ..error_model import ErrorModelParams
 from ..profile import Profile
 from .base import Allocation
-from .lems_mp import FLOOR_RTOL, MultiPointModel, Points, _shape_coordinate, fit_multipoint, profile_points, solve_with_model
+from .lems_mp import FLOOR_RTOL, MultiPointModel, Points, shape_coordinate, fit_multipoint, profile_points, solve_with_model
 
 MeasureFn = Callable[[list[tuple[str, int]]], Sequence[float]]
 
@@ -71,8 +71,8 @@ def uncertainty_scores(profile: Profile, model: MultiPointModel, ranks: dict, po
             continue
         power = model.params.energy_power
         sigma = profile.spectra[layer.name]
-        measured = _shape_coordinate(sigma, [r for r, _ in points[layer.name]], power)
-        distance = float(np.min(np.abs(_shape_coordinate(sigma, [rank], power)[0] - measured)))
+        measured = shape_coordinate(sigma, [r for r, _ in points[layer.name]], power)
+        distance = float(np.min(np.abs(shape_coordinate(sigma, [rank], power)[0] - measured)))
         scores[i] = float(model.errors(profile, i, [rank])[0]) * distance
     return scores, at
 

@@ -119,7 +119,7 @@ def _isotonic_decreasing(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full(int(w), m) for m, w in blocks])
 
 
-def _shape_coordinate(sigma: np.ndarray, ranks, power: int) -> np.ndarray:
+def shape_coordinate(sigma: np.ndarray, ranks, power: int) -> np.ndarray:
     """x(r) = -log R(r), non-decreasing in rank."""
     return -np.log(np.maximum(residual_energy(sigma, np.asarray(ranks), power), _TINY))
 
@@ -146,7 +146,7 @@ def fit_curve(sigma: np.ndarray, points: list[tuple[int, float]], floor: float =
         cap_rank = int(ranks[0])
         r_res, excess = ranks[:1], np.array([max(resolution, _TINY)])
     log_excess = _isotonic_decreasing(np.log(excess))
-    x = _shape_coordinate(sigma, r_res, power)
+    x = shape_coordinate(sigma, r_res, power)
     g = log_excess + x  # log(excess / R)
     ux, inverse = np.unique(x, return_inverse=True)  # equal R (flat spectrum): one anchor
     ug = np.bincount(inverse, weights=g) / np.bincount(inverse)
@@ -156,7 +156,7 @@ def fit_curve(sigma: np.ndarray, points: list[tuple[int, float]], floor: float =
 def curve_excess(curve: LayerCurve, sigma: np.ndarray, ranks, power: int = 2) -> np.ndarray:
     """The fitted excess KL at ``ranks``: exp(-x + interp(x)), capped at the floor's resolution."""
     ranks = np.asarray(ranks, dtype=np.int64)
-    x = _shape_coordinate(sigma, ranks, power)
+    x = shape_coordinate(sigma, ranks, power)
     excess = np.exp(-x + np.interp(x, curve.x, curve.g))  # constant g outside the anchors = the shape
     if curve.cap_rank is not None:
         excess = np.where(ranks >= curve.cap_rank, np.minimum(excess, curve.resolution), excess)

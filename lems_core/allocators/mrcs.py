@@ -139,7 +139,7 @@ def allocate_mrcs(
     p = current()  # the real cost, also when no step was taken (the loop starts from the dense total)
 
     if p > target * (1 + BUDGET_TOL):  # phase 2: finish the budget one step at a time
-        taken = _completion_steps(ranks, touched, lb, width, untouched_cost, bias, spectral, multiple, p,
+        taken = completion_steps(ranks, touched, lb, width, untouched_cost, bias, spectral, multiple, p,
                                   target * (1 + BUDGET_TOL))
         if taken is None:  # cannot happen after the feasibility check above
             raise BudgetBelowMinimumError(method, ratio, p / p_total, profile.total_params, "lower bounds reached")
@@ -174,7 +174,7 @@ def _final_rank(layer, rank: int, touched: bool, untouched: str) -> int | None:
     return force_factorised(rank) if untouched == "eq" and rank >= 1 else None
 
 
-def _completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: np.ndarray,
+def completion_steps(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: np.ndarray,
                       untouched_cost: np.ndarray, bias: np.ndarray, spectral: _SpectralLoss, multiple: int | None,
                       current: float, limit: float) -> tuple[np.ndarray, np.ndarray] | None:
     """Phase 2 of MRCS, all at once: the (layer, new rank) steps until the cost is <= ``limit``.
@@ -225,7 +225,7 @@ def _step_chains(ranks: np.ndarray, touched: np.ndarray, lb: np.ndarray, width: 
     return layer_ids, new_ranks, before - new_ranks * width[layer_ids]
 
 
-def _next_multiple_below(ranks: np.ndarray, multiple: int | None) -> np.ndarray:
+def next_multiple_below(ranks: np.ndarray, multiple: int | None) -> np.ndarray:
     """The largest multiple of ``multiple`` strictly below each rank (rank - 1 without one)."""
     step = multiple if multiple and multiple > 1 else 1
     return ((ranks - 1) // step) * step

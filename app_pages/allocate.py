@@ -21,6 +21,7 @@ from lems_core.latency import DeviceProfileError, LatencyCost, Workload, cache_p
 from lems_core.latency.measure import GRID_POINTS
 from lems_core.model import KINDS
 from lems_core.plan import PlanError, parse_budgets, plan_file_name, plan_from_upload
+from lems_core.run import Run
 from app_pages import common, figures, tables
 from app_pages.style import display_names_in
 
@@ -525,7 +526,7 @@ def start_ars_training(budgets: str, preset: str, device: str) -> None:
         return
     try:
         job = pipeline.launch_ars_training(common.job_registry(), st.session_state[common.PROFILE_KEY], ratios, preset,
-                                           device)
+                                           run=Run(device=device))
     except JobLimitError as exc:
         st.error(f"ARS training not started: {exc}")
         return

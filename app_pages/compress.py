@@ -7,10 +7,11 @@ from lems_core import pipeline
 from lems_core.allocators import MODEL_SCORED, allocate
 from lems_core.cache import saved_plans
 from lems_core.eval_time import EvalEstimate, estimate_eval
-from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
+from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, EvalProtocol
 from lems_core.jobs import CANCELLED, DONE, JobLimitError, for_each, format_seconds
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.results import SHIPPED, ResultStore, shipped_note
+from lems_core.run import Run
 from lems_core.zero_shot import PAPER_TASKS, TASKS_DIR_ENV, TaskYAMLError, check_task_yaml, offered_task_files
 from app_pages import common, figures, tables
 
@@ -153,9 +154,9 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         st.error("Choose at least one plan and one dataset (or zero-shot task).")
         return
     protocol = eval_protocol_options(quick, int(windows), int(seq_len))
-    task = partial(pipeline.evaluate_and_store, profile=profile, cache_dir=common.cache_dir(),
+    task = partial(pipeline.evaluate_and_store, profile=profile, run=Run(cache_dir=common.cache_dir(), device=device),
                    params=common.error_model_params(profile), decomposition=factorise_with or None,
-                   datasets=list(datasets), device=device, **protocol, **zero_shot)
+                   datasets=list(datasets), protocol=EvalProtocol(**protocol), **zero_shot)
     estimate = cpu_estimate(list(datasets), protocol, len(selected)) if device == "cpu" else None
     request = {"task": task, "items": list(selected.values()), "estimate": estimate, "zero_shot": bool(zero_shot)}
     if device == "cpu" and not quick:

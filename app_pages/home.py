@@ -6,6 +6,7 @@ from lems_core.calibration import PRESETS, default_preset, preset as calibration
 from lems_core.decompositions import METHODS
 from lems_core.jobs import DONE, JobLimitError
 from lems_core.memory import MemoryBudgetError, parse_bytes
+from lems_core.run import Run
 from app_pages import common, tables
 
 BUILD_JOB = "build_job_id"
@@ -92,8 +93,9 @@ def build_form() -> None:
             return
         try:
             job = common.job_registry().submit(
-                f"build {source} / {decomposition}", pipeline.build_profile, source, decomposition,
-                calibration=calibration_preset(preset), device=device, max_memory=max_memory, meta={"kind": "build"})
+                f"build {source} / {decomposition}", pipeline.build_profile_job, source, decomposition,
+                calibration=calibration_preset(preset), run=Run(device=device, max_memory=max_memory),
+                meta={"kind": "build"})
         except JobLimitError as exc:
             st.error(f"Profile build not started: {exc}")
             return

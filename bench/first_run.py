@@ -30,30 +30,34 @@ from pathlib import Path
 import torch
 
 from lems_core import pipeline
+from lems_core.pipeline import artefacts, evaluation, jobs, models, plan_factors
 from lems_core.allocators import allocate, fitted_params
 from lems_core.error_model import ErrorModelParams
 from lems_core.evaluation import QUICK_EVAL
 from lems_core.jobs import ETA_MIN_FRACTION
 from lems_core.profile import Profile
+from lems_core.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "cache" / "demo" / "smollm2-135m-kfac"
 BUDGET = 0.8
 GOAL_SECONDS = 180.0
 ABSORBING = {"dense perplexity", "model load"}  # their inner timed calls count to them (dense ppl runs perplexity)
-# (module, function, stage): the pipeline's steps as evaluate_and_store reaches them.
+# (module, function, stage): the pipeline's steps as evaluate_and_store reaches them, wrapped in each
+# module that looks them up.
 STAGES = [
-    (pipeline, "load_model", "model load"),
-    (pipeline, "calibration_windows", "calibration windows"),
-    (pipeline, "statistics_for", "statistics"),
-    (pipeline, "collect_grad_grams", "statistics"),  # the plan-only pass calls it directly
-    (pipeline, "plan_factorizations", "decomposition"),
-    (pipeline, "reference_logits", "KL (reference logits)"),
-    (pipeline, "dense_perplexity", "dense perplexity"),
-    (pipeline, "compress_model", "compression"),
-    (pipeline, "restore_dense", "compression"),
-    (pipeline, "perplexity", "perplexity"),
-    (pipeline, "kl_to_reference", "KL"),
+    (models, "load_model", "model load"),
+    *((module, "calibration_windows", "calibration windows") for module in (artefacts, plan_factors, evaluation)),
+    *((module, "statistics_for", "statistics") for module in (artefacts, plan_factors)),
+    (artefacts, "collect_grad_grams", "statistics"),
+    *((module, "collect_kfac_statistics", "statistics") for module in (artefacts, plan_factors)),
+    (evaluation, "plan_factorizations", "decomposition"),
+    (evaluation, "reference_logits", "KL (reference logits)"),
+    (evaluation, "dense_perplexity", "dense perplexity"),
+    (evaluation, "compress_model", "compression"),
+    (evaluation, "restore_dense", "compression"),
+    (evaluation, "perplexity", "perplexity"),
+    (evaluation, "kl_to_reference", "KL"),
 ]
 
 
@@ -124,16 +128,14 @@ class ProgressLog:
 
 def _record_job_threads() -> list[int]:
     """The thread count(s) ``pipeline.free_core_threads`` picks for the job (it adapts to the load)."""
-    if not hasattr(pipeline, "free_core_threads"):
-        return []
-    used, original = [], pipeline.free_core_threads
+    used, original = [], jobs.free_core_threads
 
     @contextmanager
     def recorded():
         with original() as threads:
             used.append(threads)
             yield threads
-    pipeline.free_core_threads = recorded
+    jobs.free_core_threads = recorded
     return used
 
 
@@ -202,9 +204,8 @@ def main() -> None:
         log = ProgressLog(started, verbose=not args.quiet)
         with timer.stage("other"):
             result = pipeline.evaluate_and_store(
-                plan, log, threading.Event(), profile=profile, cache_dir=cache_dir, params=params,
-                decomposition=None, datasets=["wikitext2"], device=args.device,
-                max_windows=QUICK_EVAL.max_windows, seq_len=QUICK_EVAL.seq_len)
+                plan, log, threading.Event(), profile=profile, run=Run(cache_dir=cache_dir, device=args.device),
+                params=params, decomposition=None, datasets=["wikitext2"], protocol=QUICK_EVAL)
         total = time.perf_counter() - started
     print(f"{'stage':24s} {'seconds':>8s}")
     for name in dict.fromkeys(n for _, _, n in STAGES):

@@ -136,6 +136,7 @@ def run_one(args) -> dict:
     from lems_core.decompositions import DecompositionOptions
     from lems_core.memory import GramLedger, parse_bytes
     from lems_core.model import LoadedModel, compressible_layers
+    from lems_core.run import Run
     from lems_core.streaming import plan_stream, streamed_factorizations
 
     torch.set_num_threads(args.threads)
@@ -155,7 +156,7 @@ def run_one(args) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, AnonPeak() as anon:
         streamed_factorizations(loaded, ids, args.method, DecompositionOptions(), Path(tmp) / "f", plan,
-                                args.factor_dtype, ledger=ledger)
+                                ledger=ledger, run=Run(factor_dtype=args.factor_dtype))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"method": args.method, "depth": args.depth, "peak_rss": peak, "model_rss": base, "work": peak - base,
            "gram_peak": ledger.peak, "gram_budget": plan.gram_budget, "workspace": plan.workspace,

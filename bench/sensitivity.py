@@ -19,7 +19,7 @@ from lems_core.decompositions import Decomposer
 from lems_core.evaluation import model_logits
 from lems_core.model import KINDS, compressible_layers
 from lems_core.pipeline import calibration_windows, get_model
-from lems_core.sensitivity import layer_kl_sweep, naive_layer_kl
+from lems_core.sensitivity import SweepOptions, layer_kl_sweep, naive_layer_kl
 
 TARGET = 0.6
 
@@ -38,7 +38,9 @@ def main() -> None:
     factors = {l.name: svd(l, loaded.model.get_submodule(l.name).weight) for l in layers}
 
     t0 = time.perf_counter()
-    sweep, ref = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search, [0.1], batch_size=args.windows)
+    swept = layer_kl_sweep(loaded.model, layers, lambda l: factors[l.name], search, [0.1],
+                           SweepOptions(batch_size=args.windows))
+    sweep, ref = swept.kl, swept.reference
     suffix_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model_logits(loaded.model, search, batch_size=args.windows)  # the naive sweep needs its dense reference too

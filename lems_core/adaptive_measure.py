@@ -8,7 +8,6 @@ single-layer KL can go below (``lems_mp`` module docstring).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,9 +18,10 @@ from .blocks import advance, capture_block_inputs
 from .compression import LowRankLinear, set_module
 from .decompositions import Factorization, check_finite_factors
 from .model import LayerInfo, decoder_blocks
-from .pipeline import _profile_model
+from .pipeline.artefacts import profile_model
 from .profile import Profile
-from .sensitivity import _kl_suffix, dense_reference
+from .run import DEFAULT_RUN, Run
+from .sensitivity import dense_reference, kl_suffix
 
 
 def layer_kl_at_ranks(
@@ -54,20 +54,20 @@ def layer_kl_at_ranks(
             check_finite_factors(name, left, right, f"single-layer KL at rank {rank}")
             set_module(model, name, LowRankLinear.from_factors(left, right, original.bias, original))
             try:
-                out[k] = _kl_suffix(model, b, items, ref)
+                out[k] = kl_suffix(model, b, items, ref)
             finally:
                 set_module(model, name, original)
         if b < last:
             items = advance(blocks[b], items)
-    floor = _kl_suffix(model, len(blocks) - 1, items, ref) if with_floor else None
+    floor = kl_suffix(model, len(blocks) - 1, items, ref) if with_floor else None
     return out, floor
 
 
-def model_measure(profile: Profile, device: str | None = None, cache_dir: Path | None = None, batch_size: int = 4):
+def model_measure(profile: Profile, batch_size: int = 4, *, run: Run = DEFAULT_RUN):
     """A ``lems_adaptive.MeasureFn`` on the profile's own model, search windows and factors,
     and the measured KL floor. Returns (measure, floor, counter) where counter["runs"]
     counts single-layer suffix runs made."""
-    loaded, search_ids, factors = _profile_model(profile, device, cache_dir)
+    loaded, search_ids, factors = profile_model(profile, run=run)
     counter = {"runs": 0, "calls": 0}
     _, floor = layer_kl_at_ranks(loaded.model, profile.layers, lambda l: factors[l.name], search_ids, [],
                                  batch_size, with_floor=True)

@@ -23,20 +23,10 @@ from .blocks import BlockInput, capture_block_inputs, run_block
 from .compression import compress_model, restore_dense
 from .model import decoder_blocks
 from .numerics import nonnegative
+from .run import Cancelled, Progress, check_cancel  # noqa: F401  (Cancelled: re-exported beside check_cancel)
 
 KL_TEMPERATURE = 0.6
 KL_SKIP_FRACTION = 0.125  # positions 256.. of 2048
-
-Progress = Callable[[float, str], None]
-
-
-class Cancelled(RuntimeError):
-    """Raised inside a long loop when its cancel event is set."""
-
-
-def check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("cancelled by the user")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ cached reference through the same code path (``kl_floor``).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Sequence
 
@@ -29,10 +28,10 @@ from .blocks import (BlockInputs, InputPlacement, TensorShelf, advance, capture_
 from .memory import GramLedger
 from .compression import LowRankLinear, set_module
 from .decompositions import Factorization, check_finite_factors
-from .evaluation import KL_SKIP_FRACTION, check_cancel, kl_from_log_probs, reference_log_probs
+from .evaluation import KL_SKIP_FRACTION, kl_from_log_probs, reference_log_probs
 from .model import LayerInfo, decoder_blocks
+from .run import DEFAULT_RUN, Run
 
-Progress = Callable[[float, str], None]
 LOG_PROB_CACHE_BYTES = 2 << 30  # float32 reference log-probs kept in memory up to this size
 
 
@@ -103,10 +102,11 @@ def kl_floor(model: nn.Module, items: BlockInputs, ref: DenseReference) -> float
 
     ~0 with float32 reference log-probs; with bf16 ones it is the rounding floor that
     every single-layer measurement sits on."""
-    return _kl_suffix(model, 0, items, ref)
+    return kl_suffix(model, 0, items, ref)
 
 
-def _kl_suffix(model: nn.Module, start: int, items: BlockInputs, ref: DenseReference) -> float:
+def kl_suffix(model: nn.Module, start: int, items: BlockInputs, ref: DenseReference) -> float:
+    """KL on the scored positions of the model run from block ``start`` on ``items`` (that block's dense inputs)."""
     return _suffix_scores(model, start, items, ref)[0]
 
 
@@ -129,30 +129,48 @@ def _suffix_scores(model: nn.Module, start: int, items: BlockInputs, ref: DenseR
     return total / max(count, 1), (nll_sum / max(nll_count, 1) if windows is not None else None)
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a KL sweep runs: ``batch_size`` windows per batch; ``only`` (layer names) measures just
+    those layers and leaves the others NaN (one rank's shard under torch.distributed); ``precision``
+    of the reference log-probs ("auto", "fp32", "bf16", see ``dense_reference``); ``with_nll`` also
+    records each single-layer run's mean NLL on the search windows."""
+
+    batch_size: int = 1
+    only: Collection[str] | None = None
+    precision: str = "auto"
+    with_nll: bool = False
+
+
+@dataclass
+class KLSweep:
+    """A sweep's measurements: {ratio: KL per layer}, the dense reference, {ratio: NLL per layer} (with_nll)."""
+
+    kl: dict[float, np.ndarray]
+    reference: DenseReference
+    nll: dict[float, np.ndarray] = field(default_factory=dict)
+
+
 def layer_kl_sweep(
     model: nn.Module,
     layers: Sequence[LayerInfo],
     factorization_of: Callable[[LayerInfo], Factorization],
     windows: torch.Tensor,
     ratios: Sequence[float],
-    batch_size: int = 1,
-    progress: Progress | None = None,
-    cancel: threading.Event | None = None,
-    only: Collection[str] | None = None,
-    precision: str = "auto",
-    nll: dict[float, np.ndarray] | None = None,
+    options: SweepOptions = SweepOptions(),
     inputs: InputPlacement | None = None,
     ledger: GramLedger | None = None,
-) -> tuple[dict[float, np.ndarray], DenseReference]:
+    *,
+    run: Run = DEFAULT_RUN,
+) -> KLSweep:
     """KL with only one layer compressed, for every layer and ratio.
 
-    Returns ({ratio: array over `layers`}, dense reference). Blocks run from the
-    perturbed one onward on cached dense inputs. ``only`` (layer names) measures
-    just those layers and leaves the others NaN: one rank's shard under
-    torch.distributed (``distributed.merge_at_main`` fills the gaps). The reference's
+    Returns the KL per ratio (an array over ``layers``) and the dense reference, whose
     ``floor`` and ``precision`` (see ``dense_reference``, ``kl_floor``) say what the
-    measurements sit on. A dict passed as ``nll`` is filled with {ratio: per-layer mean
-    NLL on the search windows} from the same runs (single-layer perplexity = exp).
+    measurements sit on; with ``options.with_nll`` also the per-layer mean NLL on the
+    search windows from the same runs (single-layer perplexity = exp). Blocks run from
+    the perturbed one onward on cached dense inputs; ``options.only`` leaves the other
+    layers NaN (``distributed.merge_at_main`` fills the gaps).
 
     ``inputs`` (``blocks.InputPlacement``, default: on the device) is where the dense
     block inputs wait: off the device, a chunk within its budget comes to the device at
@@ -161,38 +179,47 @@ def layer_kl_sweep(
     it, else memory-mapped on disk beside the inputs), one batch brought over per use.
     """
     blocks = decoder_blocks(model)
+    batch_size = options.batch_size
     items = capture_inputs(model, windows, batch_size, inputs, ledger)
-    off_device = inputs is not None and inputs.where != "device"
-    vocab = int(model.config.vocab_size)
-    home = home_off_device(windows.numel() * vocab * 2, next(model.parameters()).device) if off_device else "device"
-    ref = dense_reference(model, items, windows, batch_size, precision, home, inputs.folder if off_device else None)
-    ref.floor = kl_floor(model, items, ref)
+    ref = _sweep_reference(model, items, windows, options, inputs)
     index = {l.name: i for i, l in enumerate(layers)}
-    result = {r: np.full(len(layers), np.nan) for r in ratios}
-    if nll is not None:
-        nll.update({r: np.full(len(layers), np.nan) for r in ratios})
-    measured = [l for l in layers if only is None or l.name in only]
+    swept = KLSweep({r: np.full(len(layers), np.nan) for r in ratios}, ref)
+    if options.with_nll:
+        swept.nll = {r: np.full(len(layers), np.nan) for r in ratios}
+    measured = [l for l in layers if options.only is None or l.name in options.only]
     done, total = 0, max(1, len(measured) * len(ratios))
     for b in range(len(blocks)):
         for layer in (l for l in measured if l.block == b):
             original = model.get_submodule(layer.name)
             factors = factorization_of(layer)
             for ratio in ratios:
-                check_cancel(cancel)
+                run.check_cancel()
                 left, right = _checked_factors(layer, factors, ratio)
                 set_module(model, layer.name, LowRankLinear.from_factors(left, right, original.bias, original))
                 try:
-                    kl, layer_nll = _suffix_scores(model, b, items, ref, windows if nll is not None else None, batch_size)
-                    result[ratio][index[layer.name]] = kl
-                    if nll is not None:
-                        nll[ratio][index[layer.name]] = layer_nll
+                    kl, layer_nll = _suffix_scores(model, b, items, ref, windows if options.with_nll else None,
+                                                   batch_size)
+                    swept.kl[ratio][index[layer.name]] = kl
+                    if options.with_nll:
+                        swept.nll[ratio][index[layer.name]] = layer_nll
                 finally:
                     set_module(model, layer.name, original)
                 done += 1
-                if progress:
-                    progress(done / total, f"KL sweep: {layer.name} at ratio {ratio:g}")
+                run.report(done / total, f"KL sweep: {layer.name} at ratio {ratio:g}")
         items = advance(blocks[b], items)
-    return result, ref
+    return swept
+
+
+def _sweep_reference(model: nn.Module, items: BlockInputs, windows: torch.Tensor, options: SweepOptions,
+                     inputs: InputPlacement | None) -> DenseReference:
+    """The sweep's dense reference and its floor; kept off the device when the block inputs are."""
+    off_device = inputs is not None and inputs.where != "device"
+    vocab = int(model.config.vocab_size)
+    home = home_off_device(windows.numel() * vocab * 2, next(model.parameters()).device) if off_device else "device"
+    ref = dense_reference(model, items, windows, options.batch_size, options.precision, home,
+                          inputs.folder if off_device else None)
+    ref.floor = kl_floor(model, items, ref)
+    return ref
 
 
 def _checked_factors(layer: LayerInfo, factors: Factorization, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

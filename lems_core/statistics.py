@@ -31,11 +31,11 @@ from torch import nn
 from .blocks import BlockInput, advance, capture_block_inputs, head_logits, run_block
 from .memory import INPUT_GROUP, BlockWindow, GramLedger  # INPUT_GROUP: layers of one block that read one input
 from .model import LayerInfo, compressible_layers, decoder_blocks
+from .run import Progress
 
 GRAD_CROP = 0.125  # drop this fraction of positions at each end for G (methods.md §2.2)
 CLIP_LOW, CLIP_HIGH = 0.1, 10.0  # per-token gradient norm bounds, relative to the sequence mean
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -178,7 +178,6 @@ def collect_grad_grams(
     clip: bool = True,
     progress: Progress | None = None,
     ledger: GramLedger | None = None,
-    inputs: dict[str, InputStats] | None = None,
 ) -> dict[str, torch.Tensor]:
     """KFAC output-side factor G per layer: mean over batch of sum_t g_t g_t^T.
 
@@ -187,16 +186,27 @@ def collect_grad_grams(
     and the embedding output is made to require grad, so the backward hooks fire and
     only input gradients are formed (no weight-gradient products, no ``.grad``; the
     output gradients, and so G, are the same bits either way).
-
-    ``inputs`` (a dict, filled here) also collects ``layers``' input statistics from
-    the same forward passes (forward pre-hooks, as ``iter_block_input_stats``): the
-    same inputs summed in the same order, one forward pass over the data fewer.
     """
+    return _gradient_pass(model, input_ids, layers, batch_size, crop, clip, progress, ledger, False).grad_gram
+
+
+def collect_kfac_statistics(model: nn.Module, input_ids: torch.Tensor, layers: list[LayerInfo] | None = None,
+                            batch_size: int = 1, progress: Progress | None = None) -> Statistics:
+    """KFAC's statistics from one pass over the data: G per layer (``collect_grad_grams``) and ``layers``' input
+    statistics, collected by forward pre-hooks (as ``iter_block_input_stats``) during the gradient pass's own
+    forward passes: the same inputs summed in the same order, one forward pass over the data fewer."""
+    return _gradient_pass(model, input_ids, layers, batch_size, GRAD_CROP, True, progress, None, True)
+
+
+def _gradient_pass(model: nn.Module, input_ids: torch.Tensor, layers: list[LayerInfo] | None, batch_size: int,
+                   crop: float, clip: bool, progress: Progress | None, ledger: GramLedger | None,
+                   with_inputs: bool) -> Statistics:
+    """G per layer, and with ``with_inputs`` the layers' input statistics from the same forward passes."""
     layers = layers or compressible_layers(model)
     device = next(model.parameters()).device
     grams = _zero_grad_grams(layers, device, ledger)
     handles = _grad_gram_hooks(model, layers, grams, crop, clip)
-    accumulators = _input_hooks(model, layers, device, handles) if inputs is not None else {}
+    accumulators = _input_hooks(model, layers, device, handles) if with_inputs else {}
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     was_training = model.training
@@ -217,10 +227,9 @@ def collect_grad_grams(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    if inputs is not None:
-        frozen = {key: acc.freeze() for key, acc in accumulators.items()}
-        inputs.update({l.name: frozen[(l.block, INPUT_GROUP[l.kind])] for l in layers})
-    return {k: v.cpu() for k, v in grams.items()}
+    frozen = {key: acc.freeze() for key, acc in accumulators.items()}
+    inputs = {l.name: frozen[(l.block, INPUT_GROUP[l.kind])] for l in layers} if with_inputs else {}
+    return Statistics(inputs=inputs, grad_gram={k: v.cpu() for k, v in grams.items()})
 
 
 def _input_hooks(model: nn.Module, layers: list[LayerInfo], device, handles: list) -> dict:

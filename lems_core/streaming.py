@@ -1,6 +1,6 @@
 """Statistics + decomposition under a memory budget, block window after block window (issue #10).
 
-The classic path (``pipeline.statistics_for`` then ``factorizations_for``) holds every
+The classic path (``pipeline.artefacts.statistics_for`` then ``factorizations_for``) holds every
 Gram of the model at once: about 59 GB fp32 of KFAC output-gradient Grams for
 Llama-3-8B. Here the Grams of one window of consecutive blocks are alive at a time
 (``memory.plan_windows``), each layer is decomposed as soon as its block's Grams are
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Collection
 
 import torch
 
@@ -33,9 +33,8 @@ from .memory import (DEFAULT_FRACTION, INPUT_GROUP, BlockWindow, GramLedger, Mem
                      budget_or_default, format_bytes, plan_windows)
 from .model import LayerInfo, LoadedModel, compressible_layers
 from .offload import module_weight
+from .run import DEFAULT_RUN, Run
 from .statistics import gram_key, iter_block_statistics
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -91,15 +90,16 @@ def streamed_dir(loaded: LoadedModel, stats_key: dict, decomposition: str, optio
 
 def streamed_factorizations(
     loaded: LoadedModel, calib_ids: torch.Tensor | None, decomposition: str, options: DecompositionOptions,
-    folder: Path, plan: StreamPlan, factor_dtype: str = "fp32", owned: Collection[str] | None = None,
-    progress: Progress | None = None, ledger: GramLedger | None = None,
+    folder: Path, plan: StreamPlan, owned: Collection[str] | None = None, ledger: GramLedger | None = None, *,
+    run: Run = DEFAULT_RUN,
 ) -> FactorShards:
     """Factorise every layer (or only ``owned``) window by window, freeing Grams as it goes.
 
-    Returns the on-disk factors (reused when ``folder`` is complete and intact).
-    ``ledger`` (default: a new one limited to the plan's Gram budget) counts every
-    Gram allocated and released.
+    Returns the on-disk factors in ``run.factor_dtype`` (reused when ``folder`` is complete
+    and intact). ``ledger`` (default: a new one limited to the plan's Gram budget) counts
+    every Gram allocated and released.
     """
+    factor_dtype = run.factor_dtype
     check_factor_dtype(factor_dtype)
     if is_complete(folder):
         shards = FactorShards(folder, loaded.device)
@@ -109,8 +109,8 @@ def streamed_factorizations(
     mine = [l for l in layers if owned is None or l.name in owned]
     needs = spec_of(decomposition).needs
     ledger = ledger if ledger is not None else GramLedger(limit=plan.gram_budget)
-    stats = iter_block_statistics(loaded.model, calib_ids, layers, needs, list(plan.windows), ledger, progress=progress,
-                                  grad_layers=mine)
+    stats = iter_block_statistics(loaded.model, calib_ids, layers, needs, list(plan.windows), ledger,
+                                  progress=run.progress, grad_layers=mine)
     group_of = {l.name: INPUT_GROUP[l.kind] for l in layers}
     for block in stats:
         _decompose_block(loaded, block, [l for l in mine if l.block == block.block], group_of, decomposition, options,

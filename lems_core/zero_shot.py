@@ -28,11 +28,11 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
-from .evaluation import check_cancel
+from .run import Progress, check_cancel
 from .safe_io import open_regular
 from .task_yaml import TaskYAMLError, UnsafeTaskYAML, check_task_yaml  # noqa: F401  (re-exported)
 
@@ -43,8 +43,6 @@ PAPER_ALIAS = "paper"
 METRICS = ("acc", "acc_norm")
 CPU_BATCH = 8  # batch_size="auto" probes ever larger batches: fine on a GPU, pointless on a CPU
 TASKS_DIR_ENV = "LEMS_TASKS_DIR"  # the folder of local task YAMLs the app offers
-
-Progress = Callable[[float, str], None]
 
 
 class HubTasksUnavailable(ValueError):

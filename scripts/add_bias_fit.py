@@ -2,7 +2,7 @@
 
 Rebuilding the committed demo profiles (``cache/demo/``) took ~1.6 h of CPU for the
 KFAC one, so this script does not rebuild them: it loads each profile's own model,
-search windows and factors (``pipeline._profile_model``: the calibration recorded in
+search windows and factors (``pipeline.profile_model``: the calibration recorded in
 the profile, so the same windows the measurements were made on), and
 
 1. measures the KL floor: the dense model against its own cached reference through
@@ -45,7 +45,7 @@ def add_to(folder: Path, ratios: tuple[float, ...], device: str | None) -> dict:
     started = time.perf_counter()
     profile = Profile.load(folder)
     key = profile.key
-    loaded, search_ids, factors = pipeline._profile_model(profile, device, None)
+    loaded, search_ids, factors = pipeline.profile_model(profile, run=pipeline.Run(device=device))
     with pipeline.hold_model(loaded):
         floors = measure_floors(loaded, search_ids)
         scorer = pipeline.make_kl_scorer(loaded, factors, search_ids)

@@ -13,7 +13,7 @@ import time
 
 from lems_core.cache import DEMO_DIR
 from lems_core.calibration import demo_calibration
-from lems_core.pipeline import add_measured_points, build_profile, get_model
+from lems_core.pipeline import ProfileSettings, Run, add_measured_points, build_profile, get_model
 
 # Extra measured point to validate the error model; --asvd-points adds ASVD's 0.4..0.9.
 DEMO_RATIOS = {"kfac": (0.5,), "svd_llm": ()}
@@ -37,9 +37,10 @@ def main() -> None:
                 last[0] = fraction
                 print(f"[{time.perf_counter() - started:7.1f}s] {100 * fraction:5.1f}% {message}", flush=True)
 
-        folder = build_profile(loaded, decomposition, demo_calibration(), extra_ratios=ratios, progress=progress)
+        run = Run(progress=progress)
+        folder = build_profile(loaded, decomposition, demo_calibration(), ProfileSettings(extra_ratios=ratios), run=run)
         if args.asvd_points:
-            add_measured_points(folder, ASVD_POINTS, progress=progress)
+            add_measured_points(folder, ASVD_POINTS, run=run)
         target = DEMO_DIR / f"smollm2-135m-{decomposition.replace('_', '-')}"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(folder, target)

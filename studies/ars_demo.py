@@ -24,6 +24,7 @@ from lems_core import pipeline
 from lems_core.allocators import ars
 from lems_core.pipeline import get_model
 from lems_core.profile import Profile
+from lems_core.run import Run
 
 
 def printer(started: float, every: float = 0.05):
@@ -64,15 +65,16 @@ def main() -> None:
 
     started = time.perf_counter()
     calib = pipeline.calibration_ids(loaded, profile)
-    factors = pipeline.full_factorizations(loaded, profile, calib, cache_dir, printer(started, 0.25))
+    factors = pipeline.full_factorizations(loaded, profile, calib,
+                                           run=Run(cache_dir=cache_dir, progress=printer(started, 0.25)))
     print(f"full factors in {time.perf_counter() - started:.1f} s "
           f"(spectrum mismatch vs profile {ars.spectrum_mismatch(profile, factors):.2e})", flush=True)
 
     out_dir = Path(args.out_dir)
     for ratio in (float(r) for r in args.ratios.split(",")):
         started = time.perf_counter()
-        alloc = pipeline.train_ars(loaded, profile, ratio, config, cache_dir, printer(started), factors=factors,
-                              windows=calib, force=args.force)
+        alloc = pipeline.train_ars(loaded, profile, ratio, config, factors=factors, windows=calib, force=args.force,
+                                   run=Run(cache_dir=cache_dir, progress=printer(started)))
         plan = ars.allocation_to_plan(profile, alloc)
         path = plan.save(out_dir / ars.committed_plan_path(profile, ratio).name)
         info, s = alloc.info, plan.summary

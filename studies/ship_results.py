@@ -27,6 +27,7 @@ from lems_core.allocators import MODEL_SCORED, allocate, fit_bias
 from lems_core.cache import DEMO_DIR
 from lems_core.evaluation import QUICK_EVAL
 from lems_core.pipeline import PlanRequest, evaluate_and_store, score_function
+from lems_core.run import Run
 from lems_core.profile import Profile
 
 SCHEMA = "lems-results/1"
@@ -39,7 +40,7 @@ def _plan_item(profile: Profile, method: str, ratio: float, cache_dir: Path):
     if method in MODEL_SCORED:
         return PlanRequest(method, ratio)
     if method == "lems_fit":  # the reference's fit at exactly this ratio, on the model
-        alloc = fit_bias(profile, ratio, score_function(profile, "kl", "cpu", cache_dir)).allocation
+        alloc = fit_bias(profile, ratio, score_function(profile, "kl", run=Run(cache_dir=cache_dir, device="cpu"))).allocation
     else:
         alloc = allocate(profile, method, ratio)
     return alloc.to_plan(profile, meta={"calibration": profile.calibration})
@@ -73,8 +74,8 @@ def run(args) -> None:
             started = time.perf_counter()
             try:
                 item = _plan_item(profile, method, ratio, args.cache_dir)
-                record = evaluate_and_store(item, profile=profile, cache_dir=args.cache_dir, device="cpu", datasets=["wikitext2"],
-                                            seq_len=QUICK_EVAL.seq_len, max_windows=QUICK_EVAL.max_windows)
+                record = evaluate_and_store(item, profile=profile, run=Run(cache_dir=args.cache_dir, device="cpu"),
+                                            datasets=["wikitext2"], protocol=QUICK_EVAL)
             except Exception as exc:  # a cell that cannot run says why; the others go on
                 traceback.print_exc()
                 print(f"{method} {ratio}: n/a ({type(exc).__name__}: {exc})", flush=True)

@@ -224,9 +224,9 @@ def _fake_build(source, decomposition, calibration, device=None, progress=None, 
 def test_build_profile_runs_as_job_and_can_be_opened(app, monkeypatch):
     import lems_core.pipeline
 
-    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    monkeypatch.setattr(lems_core.pipeline, "build_profile_job", _fake_build)
     app.text_input[0].set_value("my/model")
-    _button(app, "Build profile").click().run()
+    button_labelled(app, "Build profile").click().run()
     job = _wait_for_job(app, "build_job_id")
     assert job.status == "done", job.error
     app.run()
@@ -242,17 +242,17 @@ def test_build_form_passes_the_memory_budget_and_refuses_a_bad_one(app, monkeypa
 
     seen = {}
 
-    def fake(*args, max_memory=None, **kwargs):
-        seen["max_memory"] = max_memory
+    def fake(*args, run=None, **kwargs):
+        seen["max_memory"] = run.max_memory
         return _fake_build(*args, **kwargs)
 
-    monkeypatch.setattr(lems_core.pipeline, "build_profile", fake)
+    monkeypatch.setattr(lems_core.pipeline, "build_profile_job", fake)
     app.text_input[1].set_value("lots of RAM")
-    _button(app, "Build profile").click().run()
+    button_labelled(app, "Build profile").click().run()
     assert any("cannot read memory size" in e.value for e in app.error)
     assert "build_job_id" not in app.session_state
     app.text_input[1].set_value("2GB")
-    _button(app, "Build profile").click().run()
+    button_labelled(app, "Build profile").click().run()
     assert _wait_for_job(app, "build_job_id").status == "done"
     assert seen["max_memory"] == 2 * 2**30
 
@@ -263,14 +263,15 @@ def test_failed_build_is_reported(app, monkeypatch):
     def broken(*args, progress=None, cancel=None, **kwargs):
         raise FileNotFoundError("GGUF file not found: nowhere.gguf")
 
-    monkeypatch.setattr(lems_core.pipeline, "build_profile", broken)
-    _button(app, "Build profile").click().run()
+    monkeypatch.setattr(lems_core.pipeline, "build_profile_job", broken)
+    button_labelled(app, "Build profile").click().run()
     assert _wait_for_job(app, "build_job_id").status == "failed"
     app.run()
     assert any("GGUF file not found" in e.value for e in app.error)
 
 
-def _button(at: AppTest, label: str):
+def button_labelled(at: AppTest, label: str):
+    """The page's button with this label."""
     return next(b for b in at.button if b.label == label)
 
 
@@ -307,15 +308,14 @@ def test_ars_is_compared_when_trained_and_explained_when_not(app, monkeypatch):
     assert "ars" in app.multiselect(key="compare_methods").value
     assert any(i.value.startswith("ARS: no ARS plan") for i in app.info)
 
-    def fake_run(profile_folder, ratios, preset_name="cpu-small", device=None, cache_dir=None,
-                 progress=None, cancel=None):
+    def fake_run(profile_folder, ratios, preset_name="cpu-small", progress=None, cancel=None, run=None):
         progress(0.5, "training")
         return [{"ratio": r} for r in ratios]
 
-    monkeypatch.setattr(pipeline, "run_ars_job", fake_run)
+    monkeypatch.setattr(pipeline.ars_training, "run_ars_job", fake_run)
     form_text = next(t for t in app.text_input if t.label.startswith("Budgets"))
     form_text.set_value("0.7, 0.8")
-    _button(app, "Train ARS").click().run()
+    button_labelled(app, "Train ARS").click().run()
     state = _wait_for_job(app, "ars_job_id")
     assert state.status == "done" and state.result == [{"ratio": 0.7}, {"ratio": 0.8}]
     app.run()
@@ -327,10 +327,10 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
 
     seen = []
 
-    def fake_evaluate(plan, datasets, max_windows=None, seq_len=512, device=None, progress=None, cancel=None,
-                      calibration=None, **_):
-        seen.append((plan.method, round(plan.budget, 2), calibration.to_dict(), tuple(datasets), max_windows, seq_len))
-        progress(0.5, "perplexity")
+    def fake_evaluate(plan, datasets, protocol=None, run=None, calibration=None, **_):
+        seen.append((plan.method, round(plan.budget, 2), calibration.to_dict(), tuple(datasets), protocol.max_windows,
+                     protocol.seq_len))
+        run.report(0.5, "perplexity")
         summary = plan.summary
         return pipeline.EvalResult(
             method=plan.method, decomposition=plan.decomposition, budget=plan.budget,
@@ -339,12 +339,12 @@ def test_evaluation_job_stores_results_and_plots_them(app, monkeypatch):
             params_total=summary["params_total"], seconds=0.1, device="cpu", model_source=plan.model_source,
             fingerprint=plan.fingerprint)
 
-    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    monkeypatch.setattr(pipeline.jobs, "evaluate_plan", fake_evaluate)
     goto(app, "app_pages/allocate.py")
     goto(app, "app_pages/compress.py")
     assert any("No stored results" in i.value for i in app.info)
     app.multiselect[1].set_value(["lems", "uniform"])  # new plans of ...
-    _button(app, "Compress & evaluate").click().run()
+    button_labelled(app, "Compress & evaluate").click().run()
     state = _wait_for_job(app, "eval_job_id")
     assert state.status == "done", state.error
     assert len(seen) == 2 * 3  # 2 methods x 3 default budgets; the current plan (LEMS @ 0.8) is one of them
@@ -382,7 +382,7 @@ def test_model_scored_plans_are_built_in_the_job_and_factorised_as_chosen(app, m
 
     seen, asked = [], []
 
-    def fake_score_function(profile, kind, device=None, cache_dir=None, cancel=None):
+    def fake_score_function(profile, kind, run=None):
         asked.append(kind)
         if kind == "kl":  # erc_plc: a failing scorer must not stop the other plans
             raise ValueError("no model behind this profile")
@@ -398,13 +398,13 @@ def test_model_scored_plans_are_built_in_the_job_and_factorised_as_chosen(app, m
             kl=0.1, params_kept=summary["params_kept"], params_total=summary["params_total"], seconds=0.1, device="cpu",
             model_source=plan.model_source, fingerprint=plan.fingerprint)
 
-    monkeypatch.setattr(pipeline, "score_function", fake_score_function)
-    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    monkeypatch.setattr(pipeline.scoring, "score_function", fake_score_function)
+    monkeypatch.setattr(pipeline.jobs, "evaluate_plan", fake_evaluate)
     goto(app, "app_pages/compress.py")
     app.multiselect[1].set_value(["uniform", "atp", "erc_plc"])
     next(t for t in app.text_input if t.label.startswith("at budgets")).set_value("0.7")
     app.selectbox(key="factorise_with").set_value("saes")
-    _button(app, "Compress & evaluate").click().run()
+    button_labelled(app, "Compress & evaluate").click().run()
     state = _wait_for_job(app, "eval_job_id")
     assert state.status == "done", state.error
     assert sorted(seen) == [("atp", 0.7, "saes"), ("uniform", 0.7, "saes")]
@@ -439,7 +439,7 @@ def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch,
             zero_shot={"tasks": {"mine": {"acc": acc, "acc_norm": acc}}, "mean": {"acc": acc, "acc_norm": acc}},
             dense_zero_shot={"tasks": {"mine": {"acc": 0.9, "acc_norm": 0.9}}, "mean": {"acc": 0.9, "acc_norm": 0.9}})
 
-    monkeypatch.setattr(pipeline, "evaluate_plan", fake_evaluate)
+    monkeypatch.setattr(pipeline.jobs, "evaluate_plan", fake_evaluate)
     goto(app, "app_pages/allocate.py")
     goto(app, "app_pages/compress.py")
     assert app.multiselect(key="zero_shot_tasks").value == ["piqa", "openbookqa", "hellaswag", "arc_challenge",
@@ -447,14 +447,14 @@ def test_zero_shot_tasks_reach_the_job_and_accuracy_is_plotted(app, monkeypatch,
     app.toggle(key="zero_shot_on").set_value(True).run()  # the task fields are enabled by the toggle
     assert app.multiselect(key="zero_shot_local").options == ["evil.yaml", "mine.yaml"]  # the server's folder only
     app.multiselect(key="zero_shot_local").set_value(["evil.yaml"])
-    _button(app, "Compress & evaluate").click().run()
+    button_labelled(app, "Compress & evaluate").click().run()
     assert any("Task evil.yaml" in e.value and "!function" in e.value for e in app.error) and not seen
     assert "eval_job_id" not in app.session_state
 
     app.multiselect(key="zero_shot_tasks").set_value(["arc_easy"])
     app.multiselect(key="zero_shot_local").set_value(["mine.yaml"])
     app.number_input(key="zero_shot_limit").set_value(50)
-    _button(app, "Compress & evaluate").click().run()
+    button_labelled(app, "Compress & evaluate").click().run()
     state = _wait_for_job(app, "eval_job_id")
     assert state.status == "done", state.error
     assert seen == [(("wikitext2",), ("arc_easy", str(local)), 50)]
@@ -524,7 +524,7 @@ def test_reset_error_model_restores_the_reference_defaults(app):
     app.toggle(key="em_use_scale").set_value(False).run()
     app.slider(key="em_gamma").set_value(1.0).run()
     assert app.session_state["current_plan"].ranks() != before
-    _button(app, "Reset error model to defaults").click().run()
+    button_labelled(app, "Reset error model to defaults").click().run()
     assert app.slider(key="em_gamma").value == pytest.approx(5.0) and app.toggle(key="em_use_scale").value
     assert app.session_state["current_plan"].ranks() == before
 
@@ -659,11 +659,11 @@ def test_a_malformed_shipped_file_is_reported_and_the_rest_still_shows(tmp_path,
 def test_home_refuses_an_oversized_memory_budget_with_a_message(app, monkeypatch):
     import lems_core.pipeline
 
-    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    monkeypatch.setattr(lems_core.pipeline, "build_profile_job", _fake_build)
     for typed, message in (("9" * 400 + "GB", "too long"), ("1" * 30 + "GB", "at most 1 EiB"),
                            ("1e400", "cannot read memory size")):
         app.text_input[1].set_value(typed)
-        _button(app, "Build profile").click().run()
+        button_labelled(app, "Build profile").click().run()
         assert not app.exception, typed
         assert any(message in e.value for e in app.error), typed
     assert "build_job_id" not in app.session_state
@@ -676,12 +676,12 @@ def test_a_build_beyond_the_job_cap_is_refused_with_a_message(app, monkeypatch):
     from app_pages.common import job_registry
     from lems_core.jobs import MAX_ACTIVE_JOBS
 
-    monkeypatch.setattr(lems_core.pipeline, "build_profile", _fake_build)
+    monkeypatch.setattr(lems_core.pipeline, "build_profile_job", _fake_build)
     gate, registry = threading.Event(), job_registry()
     held = [registry.submit("hold", lambda progress, cancel: gate.wait(20))
             for _ in range(MAX_ACTIVE_JOBS - len(registry.active()))]
     try:
-        _button(app, "Build profile").click().run()
+        button_labelled(app, "Build profile").click().run()
         assert not app.exception
         assert any("Profile build not started" in e.value and "already queued or running" in e.value for e in app.error)
         assert "build_job_id" not in app.session_state
@@ -689,7 +689,7 @@ def test_a_build_beyond_the_job_cap_is_refused_with_a_message(app, monkeypatch):
         gate.set()
         for job in held:
             job.wait(5)
-    _button(app, "Build profile").click().run()
+    button_labelled(app, "Build profile").click().run()
     assert _wait_for_job(app, "build_job_id").status == "done"
 
 
@@ -697,7 +697,7 @@ def test_allocate_refuses_oversized_budgets_and_fractions_with_a_message(app):
     goto(app, "app_pages/allocate.py")
     form_text = next(t for t in app.text_input if t.label.startswith("Budgets"))
     form_text.set_value("0.7, 0." + "9" * 400)
-    _button(app, "Train ARS").click().run()
+    button_labelled(app, "Train ARS").click().run()
     assert not app.exception
     assert any(e.value.startswith("Budgets:") and "too long to be a number" in e.value for e in app.error)
     assert "ars_job_id" not in app.session_state

@@ -8,7 +8,7 @@ import json
 from lems_core.profile import synthetic_profile
 
 import test_app
-from test_app import _button, charts, goto
+from test_app import button_labelled, charts, goto
 
 profile_dir, app = test_app.profile_dir, test_app.app  # the page fixtures, shared with test_app
 
@@ -32,7 +32,7 @@ def test_zero_shot_tasks_are_chosen_from_the_server_list_never_typed(app, monkey
     answers = []
     for forged in (tmp_path / "tasks" / "mine.yaml", tmp_path / "no-such.yaml"):
         app.multiselect(key="zero_shot_local").set_value([str(forged)])
-        _button(app, "Compress & evaluate").click().run()
+        button_labelled(app, "Compress & evaluate").click().run()
         assert not app.exception and "eval_job_id" not in app.session_state
         answers.append([e.value for e in app.error])
     assert answers[0] == answers[1] and answers[0] == ["Zero-shot accuracy is on: choose at least one task."]
@@ -46,13 +46,13 @@ def test_one_submission_may_queue_at_most_the_evaluation_cap(app, monkeypatch):
 
     MAX_EVALUATIONS = EVALUATION_CAP
     seen = []
-    monkeypatch.setattr(pipeline, "evaluate_plan", lambda plan, *a, **k: seen.append(plan))
+    monkeypatch.setattr(pipeline.jobs, "evaluate_plan", lambda plan, *a, **k: seen.append(plan))
     goto(app, "app_pages/compress.py")
     methods = ["lems", "uniform", "svdllm_v2", "mrcs"]
     budgets = [round(0.3 + 0.01 * i, 2) for i in range(MAX_EVALUATIONS // len(methods) + 1)]
     app.multiselect[1].set_value(methods)
     next(t for t in app.text_input if t.label.startswith("at budgets")).set_value(", ".join(map(str, budgets)))
-    _button(app, "Compress & evaluate").click().run()
+    button_labelled(app, "Compress & evaluate").click().run()
     assert not app.exception
     assert any(f"at most {MAX_EVALUATIONS}" in e.value for e in app.error)
     assert "eval_job_id" not in app.session_state and not seen

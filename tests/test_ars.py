@@ -10,9 +10,10 @@ from lems_core.allocators import ars
 from lems_core.allocators import allocate, realised_ratio
 from lems_core.calibration import CalibrationConfig
 from lems_core.decompositions import Decomposer
-from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+from lems_core.model import compressible_layers, tiny_model
 from lems_core.plan import RankPlan
 from lems_core.profile import Profile, synthetic_profile
+from lems_core.run import Run
 
 from helpers import tiny_loaded
 
@@ -46,7 +47,8 @@ def setup():
 
 def _train(setup, ratio=0.5, config=FAST, cache_dir=None, **kw):
     loaded, profile, factors, windows = setup
-    return pipeline.train_ars(loaded, profile, ratio, config, cache_dir=cache_dir, factors=factors, windows=windows, **kw)
+    return pipeline.train_ars(loaded, profile, ratio, config, factors=factors, windows=windows,
+                              run=Run(cache_dir=cache_dir), **kw)
 
 
 def test_all_ones_mask_reproduces_the_dense_model_and_is_undone(setup):
@@ -152,8 +154,8 @@ def test_cached_result_returns_without_training(setup, tmp_path, monkeypatch):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(ars.allocator, "train_masks", no_training)
-    monkeypatch.setattr(pipeline, "full_factorizations", no_training)
-    again = pipeline.train_ars(loaded, profile, 0.7, config, cache_dir=tmp_path)  # no factors/windows needed
+    monkeypatch.setattr(pipeline.ars_training, "full_factorizations", no_training)
+    again = pipeline.train_ars(loaded, profile, 0.7, config, run=Run(cache_dir=tmp_path))  # no factors/windows needed
     assert again.ranks == first.ranks
     plan = ars.cached_ars_plan(profile, 0.7, cache_dir=tmp_path)
     assert plan is not None and plan.ranks() == first.ranks
@@ -192,9 +194,9 @@ def test_pipeline_path_computes_full_factors_from_cached_statistics(setup, tmp_p
     layers = compressible_layers(loaded.model)
     profile = Profile("tiny-llama", loaded.fingerprint, "svd_llm", cfg.to_dict(), layers, {})
     calib = pipeline.calibration_ids(loaded, profile)
-    factors = pipeline.full_factorizations(loaded, profile, calib, cache_dir=tmp_path)
+    factors = pipeline.full_factorizations(loaded, profile, calib, run=Run(cache_dir=tmp_path))
     profile.spectra = {n: f.sigma for n, f in factors.items()}
-    alloc = pipeline.train_ars(loaded, profile, 0.6, ars.ARSConfig(steps=2, batch_windows=1), cache_dir=tmp_path)
+    alloc = pipeline.train_ars(loaded, profile, 0.6, ars.ARSConfig(steps=2, batch_windows=1), run=Run(cache_dir=tmp_path))
     assert alloc.info["spectrum_mismatch"] < 1e-6
     assert realised_ratio(profile, alloc.ranks) <= 0.6
     assert json.loads(ars.allocation_to_plan(profile, alloc).to_json())["method"] == "ars"

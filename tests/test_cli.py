@@ -44,12 +44,13 @@ def tiny_plan(tmp_path, monkeypatch):
 
     import lems_core.pipeline as pipeline
     from lems_core.calibration import CalibrationConfig
-    from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+    from lems_core.model import compressible_layers
     from lems_core.plan import from_loadconfig
 
     loaded = tiny_loaded(8)
     model = loaded.model
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
+    for where in (pipeline, pipeline.models):  # the CLI's own loads, and the pipeline's
+        monkeypatch.setattr(where, "get_model", lambda source, device=None, offload=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "model", "rank", "layer", "the", "of", "and"]
@@ -111,8 +112,8 @@ def test_model_scored_allocators_use_the_pipeline_scorer(profile_dir, tmp_path, 
 
     asked, scored = [], []
 
-    def fake_score_function(profile, score_kind, device=None, *args, **kwargs):
-        asked.append((profile.fingerprint, score_kind, device))
+    def fake_score_function(profile, score_kind, run=None):
+        asked.append((profile.fingerprint, score_kind, run.device))
         return lambda ranks: scored.append(ranks) or float(sum(r or 0 for r in ranks.values()) % 7)
 
     monkeypatch.setattr(pipeline, "score_function", fake_score_function)
@@ -131,9 +132,9 @@ def test_cli_ars_subcommand_trains_through_run_ars_job(monkeypatch, tmp_path, ca
 
     calls = []
 
-    def fake_job(profile, ratios, preset_name, device, cache_dir, progress=None, cancel=None):
+    def fake_job(profile, ratios, preset_name, progress=None, cancel=None, run=None):
         calls.append((profile, ratios, preset_name))
-        progress(1.0, "done")
+        run.report(1.0, "done")
         return [{"summary": {"realised_ratio": r - 0.01},
                  "meta": {"ars": {"learned_ratio": r, "repair_cuts": 0, "seconds": 1.0}}} for r in ratios]
 
@@ -159,8 +160,8 @@ def test_evaluate_defaults_to_the_reference_protocol(tiny_plan, monkeypatch, cap
         def to_dict(self):
             return {"ok": True}
 
-    def fake(plan, datasets, max_windows, seq_len, device, **kw):
-        seen["args"] = (max_windows, seq_len)
+    def fake(plan, datasets, protocol, **kw):
+        seen["args"] = (protocol.max_windows, protocol.seq_len)
         return Result()
 
     from lems_core.calibration import CalibrationConfig
@@ -188,8 +189,8 @@ def test_profile_runs_the_bias_fit_by_default(monkeypatch, tmp_path, capsys, ext
 
     seen = {}
 
-    def fake_build(source, decomposition, calibration, **kw):
-        seen.update(kw, calibration=calibration)
+    def fake_build(source, decomposition, calibration, settings, **kw):
+        seen.update(kw, calibration=calibration, bias_fit_ratios=settings.bias_fit_ratios)
         return tmp_path
 
     monkeypatch.setattr(pipeline, "build_profile", fake_build)

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from lems_core.calibration import CalibrationConfig
 from lems_core.cli import main
@@ -10,6 +9,7 @@ from lems_core.compression import compress_model
 from lems_core.data import load_text
 from lems_core.evaluation import perplexity, token_windows
 from lems_core.pipeline import calibration_windows, get_model, statistics_for
+from lems_core.run import Run
 from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers
 
@@ -32,7 +32,7 @@ def test_demo_layers_and_cli(demo, capsys):
 def test_demo_svd_llm_at_0_8_end_to_end(demo, tmp_path):
     cfg = CalibrationConfig(n_samples=2, seq_len=256, n_search=1)
     calib, _ = calibration_windows(demo, cfg)
-    stats = statistics_for(demo, calib, cfg, "svd_llm", cache_dir=tmp_path)
+    stats = statistics_for(demo, calib, cfg, "svd_llm", run=Run(cache_dir=tmp_path))
     text, _ = load_text("wikitext2", "test")
     windows = token_windows(demo.tokenizer, text, 256, max_windows=2)
     dense = perplexity(demo.model, windows).ppl

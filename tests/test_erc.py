@@ -9,9 +9,10 @@ from lems_core.decompositions import Decomposer
 from lems_core.decompositions.erc import rec_factorization, rec_factorizations, rec_ranks
 from lems_core.allocators.erc_plc import allocate_erc_plc, plc_candidates, plc_keep_ratio
 from lems_core.evaluation import make_final_error_scorer
-from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+from lems_core.model import compressible_layers, tiny_model
 from lems_core.pipeline import calibration_windows, factorizations_for, plan_factorizations
 from lems_core.profile import synthetic_profile
+from lems_core.run import Run
 from lems_core.statistics import collect_input_stats
 
 from helpers import tiny_loaded
@@ -129,9 +130,9 @@ def test_erc_through_the_pipeline(tmp_path):
     path.write_text("".join(chr(c) for c in np.random.default_rng(0).integers(32, 127, 20000)))
     cfg = CalibrationConfig(dataset=str(path), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     ranks = {l.name: int(0.6 * l.eq_rank) for l in compressible_layers(m)}
-    ours = plan_factorizations(loaded, cfg, "erc", ranks, cache_dir=tmp_path / "c")
+    ours = plan_factorizations(loaded, cfg, "erc", ranks, run=Run(cache_dir=tmp_path / "c"))
     calib, _ = calibration_windows(loaded, cfg)
-    base = factorizations_for(loaded, cfg, "svd_llm", cache_dir=tmp_path / "c", calib_ids=calib)
+    base = factorizations_for(loaded, cfg, "svd_llm", calib_ids=calib, run=Run(cache_dir=tmp_path / "c"))
     expected = rec_factorizations(m, base, ranks)
     assert set(ours) == set(expected) == set(ranks)
     for name, f in ours.items():

@@ -71,7 +71,7 @@ def test_hf_export_loads_in_transformers_and_in_lems_with_the_same_logits(hf_pla
     torch.save(ids, tmp_path / "ids.pt")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "PYTHONPATH": str(pipeline.Path(pipeline.__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(pipeline.__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", LOAD_BOTH, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

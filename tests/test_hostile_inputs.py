@@ -19,10 +19,11 @@ import torch
 import lems_core.pipeline as pipeline
 from lems_core.calibration import CalibrationConfig, untrusted_calibration
 from lems_core.cli import main
-from lems_core.evaluation import Cancelled
+from lems_core.evaluation import Cancelled, EvalProtocol
 from lems_core.model import compressible_layers
 from lems_core.plan import PlanError, RankPlan, from_loadconfig, plan_file_name
 from lems_core.profile import CHECKSUM_FIELD, PROFILE_JSON, Profile, ProfileError, synthetic_profile
+from lems_core.run import Run
 
 from helpers import error_within, tiny_loaded, word_corpus
 
@@ -49,7 +50,8 @@ def served(loaded, tmp_path, monkeypatch):
         asked.append(source)
         return loaded
 
-    monkeypatch.setattr(pipeline, "get_model", fake_get_model)
+    for where in (pipeline, pipeline.models):  # the CLI's own loads, and the pipeline's
+        monkeypatch.setattr(where, "get_model", fake_get_model)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     return loaded, asked
 
@@ -86,12 +88,14 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 def test_uploaded_plan_calibration_path_is_never_opened(served, corpus, tmp_path, monkeypatch):
     loaded, asked = served
     opened = []
-    monkeypatch.setattr(pipeline, "load_text", lambda *a, **k: opened.append(a) or ("", None))
+    for where in (pipeline.artefacts, pipeline.evaluation):
+        monkeypatch.setattr(where, "load_text", lambda *a, **k: opened.append(a) or ("", None))
     profile = _profile_for(loaded, corpus)
     hostile = _plan(loaded)
     hostile.meta["calibration"] = {"dataset": "/etc/passwd", "split": "train", "n_samples": 2, "seq_len": 8}
     with pytest.raises(ValueError, match=r"'/etc/passwd' is not a known dataset name .*never opened"):
-        pipeline.evaluate_and_store(hostile, profile=profile, cache_dir=tmp_path / "cache", datasets=["wikitext2"])
+        pipeline.evaluate_and_store(hostile, profile=profile, run=Run(cache_dir=tmp_path / "cache"),
+                                    datasets=["wikitext2"])
     assert opened == [] and asked == []  # nothing read, no model loaded
     assert not (tmp_path / "cache" / "tensors").exists()  # no statistics cached from it
 
@@ -103,8 +107,8 @@ def test_uploaded_plan_model_source_is_replaced_by_the_profiles(served, corpus, 
     hostile.meta["calibration"] = profile.calibration  # the profile's own config: used as the profile's
     plan, calibration = pipeline.plan_for_profile(hostile, profile)
     assert plan.model_source == "tiny-llama" and calibration.dataset == str(corpus)
-    result = pipeline.evaluate_and_store(hostile, profile=profile, cache_dir=tmp_path / "cache", datasets=[str(corpus)],
-                                         max_windows=1, seq_len=32, with_kl=False)
+    result = pipeline.evaluate_and_store(hostile, profile=profile, run=Run(cache_dir=tmp_path / "cache"),
+                                         datasets=[str(corpus)], protocol=EvalProtocol(32, 1), with_kl=False)
     assert set(asked) == {"tiny-llama"} and result["model_source"] == "tiny-llama"
 
 
@@ -161,12 +165,12 @@ def _slow_perplexity(monkeypatch):
     """Widen the window in which an unlocked second job would see compressed weights."""
     import time
 
-    real = pipeline.perplexity
+    real = pipeline.evaluation.perplexity
 
     def slow(*args, **kwargs):
         time.sleep(0.05)
         return real(*args, **kwargs)
-    monkeypatch.setattr(pipeline, "perplexity", slow)
+    monkeypatch.setattr(pipeline.evaluation, "perplexity", slow)
 
 
 def _run_in_threads(fn, n: int, timeout: float) -> list[Exception]:
@@ -189,14 +193,14 @@ def _run_in_threads(fn, n: int, timeout: float) -> list[Exception]:
 def test_two_evaluations_at_once_get_the_clean_numbers(served, corpus, tmp_path, monkeypatch):
     loaded, _ = served
     plans = [_plan(loaded, corpus, keep=0.3), _plan(loaded, corpus, keep=0.6)]
-    kwargs = dict(datasets=[str(corpus)], max_windows=2, seq_len=32, with_kl=True)
-    alone = [pipeline.evaluate_plan(p, cache_dir=tmp_path / f"alone{i}", **kwargs) for i, p in enumerate(plans)]
+    kwargs = dict(datasets=[str(corpus)], protocol=EvalProtocol(32, 2), with_kl=True)
+    alone = [pipeline.evaluate_plan(p, run=Run(cache_dir=tmp_path / f"alone{i}"), **kwargs) for i, p in enumerate(plans)]
     _slow_perplexity(monkeypatch)
     barrier, together = threading.Barrier(2), [None, None]
 
     def run(i):
         barrier.wait()
-        together[i] = pipeline.evaluate_plan(plans[i], cache_dir=tmp_path / f"together{i}", **kwargs)
+        together[i] = pipeline.evaluate_plan(plans[i], run=Run(cache_dir=tmp_path / f"together{i}"), **kwargs)
     assert not _run_in_threads(run, 2, timeout=120)
     for a, b in zip(alone, together):
         assert b.dense_ppl == a.dense_ppl and b.ppl == a.ppl and b.kl == pytest.approx(a.kl, rel=1e-6)
@@ -212,12 +216,12 @@ def test_model_jobs_wait_for_the_model_lock_and_stay_cancellable(job, served, co
     cancel, messages, outcome = threading.Event(), [], []
     cfg = CalibrationConfig.from_dict(Profile.load(profile_dir).calibration)
     calls = {
-        "build": lambda: pipeline.build_profile(loaded, "svd", cfg, cache_dir=tmp_path / "c", progress=progress,
-                                                cancel=cancel),
-        "ars": lambda: pipeline.run_ars_job(profile_dir, [0.6], "cpu-small", cache_dir=tmp_path / "c",
+        "build": lambda: pipeline.build_profile(loaded, "svd", cfg, run=Run(cache_dir=tmp_path / "c",
+                                                                             progress=progress, cancel=cancel)),
+        "ars": lambda: pipeline.run_ars_job(profile_dir, [0.6], "cpu-small", run=Run(cache_dir=tmp_path / "c"),
                                             progress=progress, cancel=cancel),
-        "evaluate": lambda: pipeline.evaluate_plan(_plan(loaded, corpus), [str(corpus)], 1, 32, progress=progress,
-                                                   cancel=cancel, cache_dir=tmp_path / "c"),
+        "evaluate": lambda: pipeline.evaluate_plan(_plan(loaded, corpus), [str(corpus)], EvalProtocol(32, 1),
+                                                   run=Run(cache_dir=tmp_path / "c", progress=progress, cancel=cancel)),
     }
 
     def progress(fraction, message):
@@ -301,8 +305,9 @@ def test_cli_checks_the_plan_against_the_models_layers(case, command, served, co
     assert __import__("re").search(message, err), err
     assert not out.exists()  # nothing half-written
     with pytest.raises(PlanError, match=message):
-        pipeline.evaluate_plan(plan, [str(corpus)], 1, 32, calibration=CalibrationConfig.from_dict(
-            {"dataset": str(corpus), "split": "train", "n_samples": 2, "seq_len": 32}), cache_dir=tmp_path / "c")
+        pipeline.evaluate_plan(plan, [str(corpus)], EvalProtocol(32, 1), calibration=CalibrationConfig.from_dict(
+            {"dataset": str(corpus), "split": "train", "n_samples": 2, "seq_len": 32}),
+            run=Run(cache_dir=tmp_path / "c"))
 
 
 # ------------------------------------------------ 4. saved plans never overwrite each other

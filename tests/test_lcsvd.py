@@ -13,8 +13,9 @@ from lems_core.decompositions.lcsvd import LcOptions, lcsvd_factorizations, svd_
 from lems_core.budget import block_params
 from lems_core.evaluation import make_final_error_scorer
 from lems_core.allocators.lcsvd_search import allocate_lcsvd_search, project_to_budget, sensitivity_prior
-from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+from lems_core.model import compressible_layers
 from lems_core.profile import synthetic_profile
+from lems_core.run import Run
 from lems_core.statistics import collect_input_stats
 
 from helpers import uniform_ranks, tiny_loaded
@@ -73,7 +74,7 @@ def test_lcsvd_through_the_pipeline(tmp_path, monkeypatch):
     path.write_text("".join(chr(c) for c in np.random.default_rng(0).integers(32, 127, 20000)))
     cfg = CalibrationConfig(dataset=str(path), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     ranks = uniform_ranks(m, 0.6)
-    factors = pipeline.plan_factorizations(loaded, cfg, "lcsvd", ranks, cache_dir=tmp_path / "c")
+    factors = pipeline.plan_factorizations(loaded, cfg, "lcsvd", ranks, run=Run(cache_dir=tmp_path / "c"))
     assert set(factors) == set(ranks)
     with pipeline.compressed(loaded, ranks, factors):
         assert torch.isfinite(m(torch.arange(16)[None]).logits).all()

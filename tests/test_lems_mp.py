@@ -215,14 +215,14 @@ def test_layer_kl_at_ranks_equals_the_sweep_and_measures_the_floor():
     from lems_core.adaptive_measure import layer_kl_at_ranks
     from lems_core.decompositions import Decomposer
     from lems_core.model import compressible_layers, tiny_model
-    from lems_core.sensitivity import layer_kl_sweep, rank_at
+    from lems_core.sensitivity import SweepOptions, layer_kl_sweep, rank_at
 
     model = tiny_model("llama", seed=3)
     ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(3))
     layers = compressible_layers(model)
     decomposer = Decomposer("svd")
     factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
-    sweep, _ = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], batch_size=2)
+    sweep = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], SweepOptions(batch_size=2)).kl
     picked = [layers[-1], layers[0], layers[len(layers) // 2]]  # out of block order on purpose
     requests = [(l.name, rank_at(l, 0.3)) for l in picked]
     values, floor = layer_kl_at_ranks(model, layers, lambda l: factors[l.name], ids, requests, 2, with_floor=True)

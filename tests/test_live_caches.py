@@ -125,13 +125,15 @@ def test_a_plan_decomposes_only_its_factorised_layers_and_each_once(tmp_path, mo
     from lems_core import pipeline
     from lems_core.calibration import CalibrationConfig
     from lems_core.decompositions import Decomposer
+    from lems_core.model import compressible_layers
+    from lems_core.run import Run
 
     from helpers import tiny_loaded, word_corpus
 
     loaded = tiny_loaded(8)
     cfg = CalibrationConfig(dataset=str(word_corpus(tmp_path / "corpus.txt")), split="train", n_samples=3, seq_len=48,
                             seed=1, n_search=2)
-    names = [l.name for l in pipeline.compressible_layers(loaded.model)]
+    names = [l.name for l in compressible_layers(loaded.model)]
     first = {n: (4 if i % 3 == 0 else None) for i, n in enumerate(names)}
     second = {n: (4 if i % 2 == 0 else None) for i, n in enumerate(names)}
     calls = []
@@ -140,19 +142,19 @@ def test_a_plan_decomposes_only_its_factorised_layers_and_each_once(tmp_path, mo
                         real_call(self, layer, *a, **k))
     cache = tmp_path / "cache"
     statistics = lambda: sorted(p.parent.name for p in (cache / "tensors").glob("*/*.safetensors"))  # noqa: E731
-    got = pipeline.plan_factorizations(loaded, cfg, "kfac", first, cache_dir=cache)
+    got = pipeline.plan_factorizations(loaded, cfg, "kfac", first, run=Run(cache_dir=cache))
     assert set(got) == {n for n, r in first.items() if r is not None} == set(calls)
     assert "grads" not in statistics() and "inputs" not in statistics()  # the plan's Grams only, not cached
     calls.clear()
-    again = pipeline.plan_factorizations(loaded, cfg, "kfac", second, cache_dir=cache)
+    again = pipeline.plan_factorizations(loaded, cfg, "kfac", second, run=Run(cache_dir=cache))
     assert set(calls) == {n for n, r in second.items() if r is not None} - set(got)  # only the new layers
     assert {"grads", "inputs"} <= set(statistics())  # the second plan computed (and cached) the whole model's
-    whole = pipeline.factorizations_for(loaded, cfg, "kfac", cache_dir=tmp_path / "other")
+    whole = pipeline.factorizations_for(loaded, cfg, "kfac", run=Run(cache_dir=tmp_path / "other"))
     for name, f in {**got, **again}.items():
         assert torch.equal(f.left, whole[name].left) and torch.equal(f.right, whole[name].right)
         assert np.array_equal(f.sigma, whole[name].sigma)
     calls.clear()
-    full = pipeline.plan_factorizations(loaded, cfg, "kfac", second, cache_dir=tmp_path / "other")
+    full = pipeline.plan_factorizations(loaded, cfg, "kfac", second, run=Run(cache_dir=tmp_path / "other"))
     assert not calls and set(full) == set(names)  # the cached whole-model file, as before
 
 
@@ -162,7 +164,8 @@ def test_a_shipped_dense_perplexity_is_used_only_for_its_model_and_protocol(tmp_
     import json
 
     from lems_core import cache, pipeline
-    from lems_core.evaluation import PerplexityResult
+    from lems_core.evaluation import EvalProtocol, PerplexityResult
+    from lems_core.run import Run
 
     from helpers import tiny_loaded, word_corpus
 
@@ -173,10 +176,12 @@ def test_a_shipped_dense_perplexity_is_used_only_for_its_model_and_protocol(tmp_
     (tmp_path / "demo" / pipeline.SHIPPED_DENSE_PPL).write_text(json.dumps({"entries": [entry]}))
     monkeypatch.setattr(cache, "DEMO_DIR", tmp_path / "demo")
     runs = []
-    monkeypatch.setattr(pipeline, "perplexity", lambda *a, **k: runs.append(1) or PerplexityResult(7.0, 2.0, 1, 1, 0))
-    assert pipeline.dense_perplexity(loaded, corpus, 32, 4, tmp_path / "c", split="test") == 12.5 and not runs
-    assert pipeline.index(tmp_path / "c").get(f"dense-ppl:{cache.key_of(loaded.fingerprint, corpus, 'test', 32, 4)}") \
+    monkeypatch.setattr(pipeline.evaluation, "perplexity",
+                        lambda *a, **k: runs.append(1) or PerplexityResult(7.0, 2.0, 1, 1, 0))
+    run = Run(cache_dir=tmp_path / "c")
+    assert pipeline.dense_perplexity(loaded, corpus, EvalProtocol(32, 4), split="test", run=run) == 12.5 and not runs
+    assert cache.index(tmp_path / "c").get(f"dense-ppl:{cache.key_of(loaded.fingerprint, corpus, 'test', 32, 4)}") \
         == 12.5
-    assert pipeline.dense_perplexity(loaded, corpus, 32, 8, tmp_path / "c", split="test") == 7.0 and runs  # other cap
+    assert pipeline.dense_perplexity(loaded, corpus, EvalProtocol(32, 8), split="test", run=run) == 7.0 and runs  # other cap
     loaded.model.half()
     assert pipeline.shipped_dense_perplexity(loaded, corpus, "test", 32, 4) is None  # not float32

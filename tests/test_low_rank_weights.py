@@ -16,7 +16,9 @@ import torch
 
 from lems_core.compression import compress_model
 from lems_core.decompositions import METHODS, RANK_DEPENDENT, SPECS, Decomposer, Factorization
+from lems_core.evaluation import EvalProtocol
 from lems_core.model import compressible_layers, model_fingerprint
+from lems_core.run import Run
 from lems_core.statistics import collect_fisher_rows, collect_grad_grams, collect_input_stats
 
 from helpers import tiny_loaded, word_corpus
@@ -112,14 +114,14 @@ def test_evaluate_keeping_more_than_the_true_rank_gives_a_finite_perplexity(tmp_
     from lems_core.plan import from_loadconfig
 
     loaded = with_low_rank_layer()
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, offload=None: loaded)
     corpus = word_corpus(tmp_path / "corpus.txt")
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=3, seq_len=48, seed=1, n_search=2)
     layers = compressible_layers(loaded.model)
     plan = from_loadconfig({l.name: 0.8 for l in layers}, layers, "tiny-llama", loaded.fingerprint,
                            decomposition="svd", meta={"calibration": cfg.to_dict()})
     assert plan.ranks()[LOW_RANK] > TRUE_RANK
-    result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c")
+    result = pipeline.evaluate_plan(plan, [str(corpus)], EvalProtocol(32, 2), run=Run(cache_dir=tmp_path / "c"))
     assert all(math.isfinite(p) for p in result.ppl.values()) and math.isfinite(result.kl)
 
 
@@ -143,12 +145,13 @@ def test_compress_refuses_a_non_finite_factor(setup):
 
 def test_the_kl_sweep_refuses_a_non_finite_factor(setup):
     from lems_core.decompositions import NonFiniteFactorsError
-    from lems_core.sensitivity import layer_kl_sweep
+    from lems_core.sensitivity import SweepOptions, layer_kl_sweep
 
     loaded, ids, layers, _ = setup
     factors = {LOW_RANK: poisoned(static_factors(setup, "svd", LOW_RANK))}
     with pytest.raises(NonFiniteFactorsError, match=LOW_RANK):
-        layer_kl_sweep(loaded.model, list(layers.values()), lambda l: factors[l.name], ids, [0.5], only={LOW_RANK})
+        layer_kl_sweep(loaded.model, list(layers.values()), lambda l: factors[l.name], ids, [0.5],
+                       SweepOptions(only={LOW_RANK}))
 
 
 def test_the_decomposer_refuses_a_non_finite_weight(setup):
@@ -181,9 +184,10 @@ def test_evaluate_refuses_a_non_finite_factor(setup, tmp_path, monkeypatch):
     layers = compressible_layers(loaded.model)
     factors = {l.name: static_factors(setup, "svd", l.name) for l in layers}
     factors[LOW_RANK] = poisoned(factors[LOW_RANK])
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
-    monkeypatch.setattr(pipeline, "plan_factorizations", lambda *a, **k: factors)
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, offload=None: loaded)
+    monkeypatch.setattr(pipeline.evaluation, "plan_factorizations", lambda *a, **k: factors)
     corpus = word_corpus(tmp_path / "corpus.txt")
     plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, "tiny-llama", loaded.fingerprint, decomposition="svd")
     with pytest.raises(NonFiniteFactorsError, match=LOW_RANK):
-        pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c", with_kl=False)
+        pipeline.evaluate_plan(plan, [str(corpus)], EvalProtocol(32, 2), run=Run(cache_dir=tmp_path / "c"),
+                               with_kl=False)

@@ -6,10 +6,11 @@ import torch
 
 from lems_core.cache import load_tensors, save_tensors
 from lems_core.calibration import CalibrationConfig
-from lems_core.model import LoadedModel, model_fingerprint, tiny_model
+from lems_core.evaluation import EvalProtocol
 from lems_core.numerics import KL_ROUNDOFF
-from lems_core.pipeline import build_profile, factorizations_for
+from lems_core.pipeline import ProfileSettings, build_profile, factorizations_for
 from lems_core.profile import Profile, ProfileError
+from lems_core.run import Run
 
 from helpers import tiny_loaded, word_corpus
 
@@ -31,8 +32,8 @@ def _cfg(corpus):
 def test_profile_is_built_cached_and_reloaded(loaded, corpus, tmp_path):
     cache = tmp_path / "cache"
     stages = []
-    folder = build_profile(loaded, "kfac", _cfg(corpus), extra_ratios=(0.5,), cache_dir=cache,
-                           progress=lambda f, m: stages.append(f))
+    folder = build_profile(loaded, "kfac", _cfg(corpus), ProfileSettings(extra_ratios=(0.5,)),
+                           run=Run(cache_dir=cache, progress=lambda f, m: stages.append(f)))
     profile = Profile.load(folder)
     assert len(profile.layers) == 21 and profile.decomposition == "kfac"
     assert profile.kl_ref.shape == (21,) and np.all(profile.kl_ref > 0)
@@ -41,22 +42,25 @@ def test_profile_is_built_cached_and_reloaded(loaded, corpus, tmp_path):
     # less compression hurts less, for most layers
     assert np.mean(profile.measured[0.5] < profile.kl_ref) > 0.8
     assert stages[-1] == 1.0 and all(a <= b + 1e-9 for a, b in zip(stages, stages[1:]))
-    factors = factorizations_for(loaded, _cfg(corpus), "kfac", cache_dir=cache)
+    factors = factorizations_for(loaded, _cfg(corpus), "kfac", run=Run(cache_dir=cache))
     name = profile.layers[3].name
     assert np.allclose(profile.spectra[name], factors[name].sigma)
     before = (folder / "profile.json").stat().st_mtime_ns
-    assert build_profile(loaded, "kfac", _cfg(corpus), extra_ratios=(0.5,), cache_dir=cache) == folder
+    assert build_profile(loaded, "kfac", _cfg(corpus), ProfileSettings(extra_ratios=(0.5,)),
+                         run=Run(cache_dir=cache)) == folder
     assert (folder / "profile.json").stat().st_mtime_ns == before  # reused, not recomputed
 
 
 def test_corrupt_profile_is_detected_and_rebuilt(loaded, corpus, tmp_path):
     cache = tmp_path / "cache"
-    folder = build_profile(loaded, "svd_llm", _cfg(corpus), measure_scale=False, cache_dir=cache)
+    folder = build_profile(loaded, "svd_llm", _cfg(corpus), ProfileSettings(measure_scale=False),
+                           run=Run(cache_dir=cache))
     spectra = folder / "spectra.safetensors"
     spectra.write_bytes(spectra.read_bytes()[:-8] + b"garbage!")
     with pytest.raises(ProfileError, match="checksum"):
         Profile.load(folder)
-    assert build_profile(loaded, "svd_llm", _cfg(corpus), measure_scale=False, cache_dir=cache) == folder
+    assert build_profile(loaded, "svd_llm", _cfg(corpus), ProfileSettings(measure_scale=False),
+                         run=Run(cache_dir=cache)) == folder
     assert Profile.load(folder).kl_ref is None
 
 
@@ -107,7 +111,7 @@ def test_plan_factorizations_runs_saes_from_the_registry(loaded, corpus, tmp_pat
 
     layers = compressible_layers(loaded.model)
     ranks = {l.name: (l.eq_rank // 2 if l.block == 1 else None) for l in layers}
-    factors = pipeline.plan_factorizations(loaded, _cfg(corpus), "saes", ranks, cache_dir=tmp_path / "cache")
+    factors = pipeline.plan_factorizations(loaded, _cfg(corpus), "saes", ranks, run=Run(cache_dir=tmp_path / "cache"))
     assert "saes" in pipeline.RANK_DEPENDENT and pipeline.BASE_DECOMPOSITION["saes"] == "svd_llm"
     planned = {n for n, r in ranks.items() if r is not None}
     assert set(factors) == planned
@@ -137,19 +141,19 @@ def test_evaluate_plan_uses_the_decomposition_argument(loaded, corpus, tmp_path,
     from lems_core.model import compressible_layers
     from lems_core.plan import from_loadconfig
 
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, offload=None: loaded)
     used = []
     real = pipeline.plan_factorizations
-    monkeypatch.setattr(pipeline, "plan_factorizations",
+    monkeypatch.setattr(pipeline.evaluation, "plan_factorizations",
                         lambda l, cfg, decomposition, *a, **k: used.append(decomposition) or real(l, cfg, decomposition, *a, **k))
     layers = compressible_layers(loaded.model)
     plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, "tiny-llama", loaded.fingerprint,
                            decomposition="kfac", meta={"calibration": _cfg(corpus).to_dict()})
-    result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c",
+    result = pipeline.evaluate_plan(plan, [str(corpus)], EvalProtocol(32, 2), run=Run(cache_dir=tmp_path / "c"),
                                     decomposition="svd_llm_v2", with_kl=False)
     assert used == ["svd_llm_v2"] and result.decomposition == "svd_llm_v2"
     assert result.settings["plan_decomposition"] == "kfac"
-    result = pipeline.evaluate_plan(plan, [str(corpus)], max_windows=2, seq_len=32, cache_dir=tmp_path / "c",
+    result = pipeline.evaluate_plan(plan, [str(corpus)], EvalProtocol(32, 2), run=Run(cache_dir=tmp_path / "c"),
                                     with_kl=False)
     assert used[-1] == "kfac" and result.decomposition == "kfac"
 
@@ -159,11 +163,11 @@ def test_add_measured_points_grows_a_profile_without_changing_its_key(loaded, co
     from lems_core import pipeline
     from lems_core.pipeline import add_measured_points
 
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, **kw: loaded)
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, **kw: loaded)
     cache = tmp_path / "cache"
-    folder = build_profile(loaded, "svd_llm", _cfg(corpus), cache_dir=cache)
+    folder = build_profile(loaded, "svd_llm", _cfg(corpus), run=Run(cache_dir=cache))
     before = Profile.load(folder)
-    grown = add_measured_points(folder, (0.5, 0.9), cache_dir=cache)
+    grown = add_measured_points(folder, (0.5, 0.9), run=Run(cache_dir=cache))
     assert set(grown.measured) == {0.5, 0.9} and grown.key == before.key
     # a layer kept at 0.9 can change the logits by round-off only: its KL is measured as >= 0, never -eps
     assert np.all(grown.measured[0.9] >= 0) and np.all(grown.measured[0.5] >= 0)
@@ -176,7 +180,8 @@ def test_profile_records_the_kl_floor_and_the_reference_bias_fit(loaded, corpus,
     """Building a profile runs the reference LEMS's (alpha, gamma) search and measures the KL floor."""
     from lems_core.allocators import allocate, allocate_lems, fitted_params
 
-    folder = build_profile(loaded, "svd_llm", _cfg(corpus), cache_dir=tmp_path / "cache", bias_fit_ratios=(0.7,))
+    folder = build_profile(loaded, "svd_llm", _cfg(corpus), ProfileSettings(bias_fit_ratios=(0.7,)),
+                           run=Run(cache_dir=tmp_path / "cache"))
     profile = Profile.load(folder)
     assert profile.kl_floor["reference_precision"] == "fp32"
     # no bf16 floor: 0 up to the float32 round-off of a KL between equal distributions (clamped at 0 where measured)
@@ -205,13 +210,13 @@ def test_plan_only_factors_equal_the_whole_model_ones(loaded, corpus, tmp_path, 
 
     layers = compressible_layers(loaded.model)
     ranks = {l.name: (2 if i % 3 == 0 else None) for i, l in enumerate(layers)}  # a third factorised
-    planned = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, cache_dir=tmp_path / "plan")
+    planned = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, run=Run(cache_dir=tmp_path / "plan"))
     assert set(planned) == {n for n, r in ranks.items() if r is not None}
-    whole = factorizations_for(loaded, _cfg(corpus), decomposition, cache_dir=tmp_path / "whole")
+    whole = factorizations_for(loaded, _cfg(corpus), decomposition, run=Run(cache_dir=tmp_path / "whole"))
     for name, factors in planned.items():
         np.testing.assert_allclose(factors.sigma, whole[name].sigma, rtol=1e-6, atol=1e-9)
         left, right = factors.factors(2)
         wl, wr = whole[name].factors(2)
         torch.testing.assert_close(left @ right, wl @ wr, rtol=1e-5, atol=1e-6)
-    again = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, cache_dir=tmp_path / "plan")
+    again = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, run=Run(cache_dir=tmp_path / "plan"))
     assert all(torch.equal(again[n].factors(2)[0], planned[n].factors(2)[0]) for n in planned)  # from the per-layer files

@@ -6,8 +6,9 @@ import torch
 from lems_core.calibration import CalibrationConfig
 from lems_core.decompositions import Decomposer
 from lems_core.evaluation import make_final_error_scorer
-from lems_core.model import LoadedModel, compressible_layers, model_fingerprint, tiny_model
+from lems_core.model import compressible_layers
 from lems_core.pipeline import BASE_DECOMPOSITION, RANK_DEPENDENT, plan_factorizations, statistics_for
+from lems_core.run import Run
 from lems_core.decompositions.saes import (FsFoa, GroupStats, SaesOptions, Whitening, aces_beta, cealc_factorization,
                                            fs_foa, saes_factorizations)
 from lems_core.statistics import collect_input_stats
@@ -162,10 +163,10 @@ def test_svd_llm_v2_is_selectable_and_optimal(loaded, cfg, tmp_path):
     from dataclasses import replace
     cfg = replace(cfg, n_samples=4, seq_len=64)  # 256 tokens: well-conditioned Grams of the 64-wide inputs
     ranks = uniform_ranks(loaded.model, 0.6)
-    factors = plan_factorizations(loaded, cfg, "svd_llm_v2", ranks, cache_dir=tmp_path / "c")
+    factors = plan_factorizations(loaded, cfg, "svd_llm_v2", ranks, run=Run(cache_dir=tmp_path / "c"))
     from lems_core.pipeline import calibration_windows
     calib, _ = calibration_windows(loaded, cfg)
-    stats = statistics_for(loaded, calib, cfg, "svd_llm_v2", cache_dir=tmp_path / "c")
+    stats = statistics_for(loaded, calib, cfg, "svd_llm_v2", run=Run(cache_dir=tmp_path / "c"))
     dec = Decomposer("svd_llm_v2")
     for layer in compressible_layers(loaded.model)[:4]:  # q k v o: 64-wide inputs
         w = loaded.model.get_submodule(layer.name).weight
@@ -182,9 +183,9 @@ def test_saes_is_registered_and_cached(loaded, cfg, tmp_path):
     ranks = uniform_ranks(loaded.model, 0.5)
     ranks[compressible_layers(loaded.model)[0].name] = None
     cache = tmp_path / "c"
-    first = plan_factorizations(loaded, cfg, "saes", ranks, cache_dir=cache)
+    first = plan_factorizations(loaded, cfg, "saes", ranks, run=Run(cache_dir=cache))
     assert set(first) == {n for n, r in ranks.items() if r is not None}
     assert list((cache / "tensors" / "factors").glob("*.safetensors"))
-    again = plan_factorizations(loaded, cfg, "saes", ranks, cache_dir=cache)
+    again = plan_factorizations(loaded, cfg, "saes", ranks, run=Run(cache_dir=cache))
     for name, f in first.items():
         assert torch.equal(f.left, again[name].left) and np.array_equal(f.sigma, again[name].sigma)

@@ -14,6 +14,7 @@ from lems_core.decompositions import DecompositionOptions, Decomposer
 from lems_core.memory import (GramLedger, MemoryBudgetError, grad_gram_bytes, input_gram_bytes, parse_bytes,
                               plan_windows)
 from lems_core.model import compressible_layers
+from lems_core.run import Run
 from lems_core.statistics import collect_grad_grams, collect_input_stats, window_grad_grams
 from lems_core.blocks import capture_block_inputs
 from lems_core.streaming import StreamPlan, decomposition_workspace, plan_stream, streamed_factorizations
@@ -104,8 +105,10 @@ def test_fp16_factors_are_stored_half_size(tmp_path, one_thread):
     loaded = tiny_loaded(0)
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(1))
     plan = _stream_plan(loaded, 3)
-    a = streamed_factorizations(loaded, ids, "svd_llm", DecompositionOptions(), tmp_path / "a", plan, "fp32")
-    b = streamed_factorizations(loaded, ids, "svd_llm", DecompositionOptions(), tmp_path / "b", plan, "fp16")
+    a = streamed_factorizations(loaded, ids, "svd_llm", DecompositionOptions(), tmp_path / "a", plan,
+                                run=Run(factor_dtype="fp32"))
+    b = streamed_factorizations(loaded, ids, "svd_llm", DecompositionOptions(), tmp_path / "b", plan,
+                                run=Run(factor_dtype="fp16"))
     size = lambda d: sum(p.stat().st_size for p in d.glob("block_*.safetensors"))  # noqa: E731
     assert size(tmp_path / "b") < 0.6 * size(tmp_path / "a")
     name = compressible_layers(loaded.model)[0].name
@@ -119,7 +122,7 @@ def corpus(tmp_path):
 
 def test_two_process_gloo_torchrun_build_equals_one_process(tmp_path, corpus):
     """torchrun --nproc_per_node 2 (gloo): layers sharded, rank 0 merges; same profile as one process."""
-    from lems_core.pipeline import build_profile
+    from lems_core.pipeline import ProfileSettings, build_profile
     from lems_core.profile import Profile
     import dist_worker
 
@@ -135,9 +138,10 @@ def test_two_process_gloo_torchrun_build_equals_one_process(tmp_path, corpus):
     assert [(r["plan"], r["rank"], r["device"]) for r in doc["spread"]] == [("a", 0, "cpu"), ("b", 1, "cpu"), ("c", 0, "cpu")]
     two = Profile.load(doc["folder"])
     cfg = CalibrationConfig(dataset=str(corpus), **dist_worker.CFG)
-    one = Profile.load(build_profile(tiny_loaded(8), "kfac", cfg, extra_ratios=(0.5,), cache_dir=tmp_path / "cache1"))
-    assert Path(doc["folder"]).name == Path(build_profile(tiny_loaded(8), "kfac", cfg, extra_ratios=(0.5,),
-                                                          cache_dir=tmp_path / "cache1")).name  # same key
+    settings, run = ProfileSettings(extra_ratios=(0.5,)), Run(cache_dir=tmp_path / "cache1")
+    one = Profile.load(build_profile(tiny_loaded(8), "kfac", cfg, settings, run=run))
+    assert Path(doc["folder"]).name == Path(build_profile(tiny_loaded(8), "kfac", cfg, settings,
+                                                          run=run)).name  # same key
     assert [l.name for l in two.layers] == [l.name for l in one.layers]
     assert two.meta["world_size"] == 2
     for l in one.layers:
@@ -180,8 +184,8 @@ def _whole_and_offloaded(tmp_path):
 
 def test_a_model_loaded_with_disk_offloading_gives_the_same_statistics(tmp_path, one_thread):
     """accelerate device_map with two of three blocks on disk: same fingerprint, Grams and streamed factors."""
-    from lems_core.model import LoadedModel, model_fingerprint, tiny_model
-    from lems_core.offload import is_offloaded, load_offloaded
+    from lems_core.model import LoadedModel, model_fingerprint
+    from lems_core.offload import is_offloaded
 
     whole, off = _whole_and_offloaded(tmp_path)
     up = "model.layers.2.mlp.up_proj"
@@ -209,7 +213,7 @@ def test_a_budget_too_small_is_a_specific_error_and_exit_2(tmp_path, corpus, cap
 
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     with pytest.raises(MemoryBudgetError, match="raise --max-memory"):
-        build_profile(tiny_loaded(8), "kfac", cfg, cache_dir=tmp_path, max_memory=4096)
+        build_profile(tiny_loaded(8), "kfac", cfg, run=Run(cache_dir=tmp_path, max_memory=4096))
     with pytest.raises(SystemExit) as exc:
         main(["profile", "--max-memory", "plenty"])
     assert exc.value.code == 2
@@ -224,8 +228,8 @@ def test_profile_built_under_a_budget_matches_the_classic_one(tmp_path, corpus, 
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     loaded = tiny_loaded(8)
     budget = _stream_plan(loaded, 2).max_memory
-    classic = build_profile(loaded, "kfac", cfg, cache_dir=tmp_path / "a")
-    streamed = build_profile(loaded, "kfac", cfg, cache_dir=tmp_path / "b", max_memory=budget)
+    classic = build_profile(loaded, "kfac", cfg, run=Run(cache_dir=tmp_path / "a"))
+    streamed = build_profile(loaded, "kfac", cfg, run=Run(cache_dir=tmp_path / "b", max_memory=budget))
     assert classic.name == streamed.name
     a, b = Profile.load(classic), Profile.load(streamed)
     assert b.meta["max_memory"] == budget
@@ -237,8 +241,7 @@ def test_profile_built_under_a_budget_matches_the_classic_one(tmp_path, corpus, 
 
 def test_kl_sweep_on_an_offloaded_model_equals_the_whole_model(tmp_path, one_thread):
     """Single-layer KL with blocks on disk: the low-rank stand-in is built on the factors' device."""
-    from lems_core.model import LoadedModel, tiny_model
-    from lems_core.offload import load_offloaded
+    from lems_core.model import LoadedModel
     from lems_core.sensitivity import layer_kl_sweep
 
     whole, off = _whole_and_offloaded(tmp_path)
@@ -248,8 +251,8 @@ def test_kl_sweep_on_an_offloaded_model_equals_the_whole_model(tmp_path, one_thr
                                  tmp_path / "fa", plan)
     fb = streamed_factorizations(off, ids, "svd_llm", DecompositionOptions(), tmp_path / "fb", plan)
     layers = compressible_layers(whole)
-    sa, _ = layer_kl_sweep(whole, layers, lambda l: fa[l.name], ids, [0.3])
-    sb, _ = layer_kl_sweep(off.model, layers, lambda l: fb[l.name], ids, [0.3])
+    sa = layer_kl_sweep(whole, layers, lambda l: fa[l.name], ids, [0.3]).kl
+    sb = layer_kl_sweep(off.model, layers, lambda l: fb[l.name], ids, [0.3]).kl
     assert np.isfinite(sb[0.3]).all() and (sb[0.3] > 0).all()
     np.testing.assert_allclose(sb[0.3], sa[0.3], rtol=1e-4, atol=1e-8)
 
@@ -299,18 +302,21 @@ def test_kl_sweep_with_block_inputs_off_the_device_equals_the_in_memory_sweep(tm
 
     from lems_core.blocks import InputPlacement, block_input_bytes
     from lems_core.model import tiny_model
-    from lems_core.sensitivity import layer_kl_sweep
+    from lems_core.sensitivity import SweepOptions, layer_kl_sweep
 
     model = tiny_model("llama", seed=6)
     ids = torch.randint(0, 256, (5, 32), generator=torch.Generator().manual_seed(6))
     layers, factors = compressible_layers(model), _svd_factors(model)
-    nll_a, nll_b = {}, {}
-    a, ref_a = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], batch_size=2, nll=nll_a)
+    with_nll = SweepOptions(batch_size=2, with_nll=True)
+    swept_a = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], with_nll)
+    a, ref_a, nll_a = swept_a.kl, swept_a.reference, swept_a.nll
     batch = block_input_bytes(model, ids[:2])
     placement = InputPlacement(where, 3 * batch, tmp_path)
     ledger = GramLedger(limit=placement.budget, what="block input")
-    b, ref_b = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], batch_size=2, nll=nll_b,
-                              inputs=placement, ledger=ledger)
+    swept_b = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3, 0.6], with_nll,
+                             inputs=placement, ledger=ledger)
+    b, ref_b, nll_b = swept_b.kl, swept_b.reference, swept_b.nll
+    del swept_b
     for r in (0.3, 0.6):
         np.testing.assert_allclose(b[r], a[r], rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(nll_b[r], nll_a[r], rtol=1e-6)
@@ -324,7 +330,7 @@ def test_kl_sweep_with_block_inputs_off_the_device_equals_the_in_memory_sweep(tm
     assert not list(tmp_path.glob("lems-block-inputs-*"))  # every store's file is gone with it
     assert not list(tmp_path.glob("lems-logits-*"))
     with pytest.raises(MemoryBudgetError, match="below two batches of block inputs"):
-        layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], batch_size=2,
+        layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.3], SweepOptions(batch_size=2),
                        inputs=InputPlacement(where, 2 * batch - 1, tmp_path))
 
 
@@ -333,7 +339,7 @@ def test_input_placement_follows_the_memory_budget(tmp_path, corpus, one_thread,
     and a profile built with them on disk equals the one built with them in memory."""
     from lems_core import pipeline
     from lems_core.blocks import InputPlacement, block_input_bytes, plan_input_placement
-    from lems_core.pipeline import build_profile
+    from lems_core.pipeline import ProfileSettings, build_profile
     from lems_core.profile import Profile
 
     loaded = tiny_loaded(8)
@@ -343,14 +349,15 @@ def test_input_placement_follows_the_memory_budget(tmp_path, corpus, one_thread,
     assert plan_input_placement(loaded.model, ids, need - 1, "cpu", tmp_path) == InputPlacement("disk", need - 1, tmp_path)
     assert plan_input_placement(loaded.model, ids, need - 1, "cuda:0").where == "cpu"
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=3)
-    memory = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path / "a", bias_fit_ratios=())
+    no_fit = ProfileSettings(bias_fit_ratios=())
+    memory = build_profile(loaded, "svd_llm", cfg, no_fit, run=Run(cache_dir=tmp_path / "a"))
     chosen = []
 
     def on_disk(model, search_ids, max_memory, device):
         chosen.append(InputPlacement("disk", 2 * block_input_bytes(model, search_ids), tmp_path))  # one batch of 3
         return chosen[-1]
-    monkeypatch.setattr(pipeline, "plan_input_placement", on_disk)
-    disk = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path / "b", bias_fit_ratios=())
+    monkeypatch.setattr(pipeline.profiling, "plan_input_placement", on_disk)
+    disk = build_profile(loaded, "svd_llm", cfg, no_fit, run=Run(cache_dir=tmp_path / "b"))
     assert chosen and memory.name == disk.name
     np.testing.assert_allclose(Profile.load(disk).kl_ref, Profile.load(memory).kl_ref, rtol=1e-5, atol=1e-9)
 
@@ -383,14 +390,17 @@ def checkpoint(tmp_path, monkeypatch):
 def test_evaluating_a_plan_offloaded_gives_the_ppl_and_kl_of_the_whole_model(tmp_path, checkpoint, one_thread):
     """Every block on disk (accelerate, max_memory below the model): compression, PPL and KL as loaded whole."""
     from lems_core import pipeline
+    from lems_core.evaluation import EvalProtocol
     from lems_core.offload import OffloadSpec, is_offloaded
 
     c = checkpoint
     spec = OffloadSpec(c["weights_memory"], str(tmp_path / "offload"))
-    kwargs = dict(max_windows=2, seq_len=32, device="cpu", calibration=c["cfg"])
-    whole = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], cache_dir=tmp_path / "c1", **kwargs)
-    off = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], cache_dir=tmp_path / "c2", offload=spec, **kwargs)
-    (key, loaded), = pipeline._MODELS.items()  # the model the offloaded evaluation ran on
+    kwargs = dict(protocol=EvalProtocol(32, 2), calibration=c["cfg"])
+    whole = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], run=Run(cache_dir=tmp_path / "c1", device="cpu"),
+                                   **kwargs)
+    off_run = Run(cache_dir=tmp_path / "c2", device="cpu", offload=spec)
+    off = pipeline.evaluate_plan(c["plan"], [str(c["corpus"])], run=off_run, **kwargs)
+    (key, loaded), = pipeline.LOADED_MODELS.items()  # the model the offloaded evaluation ran on
     assert key[2] == spec
     assert all(is_offloaded(loaded.model.get_submodule(l.name)) for l in compressible_layers(loaded.model))
     assert list((tmp_path / "c2").glob("tensors/factor_blocks/*/index.json"))  # factorised block by block
@@ -400,7 +410,7 @@ def test_evaluating_a_plan_offloaded_gives_the_ppl_and_kl_of_the_whole_model(tmp
     assert off.kl == pytest.approx(whole.kl, rel=1e-4) and off.kl > 0
     assert off.ppl[ds] != pytest.approx(off.dense_ppl[ds], rel=1e-4)  # the plan was applied
     with pytest.raises(ValueError, match="needs the model loaded whole"):
-        pipeline.evaluate_plan(c["plan"], [ds], decomposition="saes", cache_dir=tmp_path / "c2", offload=spec, **kwargs)
+        pipeline.evaluate_plan(c["plan"], [ds], decomposition="saes", run=off_run, **kwargs)
 
 
 def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint, capsys, one_thread):
@@ -424,7 +434,7 @@ def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint
     from lems_core.offload import has_offloaded_weights
 
     whole, off = run(evaluate), run(evaluate + offload)
-    (key, loaded), = pipeline._MODELS.items()  # the model the command ran on
+    (key, loaded), = pipeline.LOADED_MODELS.items()  # the model the command ran on
     assert key[2] is not None and has_offloaded_weights(loaded.model)
     assert off["ppl"] == pytest.approx(whole["ppl"], rel=1e-5) and off["kl"] == pytest.approx(whole["kl"], rel=1e-4)
     both = run(["evaluate-plans", "--plans", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
@@ -432,7 +442,7 @@ def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint
     assert both[0]["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)
     for name, extra in (("whole", []), ("off", offload)):
         assert main(["compress", "--plan", str(c["plan_path"]), "-o", str(tmp_path / name), *common, *extra]) == 0
-    assert next(iter(pipeline._MODELS))[2] is not None  # the second compress ran offloaded
+    assert next(iter(pipeline.LOADED_MODELS))[2] is not None  # the second compress ran offloaded
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "off" / "model.safetensors"))
     assert set(a) == set(b) and all(t.device.type != "meta" for t in b.values())
     for key in a:
@@ -444,7 +454,7 @@ def test_cli_evaluate_and_compress_accept_the_offload_flags(tmp_path, checkpoint
         assert exc.value.code == 2 and "cannot read memory size" in capsys.readouterr().err
         assert main(command + ["--offload-folder", str(c["corpus"])]) == 2
         assert "exists and is not a folder" in capsys.readouterr().err
-    pipeline._MODELS.clear()
+    pipeline.LOADED_MODELS.clear()
     assert main(evaluate + ["--weights-memory", "1KB", "--offload-folder", str(tmp_path / "offload")]) == 2
     assert "not even the input embeddings" in capsys.readouterr().err  # not torch's "copy out of meta tensor"
     assert main(evaluate + offload + ["--decomposition", "lcsvd"]) == 2
@@ -496,7 +506,7 @@ def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_number
     evaluate = ["evaluate", "--plan", str(c["plan_path"]), "--datasets", str(c["corpus"]), "--seq-len", "32",
                 "--max-windows", "2", *common]
     ledgers, shelves = [], []
-    real_stream, real_logits = streaming.streamed_factorizations, pipeline.reference_logits
+    real_stream, real_logits = streaming.streamed_factorizations, pipeline.evaluation.reference_logits
 
     def streamed(*args, ledger=None, **kwargs):
         ledgers.append(ledger or streaming.GramLedger(limit=args[5].gram_budget))
@@ -505,8 +515,8 @@ def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_number
     def logits(*args, **kwargs):
         shelves.append(real_logits(*args, **kwargs))
         return shelves[-1]
-    monkeypatch.setattr(pipeline, "streamed_factorizations", streamed)
-    monkeypatch.setattr(pipeline, "reference_logits", logits)
+    monkeypatch.setattr(pipeline.artefacts, "streamed_factorizations", streamed)
+    monkeypatch.setattr(pipeline.evaluation, "reference_logits", logits)
 
     def run(argv) -> dict | list:
         capsys.readouterr()
@@ -514,7 +524,7 @@ def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_number
         return json.loads(capsys.readouterr().out)
     whole = run(evaluate)
     assert not ledgers and shelves[-1].where == "device"  # the tiny model's Grams fit: the classic path
-    monkeypatch.setattr(pipeline, "place_off_device", lambda *a: "disk")  # as if the logits outgrew the budget
+    monkeypatch.setattr(pipeline.evaluation, "place_off_device", lambda *a: "disk")  # as if the logits outgrew the budget
     capped = run(evaluate + ["--max-memory", str(budget)])
     assert ledgers and all(0 < l.peak <= l.limit <= budget for l in ledgers) and shelves[-1].where == "disk"
     assert capped["ppl"] == pytest.approx(whole["ppl"], rel=1e-5) and capped["kl"] == pytest.approx(whole["kl"], rel=1e-4)
@@ -544,15 +554,15 @@ def test_a_cached_torchrun_profile_without_its_bias_fit_is_rebuilt(tmp_path, cor
 
     cfg = CalibrationConfig(dataset=str(corpus), split="train", n_samples=2, seq_len=32, seed=1, n_search=1)
     loaded = tiny_loaded(8)
-    folder = build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)
+    folder = build_profile(loaded, "svd_llm", cfg, run=Run(cache_dir=tmp_path))
     profile = Profile.load(folder)
     assert profile.bias_fit is not None
     profile.bias_fit, profile.meta["world_size"] = None, 2  # what a torchrun build wrote before the fix
     profile.save(folder)
-    assert Profile.load(build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)).bias_fit is not None
+    assert Profile.load(build_profile(loaded, "svd_llm", cfg, run=Run(cache_dir=tmp_path))).bias_fit is not None
     profile.meta["world_size"] = 1  # a single-process profile without a fit (older builds) is kept as it is
     profile.save(folder)
-    assert Profile.load(build_profile(loaded, "svd_llm", cfg, cache_dir=tmp_path)).bias_fit is None
+    assert Profile.load(build_profile(loaded, "svd_llm", cfg, run=Run(cache_dir=tmp_path))).bias_fit is None
 
 
 def test_a_rank_that_never_joins_is_reported_within_the_collective_timeout(tmp_path):

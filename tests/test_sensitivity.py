@@ -4,7 +4,7 @@ import torch
 
 from lems_core.decompositions import Decomposer
 from lems_core.model import compressible_layers, tiny_model
-from lems_core.sensitivity import dense_reference, layer_kl_sweep, naive_layer_kl
+from lems_core.sensitivity import SweepOptions, dense_reference, layer_kl_sweep, naive_layer_kl
 from lems_core.blocks import capture_block_inputs
 from lems_core.evaluation import KL_SKIP_FRACTION, KL_TEMPERATURE
 
@@ -16,7 +16,8 @@ def test_block_suffix_sweep_equals_full_forward(arch):
     layers = compressible_layers(model)
     decomposer = Decomposer("svd")
     factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
-    sweep, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.1, 0.5], batch_size=2)
+    swept = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.1, 0.5], SweepOptions(batch_size=2))
+    sweep, ref = swept.kl, swept.reference
     assert set(sweep) == {0.1, 0.5}
     for i, layer in enumerate(layers):
         naive = naive_layer_kl(model, layer, factors[layer.name], ids, 0.1, ref, batch_size=2)
@@ -72,9 +73,9 @@ def test_kl_floor_is_zero_with_fp32_reference_and_positive_with_bf16():
     layers = compressible_layers(model)
     decomposer = Decomposer("svd")
     factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
-    _, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5])
+    ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5]).reference
     assert ref.precision == "fp32" and 0.0 <= ref.floor <= roundoff
-    _, ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5], precision="bf16")
+    ref = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.5], SweepOptions(precision="bf16")).reference
     assert ref.precision == "bf16" and ref.floor == pytest.approx(exact, abs=roundoff)
 
 
@@ -89,9 +90,10 @@ def test_sweep_records_single_layer_nll_equal_to_a_full_forward():
     layers = compressible_layers(model)
     decomposer = Decomposer("svd")
     factors = {l.name: decomposer(l, model.get_submodule(l.name).weight) for l in layers}
-    nll: dict = {}
-    with_nll, _ = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6], batch_size=2, nll=nll)
-    without, _ = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6], batch_size=2)
+    swept = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6],
+                           SweepOptions(batch_size=2, with_nll=True))
+    with_nll, nll = swept.kl, swept.nll
+    without = layer_kl_sweep(model, layers, lambda l: factors[l.name], ids, [0.2, 0.6], SweepOptions(batch_size=2)).kl
     np.testing.assert_allclose(with_nll[0.2], without[0.2], rtol=1e-5)
     for i in (0, len(layers) // 2, len(layers) - 1):
         layer = layers[i]

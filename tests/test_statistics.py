@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lems_core.model import compressible_layers, tiny_model
-from lems_core.statistics import (clip_token_norms, collect_grad_grams, collect_input_stats, crop_tokens,
-                                  iter_block_input_stats)
+from lems_core.statistics import (clip_token_norms, collect_grad_grams, collect_input_stats, collect_kfac_statistics,
+                                  crop_tokens, iter_block_input_stats)
 
 
 def _inputs_of(model, name, ids):
@@ -62,7 +62,8 @@ def test_grad_gram_is_psd_and_matches_manual_backward(tiny_ids):
     emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
     logits = model(tiny_ids[:1]).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tiny_ids[:1, 1:].flatten(), reduction="sum").backward()
-    h.remove(); emb.remove()
+    h.remove()
+    emb.remove()
     g = captured[0].reshape(-1, captured[0].shape[-1]).double()
     assert torch.allclose(grams[layer.name].double(), g.T @ g, rtol=1e-4, atol=1e-8)
     # PSD up to the float32 round-off of its token sums, eps32 x size x lambda_max (a fixed -1e-6 is below
@@ -77,8 +78,8 @@ def test_one_pass_kfac_statistics_equal_the_two_passes(tiny_llama, tiny_ids):
     layers = compressible_layers(tiny_llama)
     separate_inputs = collect_input_stats(tiny_llama, tiny_ids)
     flags = [p.requires_grad for p in tiny_llama.parameters()]
-    inputs = {}
-    grams = collect_grad_grams(tiny_llama, tiny_ids, layers, inputs=inputs)
+    both = collect_kfac_statistics(tiny_llama, tiny_ids, layers)
+    grams, inputs = both.grad_gram, both.inputs
     assert [p.requires_grad for p in tiny_llama.parameters()] == flags  # restored
     assert all(p.grad is None for p in tiny_llama.parameters())
     for layer in layers:

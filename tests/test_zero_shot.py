@@ -82,7 +82,7 @@ def zs_plan(tmp_path, monkeypatch):
     from lems_core.plan import from_loadconfig
 
     loaded = word_loaded(3)
-    monkeypatch.setattr(pipeline, "get_model", lambda source, device=None, offload=None: loaded)
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, offload=None: loaded)
     monkeypatch.setenv("LEMS_CACHE_DIR", str(tmp_path / "cache"))
     task = next_word_task(loaded.model, tmp_path / "tasks")
     corpus = tmp_path / "corpus.txt"
@@ -237,7 +237,7 @@ def test_cli_refuses_an_injected_task_yaml_with_exit_2_before_the_model_loads(zs
 
     _, _, plan_path, corpus = zs_plan
     asked = []
-    monkeypatch.setattr(pipeline, "get_model", lambda *a, **k: asked.append(a))
+    monkeypatch.setattr(pipeline.models, "get_model", lambda *a, **k: asked.append(a))
     for path, named in injections(tmp_path).values():
         assert main(["evaluate", "--plan", str(plan_path), "--device", "cpu", "--calib-dataset", str(corpus),
                      "--tasks", path]) == 2

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from .common import run_from_args
 from .types import finite_float, kept_fraction, positive_int
 
 NAME = "allocate"
@@ -124,13 +125,14 @@ def run(args) -> int:
     if args.fit_bias:
         if method not in ("lems", "lems_fixed"):
             raise ValueError("--fit-bias applies to --method lems")
-        fit = fit_bias(profile, args.ratio, score_function(profile, "kl", args.device), params, n_trials=args.trials,
-                       constraints=constraints, **under)
+        fit = fit_bias(profile, args.ratio, score_function(profile, "kl", run=run_from_args(args)), params,
+                       n_trials=args.trials, constraints=constraints, **under)
         params, allocation = fit.params, fit.allocation
         for t in fit.trials:
             print(f"trial {t['trial']}: alpha {t['alpha']:.3f} gamma {t['gamma']:.3f} KL {t['score']:.5f}")
     else:
-        score_fn = score_function(profile, MODEL_SCORED[method], args.device) if method in MODEL_SCORED else None
+        scored = MODEL_SCORED.get(method)
+        score_fn = score_function(profile, scored, run=run_from_args(args)) if scored else None
         allocation = allocate(profile, method, args.ratio, params=params, score_fn=score_fn, constraints=constraints,
                               cost=cost if args.cost == "latency" else "params")
     plan = plan_from_allocation(profile, allocation, params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import run_from_args
 from .types import kept_fractions
 
 NAME = "ars"
@@ -34,9 +35,8 @@ def run(args) -> int:
     from .. import pipeline
 
     ratios = list(args.ratio)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    plans = pipeline.run_ars_job(args.profile, ratios, args.preset, args.device, cache_dir,
-                                 progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True))
+    plans = pipeline.run_ars_job(args.profile, ratios, args.preset, run=run_from_args(
+        args, progress=lambda f, m: print(f"\r{100 * f:5.1f}% {m[-70:]:<70}", end="", flush=True)))
     print()
     for ratio, doc in zip(ratios, plans):
         _report(ratio, doc)

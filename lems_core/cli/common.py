@@ -1,5 +1,5 @@
-"""What several commands share: option groups, the progress bar, plan inputs, the evaluation
-protocol, and the exit-2 handling of expected failures.
+"""What several commands share: option groups, the run context of the options, the progress bar,
+plan inputs, the evaluation protocol, and the exit-2 handling of expected failures.
 
 Nothing heavy is imported at module level (torch, transformers, the pipeline load inside the
 functions that need them), so building the parser for ``-h`` stays fast.
@@ -67,6 +67,17 @@ def offload_spec(args):
     if args.weights_memory is None and not args.offload_folder:
         return None
     return OffloadSpec(args.weights_memory, args.offload_folder)
+
+
+def run_from_args(args, progress=None):
+    """The ``Run`` of a command's parsed options: whichever of --cache-dir, --device, --max-memory,
+    --factor-dtype and the offload options the command has (the others keep their defaults), and ``progress``."""
+    from ..run import Run
+
+    cache_dir = getattr(args, "cache_dir", None)
+    return Run(cache_dir=Path(cache_dir) if cache_dir else None, device=getattr(args, "device", None),
+               max_memory=getattr(args, "max_memory", None), factor_dtype=getattr(args, "factor_dtype", "fp32"),
+               offload=offload_spec(args) if hasattr(args, "weights_memory") else None, progress=progress)
 
 
 def add_plan_options(sp) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import (add_decomposition_option, add_offload_options, add_plan_options, offload_spec, plan_inputs,
-                     progress_bar)
+                     progress_bar, run_from_args)
 
 NAME = "compress"
 HELP = "compress with a plan and save the low-rank model"  # its line in `-h`
@@ -46,8 +46,7 @@ def run(args) -> int:
     _check_output_folder(Path(args.output), plan.model_source, args.force)
     loaded = _load_model_of(plan, args)
     with progress_bar(f"factorise ({decomposition})") as bar:
-        factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), progress=bar,
-                                      max_memory=args.max_memory)
+        factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), run=run_from_args(args, bar))
     dense_params = count_parameters(loaded.model)
     with compressed(loaded, plan.ranks(), factors) as applied, weights_in_memory(loaded.model):
         params = count_parameters(loaded.model)

@@ -5,8 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (add_decomposition_option, add_offload_options, add_plan_options, eval_protocol, offload_spec,
-                     plan_inputs, progress_bar, split_names)
+from .common import (add_decomposition_option, add_offload_options, add_plan_options, eval_protocol, plan_inputs,
+                     progress_bar, run_from_args, split_names)
 from .types import positive_int, window_cap
 
 NAME = "evaluate"
@@ -48,10 +48,9 @@ def run(args) -> int:
     plan, calibration = plan_inputs(args, plan)
     protocol = eval_protocol(args)
     with progress_bar(f"evaluate {plan.method} ({decomposition}, {protocol.name} protocol)") as bar:
-        result = evaluate_plan(plan, split_names(args.datasets), protocol.max_windows,
-                               protocol.seq_len, args.device, progress=bar, decomposition=decomposition,
+        result = evaluate_plan(plan, split_names(args.datasets), protocol, decomposition=decomposition,
                                calibration=calibration, tasks=tasks, task_limit=args.task_limit,
-                               offload=offload_spec(args), max_memory=args.max_memory)
+                               run=run_from_args(args, bar))
     print(json.dumps(result.to_dict(), indent=1))
     if tasks:  # zero-shot runs are long: keep them where the app's results table reads them
         from ..results import ResultStore

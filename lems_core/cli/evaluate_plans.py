@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_offload_options, add_plan_options, eval_protocol, offload_spec, plan_inputs, split_names
+from .common import add_offload_options, add_plan_options, eval_protocol, plan_inputs, run_from_args, split_names
 from .types import positive_int, window_cap
 
 NAME = "evaluate-plans"
@@ -36,14 +36,11 @@ def run(args) -> int:
     from ..plan import RankPlan
 
     protocol = eval_protocol(args)
-    offload = offload_spec(args)
     inputs = [plan_inputs(args, RankPlan.load(p)) for p in split_names(args.plans)]
     if not inputs:
         raise ValueError("--plans names no plan file")
-    results = evaluate_plans([p for p, _ in inputs], datasets=split_names(args.datasets),
-                             max_windows=protocol.max_windows, seq_len=protocol.seq_len, device=args.device,
-                             calibration=inputs[0][1], decomposition=args.decomposition, offload=offload,
-                             max_memory=args.max_memory)
+    results = evaluate_plans([p for p, _ in inputs], datasets=split_names(args.datasets), protocol=protocol,
+                             calibration=inputs[0][1], decomposition=args.decomposition, run=run_from_args(args))
     if distributed.context().main:
         print(json.dumps(results, indent=1))
     return 0

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
-from .common import add_model_options, add_offload_options, offload_spec, progress_bar
+from .common import add_model_options, add_offload_options, offload_spec, progress_bar, run_from_args
 from .types import bias_fit_ratios, kept_fractions, positive_int, seed_int
 
 NAME = "profile"
@@ -69,7 +68,7 @@ def _calibration(args):
 def run(args) -> int:
     """Build (or reuse) the profile; rank 0 prints its folder (under torchrun every rank works)."""
     from .. import distributed
-    from ..pipeline import build_profile
+    from ..pipeline import ProfileSettings, build_profile
 
     ratios = tuple(args.extra_ratios)
     ctx = distributed.context()  # under torchrun: rank, world, this rank's GPU
@@ -82,11 +81,9 @@ def run(args) -> int:
     else:
         source = args.model
     with (progress_bar(f"profile {args.decomposition}") if ctx.main else contextlib.nullcontext(None)) as bar:
-        folder = build_profile(source, args.decomposition, _calibration(args), extra_ratios=ratios,
-                               device=device, progress=bar, force=args.force,
-                               cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                               max_memory=args.max_memory, factor_dtype=args.factor_dtype,
-                               bias_fit_ratios=args.bias_fit_ratios)
+        settings = ProfileSettings(extra_ratios=ratios, bias_fit_ratios=args.bias_fit_ratios)
+        folder = build_profile(source, args.decomposition, _calibration(args), settings, force=args.force,
+                               run=run_from_args(args, bar).but(device=device))
     if ctx.main:
         print(folder)
     return 0

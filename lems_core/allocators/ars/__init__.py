@@ -72,11 +72,11 @@ from .masks import (NOISE_MEDIAN, Hypernetwork, MaskedLinear, build_hypernetwork
 from .plans import (COMMITTED_DIR, CURVE_POINTS, allocation_from_plan, allocation_to_plan, cache_key,
                     cached_ars_plan, committed_plan_path, latest_key, store_plan)
 from .ranks import allocation_from_masks, fill_to_budget, repair_to_budget, round_rank
-from .training import SCOPE_KEYS, Progress, budget_reached, check_factors, train_masks
+from .training import SCOPE_KEYS, budget_reached, check_factors, train_masks
 
 __all__ = [
     "ARSConfig", "BUDGET_SCOPES", "BudgetTarget", "COMMITTED_DIR", "CURVE_POINTS", "Hypernetwork", "LEGACY_FIELDS",
-    "METHOD", "MaskedLinear", "NOISE_MEDIAN", "PRESETS", "Progress", "RULES", "SCOPE_KEYS", "alignment_loss",
+    "METHOD", "MaskedLinear", "NOISE_MEDIAN", "PRESETS", "RULES", "SCOPE_KEYS", "alignment_loss",
     "allocate_ars", "allocation_from_masks", "allocation_from_plan", "allocation_to_plan", "budget_penalty",
     "budget_reached", "budget_target", "budget_term", "build_hypernetwork", "cache_key", "cached_ars_plan",
     "check_factors", "committed_plan_path", "fill_to_budget", "gumbel_sigmoid_mask", "index", "kept_params", "key_of",

@@ -2,7 +2,6 @@
 (``allocate_ars``, the ``ars`` allocator, which never trains)."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import torch
 from ...decompositions import Factorization
 from ...model import LoadedModel
 from ...profile import Profile
+from ...run import DEFAULT_RUN, Run
 from ..base import Allocation
 from .config import PRESETS, RULES, ARSConfig
 from .losses import budget_target
 from .plans import allocation_from_plan, allocation_to_plan, cached_ars_plan, store_plan
 from .ranks import allocation_from_masks
-from .training import Progress, train_masks
+from .training import train_masks
 
 
 def spectrum_mismatch(profile: Profile, factors: dict[str, Factorization]) -> float:
@@ -36,10 +36,9 @@ def train_ars_on(
     windows: torch.Tensor,
     factors: dict[str, Factorization],
     config: ARSConfig | None = None,
-    cache_dir: Path | None = None,
-    progress: Progress | None = None,
-    cancel: threading.Event | None = None,
+    *,
     factor_seconds: float = 0.0,
+    run: Run = DEFAULT_RUN,
 ) -> Allocation:
     """Train ARS for ``profile`` at kept fraction ``ratio`` on ``windows`` with the full ``factors``.
 
@@ -55,8 +54,7 @@ def train_ars_on(
         raise ValueError(f"profile is for model {profile.fingerprint}, loaded model is {loaded.fingerprint}")
     started = time.perf_counter()
     budget = budget_target(loaded.model, profile.layers, ratio)
-    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config, progress, cancel,
-                               budget)
+    masks, curve = train_masks(loaded.model, profile.layers, factors, windows, ratio, config, budget, run=run)
     seconds = time.perf_counter() - started + factor_seconds
     info = {"loss_curve": curve, "seconds": round(seconds, 2), "factor_seconds": round(factor_seconds, 2),
             "train_seconds": round(seconds - factor_seconds, 2), "device": str(loaded.device),
@@ -64,7 +62,7 @@ def train_ars_on(
             "spectrum_mismatch": spectrum_mismatch(profile, factors)}
     alloc = allocation_from_masks(profile, ratio, masks, config, info, budget)
     alloc.solve_seconds = seconds
-    store_plan(profile, ratio, config, allocation_to_plan(profile, alloc), cache_dir)
+    store_plan(profile, ratio, config, allocation_to_plan(profile, alloc), run.cache_dir)
     return alloc
 
 

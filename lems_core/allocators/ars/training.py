@@ -4,9 +4,7 @@ No caching and no rounding here; ``train_masks`` returns the final noise-free ma
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -14,13 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...decompositions import Factorization
-from ...evaluation import check_cancel
 from ...model import LayerInfo
+from ...run import DEFAULT_RUN, Run
 from .config import ARSConfig
 from .losses import BudgetTarget, alignment_loss, budget_target, budget_term, kept_params, unit_spectra
 from .masks import build_hypernetwork, gumbel_sigmoid_mask, masked_model
-
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -62,9 +58,9 @@ def train_masks(
     windows: torch.Tensor,
     ratio: float,
     config: ARSConfig,
-    progress: Progress | None = None,
-    cancel: threading.Event | None = None,
     budget: BudgetTarget | None = None,
+    *,
+    run: Run = DEFAULT_RUN,
 ) -> tuple[list[np.ndarray], list[dict]]:
     """Train the hypernetwork; return the final noise-free masks (0/1 per component) and the loss curve.
 
@@ -76,21 +72,19 @@ def train_masks(
     budget = budget or budget_target(model, layers, ratio)  # before the swap: it counts the model's Linears
     device = next(model.parameters()).device
     hyper = build_hypernetwork(config, [factors[l.name].max_rank for l in layers]).to(device)
-    optimizer = torch.optim.Adam(hyper.parameters(), lr=config.lr)
-    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+    state = _Optimisation(hyper, torch.optim.Adam(hyper.parameters(), lr=config.lr),
+                          torch.Generator(device=device).manual_seed(config.seed + 1),
+                          unit_spectra(factors, layers, device), budget, config)
     crop = windows[:, : config.seq_len] if config.seq_len else windows
     batches = _Batches(crop, config.batch_windows, config.seed + 2)
-    spectra = unit_spectra(factors, layers, device)
     goal = budget.scoped(0.0, config.budget_scope)[1]
     curve = []
     with masked_model(model, layers, factors) as modules:
         for step in range(config.steps):
-            check_cancel(cancel)
-            record = _train_step(model, hyper, modules, layers, spectra, batches.next().to(device), budget,
-                                 config, noise, optimizer)
+            run.check_cancel()
+            record = _train_step(model, modules, layers, batches.next().to(device), state)
             curve.append(record)
-            if progress:
-                progress((step + 1) / config.steps, _step_message(step, config, record))
+            run.report((step + 1) / config.steps, _step_message(step, config, record))
             if budget_reached(curve, goal, config):
                 break
     with torch.no_grad():
@@ -103,8 +97,24 @@ def _step_message(step: int, config: ARSConfig, record: dict) -> str:
             f"(model {record['model_ratio']:.3f})")
 
 
-def _train_step(model, hyper, modules, layers, spectra, ids, budget, config, noise, optimizer) -> dict:
+@dataclass
+class _Optimisation:
+    """What each training step reads or updates besides the model: the hypernetwork and its optimizer,
+    the mask noise, the layers' unit spectra, the budget and the config."""
+
+    hyper: nn.Module
+    optimizer: torch.optim.Optimizer
+    noise: torch.Generator
+    spectra: list[torch.Tensor]
+    budget: BudgetTarget
+    config: ARSConfig
+
+
+def _train_step(model: nn.Module, modules: list, layers: list[LayerInfo], ids: torch.Tensor,
+                state: _Optimisation) -> dict:
     """One update of the hypernetwork; returns the step's loss terms and kept fractions."""
+    hyper, optimizer, noise, spectra, budget, config = (state.hyper, state.optimizer, state.noise, state.spectra,
+                                                        state.budget, state.config)
     masks = [gumbel_sigmoid_mask(lg, config.tau, config.threshold, noise, config.noise) for lg in hyper()]
     for module, mask in zip(modules, masks):
         module.mask = mask

@@ -24,7 +24,7 @@ def budget_slider(page):
     return page.get_by_test_id("stSlider").filter(has_text="Budget: kept fraction")
 
 
-def _open_allocate(page, app_url):
+def open_allocate(page, app_url):
     """Open Allocate and wait for the LEMS summary at the default budget 0.80; return its locator."""
     from playwright.sync_api import expect
 
@@ -48,10 +48,9 @@ def _budget_down_to_075(page, summary) -> None:
 
 
 def test_budget_slider_updates_plan_and_download_parses(browser_page, app_url):
-    from playwright.sync_api import expect
 
     page = browser_page
-    summary = _open_allocate(page, app_url)
+    summary = open_allocate(page, app_url)
     before = summary.inner_text()
 
     _budget_down_to_075(page, summary)
@@ -76,7 +75,7 @@ def test_state_survives_a_page_switch(browser_page, app_url):
     from playwright.sync_api import expect
 
     page = browser_page
-    summary = _open_allocate(page, app_url)
+    summary = open_allocate(page, app_url)
     _budget_down_to_075(page, summary)
 
     page.get_by_test_id("stSidebarNav").get_by_text("Sensitivity").click()
@@ -96,7 +95,7 @@ def test_a_layer_constraint_changes_the_plan(browser_page, app_url):
     from playwright.sync_api import expect
 
     page = browser_page
-    summary = _open_allocate(page, app_url)
+    summary = open_allocate(page, app_url)
     before = summary.inner_text()
 
     page.get_by_test_id("stExpander").filter(has_text="Layer constraints").locator("summary").first.click()

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from test_browser import _open_allocate, wait_for_app
+from test_browser import open_allocate, wait_for_app
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ def test_quick_is_the_default_and_a_reference_run_asks_first(browser_page, app_u
     from playwright.sync_api import expect
 
     page = browser_page
-    _open_allocate(page, app_url)  # keeps a plan, so Plans is not empty
+    open_allocate(page, app_url)  # keeps a plan, so Plans is not empty
     _nav(page, "Compress & evaluate")
     quick = page.get_by_test_id("stCheckbox").filter(has_text="Quick protocol").locator("input")
     window_cap = page.get_by_test_id("stNumberInput").filter(has_text="Window cap").locator("input")
@@ -72,7 +72,7 @@ def test_the_constraints_expander_stays_open_while_a_constraint_is_set(browser_p
     from playwright.sync_api import expect
 
     page = browser_page
-    summary = _open_allocate(page, app_url)
+    summary = open_allocate(page, app_url)
     before = summary.inner_text()
     expander = page.get_by_test_id("stExpander").filter(has_text="Layer constraints")
     expander.locator("summary").first.click()
@@ -90,7 +90,7 @@ def test_a_downloaded_loadconfig_uploads_back(browser_page, app_url, tmp_path):
     from playwright.sync_api import expect
 
     page = browser_page
-    _open_allocate(page, app_url)
+    open_allocate(page, app_url)
     with page.expect_download() as download:
         page.get_by_test_id("stDownloadButton").filter(has_text="Download loadconfig JSON").get_by_role("button").click()
     saved = tmp_path / "plan_loadconfig.json"  # the uploader takes .json names only

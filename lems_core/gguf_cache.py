@@ -284,7 +284,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------ the converter
-def convert_gguf(gguf_path: Path, out: Path) -> None:
+def convert_gguf(gguf_path: Path, out: Path, fingerprint: Callable[[torch.nn.Module], str] | None = None) -> None:
     """Dequantise ``gguf_path`` with transformers (fp32, CPU) and save it into ``out`` as a safetensors folder.
 
     The saved folder is reloaded and must give the same tokens, weights and
@@ -298,7 +298,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     _drop_gguf_quantizer(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    check_reload_identical(model, tokenizer, out)
+    check_reload_identical(model, tokenizer, out, fingerprint)
 
 
 def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
@@ -308,11 +308,14 @@ def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
-def check_reload_identical(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """ConversionError unless ``folder`` reloads to the same tokenizer behaviour, weights and fingerprint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_reload_identical(model: torch.nn.Module, tokenizer, folder: Path,
+                           fingerprint: Callable[[torch.nn.Module], str] | None = None) -> None:
+    """ConversionError unless ``folder`` reloads to the same tokenizer behaviour, weights and fingerprint.
 
-    from .model import model_fingerprint
+    ``fingerprint`` is the project's model fingerprint, handed in by the model loader (which
+    this module sits below); the weights comparison alone already implies an equal one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded_tok = AutoTokenizer.from_pretrained(folder)
     if reloaded_tok(_TOKENIZER_PROBE)["input_ids"] != tokenizer(_TOKENIZER_PROBE)["input_ids"] \
@@ -323,5 +326,5 @@ def check_reload_identical(model: torch.nn.Module, tokenizer, folder: Path) -> N
     ours, theirs = model.state_dict(), reloaded.state_dict()
     if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
         raise ConversionError(f"the weights saved in {folder} differ from the GGUF load")
-    if model_fingerprint(reloaded) != model_fingerprint(model):
+    if fingerprint is not None and fingerprint(reloaded) != fingerprint(model):
         raise ConversionError(f"the model saved in {folder} has another fingerprint than the GGUF load")

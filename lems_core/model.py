@@ -8,6 +8,7 @@ lm_head are never compressed (methods.md §0).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -159,7 +160,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .gguf_cache import converted_folder
+    from .gguf_cache import convert_gguf, converted_folder
 
     device = device or default_device()
     if dtype is None:
@@ -169,7 +170,8 @@ def load_model(
     check_device(device)
     try:
         if gguf:  # converted once into a safetensors folder in the cache (gguf_cache.py), loaded from there
-            folder = str(converted_folder(Path(folder) / gguf).folder)
+            convert = functools.partial(convert_gguf, fingerprint=model_fingerprint)
+            folder = str(converted_folder(Path(folder) / gguf, converter=convert).folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loaders raise anything (struct.error on a truncated GGUF)

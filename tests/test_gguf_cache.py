@@ -255,7 +255,7 @@ def test_the_reload_check_fails_on_other_weights(tiny_gguf, reference_folder):
 def test_load_model_converts_once_and_matches_the_direct_gguf_load(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
     calls = []
-    monkeypatch.setattr(gguf_cache, "convert_gguf", lambda g, out: calls.append(g) or convert_gguf(g, out))
+    monkeypatch.setattr(gguf_cache, "convert_gguf", lambda g, out, **kw: calls.append(g) or convert_gguf(g, out, **kw))
     converted = load_model(str(tiny_gguf), device="cpu")
     again = load_model(str(tiny_gguf), device="cpu")
     assert len(calls) == 1 and converted.source == again.source == str(tiny_gguf)

@@ -1,7 +1,7 @@
 """Benchmark: exact numpy MCKP solver vs PuLP+HiGHS and PuLP+CBC on LLM-shaped instances.
 
 Run as `python -m bench.mckp` (about 2-3 minutes, dominated by the ILP solvers).
-Instances are synthetic but shaped like the real allocation problem (methods.md §1.4):
+Instances are synthetic but shaped like the real allocation problem (docs/reference/methods.md §1.4):
 candidate ranks are multiples of 8 in [0.3 eq, 0.95 eq) plus the dense option, cost is
 rank * (m + n) (dense: m * n), error = KL scale * normalised residual energy of a
 decaying spectrum * depth bias, budget = 0.8 of the dense parameter count.

@@ -1,4 +1,4 @@
-"""The parameter accounting every allocator and every plan shares (methods.md §0).
+"""The parameter accounting every allocator and every plan shares (docs/reference/methods.md §0).
 
 Over the compressible Linears of a model,
 
@@ -8,7 +8,7 @@ with the break-even rule: a rank r >= eq = floor(mn/(m+n)) would save nothing, s
 is stored dense. Ranks are ``int`` or ``None`` (dense). The one exception is a
 ``ForcedFactorisedRank``: a rank r in [eq, min(m, n)] that is factorised anyway and
 costs r(m+n), as the reference factorises the layers its MRCS search never touches at
-rank eq and every integer rank of a loadconfig file (methods.md §9). The functions take anything
+rank eq and every integer rank of a loadconfig file (docs/reference/methods.md §9). The functions take anything
 with ``layers`` (a list of ``LayerInfo``) and ``total_params`` (a ``Profile``), so this
 module sits below both ``allocators/`` and ``plan.py`` and neither imports the other
 for its arithmetic.
@@ -95,7 +95,7 @@ def params_of(profile, ranks: Ranks) -> int:
 
 
 def realised_ratio(profile, ranks: Ranks) -> float:
-    """params_of / dense parameters of the compressible Linears (the budget denominator, §0)."""
+    """params_of / dense parameters of the compressible Linears (the budget denominator, docs/reference/methods.md §0)."""
     return params_of(profile, ranks) / profile.total_params
 
 
@@ -141,12 +141,12 @@ def rank_at_ratio(layer: LayerInfo, keep: float) -> int | None:
 
 
 def candidate_lower_bound(ratio: float) -> float:
-    """lb of §1.4: candidates need c = r/eq >= 0.3 when ratio >= 0.5, else >= 0.1."""
+    """lb of docs/reference/methods.md §1.4: candidates need c = r/eq >= 0.3 when ratio >= 0.5, else >= 0.1."""
     return 0.3 if ratio >= 0.5 else 0.1
 
 
 def candidate_ranks(layer: LayerInfo, ratio: float, multiple: int | None = 8) -> np.ndarray:
-    """Factorised rank candidates of one layer (methods.md §1.4); dense is added by the caller.
+    """Factorised rank candidates of one layer (docs/reference/methods.md §1.4); dense is added by the caller.
 
     r in [floor(0.1 eq), floor(0.95 eq)), r % multiple == 0, r/eq >= lb(ratio), r >= 1.
     The reference tests ``int((r/eq)*eq) % multiple``, which can drop a valid r when
@@ -164,7 +164,7 @@ def candidate_cost(layer: LayerInfo, ranks: np.ndarray, cost_model) -> np.ndarra
     """Cost of factorised candidates.
 
     "params" (default): the real r(m+n). "reference": c*m*n with c = r/eq as in the
-    reference ILP (§1.4); since eq = floor(mn/(m+n)) this is >= r(m+n), i.e. slightly
+    reference ILP (docs/reference/methods.md §1.4); since eq = floor(mn/(m+n)) this is >= r(m+n), i.e. slightly
     pessimistic, so the real budget still holds. A cost object instead of a name (such
     as ``latency.LatencyCost``: measured seconds) prices them itself.
     """

@@ -10,7 +10,7 @@ Layout under the cache folder (default ./cache, or $LEMS_CACHE_DIR):
 
 diskcache is used with `eviction_policy="none"` (its 1 GB default would silently
 drop entries) and JSONDisk, so the cache never unpickles anything
-(ecosystem.md §3). A tensor file whose checksum does not match is treated as
+(docs/reference/ecosystem.md §3). A tensor file whose checksum does not match is treated as
 missing and recomputed.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Step 2: calibration and search sequences, sampled as in the reference protocol.
 
-methods.md §5.1: join the split with "\\n\\n", take seeded random character
+docs/reference/methods.md §5.1: join the split with "\\n\\n", take seeded random character
 offsets, tokenise a 10 x seq_len character window and keep its first seq_len
 tokens. The search set (sensitivities, KL) uses the same routine with seed + 1000.
 
@@ -72,7 +72,7 @@ class CalibrationConfig:
         return CalibrationConfig(**kwargs)
 
 
-# Offset rules of sample_windows (methods.md §9 "Calibration").
+# Offset rules of sample_windows (docs/reference/methods.md §9 "Calibration").
 SAMPLING_RULES = ("reference", "chars10")
 LEGACY_SAMPLING = "chars10"
 

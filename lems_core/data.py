@@ -1,6 +1,6 @@
 """Text corpora for calibration and evaluation: hub names through `datasets`, or local files.
 
-The reference protocol (methods.md §5.1) joins the rows of a split with "\\n\\n".
+The reference protocol (docs/reference/methods.md §5.1) joins the rows of a split with "\\n\\n".
 Local files are turned back into the same row layout before joining, so a local
 WikiText-2 raw file gives the text the hub dataset would give.
 
@@ -25,7 +25,7 @@ HUB_DATASETS = {
     "c4": ("allenai/c4", "en", "text"),
 }
 ALIASES = {"wikitext-2": "wikitext2", "wikitext": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
-C4_DOCS = 2000  # first 2000 validation documents, as SparseGPT/SVD-LLM (methods.md §5.1)
+C4_DOCS = 2000  # first 2000 validation documents, as SparseGPT/SVD-LLM (docs/reference/methods.md §5.1)
 
 # Files looked for in the local data folder, per (name, split).
 LOCAL_FILES = {
@@ -42,7 +42,7 @@ LOCAL_FILES = {
 
 
 # Splits perplexity is measured on, in order of preference: the reference evaluates
-# WikiText-2 and PTB on *test* (methods.md §5.1, §9 "Evaluation"); C4 ships only a
+# WikiText-2 and PTB on *test* (docs/reference/methods.md §5.1, docs/reference/methods.md §9 "Evaluation"); C4 ships only a
 # validation shard locally and on the hub. PTB falls back to validation (with a
 # warning, and the split recorded in every result) when no test copy is found.
 EVAL_SPLITS = {"ptb": ("test", "validation"), "c4": ("validation",)}

@@ -1,4 +1,4 @@
-"""The LEMS layer-wise error model (methods.md §1.2), numpy only.
+"""The LEMS layer-wise error model (docs/reference/methods.md §1.2), numpy only.
 
     eps_l(r) = beta_{b(l)}(alpha, gamma) * KL_l(r_ref) * S_l(r)
 
@@ -77,13 +77,13 @@ def reference_rank(eq_rank: int, ref_ratio: float) -> int:
 
 
 def spectral_shape(sigma: np.ndarray, ranks: np.ndarray, eq_rank: int, params: ErrorModelParams) -> np.ndarray:
-    """S_l(r): residual energy rescaled to equal 1 at the reference rank (methods.md §1.2)."""
+    """S_l(r): residual energy rescaled to equal 1 at the reference rank (docs/reference/methods.md §1.2)."""
     ref = residual_energy(sigma, np.array([reference_rank(eq_rank, params.ref_ratio)]), params.energy_power)[0]
     return residual_energy(sigma, ranks, params.energy_power) / max(ref, 1e-6)
 
 
 def depth_bias(num_blocks: int, params: ErrorModelParams) -> np.ndarray:
-    """beta_b for b = 0..B-1 (methods.md §1.2).
+    """beta_b for b = 0..B-1 (docs/reference/methods.md §1.2).
 
     harmonic: H_b = sum_{k=b}^{B-1} (k+1)^-alpha, h_b = (H_b - H_{B-1}) / (H_0 - H_{B-1}),
     beta_b = 1 + gamma * h_b; with alpha = 0 it is linear from 1 + gamma down to 1.
@@ -108,7 +108,7 @@ def layer_errors(
 
 
 def block_biases(profile, params: ErrorModelParams) -> np.ndarray:
-    """beta_b per layer (methods.md §1.2); blocks come from LayerInfo.block."""
+    """beta_b per layer (docs/reference/methods.md §1.2); blocks come from LayerInfo.block."""
     return depth_bias(profile.num_blocks, params)[[l.block for l in profile.layers]]
 
 

@@ -1,10 +1,10 @@
 """Step 9: perplexity (reference protocol) and KL of a compressed model against the dense one.
 
-Perplexity (methods.md §5.1): tokenise the whole split once, cut it into
+Perplexity (docs/reference/methods.md §5.1): tokenise the whole split once, cut it into
 non-overlapping seq_len windows (remainder dropped), PPL = exp(mean next-token
 NLL over all predicted positions); windows with non-finite logits are skipped.
 
-KL (methods.md §1.2): p = softmax(z_dense / T), q = softmax(z_comp / T), T = 0.6,
+KL (docs/reference/methods.md §1.2): p = softmax(z_dense / T), q = softmax(z_comp / T), T = 0.6,
 KL(p || q) summed over the vocabulary and averaged over positions after the first
 eighth of each sequence.
 """
@@ -33,7 +33,7 @@ KL_SKIP_FRACTION = 0.125  # positions 256.. of 2048
 class EvalProtocol:
     """How perplexity is measured: window length and how many windows (None = all).
 
-    ``reference`` is the reference's protocol (methods.md §5.1, §9 "Evaluation"):
+    ``reference`` is the reference's protocol (docs/reference/methods.md §5.1, docs/reference/methods.md §9 "Evaluation"):
     2048-token non-overlapping windows over the whole split. ``quick`` (512 x the
     first 8 windows) is minutes on a CPU but not comparable with published
     numbers; every stored result records which one it used.
@@ -197,7 +197,7 @@ def make_final_error_scorer(model: nn.Module, input_ids: torch.Tensor,
                             batch_size: int = 1) -> Callable[[dict], float]:
     """score_fn(ranks) = ||h_N^c - h_N||_F / ||h_N||_F of the last decoder block's output.
 
-    PLC's k-selection metric ([RECON] definition, §2.3). Block-0 inputs and the dense
+    PLC's k-selection metric ([RECON] definition, docs/reference/other-seed-methods.md §2.3). Block-0 inputs and the dense
     outputs are computed once; each call compresses the model in place with
     ``factors_for(ranks)``, runs the blocks, and restores the dense Linears.
     """

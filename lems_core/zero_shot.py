@@ -1,4 +1,4 @@
-"""Step 9 (evaluate): zero-shot accuracy through lm-eval, the paper's headline metric (methods.md §5).
+"""Step 9 (evaluate): zero-shot accuracy through lm-eval, the paper's headline metric (docs/reference/methods.md §5).
 
 The reference calls ``lm_eval.simple_evaluate(HFLM(model), tasks=[...], num_fewshot=0,
 batch_size="auto")`` and reports ``acc`` averaged over 8 tasks. Here the model handed

@@ -1,4 +1,4 @@
-"""Train ARS (methods.md §4.6) on the demo model for a demo profile and write the committed plans.
+"""Train ARS (docs/reference/methods.md §4.6) on the demo model for a demo profile and write the committed plans.
 
 For each ratio this trains the hypernetwork with the given preset (default
 "cpu-small") on the profile's calibration windows, prints the time taken, and

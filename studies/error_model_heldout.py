@@ -8,7 +8,7 @@ over the 210 layers at each held-out ratio, the pooled correlation over every he
 
     python -m studies.error_model_heldout [--out studies/results/error_model_heldout.md]
 
-Models: ``lems`` = one-point LEMS, kl_ref * S(r) (§1.2); ``lems+floor`` = the same
+Models: ``lems`` = one-point LEMS, kl_ref * S(r) (docs/reference/methods.md §1.2); ``lems+floor`` = the same
 shape applied to the excess over the profile's KL floor (LEMS-MP with the reference
 point only); ``lems_mp {..}`` = LEMS-MP fitted on those ratios. The depth bias is not
 part of a single-layer KL, so no model applies it here.

@@ -3,16 +3,16 @@
 One module per method, one registry (``registry.py``), one budget accounting
 (``lems_core/budget.py``, shared with plans) and one result type (``base.Allocation``):
 
-- ``lems``          LEMS error model + exact multiple-choice knapsack (§1.2-1.4), and ``fit_bias`` (§1.3);
+- ``lems``          LEMS error model + exact multiple-choice knapsack (docs/reference/methods.md §1.2-1.4), and ``fit_bias`` (docs/reference/methods.md §1.3);
                     registered as ``lems`` (bias fitted in the profile) and ``lems_fixed`` (fixed bias)
 - ``lems_mp``       LEMS-MP: the error model fitted through every measured KL point, floor-aware;
                     ``lems_adaptive`` measures more points where the plan needs them
-- ``uniform``       rank = int(ratio * eq) everywhere (§4.1)
-- ``svdllm_v2``     SVD-LLM V2 heterogeneous ratios by matrix type (§4.3)
-- ``mrcs``          MRCS greedy with exponential schedule (§4.4); ``mrcs_dense`` leaves untouched layers dense
-- ``atp``           ATP arithmetic-progression block ratios (§4.5), scored on the model
-- ``asvd``          ASVD sensitivity-based truncation-rank search (§4.2), by single-layer PPL; ``asvd_kl`` by KL
-- ``ars``           ARS learned masks (§4.6): serves plans trained by ``pipeline.train_ars``
+- ``uniform``       rank = int(ratio * eq) everywhere (docs/reference/methods.md §4.1)
+- ``svdllm_v2``     SVD-LLM V2 heterogeneous ratios by matrix type (docs/reference/methods.md §4.3)
+- ``mrcs``          MRCS greedy with exponential schedule (docs/reference/methods.md §4.4); ``mrcs_dense`` leaves untouched layers dense
+- ``atp``           ATP arithmetic-progression block ratios (docs/reference/methods.md §4.5), scored on the model
+- ``asvd``          ASVD sensitivity-based truncation-rank search (docs/reference/methods.md §4.2), by single-layer PPL; ``asvd_kl`` by KL
+- ``ars``           ARS learned masks (docs/reference/methods.md §4.6): serves plans trained by ``pipeline.train_ars``
 - ``erc_plc``       ERC-SVD partial-layer compression, scored on the model
 - ``lcsvd_search``  LC-SVD sensitivity-prior search, scored on the model
 

@@ -1,7 +1,7 @@
-"""ASVD's sensitivity-based truncation-rank search, STRS (methods.md §4.2).
+"""ASVD's sensitivity-based truncation-rank search, STRS (docs/reference/methods.md §4.2).
 
 The reference ranks the (layer, ratio) triples by single-layer search-set *perplexity*
-([CODE] ``search/asvd.py`` with ``sensitivity_loss="ce"``; methods.md §9): the default
+([CODE] ``search/asvd.py`` with ``sensitivity_loss="ce"``; docs/reference/methods.md §9): the default
 here, read from ``Profile.measured_nll`` (PPL = exp(mean NLL)). ``rank_by="kl"``
 (registered as ``asvd_kl``) ranks by the single-layer KL of ``Profile.measured``
 instead. A profile without the NLL table (built before it was recorded) falls back to
@@ -19,7 +19,7 @@ from ..budget import BUDGET_TOL, check_ratio, layer_param_cost, rank_at_ratio
 from ..profile import Profile
 from .base import Allocation, BudgetBelowMinimumError, finish
 
-ASVD_POINTS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # methods.md §4.2, "asvd_default"
+ASVD_POINTS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # docs/reference/methods.md §4.2, "asvd_default"
 RANK_BY = ("ppl", "kl")  # single-layer search perplexity (reference) or KL to the dense model
 
 
@@ -86,7 +86,7 @@ def allocate_asvd(
     cost_model: str = "params",
     rank_by: str = "ppl",
 ) -> Allocation:
-    """ASVD's sensitivity-based truncation-rank search (STRS, methods.md §4.2).
+    """ASVD's sensitivity-based truncation-rank search (STRS, docs/reference/methods.md §4.2).
 
     All (layer, c, score) triples are sorted by score, most harmful first; a cut index
     is binary-searched so that every triple after it is allowed, each layer takes its

@@ -1,4 +1,4 @@
-"""ATP: per-block keep ratios in arithmetic progression, spread picked on the model (methods.md §4.5)."""
+"""ATP: per-block keep ratios in arithmetic progression, spread picked on the model (docs/reference/methods.md §4.5)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ from ..budget import check_ratio, rank_at_ratio, realised_ratio, within_budget
 from ..profile import Profile
 from .base import Allocation, BudgetBelowMinimumError, ScoreFn, finish, finite_score
 
-ATP_STEPS = 10  # 11 grid values 0, 0.2h, ..., 2h (methods.md §4.5)
+ATP_STEPS = 10  # 11 grid values 0, 0.2h, ..., 2h (docs/reference/methods.md §4.5)
 
 
 def atp_block_ratios(num_blocks: int, ratio: float, beta_total: float) -> np.ndarray:
@@ -29,7 +29,7 @@ def atp_grid(ratio: float, steps: int = ATP_STEPS) -> list[float]:
 def allocate_atp(profile: Profile, ratio: float, score_fn: ScoreFn, steps: int = ATP_STEPS) -> Allocation:
     """ATP: per-block keep ratios in arithmetic progression; the spread is picked by
     evaluating ``score_fn`` (lower is better, e.g. search-set PPL) on each of the grid's
-    allocations (methods.md §4.5). The first best wins, as in the reference.
+    allocations (docs/reference/methods.md §4.5). The first best wins, as in the reference.
 
     Blocks of unequal size can make a spread miss the budget; such grid points are
     skipped (recorded in info["trials"]).

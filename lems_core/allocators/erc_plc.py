@@ -1,4 +1,4 @@
-"""ERC-SVD's partial-layer compression, PLC (other-seed-methods.md §2.3).
+"""ERC-SVD's partial-layer compression, PLC (docs/reference/other-seed-methods.md §2.3).
 
 Keep the first N - k blocks dense and compress the last k at one per-block kept
 ratio chosen so the budget holds; k is picked by a score measured on the model (the

@@ -1,4 +1,4 @@
-"""LC-SVD's sensitivity-prior rank search (other-seed-methods.md §3.3, [RECON]).
+"""LC-SVD's sensitivity-prior rank search (docs/reference/other-seed-methods.md §3.3, [RECON]).
 
 Block sensitivities from a light uniform compression of one block at a time
 (scored by the caller's score_fn), a prior that removes less from sensitive blocks,
@@ -71,7 +71,7 @@ def allocate_lcsvd_search(profile: Profile, ratio: float, score_fn: Callable[[Ra
                           n_candidates: int = 16, concentration: float = 20.0, light_keep: float = 0.9,
                           tau: float = 1.0, min_keep: float = 0.05, seed: int = 0,
                           sensitivity: np.ndarray | None = None) -> Allocation:
-    """LC-SVD error-driven rank search (§3.3 [RECON]): the lowest-scoring candidate wins.
+    """LC-SVD error-driven rank search (docs/reference/other-seed-methods.md §3.3 [RECON]): the lowest-scoring candidate wins.
 
     Candidates: uniform, the sensitivity prior, and ``n_candidates`` seeded Dirichlet
     samples around it; each is a per-block kept fraction in [min_keep, 1] meeting the

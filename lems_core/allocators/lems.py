@@ -1,5 +1,5 @@
-"""LEMS: the layer-wise error model + the exact multiple-choice knapsack (methods.md §1.2-1.4),
-and ``fit_bias``, the seeded search over the depth bias (alpha, gamma) (§1.3).
+"""LEMS: the layer-wise error model + the exact multiple-choice knapsack (docs/reference/methods.md §1.2-1.4),
+and ``fit_bias``, the seeded search over the depth bias (alpha, gamma) (docs/reference/methods.md §1.3).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def lems_error_table(
     """Options of the LEMS knapsack, per layer: (costs, errors, ranks), dense first.
 
     Dense costs m*n with error 0; factorised candidates (``candidate_ranks``) cost
-    r(m+n) and err beta_b * KL_l * S_l(r) (methods.md §1.2, via ``layer_errors``).
+    r(m+n) and err beta_b * KL_l * S_l(r) (docs/reference/methods.md §1.2, via ``layer_errors``).
     A cost object as ``cost_model`` (``latency.LatencyCost``) prices both instead.
     ``constraints`` only remove options (a dense-only layer keeps just dense; kept
     fraction bounds and the rank multiple filter the candidates; ``max_kept`` < 1
@@ -68,7 +68,7 @@ def allocate_lems(
     constraints: LayerConstraints | None = None,
     **solver_options,
 ) -> Allocation:
-    """LEMS: minimise the summed surrogate error under the parameter budget (methods.md §1.4).
+    """LEMS: minimise the summed surrogate error under the parameter budget (docs/reference/methods.md §1.4).
 
     ``solver="exact"`` uses the project's exact MCKP solver; "highs"/"cbc" go through
     PuLP (``solver_options`` such as time_limit, gap_rel are passed on). ``constraints``
@@ -147,7 +147,7 @@ def fit_bias(
     gamma_range: tuple[float, float] = (0.0, 7.0),
     **lems_options,
 ) -> BiasFit:
-    """Fit the depth bias (alpha, gamma) by seeded random search (methods.md §1.3).
+    """Fit the depth bias (alpha, gamma) by seeded random search (docs/reference/methods.md §1.3).
 
     The reference runs Optuna's TPESampler(seed=42) for 10 trials; with Optuna's 10
     startup trials these are independent uniform draws from numpy's
@@ -178,7 +178,7 @@ def fit_bias(
 
 
 # --------------------------------------------------------------------------- the reference LEMS: fitted bias
-# methods.md §9 "Bias fit is always on": the reference hard-codes one_shot=False, so its
+# docs/reference/methods.md §9 "Bias fit is always on": the reference hard-codes one_shot=False, so its
 # LEMS always runs the 10-trial seeded (alpha, gamma) search scored by KL; its config's
 # alpha=0, gamma=5 are never used. Here the search is run when a profile is built (at
 # BIAS_FIT_RATIOS; it needs the model) and stored in ``Profile.bias_fit``, so ``lems``

@@ -1,5 +1,5 @@
 """LEMS-MP: the LEMS error model calibrated on several measured points per layer, and the
-same exact knapsack (methods.md §1.2-1.4, extended; documented in the README).
+same exact knapsack (docs/reference/methods.md §1.2-1.4, extended; documented in the README).
 
 One-point LEMS scales the spectral shape by the single KL measured at the reference
 ratio. Where a profile holds more measurements (``Profile.measured``, or points added
@@ -15,13 +15,13 @@ of them:
   rank on. The floor is the profile's own ``kl_floor`` (attribute, ``meta`` or
   ``dense`` entry) when present, else the lowest measurement when some layer shows a
   flat tail at it, else 0.
-- **Shape coordinate.** With R(r) = 1 - E(r)/E the residual spectral energy (§1.2),
+- **Shape coordinate.** With R(r) = 1 - E(r)/E the residual spectral energy (docs/reference/methods.md §1.2),
   log(excess) is interpolated piecewise linearly in log R between the measured
   points. Because both the excess (made non-increasing by an isotonic fit) and R fall
   with rank, every segment has a non-negative slope in log R: the curve is monotone
   in rank and passes through every resolved point. Beyond the outermost points it
   follows the spectral shape itself (excess proportional to R), as one-point LEMS does.
-- **Bias.** The depth bias beta_b (§1.2) multiplies the excess, as in LEMS.
+- **Bias.** The depth bias beta_b (docs/reference/methods.md §1.2) multiplies the excess, as in LEMS.
 
 With only the reference point and no floor this is exactly one-point LEMS.
 """
@@ -168,7 +168,7 @@ class MultiPointModel:
     """The fitted LEMS-MP model of a profile: floor, depth bias and one curve per layer."""
 
     floor: float
-    biases: np.ndarray  # beta_b per layer (methods.md §1.2)
+    biases: np.ndarray  # beta_b per layer (docs/reference/methods.md §1.2)
     curves: dict[str, LayerCurve]
     params: ErrorModelParams
 
@@ -212,7 +212,7 @@ def lems_mp_error_table(profile: Profile, model: MultiPointModel, ratio: float, 
 
 def solve_with_model(profile: Profile, ratio: float, model: MultiPointModel, method: str = "lems_mp",
                      multiple: int | None = 8, cost_model="params") -> Allocation:
-    """Solve the exact knapsack (§1.4) under a fitted multi-point model (parameter or latency cost, ``latency_budget``)."""
+    """Solve the exact knapsack (docs/reference/methods.md §1.4) under a fitted multi-point model (parameter or latency cost, ``latency_budget``)."""
     ratio = check_ratio(ratio)
     costs, errors, options = lems_mp_error_table(profile, model, ratio, multiple, cost_model)
     budget = knapsack_budget(profile, ratio, ratio, cost_model)
@@ -253,7 +253,7 @@ def allocate_lems_mp(
 def fit_bias_mp(profile: Profile, ratio: float, score_fn, params: ErrorModelParams = ErrorModelParams(),
                 n_trials: int = 10, seed: int = 42, alpha_range: tuple[float, float] = (0.0, 3.0),
                 gamma_range: tuple[float, float] = (0.0, 7.0), **mp_options) -> tuple[ErrorModelParams, Allocation]:
-    """The LEMS bias fit (``lems.fit_bias``, methods.md §1.3: the same seeded (alpha, gamma)
+    """The LEMS bias fit (``lems.fit_bias``, docs/reference/methods.md §1.3: the same seeded (alpha, gamma)
     draws, first lowest score wins) over LEMS-MP allocations. Returns (params, allocation)."""
     rng = np.random.RandomState(seed)
     best, trials = None, []

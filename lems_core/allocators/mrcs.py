@@ -1,7 +1,7 @@
-"""MRCS: greedy rank reduction under an exponential parameter schedule (methods.md §4.4).
+"""MRCS: greedy rank reduction under an exponential parameter schedule (docs/reference/methods.md §4.4).
 
 Every layer starts at rank eq. The reference ([CODE] ``search/memvit.py``) counts a
-layer the search never touches at eq(m+n) and factorises it at rank eq (methods.md §9;
+layer the search never touches at eq(m+n) and factorises it at rank eq (docs/reference/methods.md §9;
 27 of 210 demo layers at 0.8); that is the default here, through the plan format's
 break-even exception (``budget.ForcedFactorisedRank``). ``untouched="dense"``
 (registered as ``mrcs_dense``) keeps those layers dense and counts them at m*n instead.
@@ -68,7 +68,7 @@ def allocate_mrcs(
     clamp_to_lower_bound: bool = False,
     untouched: str = "eq",
 ) -> Allocation:
-    """MRCS greedy rank reduction with an exponential schedule (methods.md §4.4).
+    """MRCS greedy rank reduction with an exponential schedule (docs/reference/methods.md §4.4).
 
     Phase 1 (reference): at step t the schedule N_t = P* + (P_0 - P*) e^{-t/gamma_s} asks
     for Delta = N_{t-1} - N_t fewer parameters; every layer above its lower bound proposes
@@ -84,7 +84,7 @@ def allocate_mrcs(
     one rank-multiple step at a time (clamped at the lower bound) until the budget holds.
 
     ``untouched``: what the layers the search never touches become. "eq" (the reference,
-    methods.md §9): factorised at rank eq, counted at eq(m+n) once the first step is
+    docs/reference/methods.md §9): factorised at rank eq, counted at eq(m+n) once the first step is
     taken (the schedule starts from the dense total, as in [CODE]). "dense": left dense
     and counted at m*n, which costs more for the same ranks (eq(m+n) <= mn) but keeps
     those layers exact; the allocation is then named ``mrcs_dense``.

@@ -69,27 +69,27 @@ ALLOCATORS: dict[str, Callable[..., Allocation]] = {}  # name -> function (deriv
 MODEL_SCORED: dict[str, str] = {}  # name -> the score it needs (derived from SPECS)
 
 for _spec in (
-    AllocatorSpec("lems", lems.allocate_lems_reference, summary="LEMS error model + exact ILP (§1.2-1.4), depth "
-                  "bias fitted in the profile (the reference's always-on fit, §1.3)", constraints="native",
+    AllocatorSpec("lems", lems.allocate_lems_reference, summary="LEMS error model + exact ILP (docs/reference/methods.md §1.2-1.4), depth "
+                  "bias fitted in the profile (the reference's always-on fit, docs/reference/methods.md §1.3)", constraints="native",
                   latency="native"),
     AllocatorSpec("lems_fixed", lems.allocate_lems_fixed, summary="LEMS with a fixed depth bias (default alpha=0, "
                   "gamma=5)", constraints="native", latency="native"),
     AllocatorSpec("lems_mp", lems_mp.allocate_lems_mp, summary="LEMS error model fitted on every measured KL point "
                   "(floor-aware) + exact ILP", constraints="projected", latency="native"),
-    AllocatorSpec("uniform", uniform.allocate_uniform, summary="rank int(ratio*eq) everywhere (§4.1)",
+    AllocatorSpec("uniform", uniform.allocate_uniform, summary="rank int(ratio*eq) everywhere (docs/reference/methods.md §4.1)",
                   constraints="projected", latency="search"),
-    AllocatorSpec("svdllm_v2", svdllm_v2.allocate_svdllm_v2, summary="SVD-LLM V2 by matrix type (§4.3)",
+    AllocatorSpec("svdllm_v2", svdllm_v2.allocate_svdllm_v2, summary="SVD-LLM V2 by matrix type (docs/reference/methods.md §4.3)",
                   constraints="projected", latency="search"),
-    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (§4.4); layers it "
-                  "never touches factorised at rank eq, as the reference (§9)", constraints="projected",
+    AllocatorSpec("mrcs", mrcs.allocate_mrcs, summary="MRCS greedy with exponential schedule (docs/reference/methods.md §4.4); layers it "
+                  "never touches factorised at rank eq, as the reference (docs/reference/methods.md §9)", constraints="projected",
                   latency="search"),
     AllocatorSpec("mrcs_dense", mrcs.allocate_mrcs_dense, summary="MRCS with the layers it never touches left dense",
                   constraints="projected", latency="search"),
-    AllocatorSpec("atp", atp.allocate_atp, "ppl", "arithmetic-progression block ratios (§4.5)"),
-    AllocatorSpec("asvd", asvd.allocate_asvd, summary="ASVD sensitivity-based rank search (§4.2), ranked by "
+    AllocatorSpec("atp", atp.allocate_atp, "ppl", "arithmetic-progression block ratios (docs/reference/methods.md §4.5)"),
+    AllocatorSpec("asvd", asvd.allocate_asvd, summary="ASVD sensitivity-based rank search (docs/reference/methods.md §4.2), ranked by "
                   "single-layer search perplexity as the reference (KL when the profile has no NLL table)"),
     AllocatorSpec("asvd_kl", asvd.allocate_asvd_kl, summary="ASVD rank search ranked by single-layer KL"),
-    AllocatorSpec("ars", ars.allocate_ars, summary="ARS learned masks; serves trained plans (§4.6)"),
+    AllocatorSpec("ars", ars.allocate_ars, summary="ARS learned masks; serves trained plans (docs/reference/methods.md §4.6)"),
     AllocatorSpec("erc_plc", erc_plc.allocate_erc_plc, "kl", "ERC-SVD partial-layer compression"),
     AllocatorSpec("lcsvd_search", lcsvd_search.allocate_lcsvd_search, "ppl", "LC-SVD sensitivity-prior search"),
 ):

@@ -1,4 +1,4 @@
-"""SVD-LLM V2's heterogeneous allocation by matrix type (methods.md §4.3)."""
+"""SVD-LLM V2's heterogeneous allocation by matrix type (docs/reference/methods.md §4.3)."""
 from __future__ import annotations
 
 import math
@@ -45,7 +45,7 @@ def _svdllm_scores(losses: np.ndarray, guard: str) -> tuple[np.ndarray | None, s
 
 
 def svdllm_v2_keep_ratios(profile: Profile, ratio: float, power: int = 1, guard: str = "rescale") -> tuple[dict[str, float], dict[str, str]]:
-    """Per-layer keep ratios of SVD-LLM V2 before rounding (methods.md §4.3).
+    """Per-layer keep ratios of SVD-LLM V2 before rounding (docs/reference/methods.md §4.3).
 
     Per matrix type G: L_i = loss at the uniform rank int(ratio*eq), score_i = 1/log L_i,
     remove_i = |G| (1 - ratio) score_i / sum_G score, keep_i = 1 - remove_i.
@@ -67,7 +67,7 @@ def svdllm_v2_keep_ratios(profile: Profile, ratio: float, power: int = 1, guard:
 
 
 def allocate_svdllm_v2(profile: Profile, ratio: float, power: int = 1, guard: str = "rescale") -> Allocation:
-    """SVD-LLM V2 heterogeneous allocation by matrix type (methods.md §4.3).
+    """SVD-LLM V2 heterogeneous allocation by matrix type (docs/reference/methods.md §4.3).
 
     ``power=1`` is the reference's sum of singular values beyond the uniform rank;
     ``power=2`` the paper's Frobenius loss. Ranks are int(keep*eq) clipped to

@@ -1,4 +1,4 @@
-"""Uniform: every layer keeps the same fraction of its break-even rank (methods.md §4.1)."""
+"""Uniform: every layer keeps the same fraction of its break-even rank (docs/reference/methods.md §4.1)."""
 from __future__ import annotations
 
 from ..budget import check_ratio, rank_at_ratio
@@ -7,7 +7,7 @@ from .base import Allocation, finish, require_budget
 
 
 def allocate_uniform(profile: Profile, ratio: float) -> Allocation:
-    """Every layer keeps c = ratio: rank = int(ratio * eq) (methods.md §4.1).
+    """Every layer keeps c = ratio: rank = int(ratio * eq) (docs/reference/methods.md §4.1).
 
     int(ratio*eq)(m+n) <= ratio*eq(m+n) <= ratio*mn, so the budget always holds,
     except when int(ratio*eq) = 0 for some layer and the rank-1 floor overshoots.

@@ -1,15 +1,15 @@
 """Step 4: decompose every compressible Linear, one module per method.
 
     base.py        Factorization, DecompositionOptions, whiteners, the whitened SVD (shared maths)
-    svd.py         plain SVD (methods.md §3.1)
-    asvd.py        ASVD activation-aware scaling (§3.2)
-    fwsvd.py       FWSVD Fisher-weighted scaling (§3.3)
-    svd_llm.py     SVD-LLM Cholesky whitening (§3.5)
-    svd_llm_v2.py  SVD-LLM v2 eigen whitening (§3.6)
-    kfac.py        KFAC-SVD two-sided whitening (§2)
-    saes.py        SAES-SVD, rank-dependent (other-seed-methods.md §1)
-    erc.py         ERC-SVD's REC, rank-dependent (§2.2)
-    lcsvd.py       LC-SVD block-collaborative, rank-dependent (§3)
+    svd.py         plain SVD (docs/reference/methods.md §3.1)
+    asvd.py        ASVD activation-aware scaling (docs/reference/methods.md §3.2)
+    fwsvd.py       FWSVD Fisher-weighted scaling (docs/reference/methods.md §3.3)
+    svd_llm.py     SVD-LLM Cholesky whitening (docs/reference/methods.md §3.5)
+    svd_llm_v2.py  SVD-LLM v2 eigen whitening (docs/reference/methods.md §3.6)
+    kfac.py        KFAC-SVD two-sided whitening (docs/reference/methods.md §2)
+    saes.py        SAES-SVD, rank-dependent (docs/reference/other-seed-methods.md §1)
+    erc.py         ERC-SVD's REC, rank-dependent (docs/reference/other-seed-methods.md §2.2)
+    lcsvd.py       LC-SVD block-collaborative, rank-dependent (docs/reference/other-seed-methods.md §3)
     streams.py     two-stream block helpers shared by saes and lcsvd
     registry.py    the table naming all of them, and the Decomposer
 """

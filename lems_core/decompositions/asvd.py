@@ -1,4 +1,4 @@
-"""ASVD, activation-aware SVD: Q = diag(s^alpha + 1e-6), s a per-input-channel |x| statistic (methods.md §3.2).
+"""ASVD, activation-aware SVD: Q = diag(s^alpha + 1e-6), s a per-input-channel |x| statistic (docs/reference/methods.md §3.2).
 
 The defaults follow the LEMS re-implementation (abs-max summed over batches, alpha 1);
 ``asvd_statistic="abs_mean", asvd_alpha=0.5`` is the original recipe.

@@ -1,6 +1,6 @@
 """Shared maths of the decompositions: the factor type, options, whiteners and the whitened SVD.
 
-Every static method has the same shape (methods.md §2.3, §3): W (m x n) is mapped to a
+Every static method has the same shape (docs/reference/methods.md §2.3, docs/reference/methods.md §3): W (m x n) is mapped to a
 whitened matrix M = P W Q with invertible P (m x m) and Q (n x n), M = U S V^T is taken
 in full, and the rank-r factors are
 
@@ -29,7 +29,7 @@ from ..statistics import InputStats
 Progress = Callable[[float, str], None]
 Ranks = dict[str, "int | None"]
 
-SHRINK_A, SHRINK_G = 0.1, 0.3  # KFAC-SVD shrinkage (methods.md §2.3)
+SHRINK_A, SHRINK_G = 0.1, 0.3  # KFAC-SVD shrinkage (docs/reference/methods.md §2.3)
 
 
 @dataclass
@@ -104,13 +104,13 @@ def cholesky_right(lower: torch.Tensor) -> Whitener:
 
 
 def cholesky_left(lower: torch.Tensor, transpose: bool) -> Whitener:
-    """P = L (reference orientation) or L^T (exact K-FAC metric), methods.md §2.3 item 5."""
+    """P = L (reference orientation) or L^T (exact K-FAC metric), docs/reference/methods.md §2.3 item 5."""
     p = lower.T if transpose else lower
     return Whitener(lambda x: p @ x, lambda y: torch.linalg.solve_triangular(p, y, upper=transpose))
 
 
 def cholesky_lower(c: torch.Tensor, tries: int = 3, rebuild: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, §3.5).
+    """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, docs/reference/methods.md §3.5).
 
     With ``rebuild`` (a function that makes ``c`` again) the first attempt factorises
     ``c`` in its own storage, saving an n x n copy (1.6 GB at n = 14336 in float64,
@@ -142,7 +142,7 @@ def _shifted(c: torch.Tensor, owned: bool) -> torch.Tensor:
 
 
 def shrink(c: torch.Tensor, amount: float) -> torch.Tensor:
-    """(1 - a) C + a mean(diag C) I (methods.md §2.3); one new matrix, no identity temporaries."""
+    """(1 - a) C + a mean(diag C) I (docs/reference/methods.md §2.3); one new matrix, no identity temporaries."""
     return shrink_(c.clone(), amount, c.diagonal().mean())
 
 

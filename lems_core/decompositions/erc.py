@@ -1,4 +1,4 @@
-"""ERC-SVD's REC: residual-compensated SVD on top of the static SVD-LLM factors (other-seed-methods.md §2.2).
+"""ERC-SVD's REC: residual-compensated SVD on top of the static SVD-LLM factors (docs/reference/other-seed-methods.md §2.2).
 
 Per Linear W (m x n) at total rank r, with eq = floor(mn/(m+n)) (the paper's "scale" alpha):
 
@@ -12,7 +12,7 @@ so storage is r(m+n), exactly SVD-LLM's at rank r. Because SVD-LLM's truncations
 are nested, W - SVD-LLM_r(W) = R - (a rank-r_r matrix), and Eckart-Young gives
 ||W - W_hat||_F <= ||W - SVD-LLM_r(W)||_F (Theorem 3, weight space only).
 The residual stage must be unwhitened, otherwise REC equals SVD-LLM ([DERIVED]).
-ERC's partial-layer compression (PLC, §2.3) is an allocator, not a decomposition.
+ERC's partial-layer compression (PLC, docs/reference/other-seed-methods.md §2.3) is an allocator, not a decomposition.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..compression import is_dense_rank
 from ..model import LayerInfo, compressible_layers
 from .base import Factorization, Progress, Ranks
 
-RESIDUAL_FRACTION = 0.05  # ERC's beta (§2.2); unrelated to SAES's beta
+RESIDUAL_FRACTION = 0.05  # ERC's beta (docs/reference/other-seed-methods.md §2.2); unrelated to SAES's beta
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""FWSVD, Fisher-weighted SVD: Q = diag(sqrt(row-summed Fisher)) per layer (methods.md §3.3).
+"""FWSVD, Fisher-weighted SVD: Q = diag(sqrt(row-summed Fisher)) per layer (docs/reference/methods.md §3.3).
 
 ``stats.fisher`` already holds the square root s_j (statistics.collect_fisher_rows);
 it is floored at 1e-12 so Q stays invertible on dead input channels.

@@ -1,8 +1,8 @@
-"""KFAC-SVD: P = L_G (or L_G^T, "exact"), Q = L_A, Cholesky factors of the shrunk K-FAC Grams (methods.md §2).
+"""KFAC-SVD: P = L_G (or L_G^T, "exact"), Q = L_A, Cholesky factors of the shrunk K-FAC Grams (docs/reference/methods.md §2).
 
 A (input Gram) is shrunk by 0.1 and G (output-gradient Gram) by 0.3 toward
-mean(diag) I (§2.3 item 1). The reference orientation multiplies by the lower factor
-L_G on the left, whose metric is L_G^T L_G rather than G (§2.3 item 5); "exact" uses
+mean(diag) I (docs/reference/methods.md §2.3 item 1). The reference orientation multiplies by the lower factor
+L_G on the left, whose metric is L_G^T L_G rather than G (docs/reference/methods.md §2.3 item 5); "exact" uses
 L_G^T, giving the true K-FAC loss tr(E^T G E A) as the tail energy.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""LC-SVD: block-collaborative decomposition (other-seed-methods.md §3, reconstructed).
+"""LC-SVD: block-collaborative decomposition (docs/reference/other-seed-methods.md §3, reconstructed).
 
 Only the abstract and reviews are available, so almost everything here is the
-reconstruction of §3.3 ([RECON]); docs/seed-methods.md lists what is sourced and
+reconstruction of docs/reference/other-seed-methods.md §3.3 ([RECON]); docs/seed-methods.md lists what is sourced and
 what is chosen. Its sensitivity-prior rank search is an allocator (``lcsvd_search``).
 
 [DERIVED] For any invertible whitening S, SVD_r(W S) S^-1 = U_r U_r^T W with U_r the
@@ -34,7 +34,7 @@ from .streams import layers_by_block, planned_rank, relative_name, replace_with_
 
 @dataclass(frozen=True)
 class LcOptions:
-    """LC-SVD block training knobs ([RECON] defaults, §3.3 steps 4-5).
+    """LC-SVD block training knobs ([RECON] defaults, docs/reference/other-seed-methods.md §3.3 steps 4-5).
 
     The defaults are sized for a CPU: 4 calibration sequences per step and at most 50
     steps per block (a full-batch step on 16 x 512 tokens of a 135M model takes seconds).

@@ -62,18 +62,18 @@ _INPUTS = SvdLlm.needs  # the rank-dependent methods' base is svd_llm
 _DEFAULTS = DecompositionOptions()  # shared by the six static methods
 
 SPECS: dict[str, DecompositionSpec] = {s.name: s for s in (
-    DecompositionSpec("svd", False, Svd.needs, _DEFAULTS, Svd(), summary="plain SVD (methods.md §3.1)"),
-    DecompositionSpec("asvd", False, Asvd.needs, _DEFAULTS, Asvd(), summary="activation-aware scaling (§3.2)"),
-    DecompositionSpec("fwsvd", False, Fwsvd.needs, _DEFAULTS, Fwsvd(), summary="Fisher-weighted scaling (§3.3)"),
-    DecompositionSpec("svd_llm", False, SvdLlm.needs, _DEFAULTS, SvdLlm(), summary="Cholesky input whitening (§3.5)"),
-    DecompositionSpec("svd_llm_v2", False, SvdLlmV2.needs, _DEFAULTS, SvdLlmV2(), summary="eigen whitening (§3.6)"),
-    DecompositionSpec("kfac", False, Kfac.needs, _DEFAULTS, Kfac(), summary="K-FAC two-sided whitening (§2)"),
+    DecompositionSpec("svd", False, Svd.needs, _DEFAULTS, Svd(), summary="plain SVD (docs/reference/methods.md §3.1)"),
+    DecompositionSpec("asvd", False, Asvd.needs, _DEFAULTS, Asvd(), summary="activation-aware scaling (docs/reference/methods.md §3.2)"),
+    DecompositionSpec("fwsvd", False, Fwsvd.needs, _DEFAULTS, Fwsvd(), summary="Fisher-weighted scaling (docs/reference/methods.md §3.3)"),
+    DecompositionSpec("svd_llm", False, SvdLlm.needs, _DEFAULTS, SvdLlm(), summary="Cholesky input whitening (docs/reference/methods.md §3.5)"),
+    DecompositionSpec("svd_llm_v2", False, SvdLlmV2.needs, _DEFAULTS, SvdLlmV2(), summary="eigen whitening (docs/reference/methods.md §3.6)"),
+    DecompositionSpec("kfac", False, Kfac.needs, _DEFAULTS, Kfac(), summary="K-FAC two-sided whitening (docs/reference/methods.md §2)"),
     DecompositionSpec("saes", True, _INPUTS, SaesOptions(), factorizations=saes_for_plan, base="svd_llm",
-                      summary="SAES-SVD closed loop, adaptive alignment (other-seed-methods.md §1)"),
+                      summary="SAES-SVD closed loop, adaptive alignment (docs/reference/other-seed-methods.md §1)"),
     DecompositionSpec("erc", True, _INPUTS, ErcOptions(), factorizations=erc_for_plan, base="svd_llm",
-                      base_factors=True, summary="ERC-SVD residual compensation (other-seed-methods.md §2.2)"),
+                      base_factors=True, summary="ERC-SVD residual compensation (docs/reference/other-seed-methods.md §2.2)"),
     DecompositionSpec("lcsvd", True, _INPUTS, LcOptions(), factorizations=lcsvd_for_plan, base="svd_llm",
-                      summary="LC-SVD block-collaborative subspaces (other-seed-methods.md §3)"),
+                      summary="LC-SVD block-collaborative subspaces (docs/reference/other-seed-methods.md §3)"),
 )}
 
 METHODS = tuple(n for n, s in SPECS.items() if not s.rank_dependent)  # the static ones (Decomposer's)

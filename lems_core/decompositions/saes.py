@@ -1,8 +1,8 @@
 """SAES-SVD: closed-loop, FP-anchored whitened SVD with an adaptive alignment weight.
 
-other-seed-methods.md §1. For every Linear W (m x n) with planned rank r:
+docs/reference/other-seed-methods.md §1. For every Linear W (m x n) with planned rank r:
 
-- CEALC (§1.3): minimise ||(AB - W) X||^2 + alpha ||AB X - W X^f||^2, where X are the
+- CEALC (docs/reference/other-seed-methods.md §1.3): minimise ||(AB - W) X||^2 + alpha ||AB X - W X^f||^2, where X are the
   inputs the *compressed* network gives the layer and X^f the FP network's inputs on
   the same tokens. With H = X X^T, Delta = (X^f - X) X^T and beta = alpha/(1+alpha),
   the whitened target is G(beta) = W (H + beta Delta) K^-T with H = K K^T (Cholesky,
@@ -11,10 +11,10 @@ other-seed-methods.md §1. For every Linear W (m x n) with planned rank r:
       A = U_r S_r^1/2,   B = S_r^1/2 V_r^T K^-1.
 
   beta = 0 is exactly SVD-LLM on the compressed-path statistics.
-- ACES (§1.4): beta per layer minimises the FS-FOA tail ratio
+- ACES (docs/reference/other-seed-methods.md §1.4): beta per layer minimises the FS-FOA tail ratio
   rho(beta)^2 = (a + 2b beta + c beta^2) / (A + 2B beta + C beta^2) over [0.25, 0.75],
   by evaluating the real roots of the stationary quadratic and the endpoints.
-- Closed loop (§1.3, [RECON] order): blocks are processed in order; inside a block the
+- Closed loop (docs/reference/other-seed-methods.md §1.3, [RECON] order): blocks are processed in order; inside a block the
   groups {q,k,v}, o, {gate,up}, down are compressed GPTQ "true-sequential", each
   group's statistics taken from two hidden-state streams (FP and compressed) that
   are aligned token by token.
@@ -40,13 +40,13 @@ from ..model import LayerInfo, decoder_blocks
 from .base import Factorization, Progress, Ranks, cholesky_lower
 from .streams import layers_by_block, module_input, planned_rank, relative_name, replace_with_factors
 
-# GPTQ true-sequential order of the layer kinds inside a block (§1.3 [RECON]).
+# GPTQ true-sequential order of the layer kinds inside a block (docs/reference/other-seed-methods.md §1.3 [RECON]).
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
 @dataclass(frozen=True)
 class SaesOptions:
-    """SAES-SVD knobs; defaults follow other-seed-methods.md §1.4.
+    """SAES-SVD knobs; defaults follow docs/reference/other-seed-methods.md §1.4.
 
     ``fixed_beta`` turns ACES off (CEALC only; the paper's ablation value is
     unstated, 0.5 is the [RECON] default there; 0 gives closed-loop SVD-LLM).
@@ -66,7 +66,7 @@ class SaesOptions:
         return asdict(self)
 
 
-# ============================================================ whitened factors (§1.3)
+# ============================================================ whitened factors (docs/reference/other-seed-methods.md §1.3)
 def whitened_factors(g: torch.Tensor, lower: torch.Tensor, rank: int) -> Factorization:
     """Truncated SVD of a whitened target g and the factors mapped back by K^-1.
 
@@ -80,7 +80,7 @@ def whitened_factors(g: torch.Tensor, lower: torch.Tensor, rank: int) -> Factori
     return Factorization(s.double().cpu().numpy(), left.float().contiguous(), right.float().contiguous())
 
 
-# ============================================================ CEALC statistics (§1.3)
+# ============================================================ CEALC statistics (docs/reference/other-seed-methods.md §1.3)
 @dataclass
 class GroupStats:
     """Statistics of one shared input: H = X X^T and Delta = (X^f - X) X^T (token sums)."""
@@ -140,7 +140,7 @@ def cealc_factorization(weight: torch.Tensor, white: Whitening, beta: float, ran
     return whitened_factors(w @ white.lower + beta * (w @ white.delta_kt), white.lower, rank)
 
 
-# ============================================================ ACES (§1.4)
+# ============================================================ ACES (docs/reference/other-seed-methods.md §1.4)
 @dataclass(frozen=True)
 class FsFoa:
     """Coefficients of rho(beta)^2 = (a + 2b beta + c beta^2) / (A + 2B beta + C beta^2)."""

@@ -1,7 +1,7 @@
 """Block-by-block helpers of the closed-loop methods (SAES-SVD and LC-SVD).
 
 Both walk the decoder blocks in order with two hidden-state streams, FP and
-compressed, aligned token by token (other-seed-methods.md §1.3, §3.3): they read a
+compressed, aligned token by token (docs/reference/other-seed-methods.md §1.3, docs/reference/methods.md §3.3): they read a
 module's inputs inside one block and swap planned Linears of a block-local copy for
 their factors so the compressed stream sees them.
 """

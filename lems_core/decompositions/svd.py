@@ -1,4 +1,4 @@
-"""Plain truncated SVD: P = I, Q = I (methods.md §3.1); the spectrum is W's own."""
+"""Plain truncated SVD: P = I, Q = I (docs/reference/methods.md §3.1); the spectrum is W's own."""
 from __future__ import annotations
 
 from .base import StaticMethod

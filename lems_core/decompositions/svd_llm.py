@@ -1,4 +1,4 @@
-"""SVD-LLM truncation-aware whitening: Q = chol(A), A the input Gram X X^T in float64 (methods.md §3.5).
+"""SVD-LLM truncation-aware whitening: Q = chol(A), A the input Gram X X^T in float64 (docs/reference/methods.md §3.5).
 
 With A = L L^T, ||(W - W') X||_F = ||(W - W') L||_F, so truncating the SVD of W L
 drops exactly the tail singular values: the whitened spectrum is the activation loss.

@@ -1,4 +1,4 @@
-"""SVD-LLM v2 loss-optimised truncation: Q = U_s sqrt(Lambda + eps) from eigh(A), no Cholesky (methods.md §3.6).
+"""SVD-LLM v2 loss-optimised truncation: Q = U_s sqrt(Lambda + eps) from eigh(A), no Cholesky (docs/reference/methods.md §3.6).
 
 A = U_s Lambda U_s^T; Q^-1 = (Lambda + eps)^-1/2 U_s^T. Same spectrum as SVD-LLM on a
 well-conditioned Gram, and still defined when A is singular (Theorem 3.1).
@@ -9,7 +9,7 @@ import torch
 
 from .base import DecompositionOptions, LayerStats, StaticMethod, Whitener
 
-V2_EPS = 1e-6  # eigenvalue floor (LEMS `_whitening_svd`, §3.6)
+V2_EPS = 1e-6  # eigenvalue floor (LEMS `_whitening_svd`, docs/reference/methods.md §3.6)
 
 
 def eig_right(gram: torch.Tensor) -> Whitener:

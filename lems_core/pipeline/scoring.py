@@ -25,7 +25,7 @@ Scorer = Callable[[dict], float]
 
 def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor, *,
                    run: Run = DEFAULT_RUN) -> Scorer:
-    """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, §1.3).
+    """score_fn(ranks) = KL(dense || compressed) on the search windows (LEMS bias fit, docs/reference/methods.md §1.3).
 
     Each call holds the model's lock, so scores from concurrent jobs never mix weights.
     The dense logits are kept in float32 when they fit in ``LOG_PROB_CACHE_BYTES`` (no
@@ -44,7 +44,7 @@ def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], searc
 
 def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], search_ids: torch.Tensor, *,
                     run: Run = DEFAULT_RUN) -> Scorer:
-    """score_fn(ranks) = perplexity on the search windows (ATP's grid search, §4.5); holds the model's lock."""
+    """score_fn(ranks) = perplexity on the search windows (ATP's grid search, docs/reference/methods.md §4.5); holds the model's lock."""
     cancel_only = run.but(progress=None)
 
     def score(ranks: dict[str, int | None]) -> float:

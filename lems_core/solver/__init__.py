@@ -1,4 +1,4 @@
-"""Global rank allocation as a multiple-choice knapsack problem (methods.md §1.4).
+"""Global rank allocation as a multiple-choice knapsack problem (docs/reference/methods.md §1.4).
 
 Every group (a weight matrix) offers options (candidate ranks) with a cost (parameter
 count) and an error (surrogate loss). Pick exactly one option per group so that the

@@ -1,4 +1,4 @@
-"""ARS: Adaptive Rank Selection (Gao et al., NAACL 2024; methods.md §4.6).
+"""ARS: Adaptive Rank Selection (Gao et al., NAACL 2024; docs/reference/methods.md §4.6).
 
 A learned rank allocator. Every compressible Linear W (m x n) is written in its
 full (whitened) SVD, W = left @ right with min(m, n) components, and a binary
@@ -7,16 +7,16 @@ small hypernetwork: a GRU reads a fixed random input z, one step per layer, and
 a per-layer linear head turns the hidden state into one logit per component.
 Masks are straight-through Gumbel-sigmoid samples of those logits (hard 0/1
 forward with threshold 0.5, sigmoid gradient backward). Only the hypernetwork
-trains; the language model and its factors are frozen. The loss (§4.6 step 4) is
+trains; the language model and its factors are frozen. The loss (docs/reference/methods.md §4.6 step 4) is
 
     CE(f(x; m)) + lam * log(max(T(m), p T_c) / (p T_c)) + gamma * mean_l ||m_l s_l - m'_l s_l||^2
 
 with T(m_l) = (m_l + n_l) 1^T m_l (capped at m_l n_l: a layer at or above its
-break-even rank is stored dense, methods.md §0), T_c the parameters of the
+break-even rank is stored dense, docs/reference/methods.md §0), T_c the parameters of the
 compressible Linears and m'_l the top-k mask with k = 1^T m_l (pushes the mask
 toward the singular-value order).
 
-The budget rule follows the reference implementation (sidhantls, methods.md §9
+The budget rule follows the reference implementation (sidhantls, docs/reference/methods.md §9
 "ARS"; ``main`` at adaptive_rank_selection.py:327-410, train_adaptive.py:273-282):
 - p is ``p_param`` = 0.4, not the budget, so the penalty pushes down on both sides
   of the budget; instead lam is 0 for a step whose kept fraction is within 0.002 of

@@ -15,7 +15,7 @@ METHOD = "ars"
 class ARSConfig:
     """Hyper-parameters of one ARS training run; all of them are part of the cache key."""
 
-    steps: int = 2000  # hypernetwork updates (§4.6 step 5: 2000 for LLMs); with early stopping, a cap
+    steps: int = 2000  # hypernetwork updates (docs/reference/methods.md §4.6 step 5: 2000 for LLMs); with early stopping, a cap
     batch_windows: int = 2  # calibration windows per step (third-party default batch size 2)
     seq_len: int | None = None  # crop windows to this many tokens (None: the calibration length)
     lam: float = 16.0  # weight of the budget penalty R(T(m), p T_c)
@@ -27,10 +27,10 @@ class ARSConfig:
     noise: str = "gumbel"  # "gumbel" (reference implementation) or "logistic" (binary Concrete)
     z_size: int = 32  # width of the fixed random GRU input
     hidden_size: int = 64  # GRU hidden size
-    rank_multiple: int = 8  # final ranks are multiples of this (methods.md §1.4)
+    rank_multiple: int = 8  # final ranks are multiples of this (docs/reference/methods.md §1.4)
     fill_budget: bool = True  # spend budget left unused after training (see fill_to_budget)
     seed: int = 42
-    # The budget rule: the reference's (sidhantls, methods.md §9 "ARS"); LEGACY_FIELDS gives the earlier one.
+    # The budget rule: the reference's (sidhantls, docs/reference/methods.md §9 "ARS"); LEGACY_FIELDS gives the earlier one.
     bidirectional: bool = True  # one bidirectional GRU over the layers (reference); False: one direction
     p_param: float | None = 0.4  # penalty log(max(a, p)/p), a = compressible kept fraction (reference
     #                              --p_param; capped at the budget); None: p = the budget (one-sided)

@@ -1,5 +1,5 @@
 """ARS loss terms: the kept-parameter count, the budget penalty and its weight, and the
-alignment term that pushes each mask toward the singular-value order (§4.6 step 4)."""
+alignment term that pushes each mask toward the singular-value order (docs/reference/methods.md §4.6 step 4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ def kept_params(masks: list[torch.Tensor], layers: list[LayerInfo]) -> torch.Ten
     """sum_l min((m_l + n_l) 1^T m_l, m_l n_l), differentiable in the masks.
 
     The cap is straight-through: its value counts a layer past break-even as dense
-    (methods.md §0), its gradient is that of the uncapped count. A plain min would
+    (docs/reference/methods.md §0), its gradient is that of the uncapped count. A plain min would
     give layers above break-even (every layer, at the start) no budget gradient at
     all, and nothing would ever be pruned.
     """
@@ -29,13 +29,13 @@ def kept_params(masks: list[torch.Tensor], layers: list[LayerInfo]) -> torch.Ten
 
 
 def budget_penalty(kept: torch.Tensor, target: float) -> torch.Tensor:
-    """R(T, pT_c) = log(max(T, pT_c) / (pT_c)): zero at or under pT_c (§4.6 step 4)."""
+    """R(T, pT_c) = log(max(T, pT_c) / (pT_c)): zero at or under pT_c (docs/reference/methods.md §4.6 step 4)."""
     return torch.log((kept / target).clamp(min=1.0))
 
 
 @dataclass(frozen=True)
 class BudgetTarget:
-    """One run's budget in both accountings (methods.md §9 "ARS").
+    """One run's budget in both accountings (docs/reference/methods.md §9 "ARS").
 
     ``ratio`` is the public budget, the kept fraction of the compressible Linears'
     parameters (``compressible``), as for every allocator. The reference budgets the
@@ -97,7 +97,7 @@ def budget_term(kept: torch.Tensor, budget: BudgetTarget, config: ARSConfig) -> 
 
 
 def alignment_loss(masks: list[torch.Tensor], spectra: list[torch.Tensor]) -> torch.Tensor:
-    """mean_l ||m_l * s_l - m'_l * s_l||^2 with m'_l the top-k mask, k = 1^T m_l (§4.6 step 4).
+    """mean_l ||m_l * s_l - m'_l * s_l||^2 with m'_l the top-k mask, k = 1^T m_l (docs/reference/methods.md §4.6 step 4).
 
     ``spectra`` are normalised to unit Euclidean norm per layer, so each layer's term
     is the fraction of its spectral energy kept out of order (in [0, 1]) and layers of

@@ -1,4 +1,4 @@
-"""ARS masks -> ranks: mask sums rounded to multiples (§4.6 step 6), then deterministically
+"""ARS masks -> ranks: mask sums rounded to multiples (docs/reference/methods.md §4.6 step 6), then deterministically
 repaired to the budget and, optionally, the budget left unused spent again."""
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def fill_to_budget(profile: Profile, ranks: dict, ratio: float, multiple: int) -
     """Spend budget left over: add ``multiple`` ranks (or go dense) where the most normalised
     energy is gained per parameter, as long as the budget still holds; returns (ranks, adds).
 
-    ARS's budget penalty is one-sided (§4.6 step 4), so a run can end under its budget;
+    ARS's budget penalty is one-sided (docs/reference/methods.md §4.6 step 4), so a run can end under its budget;
     plans compared at one budget should use it. Deterministic (ties: earlier layer); the
     mirror image of ``repair_to_budget``.
     """
@@ -129,7 +129,7 @@ def fill_to_budget(profile: Profile, ranks: dict, ratio: float, multiple: int) -
 
 def allocation_from_masks(profile: Profile, ratio: float, masks: list[np.ndarray], config: ARSConfig,
                           info: dict | None = None, budget: BudgetTarget | None = None) -> Allocation:
-    """Ranks = mask sums rounded to multiples (§4.6 step 6), repaired to the budget
+    """Ranks = mask sums rounded to multiples (docs/reference/methods.md §4.6 step 6), repaired to the budget
     (and, with ``config.fill_budget``, the slack spent); the raw learned ranks and
     ratio stay in ``info`` so the effect of rounding and repair is visible. With the
     run's ``budget``, info also has both accountings: the compressible budget and

@@ -1,4 +1,4 @@
-"""ARS training: the optimisation loop of the hypernetwork (§4.6 step 4) and its early stop.
+"""ARS training: the optimisation loop of the hypernetwork (docs/reference/methods.md §4.6 step 4) and its early stop.
 
 No caching and no rounding here; ``train_masks`` returns the final noise-free masks.
 """
@@ -64,7 +64,7 @@ def train_masks(
 ) -> tuple[list[np.ndarray], list[dict]]:
     """Train the hypernetwork; return the final noise-free masks (0/1 per component) and the loss curve.
 
-    No caching, no rounding: this is the optimisation of §4.6 step 4 alone, for at most
+    No caching, no rounding: this is the optimisation of docs/reference/methods.md §4.6 step 4 alone, for at most
     ``config.steps`` steps (fewer when ``budget_reached``). ``budget`` defaults to
     ``budget_target(model, layers, ratio)``.
     """

@@ -1,4 +1,4 @@
-"""Time decomposing all 210 Linears of the demo model with each method (issue #2).
+"""Time decomposing all 210 Linears of the demo model with each method.
 
 Statistics are those of the demo profiles (16 x 512 calibration tokens), read from
 the cache when `scripts/build_demo_profiles.py` has run, else computed once. Prints

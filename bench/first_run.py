@@ -1,4 +1,4 @@
-"""Benchmark: a new user's first evaluation of a demo plan, stage by stage (issue #13).
+"""Benchmark: a new user's first evaluation of a demo plan, stage by stage.
 
 Run as `python -m bench.first_run` (minutes). With an empty temporary cache folder
 (plus the committed `cache/demo`), it builds the LEMS plan at budget 0.8 from the

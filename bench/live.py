@@ -7,7 +7,7 @@ every default live allocator (LEMS, uniform, SVD-LLM V2, MRCS, ARS lookup), the
 predicted-error tables and the comparison table, the current plan's JSON and
 loadconfig (the download buttons), and every Plotly figure of the page, built and
 serialised to JSON as Streamlit's st.plotly_chart does (``fig.to_dict()``, then
-``plotly.io.to_json(..., validate=False)``). Goals (issue #13): < 100 ms at 8B shape and
+``plotly.io.to_json(..., validate=False)``). Goals: < 100 ms at 8B shape and
 < 250 ms at 70B shape. Timings depend on the machine's load; the load average and
 thread count are printed with them, and the CPU time of the whole move next to its
 wall time (the part of a slow run that other jobs' load does not explain).

@@ -1,4 +1,4 @@
-"""Peak memory of statistics + decomposition under a fixed budget, by depth, at Llama-3-8B widths (issue #10).
+"""Peak memory of statistics + decomposition under a fixed budget, by depth, at Llama-3-8B widths.
 
 Builds random-weight LLaMA models with Llama-3-8B layer widths (hidden 4096,
 intermediate 14336, 32/8 heads) and a small vocabulary at each depth, runs the

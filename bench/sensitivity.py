@@ -1,4 +1,4 @@
-"""Per-layer KL sweep: block-suffix runs vs naive full forwards (issue #3 target <= 0.6x).
+"""Per-layer KL sweep: block-suffix runs vs naive full forwards (target <= 0.6x).
 
 One layer per block (kinds rotating, 30 layers over the whole depth) is measured
 both ways on the demo model with the same search windows; prints both times,

@@ -4,9 +4,9 @@ Capturing the hidden state that enters block 0 (plus the keyword arguments the
 model passes every block: position embeddings, masks) lets later steps run any
 suffix of the stack without re-running the prefix: block-wise statistics keep
 memory bounded, and the per-layer KL sweep runs only the blocks from the
-perturbed one onward (issue #3).
+perturbed one onward.
 
-The captured hidden states are a plain list on the device, or (issue #10) a
+The captured hidden states are a plain list on the device, or a
 ``BlockInputStore`` that keeps them in CPU RAM or memory-mapped in a temporary
 file and brings them to the device a chunk at a time, within a byte budget
 counted in a ``memory.GramLedger`` (``InputPlacement``, ``plan_input_placement``).
@@ -51,7 +51,7 @@ class BlockInput:
 class InputPlacement:
     """Where block inputs wait between uses, and how many of their bytes the device may hold at once.
 
-    ``where``: "device" keeps every batch on the device (a plain list, as before);
+    ``where``: "device" keeps every batch on the device (a plain list);
     "cpu" keeps them in RAM; "disk" memory-maps them from a temporary file under
     ``folder`` (default: the system's temporary folder), removed with the store.
     ``budget`` (bytes, off the device only; None: unbounded) bounds the block inputs on

@@ -174,7 +174,7 @@ def index(cache_dir: Path | None = None):
     move), so the handle of each folder is kept and handed out again while its database
     file is the same (same inode, size and mtime); ``close()`` on it (``with index() as
     store``) is harmless, diskcache reconnects on the next use in well under 1 ms. A
-    replaced or rewritten database gets a new handle, opened and checked as before.
+    replaced or rewritten database gets a new handle, opened and checked like the first.
     """
     import sqlite3
 

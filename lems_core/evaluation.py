@@ -50,7 +50,7 @@ class EvalProtocol:
         return {"name": self.name, "seq_len": self.seq_len, "max_windows": self.max_windows}
 
 
-# "quick" is 8 x 512 (issue #13: the first evaluation in minutes on a CPU; the README study's windows).
+# "quick" is 8 x 512: a first evaluation in minutes on a CPU, and the demo study's windows.
 # Results stored while quick meant 512 x 16 keep their recorded name, "quick-16".
 EVAL_PROTOCOLS = {"reference": EvalProtocol(2048, None), "quick": EvalProtocol(512, 8), "quick-16": EvalProtocol(512, 16)}
 REFERENCE_EVAL, QUICK_EVAL = EVAL_PROTOCOLS["reference"], EVAL_PROTOCOLS["quick"]
@@ -83,7 +83,7 @@ class PerplexityResult:
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Tokenise once and cut into non-overlapping [n, seq_len] windows.
 
-    ``max_windows`` None means all; 0 or less is an error (it used to give no window
+    ``max_windows`` None means all; 0 or less is an error (it would give no window
     and a perplexity of infinity).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:

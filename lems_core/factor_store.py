@@ -1,6 +1,6 @@
 """Factorisations kept on disk, one safetensors file per block, read back one layer at a time.
 
-A streamed profile build (issue #10) writes each block's factors as soon as they are
+A streamed profile build writes each block's factors as soon as they are
 computed, so the factors of a 70B model (about the size of its Linear weights in
 fp32) never sit in memory. ``FactorShards`` is a read-only Mapping name ->
 Factorization that opens the block file of a layer lazily (``safe_open``), keeps

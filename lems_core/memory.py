@@ -1,6 +1,6 @@
 """Memory budgets: how many bytes the statistics may hold, and the accounting that enforces it.
 
-A profile build's memory is dominated by the Gram matrices (issue #10): 4 input Grams
+A profile build's memory is dominated by the Gram matrices: 4 input Grams
 per block (q/k/v and gate/up share one) and, for KFAC, one output-gradient Gram per
 layer. Everything else (weights, activations of a few calibration windows, the
 decomposition's float64 work arrays for one layer) is bounded by one block.

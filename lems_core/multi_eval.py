@@ -1,4 +1,4 @@
-"""Several plans evaluated at once, spread over torch.distributed ranks (issue #10).
+"""Several plans evaluated at once, spread over torch.distributed ranks.
 
 Under torchrun each rank loads the model on its own GPU and evaluates every
 world-th plan (round robin); rank 0 gathers the results in the plans' order. In a

@@ -365,7 +365,7 @@ def _parse_constraints(raw, plans: list[LayerPlan], layers: list[LayerInfo] | No
     """The plan's optional ``constraints``: well-formed, matching its layers, and kept by its ranks.
 
     Block and kind come from the model's layers when given, else from the standard
-    layer names; plans written before constraints existed have none and load as before.
+    layer names; a plan without the field has no constraints.
     """
     if raw is None:
         return None

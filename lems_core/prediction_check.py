@@ -1,4 +1,4 @@
-"""Predicted vs measured: does the LEMS error model say what the model does? (issue #13)
+"""Predicted vs measured: does the LEMS error model say what the model does?
 
 Two checks, numpy only, from a profile and stored result records (``results.ResultStore``):
 

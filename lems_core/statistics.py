@@ -10,7 +10,7 @@
 Accumulation is fp32 with `addmm_` over flattened tokens: no per-token loops.
 Input statistics run block by block, so only one block's activations are alive.
 
-Under a memory budget (issue #10) ``iter_block_statistics`` streams both kinds:
+Under a memory budget ``iter_block_statistics`` streams both kinds:
 blocks are grouped into windows (``memory.plan_windows``); per window one
 block-wise backward pass fills the output-gradient Grams of that window's layers
 only, and a consumer decomposes and frees each block's Grams before the next

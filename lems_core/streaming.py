@@ -1,4 +1,4 @@
-"""Statistics + decomposition under a memory budget, block window after block window (issue #10).
+"""Statistics + decomposition under a memory budget, block window after block window.
 
 The classic path (``pipeline.artefacts.statistics_for`` then ``factorizations_for``) holds every
 Gram of the model at once: about 59 GB fp32 of KFAC output-gradient Grams for

@@ -1,4 +1,4 @@
-"""Add the reference LEMS's bias fit and the measured KL floor to existing profiles (issue #11).
+"""Add the reference LEMS's bias fit and the measured KL floor to existing profiles.
 
 Rebuilding the committed demo profiles (``cache/demo/``) took ~1.6 h of CPU for the
 KFAC one, so this script does not rebuild them: it loads each profile's own model,

@@ -1,4 +1,4 @@
-"""Carry the extra single-layer KL points of an older profile into a rebuilt one (issue #11).
+"""Carry the extra single-layer KL points of an older profile into a rebuilt one.
 
 The KFAC demo profile was rebuilt with the reference defaults (offset rule, float32
 reference logits, bias fit). Its calibration and search windows are *the same* as the

@@ -10,7 +10,7 @@ computed once (from the pipeline's cached statistics) and shared by all ratios.
 
 "cpu-small" trains under the reference rule (whole-model budget, two-sided penalty with
 the lambda band, early stop on the 100-step mean: 101-200 steps); "cpu-small-legacy"
-reproduces the plans committed before issue #11 (80 fixed steps, the earlier rule).
+reproduces the committed legacy-rule plans (80 fixed steps, the one-sided penalty).
 """
 from __future__ import annotations
 

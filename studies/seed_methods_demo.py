@@ -1,4 +1,4 @@
-"""The other seed methods on the demo model (issue #6): WikiText-2 perplexity at one kept ratio.
+"""The other seed methods on the demo model: WikiText-2 perplexity at one kept ratio.
 
 Rows (all at the same kept-parameter budget of the compressible Linears):
 - uniform ranks with the decompositions svd_llm (baseline), svd_llm_v2, saes, erc (REC), lcsvd;

@@ -1,4 +1,4 @@
-"""Measure the demo results the app ships (`cache/demo/results.json`, issue #13).
+"""Measure the demo results the app ships (`cache/demo/results.json`).
 
 Every record is a real compression + evaluation through the app's own job path
 (`pipeline.evaluate_and_store`): WikiText-2 test perplexity on the quick protocol

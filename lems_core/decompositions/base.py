@@ -113,8 +113,7 @@ def cholesky_lower(c: torch.Tensor, tries: int = 3, rebuild: Callable[[], torch.
     """Lower Cholesky factor; on failure shift the diagonal by -lambda_min + 1e-6 (SVD-LLM's fix, docs/reference/methods.md §3.5).
 
     With ``rebuild`` (a function that makes ``c`` again) the first attempt factorises
-    ``c`` in its own storage, saving an n x n copy (1.6 GB at n = 14336 in float64,
-    issue #10); if it fails, ``rebuild()`` gives the matrix back for the shifts.
+    ``c`` in its own storage, saving an n x n copy (1.6 GB at n = 14336 in float64); if it fails, ``rebuild()`` gives the matrix back for the shifts.
     """
     start = 0
     if rebuild is not None:

@@ -15,6 +15,6 @@ class SvdLlm(StaticMethod):
     shares_input = True
 
     def right(self, stats: LayerStats, options: DecompositionOptions, device: torch.device) -> Whitener:
-        def build():  # a private copy, factorised in place (issue #10: one n x n float64 matrix, not two)
+        def build():  # a private copy, factorised in place (one n x n float64 matrix, not two)
             return stats.inputs.gram.to(device=device, dtype=options.dtype, copy=True)
         return cholesky_right(cholesky_lower(build(), rebuild=build))

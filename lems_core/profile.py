@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import read_json_capped, sha256_file
+from .cache import MAX_PROFILE_JSON_BYTES, read_json_capped, sha256_file
 from .model import KINDS, LayerInfo
 from .numerics import KL_ROUNDOFF
 
@@ -37,7 +37,6 @@ PROFILE_SCHEMA = "lems-profile/1"
 PROFILE_JSON = "profile.json"
 SPECTRA_FILE = "spectra.safetensors"
 CHECKSUM_FIELD = "profile_sha256"
-MAX_PROFILE_JSON_BYTES = 64 * 1024 * 1024
 
 
 class ProfileError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import (SHRINK_A, SHRINK_G, DecompositionOptions, LayerStats, StaticMethod, Whitener, cholesky_left,
-                   cholesky_lower, cholesky_right, shrink, shrink_)
+                   cholesky_lower, cholesky_right, shrink_)
 
 __all__ = ["Kfac", "SHRINK_A", "SHRINK_G"]
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -114,19 +115,38 @@ def _calls_per_sample(thunk: Thunk, sync: Callable[[], None], clock: Callable[[]
     return max(1, min(1000, round(SAMPLE_SECONDS / once)))
 
 
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How a device profile is measured: the rank grid, the repeats and the clock.
+
+    ``clock``: "wall" (elapsed time, what a user waits) or "cpu" (the process's CPU time: on
+    a shared, oversubscribed CPU it leaves out the time other jobs hold the core; one thread
+    only). ``cold_bytes``: weight copies each configuration cycles through (default twice the
+    last-level cache), so every call reads its weights from memory, as a forward over a model
+    larger than the cache does.
+    """
+
+    rank_step: int = 8
+    points: int = GRID_POINTS
+    repeats: int = 15
+    warmup: int = 3
+    clock: str = "wall"
+    cold_bytes: int | None = None
+
+
 def measure_device_profile(shapes: Iterable[Shape], workload: Workload, device: str = "cpu", dtype: str = "float32",
-                           rank_step: int = 8, points: int = GRID_POINTS, timer: Timer | None = None,
-                           repeats: int = 15, warmup: int = 3, clock: str = "wall",
-                           cold_bytes: int | None = None) -> DeviceProfile:
+                           timer: Timer | None = None, settings: MeasureSettings | None = None,
+                           **options) -> DeviceProfile:
     """Time every distinct shape once (dense and the low-rank grid) and return the profile.
 
-    ``timer`` (default ``median_times`` with ``clock``) takes thunks and returns median
-    seconds per call. ``clock``: "wall" (elapsed time, what a user waits) or "cpu" (the
-    process's CPU time: on a shared, oversubscribed CPU it leaves out the time other jobs
-    hold the core; one thread only). Each configuration cycles through copies of its
-    weights worth ``cold_bytes`` (default twice the last-level cache), so every call reads
-    its weights from memory, as a forward over a model larger than the cache does.
+    ``settings`` (or its fields as keywords, ``repeats=2``) say how; see ``MeasureSettings``.
+
+    ``timer`` (default ``median_times`` with the settings' clock) takes thunks and returns
+    median seconds per call.
     """
+    settings = settings or MeasureSettings(**options)
+    rank_step, points, repeats, warmup = settings.rank_step, settings.points, settings.repeats, settings.warmup
+    clock, cold_bytes = settings.clock, settings.cold_bytes
     distinct = sorted({(int(m), int(n)) for m, n in shapes})
     if not distinct:
         raise ValueError("no layer shapes to measure")
@@ -227,16 +247,18 @@ def cache_path(key: ProfileKey, shapes: Iterable[Shape], rank_step: int, points:
 
 
 def device_profile_for(shapes: Iterable[Shape], workload: Workload, device: str = "cpu", dtype: str = "float32",
-                       cache_dir: Path | None = None, rank_step: int = 8, points: int = GRID_POINTS,
-                       timer: Timer | None = None, refresh: bool = False, clock: str = "wall",
-                       **measure_options) -> DeviceProfile:
+                       cache_dir: Path | None = None, timer: Timer | None = None, refresh: bool = False,
+                       settings: MeasureSettings | None = None, **options) -> DeviceProfile:
     """The device profile for ``shapes`` here: read from the cache, else measured and cached.
+
+    ``settings`` (or its fields as keywords) say how it is measured; see ``MeasureSettings``.
 
     A cached file that no longer validates (or matches) is measured again, with a warning.
     """
     shapes = sorted({(int(m), int(n)) for m, n in shapes})
+    settings = settings or MeasureSettings(**options)
     key = current_key(workload, device, dtype)
-    path = cache_path(key, shapes, rank_step, points, clock, cache_dir)
+    path = cache_path(key, shapes, settings.rank_step, settings.points, settings.clock, cache_dir)
     if path.is_file() and not refresh:
         try:
             found = DeviceProfile.load(path)
@@ -245,7 +267,6 @@ def device_profile_for(shapes: Iterable[Shape], workload: Workload, device: str 
             return found
         except DeviceProfileError as exc:
             log.warning("cached device profile %s is unusable (%s); measuring again", path, exc)
-    found = measure_device_profile(shapes, workload, device, dtype, rank_step, points, timer, clock=clock,
-                                   **measure_options)
+    found = measure_device_profile(shapes, workload, device, dtype, timer, settings)
     found.save(path)
     return found

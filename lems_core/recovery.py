@@ -340,7 +340,8 @@ def recover(model: nn.Module, tokenizer, config: RecoveryConfig, run: Run = DEFA
     """Heal a compressed ``model`` in place on calibration text; it stays a compressed model of the same ranks.
 
     ``evaluation`` names the datasets the healed model will be evaluated on: their
-    evaluation splits are refused as training text.
+    evaluation splits are refused as training text. Training runs where the model's
+    weights are; ``run`` brings the progress callback and the cancel event.
     """
     windows = training_windows(tokenizer, config, evaluation)
     torch.manual_seed(config.seed)  # the adapters' initialisation

@@ -18,7 +18,8 @@ from .common import run_reporting_errors
 
 PROG = "python -m lems_core"
 DESCRIPTION = "SVD compression and rank allocation for causal LMs"
-COMMAND_MODULES = ("layers", "ppl", "profile", "allocate", "evaluate", "evaluate_plans", "compress", "ars")  # -h order
+COMMAND_MODULES = ("layers", "ppl", "profile", "allocate", "evaluate", "evaluate_plans", "compress", "heal",
+                   "ars")  # -h order
 
 
 def command_modules() -> list:

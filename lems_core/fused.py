@@ -1,12 +1,21 @@
-"""Inference grouping of the low-rank projections that share their input (q/k/v, gate/up).
+"""Inference preparation of a compressed model: grouped shared-input GEMMs, factor layout, direct calls.
 
-`fuse_shared_inputs(model)` runs after compression or loading: each group's first
-factors (and any member kept dense) become one wider GEMM, split per member. Module
-names, classes of the projections, the state dict and the saved format stay as they
-are; logits equal the ungrouped model's up to float round-off. The implementation
-lives in `remote/fused_lowrank.py` (torch only) because a Hugging Face export ships it
-beside `modeling_lowrank.py`, which applies it too.
+`prepare_for_inference(model)` runs after compression or loading:
+
+- `fuse_shared_inputs`: q/k/v, and gate/up, read the same input; their first factors
+  (and any member kept dense) become one wider GEMM per prompt, split per member;
+- `lay_out_factors`: second factors (rank -> out, out > rank) are stored column-major,
+  which a one-token matrix-vector product reads in long contiguous rows;
+- each low-rank module multiplies by its factors directly, without calling them as
+  modules (two module calls per projection are much of a one-token step's cost).
+
+Module names, the projections' classes, the state dict and the saved format stay as
+they are; logits equal the unprepared model's up to float round-off. The code lives in
+`remote/fused_lowrank.py` (torch only) because a Hugging Face export ships it beside
+`modeling_lowrank.py`, whose CausalLM applies it after loading.
 """
-from .remote.fused_lowrank import SHARED_INPUT_GROUPS, SharedInputGroup, SharedInputLinear, fuse_shared_inputs
+from .remote.fused_lowrank import (GROUP_MIN_ROWS, SHARED_INPUT_GROUPS, SharedInputGroup, SharedInputLinear,
+                                   fuse_shared_inputs, lay_out_factors, prepare_for_inference)
 
-__all__ = ["SHARED_INPUT_GROUPS", "SharedInputGroup", "SharedInputLinear", "fuse_shared_inputs"]
+__all__ = ["GROUP_MIN_ROWS", "SHARED_INPUT_GROUPS", "SharedInputGroup", "SharedInputLinear", "fuse_shared_inputs",
+           "lay_out_factors", "prepare_for_inference"]

@@ -23,28 +23,35 @@ from torch import nn
 
 # Projections of one block that are called on the very same input tensor.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Below this many input rows a group's members use their own first factor: a matrix-vector product
+# reads the same bytes stacked or not, so stacking saves nothing there and its bookkeeping costs; from a
+# prompt's width on, the wider GEMM runs faster (bench/inference.py, measured on the demo's shapes).
+GROUP_MIN_ROWS = 32
 
 
 class SharedInputGroup:
-    """The stacked first factors of a group and the last input's result, split per member.
+    """The stacked first factors of a group and the last input's product, read in slices by the members.
 
-    The result is kept until every member has read its slice of it (or a new input
-    arrives), so a block's q, k, v calls pay for one GEMM between them.
+    The product is kept until every member has read its slice (or a new input arrives),
+    so a block's q, k, v calls pay for one GEMM between them. Which members have read
+    it is a bit mask: this runs once per projection call, so it is kept to a few
+    integer operations.
     """
 
     def __init__(self, members):
         self.members = list(members)
         self.sizes = [m.out_features for m in self.members]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.everyone = (1 << len(self.members)) - 1
         self.weight, self.pointers = None, ()
-        self._clear()
-
-    def _clear(self):
-        self._input, self._parts, self._served = None, (), set()
+        self._input, self._product, self._served = None, None, 0
 
     def is_current(self):
         """Whether every member's weight is still its view into the stacked matrix."""
-        return self.weight is not None and all(
-            m.weight.data_ptr() == p for m, p in zip(self.members, self.pointers))
+        for member, pointer in zip(self.members, self.pointers):
+            if member.weight.data_ptr() != pointer:
+                return False
+        return self.weight is not None
 
     def needs_grad(self):
         return any(m.weight.requires_grad for m in self.members)
@@ -53,23 +60,21 @@ class SharedInputGroup:
         """Stack the members' current weights and make each weight a view into the stack."""
         with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([m.weight.detach() for m in self.members])
-            offset = 0
-            for member, size in zip(self.members, self.sizes):
+            for member, offset, size in zip(self.members, self.offsets, self.sizes):
                 member.weight.data = weight[offset:offset + size]
-                offset += size
         self.weight, self.pointers = weight, tuple(m.weight.data_ptr() for m in self.members)
 
     def part(self, x, index):
-        """Member ``index``'s output (bias excluded) for input ``x``; one GEMM serves the whole group."""
-        if x is not self._input or index in self._served:
+        """Member ``index``'s product (bias excluded) for input ``x``; one GEMM serves the whole group."""
+        bit = 1 << index
+        if x is not self._input or self._served & bit:
             if not self.is_current():
                 self.rebuild()
-            self._input, self._served = x, set()
-            self._parts = F.linear(x, self.weight).split(self.sizes, dim=-1)
-        self._served.add(index)
-        part = self._parts[index]
-        if len(self._served) == len(self.members):
-            self._clear()
+            self._input, self._product, self._served = x, F.linear(x, self.weight), 0
+        self._served |= bit
+        part = self._product.narrow(-1, self.offsets[index], self.sizes[index])
+        if self._served == self.everyone:
+            self._input = self._product = None
         return part
 
 
@@ -79,11 +84,17 @@ class SharedInputLinear(nn.Linear):
     group = None
     index = 0
 
-    def forward(self, x):
+    def product(self, x):
+        """``x @ weight^T`` (no bias): the group's slice, or this Linear's own GEMM for a few rows (a one-token
+        step) or where gradients are wanted."""
         group = self.group
-        if group is None or (torch.is_grad_enabled() and group.needs_grad()):
-            return super().forward(x)
-        out = group.part(x, self.index)
+        if (group is None or x.numel() < GROUP_MIN_ROWS * self.in_features
+                or (torch.is_grad_enabled() and group.needs_grad())):
+            return F.linear(x, self.weight)
+        return group.part(x, self.index)
+
+    def forward(self, x):
+        out = self.product(x)
         return out if self.bias is None else out + self.bias
 
 
@@ -143,3 +154,63 @@ def fuse_shared_inputs(model):
             if all(hasattr(module, n) for n in names):
                 count += fuse_group(module, names)
     return count
+
+
+def _is_low_rank(module):
+    return isinstance(getattr(module, "a", None), nn.Linear) and isinstance(getattr(module, "b", None), nn.Linear)
+
+
+def _hooked(module):
+    return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__)
+
+
+def low_rank_forward(self, x):
+    """``b(a(x))`` without the two submodule calls (their Python overhead is most of a one-token step's cost
+    for small factors); factors that carry hooks or were wrapped (adapters) are called as modules."""
+    a, b = self.a, self.b
+    if type(b) is not nn.Linear or _hooked(a) or _hooked(b):
+        return b(a(x))
+    if type(a) is SharedInputLinear:
+        h = a.product(x)
+    elif type(a) is nn.Linear and a.bias is None:
+        h = F.linear(x, a.weight)
+    else:
+        return b(a(x))
+    return F.linear(h, b.weight, b.bias)
+
+
+def column_major(weight):
+    """``weight`` (out x in) stored transposed: x @ W^T then streams W^T row by row, what a one-token
+    matrix-vector product wants when out > in (the GEMV reads long contiguous rows)."""
+    return weight.t().contiguous().t()
+
+
+def lay_out_factors(model):
+    """Store each low-rank module's second factor (rank -> out, out > rank) column-major; returns how many.
+
+    Shapes, values and the state dict are unchanged; only the strides differ.
+    """
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            b = getattr(module, "b", None)
+            if (_is_low_rank(module) and b.out_features > b.in_features and type(b.weight.data) is torch.Tensor
+                    and b.weight.device.type != "meta" and b.weight.stride(0) != 1):
+                b.weight.data = column_major(b.weight.data)
+                count += 1
+    return count
+
+
+def prepare_for_inference(model):
+    """Group shared-input projections, lay out second factors for the matvec, and call factors directly.
+
+    Applied in place after compression or loading; logits stay those of the unprepared
+    model up to float round-off, module names, classes and the state dict are unchanged.
+    Returns {"groups": ..., "column_major": ..., "direct": ...} counts.
+    """
+    groups, laid_out, direct = fuse_shared_inputs(model), lay_out_factors(model), 0
+    for module in model.modules():
+        if _is_low_rank(module):
+            module.forward = low_rank_forward.__get__(module)
+            direct += 1
+    return {"groups": groups, "column_major": laid_out, "direct": direct}

@@ -14,8 +14,8 @@ low-rank decoder on its own: serving engines that bring their own head and atten
 module's, which runs through transformers' `ALL_ATTENTION_FUNCTIONS` interface
 (`_supports_attention_backend`); `config.json`'s `base_model_tp_plan` shards the factors.
 
-A CausalLM's `from_pretrained` then groups the factorised projections that share an input for
-inference (`fused_lowrank.py`, copied beside this file): same modules, same logits.
+A CausalLM's `from_pretrained` then prepares it for inference (`fused_lowrank.py`, copied beside
+this file): projections sharing an input run one first-factor GEMM; same modules, same logits.
 """
 import re
 
@@ -23,7 +23,7 @@ from torch import nn
 from transformers import (LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM,
                           Qwen2Model, Qwen3ForCausalLM, Qwen3Model)
 
-from .fused_lowrank import fuse_shared_inputs
+from .fused_lowrank import prepare_for_inference
 
 RANKS_KEY = "lems_low_rank"
 PROJECTION = re.compile(r"^(?:.*\.)?layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
@@ -53,11 +53,12 @@ class LowRankMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """The loaded model; a CausalLM gets its shared-input projections grouped (one first-factor GEMM per
-        group). A bare base model keeps plain Linears: serving engines load it and shard them by the TP plan."""
+        """The loaded model; a CausalLM is prepared for inference (shared-input projections grouped, factors laid
+        out for the matvec and called directly). A bare base model keeps plain Linears: serving engines load it
+        and shard them by the TP plan."""
         model = super().from_pretrained(*args, **kwargs)
         if model.base_model is not model:
-            fuse_shared_inputs(model)
+            prepare_for_inference(model)
         return model
 
     def __init__(self, config, *args, **kwargs):

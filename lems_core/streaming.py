@@ -10,7 +10,9 @@ complete, its Grams are released right after, and each block's factors go to dis
 Budget: ``max_memory`` is what statistics + decomposition may use on top of the
 loaded model (default: what the device has free). The decomposition's own float64
 work arrays for the largest layer (``decomposition_workspace``) are set aside
-first; the rest is the Gram budget. FWSVD's Fisher rows stream the same way
+first, and so are one block's full-rank factors (``block_factor_bytes``: held
+in float32 from its decomposition until its block file is written, counted in the
+ledger under the block's prefix); the rest is the Gram budget. FWSVD's Fisher rows stream the same way
 (``statistics.window_fisher_rows``): its windows count the rows and one layer's
 weight gradient, the transient each row is reduced from.
 
@@ -44,9 +46,11 @@ class StreamPlan:
     max_memory: int
     workspace: int
     windows: tuple[BlockWindow, ...]
+    factors: int = 0  # one block's full-rank factors, alive until the block file is written
 
     @property
     def gram_budget(self) -> int:
+        """What the ledger may hold: Grams of a window plus one block's factors."""
         return self.max_memory - self.workspace
 
     @property
@@ -68,17 +72,31 @@ def decomposition_workspace(layers: list[LayerInfo], dtype: torch.dtype = torch.
     return item * (side + 4 * weight)
 
 
+def block_factor_bytes(layers: list[LayerInfo]) -> int:
+    """Bytes of the largest block's full-rank float32 factors (left m x k, right k x n, k = min(m, n)).
+
+    A block's factors stay in memory until its block file is written, so the plan sets
+    them aside beside the Grams.
+    """
+    per_block: dict[int, int] = {}
+    for l in layers:
+        k = min(l.out_features, l.in_features)
+        per_block[l.block] = per_block.get(l.block, 0) + 4 * k * (l.out_features + l.in_features)
+    return max(per_block.values(), default=0)
+
+
 def plan_stream(layers: list[LayerInfo], decomposition: str, max_memory: int | None, device,
                 options: DecompositionOptions | None = None) -> StreamPlan:
     """The windows for ``max_memory`` bytes (None: DEFAULT_FRACTION of what ``device`` has free)."""
     options = options or DecompositionOptions()
     budget = budget_or_default(max_memory, device)
     workspace = decomposition_workspace(layers, options.dtype)
-    if budget <= workspace:
+    factors = block_factor_bytes(layers)
+    if budget <= workspace + factors:
         raise MemoryBudgetError(f"memory budget {format_bytes(budget)} is below the decomposition's work arrays for "
-                                f"the largest layer ({format_bytes(workspace)}); raise --max-memory")
+                                f"the largest layer and one block's factors ({format_bytes(workspace + factors)}); raise --max-memory")
     needs = spec_of(decomposition).needs & {"inputs", "grads", "fisher"}
-    return StreamPlan(budget, workspace, tuple(plan_windows(layers, needs, budget - workspace)))
+    return StreamPlan(budget, workspace, tuple(plan_windows(layers, needs, budget - workspace - factors)), factors)
 
 
 def streamed_dir(loaded: LoadedModel, stats_key: dict, decomposition: str, options: dict, factor_dtype: str,
@@ -132,6 +150,7 @@ def _decompose_block(loaded: LoadedModel, block, layers: list[LayerInfo], group_
         with module_weight(loaded.model, layer.name) as weight:
             factors[layer.name] = decomposer(layer, weight, block.inputs.get(layer.name), grad,
                                              block.fisher.pop(layer.name, None))
+        _count_factors(ledger, block.block, layer.name, factors[layer.name])
         del grad
         ledger.release(gram_key(block.block, "G", layer.name))
         ledger.release(gram_key(block.block, "F", layer.name))
@@ -142,5 +161,12 @@ def _decompose_block(loaded: LoadedModel, block, layers: list[LayerInfo], group_
             decomposer = Decomposer(decomposition, options)  # drop the cached whitener of that input
             ledger.release(gram_key(block.block, "A", group))
     block.inputs.clear()
-    ledger.release_prefix(f"{block.block}.")  # Grams of layers this rank does not own
     write_block(folder, block.block, factors, factor_dtype)
+    factors.clear()
+    ledger.release_prefix(f"{block.block}.")  # this block's factors, and Grams of layers this rank does not own
+
+
+def _count_factors(ledger: GramLedger, block: int, name: str, factors) -> None:
+    """Count a layer's factors in the ledger until its block file is written (they are part of the budget)."""
+    ledger.take(gram_key(block, "U", name), factors.left)
+    ledger.take(gram_key(block, "V", name), factors.right)

@@ -17,7 +17,8 @@ from lems_core.model import compressible_layers
 from lems_core.run import Run
 from lems_core.statistics import collect_grad_grams, collect_input_stats, window_grad_grams
 from lems_core.blocks import capture_block_inputs
-from lems_core.streaming import StreamPlan, decomposition_workspace, plan_stream, streamed_factorizations
+from lems_core.streaming import (StreamPlan, block_factor_bytes, decomposition_workspace, plan_stream,
+                                 streamed_factorizations)
 from helpers import tiny_loaded, word_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def _stream_plan(loaded, budget_blocks: int) -> StreamPlan:
     layers = compressible_layers(loaded.model)
     gram = budget_blocks * grad_gram_bytes(l for l in layers if l.block == 0) + input_gram_bytes(
         l for l in layers if l.block == 0)
-    return plan_stream(layers, "kfac", decomposition_workspace(layers) + gram, "cpu")
+    return plan_stream(layers, "kfac", decomposition_workspace(layers) + block_factor_bytes(layers) + gram, "cpu")
 
 
 def test_live_gram_bytes_never_exceed_the_budget_and_factors_match(tmp_path, one_thread):
@@ -269,7 +270,7 @@ def test_fwsvd_fisher_rows_stream_under_the_budget_and_give_the_unstreamed_facto
     layers = compressible_layers(loaded.model)
     block0 = [l for l in layers if l.block == 0]
     one_block = fisher_row_bytes(block0) + weight_grad_bytes(block0)
-    plan = plan_stream(layers, "fwsvd", decomposition_workspace(layers) + one_block, "cpu")
+    plan = plan_stream(layers, "fwsvd", decomposition_workspace(layers) + block_factor_bytes(layers) + one_block, "cpu")
     assert plan.passes == 3
     ledger = GramLedger(limit=plan.gram_budget)
     shards = streamed_factorizations(loaded, ids, "fwsvd", DecompositionOptions(), tmp_path / "f", plan, ledger=ledger)

@@ -220,3 +220,35 @@ def test_plan_only_factors_equal_the_whole_model_ones(loaded, corpus, tmp_path, 
         torch.testing.assert_close(left @ right, wl @ wr, rtol=1e-5, atol=1e-6)
     again = plan_factorizations(loaded, _cfg(corpus), decomposition, ranks, run=Run(cache_dir=tmp_path / "plan"))
     assert all(torch.equal(again[n].factors(2)[0], planned[n].factors(2)[0]) for n in planned)  # from the per-layer files
+
+
+def test_evaluate_plan_heals_before_measuring_and_records_the_recovery(loaded, corpus, tmp_path, monkeypatch):
+    import math
+
+    import lems_core.pipeline as pipeline
+    from lems_core.model import compressible_layers
+    from lems_core.plan import from_loadconfig
+    from lems_core.recovery import RecoveryConfig
+
+    monkeypatch.setattr(pipeline.models, "get_model", lambda source, device=None, offload=None: loaded)
+    layers = compressible_layers(loaded.model)
+    plan = from_loadconfig({l.name: 0.5 for l in layers}, layers, "tiny-llama", loaded.fingerprint,
+                           decomposition="svd", meta={"calibration": _cfg(corpus).to_dict()})
+    training = word_corpus(tmp_path / "training.txt")  # another file: the evaluation file is refused
+    healing = RecoveryConfig(steps=2, seq_len=32, warmup_steps=1, lora_rank=2, lr=1e-2, dataset=str(training),
+                             split="train")
+    dense_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    args = (plan, [str(corpus)], EvalProtocol(32, 2))
+    plain = pipeline.evaluate_plan(*args, run=Run(cache_dir=tmp_path / "c"))
+    healed = pipeline.evaluate_plan(*args, run=Run(cache_dir=tmp_path / "c"), recovery=healing)
+    assert plain.recovery is None
+    record = healed.recovery
+    assert record["steps_done"] == 2 and record["lr"] == 1e-2 and record["dataset"] == str(training)
+    assert math.isfinite(healed.ppl[str(corpus)]) and math.isfinite(healed.kl)
+    assert healed.ppl != plain.ppl  # the healed model is what was measured
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in dense_state.items())  # restored dense
+    again = pipeline.evaluate_plan(*args, run=Run(cache_dir=tmp_path / "c"))
+    assert again.ppl == plain.ppl  # the cached factors were not changed by the healing
+    with pytest.raises(Exception, match="evaluation text"):
+        pipeline.evaluate_plan(*args, run=Run(cache_dir=tmp_path / "c"),
+                               recovery=RecoveryConfig(steps=2, seq_len=32, dataset=str(corpus), split="train"))

@@ -26,6 +26,7 @@ from ..decompositions import Factorization, check_decomposition
 from ..evaluation import REFERENCE_EVAL, EvalProtocol, kl_to_reference, model_logits, perplexity, token_windows
 from ..model import LoadedModel, compressible_layers
 from ..plan import check_plan_layers
+from ..recovery import RecoveryConfig, RecoveryResult, recover
 from ..run import DEFAULT_RUN, Run
 from ..sensitivity import LOG_PROB_CACHE_BYTES
 from ..zero_shot import ZeroShotResult, load_tasks, tasks_key, zero_shot
@@ -42,6 +43,7 @@ DENSE_PPL_FIELDS = ("fingerprint", "dataset", "split", "seq_len", "max_windows")
 # (``jobs.JobState.seconds_left``) adapts.
 EVAL_WEIGHTS = {"model load": 0.14, "factorising the plan's layers": 0.68, "KL reference": 0.03, "dense perplexity": 0.02,
                 "compression": 0.0, "perplexity": 0.1, "KL": 0.03}
+RECOVERY_WEIGHT = 1.0  # share of the bar of a recovery (``recovery=``), relative to the weights above: training dominates
 LOADING_REPORTED = 0.01  # the fraction reported as the model load starts: under EVAL_WEIGHTS["model load"]
 
 
@@ -81,6 +83,7 @@ class EvalResult:
     zero_shot: dict | None = None  # ZeroShotResult.to_dict() of the compressed model (lm-eval acc / acc_norm)
     dense_zero_shot: dict | None = None  # the same tasks on the dense model (cached per task)
     ranks: dict | None = None  # the plan's {layer: rank or None (dense)}, for predicted vs measured
+    recovery: dict | None = None  # RecoveryResult.record() when the compressed model was healed before measuring
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,7 +162,7 @@ def reference_logits_dtype(loaded: LoadedModel, search_ids: torch.Tensor) -> tor
 def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_EVAL, *,
                   calibration: CalibrationConfig | None = None, decomposition: str | None = None,
                   with_kl: bool = True, tasks: list[str] | tuple[str, ...] = (), task_limit: int | None = None,
-                  run: Run = DEFAULT_RUN) -> EvalResult:
+                  recovery: RecoveryConfig | None = None, run: Run = DEFAULT_RUN) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
 
     ``protocol`` is the window length and count of the perplexity (default: the
@@ -174,25 +177,35 @@ def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_
     calibration config recorded in the plan (or ``calibration``) and the plan's
     decomposition, or ``decomposition`` (any of ``decomposition_names()``: rank-dependent
     ones are computed for the plan's ranks); the result records the one used.
+
+    ``recovery`` heals the compressed model (``recovery.recover``, on its calibration
+    text; the evaluation splits of ``datasets`` are refused) before perplexity and KL
+    are measured; ``result.recovery`` records its settings and outcome. The healed
+    factors are dropped with the compression afterwards. Zero-shot ``tasks`` re-compress
+    without healing, so they are refused together with ``recovery``.
     """
     started = time.perf_counter()
     decomposition = check_decomposition(decomposition or plan.decomposition)
     _check_eval_sizes(protocol)
+    if recovery is not None and tasks:
+        raise ValueError("zero-shot tasks are measured on the unhealed model: evaluate them without recovery")
     loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
     loaded = _plan_model(plan, run, check_tokenizer=bool(tasks))
     run = run.stage(EVAL_WEIGHTS["model load"], 1.0)
     cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
     with hold_model(loaded, run=run):
-        steps = _EvalSteps(run.stage(0, 0.4) if tasks else run, len(datasets), with_kl)
+        steps = _EvalSteps(run.stage(0, 0.4) if tasks else run, len(datasets), with_kl, recovery is not None)
         factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(),
                                       run=steps.next("factorising the plan's layers"))
         reference = _kl_reference(loaded, cfg, steps) if with_kl else None
         splits = {ds: evaluation_split(ds) for ds in datasets}
         dense_ppl = {ds: dense_perplexity(loaded, ds, protocol, splits[ds], run=steps.next(
             f"dense perplexity on {ds} (cached after the first evaluation)")) for ds in datasets}
-        ppl, kl = _compressed_scores(loaded, plan.ranks(), factors, splits, protocol, reference, steps)
+        ppl, kl, healed = _compressed_scores(loaded, plan.ranks(), factors, splits, protocol, reference, steps,
+                                             recovery)
         result = _eval_result(plan, loaded, decomposition, cfg, protocol, splits)
         result.ppl, result.dense_ppl, result.kl = ppl, dense_ppl, kl
+        result.recovery = healed.record() if healed is not None else None
         if tasks:
             dense, scores = plan_zero_shot(plan, loaded, cfg, decomposition, list(tasks), task_limit, loaded_tasks,
                                            run=run.stage(0.4, 1.0))
@@ -222,12 +235,18 @@ def _kl_reference(loaded: LoadedModel, cfg: CalibrationConfig, steps: _EvalSteps
 
 
 def _compressed_scores(loaded: LoadedModel, ranks: dict, factors: dict[str, Factorization], splits: dict[str, str],
-                       protocol: EvalProtocol, reference: tuple | None, steps: _EvalSteps) -> tuple[dict, float | None]:
-    """(perplexity per dataset, KL or None) of the model compressed with ``factors`` at ``ranks``."""
+                       protocol: EvalProtocol, reference: tuple | None, steps: _EvalSteps,
+                       recovery: RecoveryConfig | None = None) -> tuple[dict, float | None, RecoveryResult | None]:
+    """(perplexity per dataset, KL or None, RecoveryResult or None) of the model compressed with ``factors``
+    at ``ranks``, healed by ``recovery`` first when given."""
     planned = sum(not is_dense_rank(l, ranks[l.name]) for l in compressible_layers(loaded.model) if l.name in ranks)
     run = steps.next(f"compressing the model: {planned} layers factorised")
-    ppl, kl = {}, None
+    ppl, kl, healed = {}, None, None
     with compressed(loaded, ranks, factors):
+        if recovery is not None:
+            healed = recover(loaded.model, loaded.tokenizer, recovery, steps.next(
+                f"recovery: {recovery.steps} {recovery.mode} steps on {recovery.dataset}/{recovery.split}"),
+                tuple(splits))
         for ds, split in splits.items():
             run.check_cancel()
             text, _ = load_text(ds, split)
@@ -237,7 +256,7 @@ def _compressed_scores(loaded: LoadedModel, ranks: dict, factors: dict[str, Fact
         if reference is not None:
             steps.next("KL on the search windows")
             kl = kl_to_reference(loaded.model, reference[0], reference[1], cancel=run.cancel)
-    return ppl, kl
+    return ppl, kl, healed
 
 
 def _eval_result(plan, loaded: LoadedModel, decomposition: str, cfg: CalibrationConfig, protocol: EvalProtocol,
@@ -268,10 +287,11 @@ def _check_eval_sizes(protocol: EvalProtocol) -> None:
 class _EvalSteps:
     """Hands out consecutive parts of the bar (a staged Run) for evaluate_plan's steps, each announced by its message."""
 
-    def __init__(self, run: Run, datasets: int, with_kl: bool):
+    def __init__(self, run: Run, datasets: int, with_kl: bool, with_recovery: bool = False):
         w = EVAL_WEIGHTS
         parts = [w["factorising the plan's layers"]] + ([w["KL reference"]] if with_kl else [])
         parts += [w["dense perplexity"] / max(datasets, 1)] * datasets + [w["compression"]]
+        parts += [RECOVERY_WEIGHT] if with_recovery else []
         parts += [w["perplexity"] / max(datasets, 1)] * datasets + ([w["KL"]] if with_kl else [])
         total = sum(parts)
         self._bounds = np.cumsum([0.0] + [p / total for p in parts])

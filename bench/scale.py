@@ -258,6 +258,9 @@ def main() -> None:
     parser.add_argument("--save-checkpoint", default=None, help=argparse.SUPPRESS)  # child of an --offload run
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", default=None, help="also write the table here")
+    parser.add_argument("--cli", action="store_true",
+                        help="run the user's command, `python -m lems_core profile --max-memory` (KFAC, KL sweep and "
+                             "bias fit), in a child per depth and sample its RssAnon (bench/scale_cli.py)")
     parser.add_argument("--reuse", default=None,
                         help="JSON-lines file of runs: rows of the same configuration are read from it instead of "
                              "run again, new runs are appended (lets a long 8B-width series be built in pieces)")
@@ -267,6 +270,13 @@ def main() -> None:
         return
     if args.depth is not None:
         run_one(args)
+        return
+    if args.cli:
+        from .scale_cli import run
+
+        lines = run(args)
+        if args.output:
+            Path(args.output).write_text("\n".join(lines) + "\n")
         return
     from lems_core.memory import parse_bytes
 

@@ -10,6 +10,7 @@ from lems_core.eval_time import EvalEstimate, estimate_eval
 from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, EvalProtocol
 from lems_core.jobs import CANCELLED, DONE, JobLimitError, for_each, format_seconds
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
+from lems_core.recovery import DEFAULT_LR, RecoveryConfig, RecoveryError, check_not_evaluation_text
 from lems_core.results import SHIPPED, ResultStore, shipped_note
 from lems_core.run import Run
 from lems_core.zero_shot import PAPER_TASKS, TASKS_DIR_ENV, TaskYAMLError, check_task_yaml, offered_task_files
@@ -20,6 +21,7 @@ PENDING = "pending_eval"  # a reference-protocol run on a CPU, waiting for the u
 DATASETS = ("wikitext2", "ptb", "c4")
 GENERATED_METHODS = ("lems", "uniform", "svdllm_v2", "mrcs")  # solved here, from the profile
 MODEL_SCORED_METHODS = tuple(MODEL_SCORED)  # atp, erc_plc, lcsvd_search: solved inside the job, on the model
+RECOVERY_STEPS = 50  # default LoRA steps: a few minutes for the demo model on a CPU
 MAX_EVALUATIONS = 24  # plans one submission may queue: each is a model pass (hours with zero-shot tasks)
 
 profile = common.current_profile()
@@ -138,6 +140,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
             col3.caption(f"Quick: the first {QUICK_EVAL.max_windows} windows of {QUICK_EVAL.seq_len} tokens.")
         device = col4.selectbox("Device", devices)
         zero_shot_choice = zero_shot_form()
+        recovery_choice = recovery_form()
         submitted = st.button("Compress & evaluate", type="primary", key="evaluate_submit")
     if quick or device != "cpu":
         st.session_state.pop(PENDING, None)  # nothing long to confirm any more
@@ -148,7 +151,8 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         return
     selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets))
     zero_shot = zero_shot_options(*zero_shot_choice)
-    if zero_shot is None:
+    recovery = recovery_options(*recovery_choice, list(datasets), bool(zero_shot))
+    if zero_shot is None or recovery is None:
         return
     if not selected or not (datasets or zero_shot):
         st.error("Choose at least one plan and one dataset (or zero-shot task).")
@@ -156,7 +160,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     protocol = eval_protocol_options(quick, int(windows), int(seq_len))
     task = partial(pipeline.evaluate_and_store, profile=profile, run=Run(cache_dir=common.cache_dir(), device=device),
                    params=common.error_model_params(profile), decomposition=factorise_with or None,
-                   datasets=list(datasets), protocol=EvalProtocol(**protocol), **zero_shot)
+                   datasets=list(datasets), protocol=EvalProtocol(**protocol), **zero_shot, **recovery)
     estimate = cpu_estimate(list(datasets), protocol, len(selected)) if device == "cpu" else None
     request = {"task": task, "items": list(selected.values()), "estimate": estimate, "zero_shot": bool(zero_shot)}
     if device == "cpu" and not quick:
@@ -276,6 +280,49 @@ def zero_shot_options(on: bool, hub: list[str], local: list[str], limit: int) ->
         st.error("Zero-shot accuracy is on: choose at least one task.")
         return None
     return {"tasks": tasks, "task_limit": limit or None}
+
+
+def recovery_form() -> tuple[bool, int, float, int]:
+    """Recovery after compression (LoRA on the factors): on/off, steps, learning rate, seed (off: disabled)."""
+    on = st.toggle("Recover with LoRA after compression", value=False, key="recovery_on",
+                   help="Before measuring, fine-tune LoRA adapters on each plan's factors on the profile's "
+                        "calibration text (never the evaluation text) and merge them; the ranks are unchanged. "
+                        "The result is marked 'recovered'. Training takes time: about a second a step for the demo "
+                        "model on a CPU.")
+    r1, r2, r3 = st.columns(3)
+    steps = r1.number_input("Recovery steps", 1, 100_000, RECOVERY_STEPS, step=10, key="recovery_steps",
+                            disabled=not on, help="Optimiser steps of one 512-token window (or the calibration "
+                                                  "window length) each; more heal more, slower.")
+    lr = r2.number_input("Learning rate", 1e-7, 1.0, DEFAULT_LR["lora"], step=1e-5, format="%.1e",
+                         key="recovery_lr", disabled=not on, help="Peak AdamW learning rate (warm-up, then cosine).")
+    seed = r3.number_input("Recovery seed", 0, 2**31 - 1, 0, step=1, key="recovery_seed", disabled=not on,
+                           help="Seeds the training windows and the adapters' initialisation.")
+    return on, int(steps), float(lr), int(seed)
+
+
+def recovery_options(on: bool, steps: int, lr: float, seed: int, datasets: list[str], zero_shot: bool) -> dict | None:
+    """evaluate_plan's ``recovery`` for the form's choice: {} when off, None (after st.error) when unusable.
+
+    The training text is the profile's calibration split; one that is an evaluation text
+    of ``datasets`` is refused here, before a job is queued.
+    """
+    if not on:
+        return {}
+    if zero_shot:
+        st.error("Recovery and zero-shot accuracy cannot run together: the zero-shot tasks would score the "
+                 "unhealed model. Turn one of them off.")
+        return None
+    calibration = profile.calibration or {}
+    try:
+        dataset, split = str(calibration.get("dataset") or "wikitext2"), str(calibration.get("split") or "validation")
+        check_not_evaluation_text(dataset, split, tuple(datasets))
+        config = RecoveryConfig(steps=steps, lr=lr, seed=seed, dataset=dataset, split=split,
+                                seq_len=min(512, int(calibration.get("seq_len") or 512)),
+                                warmup_steps=min(10, steps // 10))
+    except (RecoveryError, ValueError, TypeError) as exc:
+        st.error(f"Recovery: {exc}")
+        return None
+    return {"recovery": config}
 
 
 def eval_protocol_options(quick: bool, windows: int, seq_len: int) -> dict:

@@ -407,8 +407,12 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
         for dataset, value in (rec.get("dense_ppl") or {}).items():
             row[f"dense ppl {dataset}"] = value
         row.update(zero_shot_columns(rec))
+        if isinstance(rec.get("recovery"), dict):
+            row["recovered"] = recovery_label(rec["recovery"])
         rows.append(row)
     frame = pd.DataFrame(rows)
+    if "recovered" in frame:
+        frame["recovered"] = frame["recovered"].fillna("")
     if "method" in frame:
         frame["method"] = frame["method"].map(lambda m: method_label(str(m)))
     if "source" in frame:
@@ -416,7 +420,14 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     return lead_columns(frame, RESULTS_LEAD + _ppl_columns(frame) + ["kl"])
 
 
-RESULTS_LEAD = ["method", "source", "protocol", "realised_ratio"]  # then perplexities and KL, then the rest
+RESULTS_LEAD = ["method", "recovered", "source", "protocol", "realised_ratio"]  # then perplexities and KL, then the rest
+
+
+def recovery_label(record: dict) -> str:
+    """A healed result's recovery in a few words (``RecoveryResult.record()``): mode, steps, learning rate."""
+    steps = record.get("steps_done", record.get("steps"))
+    lr = record.get("lr")
+    return f"{record.get('mode', '?')}, {steps} steps" + (f", lr {lr:g}" if isinstance(lr, (int, float)) else "")
 
 
 def lead_columns(frame: pd.DataFrame, lead: list[str]) -> pd.DataFrame:

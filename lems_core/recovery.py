@@ -358,22 +358,32 @@ def healed_meta(meta: dict | None, result: RecoveryResult) -> dict:
     return {**(meta or {}), "recovery": result.record()}
 
 
+@dataclass(frozen=True)
+class HFTarget:
+    """Where a Hugging Face export of the healed model goes, and what it describes itself with:
+    the plan document and a ``hf_export.ModelCard``."""
+
+    folder: str | Path
+    plan_doc: dict
+    card: object
+
+
 def save_healed(model: nn.Module, tokenizer, ranks: dict[str, int | None], result: RecoveryResult,
-                folder: str | Path | None = None, hf_folder: str | Path | None = None, *, plan_doc: dict | None = None,
-                card=None, meta: dict | None = None, overwrite: bool = False) -> list[Path]:
+                folder: str | Path | None = None, hf: HFTarget | None = None, *, meta: dict | None = None,
+                overwrite: bool = False) -> list[Path]:
     """Save the healed (merged) model as a compressed folder and/or a Hugging Face export; the written folders.
 
     Both keep the low-rank shapes: the adapters are already merged into the factors.
-    The HF export needs the plan document and a ``hf_export.ModelCard``.
     """
     from .compression import save_compressed
     from .hf_export import export_hf
 
     meta, written = healed_meta(meta, result), []
-    if hf_folder is not None and (plan_doc is None or card is None):
+    if hf is not None and (hf.plan_doc is None or hf.card is None):
         raise RecoveryError("a Hugging Face export of the healed model needs the plan document and a model card")
     if folder is not None:
         written.append(save_compressed(model, tokenizer, ranks, folder, meta=meta, overwrite=overwrite))
-    if hf_folder is not None:
-        written.append(export_hf(model, tokenizer, ranks, hf_folder, plan_doc, card, meta=meta, overwrite=overwrite))
+    if hf is not None:
+        written.append(export_hf(model, tokenizer, ranks, hf.folder, hf.plan_doc, hf.card, meta=meta,
+                                 overwrite=overwrite))
     return written

@@ -57,7 +57,7 @@ def run(args) -> int:
 
     from ..compression import load_compressed
     from ..model import check_device, default_device
-    from ..recovery import recover, save_healed
+    from ..recovery import HFTarget, recover, save_healed
     from ..run import Run
 
     _check_outputs(args)
@@ -69,8 +69,8 @@ def run(args) -> int:
     hf_parts = _hf_parts(model, ranks, meta) if args.hf_output else {}
     with progress_bar(f"heal ({config.mode})") as bar:
         result = recover(model, tokenizer, config, Run(device=device, progress=bar), tuple(args.eval_datasets))
-    save_healed(model, tokenizer, ranks, result, args.output, args.hf_output, meta=meta, overwrite=args.force,
-                **hf_parts)
+    hf = HFTarget(args.hf_output, **hf_parts) if args.hf_output else None
+    save_healed(model, tokenizer, ranks, result, args.output, hf, meta=meta, overwrite=args.force)
     record = result.record()
     print(f"healed {args.model} ({config.mode}, {result.steps} steps x {config.batch_size} x {config.seq_len} tokens "
           f"of {config.dataset}/{config.split}, {result.seconds:.0f} s): loss {record['loss_first']:.3f} -> "

@@ -10,6 +10,7 @@ is chosen.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -67,10 +68,21 @@ def dirichlet_candidates(prior: np.ndarray, weights: np.ndarray, ratio: float, n
     return [project_to_budget(s * target / weights, weights, target, lo, hi) for s in rng.dirichlet(alpha, size=n)]
 
 
-def allocate_lcsvd_search(profile: Profile, ratio: float, score_fn: Callable[[Ranks], float],
-                          n_candidates: int = 16, concentration: float = 20.0, light_keep: float = 0.9,
-                          tau: float = 1.0, min_keep: float = 0.05, seed: int = 0,
-                          sensitivity: np.ndarray | None = None) -> Allocation:
+@dataclass(frozen=True)
+class CandidateSpace:
+    """The candidates LC-SVD's search scores: ``n_candidates`` Dirichlet samples of the given
+    ``concentration`` around the sensitivity prior of temperature ``tau``, every block keeping
+    at least ``min_keep``."""
+
+    n_candidates: int = 16
+    concentration: float = 20.0
+    tau: float = 1.0
+    min_keep: float = 0.05
+
+
+def allocate_lcsvd_search(profile: Profile, ratio: float, score_fn: Callable[[Ranks], float], seed: int = 0,
+                          light_keep: float = 0.9, sensitivity: np.ndarray | None = None,
+                          space: CandidateSpace | None = None, **space_options) -> Allocation:
     """LC-SVD error-driven rank search (docs/reference/other-seed-methods.md §3.3 [RECON]): the lowest-scoring candidate wins.
 
     Candidates: uniform, the sensitivity prior, and ``n_candidates`` seeded Dirichlet
@@ -78,8 +90,11 @@ def allocate_lcsvd_search(profile: Profile, ratio: float, score_fn: Callable[[Ra
     budget exactly before rounding (ranks int(keep * eq) then never exceed it, unless
     the rank-1 floor bites, which makes a candidate infeasible and skipped).
     ``sensitivity`` (one value per block, higher = more sensitive) skips the
-    measurement. Duplicate rank sets are scored once.
+    measurement. Duplicate rank sets are scored once. ``space`` (or its fields as keywords,
+    ``n_candidates=12``) sets the candidates.
     """
+    space = space or CandidateSpace(**space_options)
+    n_candidates, concentration, tau, min_keep = space.n_candidates, space.concentration, space.tau, space.min_keep
     ratio = check_ratio(ratio)
     if ratio < min_keep:
         raise BudgetBelowMinimumError("lcsvd_search", ratio, min_keep, profile.total_params, f"blocks keep at least {min_keep:g}")

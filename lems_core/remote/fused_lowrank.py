@@ -90,7 +90,7 @@ class SharedInputLinear(nn.Linear):
         group = self.group
         if (group is None or x.numel() < GROUP_MIN_ROWS * self.in_features
                 or (torch.is_grad_enabled() and group.needs_grad())):
-            return F.linear(x, self.weight)
+            return F.linear(x, self._parameters["weight"])
         return group.part(x, self.index)
 
     def forward(self, x):
@@ -165,18 +165,22 @@ def _hooked(module):
 
 
 def low_rank_forward(self, x):
-    """``b(a(x))`` without the two submodule calls (their Python overhead is most of a one-token step's cost
-    for small factors); factors that carry hooks or were wrapped (adapters) are called as modules."""
-    a, b = self.a, self.b
+    """``b(a(x))`` without the two submodule calls (their Python overhead is much of a one-token step's cost
+    for small factors); factors that carry hooks or were wrapped (adapters) are called as modules.
+
+    Submodules and parameters are read from their dicts, not through ``nn.Module.__getattr__``,
+    which is slow next to a small matrix-vector product.
+    """
+    a, b = self._modules["a"], self._modules["b"]
     if type(b) is not nn.Linear or _hooked(a) or _hooked(b):
         return b(a(x))
     if type(a) is SharedInputLinear:
         h = a.product(x)
-    elif type(a) is nn.Linear and a.bias is None:
-        h = F.linear(x, a.weight)
+    elif type(a) is nn.Linear and a._parameters["bias"] is None:
+        h = F.linear(x, a._parameters["weight"])
     else:
         return b(a(x))
-    return F.linear(h, b.weight, b.bias)
+    return F.linear(h, b._parameters["weight"], b._parameters["bias"])
 
 
 def column_major(weight):

@@ -209,3 +209,14 @@ def test_the_hf_export_loads_prepared_with_the_same_logits(tmp_path):
     assert {"LowRankLinear", "SharedInputLinear"} <= set(got["kinds"]) and all(got["column_major"])
     reference = logits(model, tokens)
     torch.testing.assert_close(got["logits"], reference, rtol=0, atol=tolerance(model, reference))
+
+
+def test_hooks_on_a_factor_still_fire():
+    model = compressed_tiny("llama")
+    prepared = copy.deepcopy(model)
+    prepare_for_inference(prepared)
+    seen = []
+    prepared.model.layers[2].self_attn.o_proj.b.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    reference = logits(model, ids(7))
+    torch.testing.assert_close(logits(prepared, ids(7)), reference, rtol=0, atol=tolerance(model, reference))
+    assert seen == [torch.Size([2, 7, model.config.hidden_size])]

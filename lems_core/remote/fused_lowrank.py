@@ -1,21 +1,25 @@
-"""Inference grouping of low-rank projections that read the same input (torch only).
+"""Inference preparation of a low-rank model (torch only): what makes the factorised model faster.
 
-q, k and v read the same hidden states, and so do gate and up. Once factorised, each
-starts with its own thin GEMM ``x @ A_i^T`` (in -> rank_i): small GEMMs that use the
-cores poorly and cost a kernel launch and a few module calls each. `fuse_shared_inputs`
-stacks the first factors of a group (and the whole weight of a member kept dense) into
-one matrix, so the group runs one wider GEMM per input and each member reads its
-slice of the result.
+A factorised projection runs two thin GEMMs instead of one, each with its own module
+call and kernel launch; at one token per step those overheads and a poor memory layout
+eat the saving in bytes. `prepare_for_inference` applies three fixes in place:
 
-Nothing visible changes: every module keeps its name and class (`q_proj` stays a
-LowRankLinear with `a` and `b`; only `a`, or a dense member itself, becomes a
-`SharedInputLinear`, an `nn.Linear`), and the state dict keeps its keys and shapes.
-The members' weights become views into the stacked matrix, so in-place edits of a
-weight are seen by the fused GEMM. A weight that is replaced (loading weights,
-``model.to(dtype)``) is noticed by its data pointer and the stack is rebuilt on the
-next call. With gradients wanted for a member's weight, each member runs on its own.
+- `fuse_shared_inputs`: q, k and v read the same hidden states, and so do gate and up.
+  Their first factors (and the whole weight of a member kept dense) are stacked into
+  one matrix, so a prompt (at least GROUP_MIN_ROWS rows) runs one wider GEMM per group
+  and each member reads its slice. Only `a`, or a dense member, becomes a
+  `SharedInputLinear` (an `nn.Linear`); its weight becomes a view into the stack, so
+  in-place edits are seen, and a replaced weight (loading, ``model.to(dtype)``) is
+  noticed by its data pointer and the stack rebuilt on the next call. Where gradients
+  are wanted each member runs on its own weight.
+- `lay_out_factors`: second factors (rank -> out, out > rank) are stored column-major,
+  so a one-token matrix-vector product streams long contiguous rows.
+- each low-rank module multiplies by its factors directly instead of calling `a` and
+  `b` as modules (unless they carry hooks or were wrapped, e.g. by adapters).
 
-Copied next to the weights of a Hugging Face export (beside `modeling_lowrank.py`).
+Module names and classes, the state dict and the saved format do not change; logits are
+those of the unprepared model up to float round-off. Copied next to the weights of a
+Hugging Face export (beside `modeling_lowrank.py`, which applies it after loading).
 """
 import torch
 import torch.nn.functional as F
@@ -172,14 +176,11 @@ def low_rank_forward(self, x):
     which is slow next to a small matrix-vector product.
     """
     a, b = self._modules["a"], self._modules["b"]
-    if type(b) is not nn.Linear or _hooked(a) or _hooked(b):
+    kind = type(a)
+    if (type(b) is not nn.Linear or kind not in (nn.Linear, SharedInputLinear) or a._parameters["bias"] is not None
+            or _hooked(a) or _hooked(b)):
         return b(a(x))
-    if type(a) is SharedInputLinear:
-        h = a.product(x)
-    elif type(a) is nn.Linear and a._parameters["bias"] is None:
-        h = F.linear(x, a._parameters["weight"])
-    else:
-        return b(a(x))
+    h = a.product(x) if kind is SharedInputLinear else F.linear(x, a._parameters["weight"])
     return F.linear(h, b._parameters["weight"], b._parameters["bias"])
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Callable
 import torch
 
 from .cache import default_cache_dir, sha256_file
+from .safe_io import host_tag, remove_abandoned_temporaries, sibling_path  # noqa: F401  (host_tag: tests)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def remember_sha256(memo: Path, hashes: dict[Path, str]) -> None:
     entries = {k: v for k, v in _read_memo(memo).items() if os.path.exists(k)}
     for path, sha in hashes.items():
         entries[str(Path(path).resolve())] = {"stamp": _stamp(path), "sha256": sha}
-    tmp = _sibling(memo, "tmp")
+    tmp = sibling_path(memo, "tmp")
     try:  # a concurrent writer may win and drop this entry: it is then just hashed again
         tmp.write_text(json.dumps(entries))
         os.replace(tmp, memo)
@@ -204,8 +203,8 @@ def _transformers_version() -> str:
 # ------------------------------------------------------------------------------ writing
 def _convert_into(target: Path, gguf_path: Path, sha: str, converter: Converter, memo: Path) -> None:
     """Run ``converter`` into a temporary sibling of ``target``, mark it, and rename it into place."""
-    _remove_abandoned_temporaries(target)
-    temporary = _sibling(target, "tmp")
+    remove_abandoned_temporaries(target)
+    temporary = sibling_path(target, "tmp")
     temporary.mkdir()
     try:
         converter(gguf_path, temporary)
@@ -246,41 +245,12 @@ def install_conversion(temporary: Path, target: Path, sha: str) -> bool:
 
 def _discard(folder: Path) -> None:
     """Move a damaged conversion aside and delete it (a concurrent discarder may have moved it already)."""
-    aside = _sibling(folder, "old")
+    aside = sibling_path(folder, "old")
     try:
         os.rename(folder, aside)
     except FileNotFoundError:
         return
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def host_tag() -> str:
-    """This host's name as a file-name part: temporaries of another host are never taken for abandoned."""
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
-
-
-def _sibling(target: Path, role: str) -> Path:
-    """A new hidden sibling name: ``.<name>.<role>-<host>-<pid>-<random>``."""
-    return target.parent / f".{target.name}.{role}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_abandoned_temporaries(target: Path) -> None:
-    """Delete temporary conversions of ``target`` left by killed processes on this host."""
-    prefix = f".{target.name}.tmp-{host_tag()}-"
-    for sibling in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = sibling.name[len(prefix):].partition("-")[0] if sibling.name.startswith(prefix) else ""
-        if pid.isdigit() and not _pid_alive(int(pid)) and sibling.is_dir() and not sibling.is_symlink():
-            shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, owned by someone else
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------ the converter

@@ -122,7 +122,7 @@ def host_tag() -> str:
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
 
 
-def _sibling(target: Path, role: str) -> Path:
+def sibling_path(target: Path, role: str) -> Path:
     """A new hidden sibling name of ``target``: ``.<name>.<role>-<host>-<pid>-<random>``."""
     return target.parent / f".{target.name}.{role}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -165,7 +165,7 @@ def replaced_folder(target: str | Path) -> Iterator[Path]:
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries(target)
-    temporary = _sibling(target, "tmp")
+    temporary = sibling_path(target, "tmp")
     temporary.mkdir()
     try:
         yield temporary
@@ -180,7 +180,7 @@ def _swap_in(new: Path, target: Path) -> None:
     if not os.path.lexists(target):
         os.rename(new, target)
         return
-    old = _sibling(target, "old")
+    old = sibling_path(target, "old")
     os.rename(target, old)
     try:
         os.rename(new, target)

@@ -8,9 +8,12 @@ Nothing is copied from elsewhere; a cell that cannot run is reported and skipped
 
     python -m studies.ship_results [--profile cache/demo/smollm2-135m-kfac] [--cache-dir DIR]
         [--methods uniform,lems,...] [--ratios 0.8 0.6] [--out cache/demo/results.json]
+        [--protocol quick|reference] [--datasets wikitext2,ptb]
 
-Records already in ``--out`` for the same (method, decomposition, budget, protocol) are
-kept and not measured again, so the file can be grown in several runs.
+``--protocol reference`` measures on the paper's protocol (2048-token windows, all of them)
+instead of the quick one. Records already in ``--out`` for the same (method, decomposition,
+budget, protocol) are kept and not measured again, and each record is written as soon as it
+is measured, so a long run can be stopped and resumed.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from lems_core.allocators import MODEL_SCORED, allocate, fit_bias
 from lems_core.cache import DEMO_DIR
-from lems_core.evaluation import QUICK_EVAL
+from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
 from lems_core.pipeline import PlanRequest, evaluate_and_store, score_function
 from lems_core.run import Run
 from lems_core.profile import Profile
@@ -63,19 +66,21 @@ def run(args) -> None:
     records = json.loads(out.read_text())["results"] if out.is_file() else []
     done = {_key(r) for r in records}
     load = os.getloadavg()[0]
+    protocol = REFERENCE_EVAL if args.protocol == "reference" else QUICK_EVAL
     note = (f"measured by studies/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
-            f"{Path(args.profile).name}), CPU, torch threads {torch.get_num_threads()}, quick protocol "
-            f"{QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test")
+            f"{Path(args.profile).name}), CPU, torch threads {torch.get_num_threads()}; each record names its "
+            f"protocol (quick: the first {QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test; "
+            f"reference: {REFERENCE_EVAL.seq_len}-token windows, all of them)")
     for ratio in args.ratios:
         for method in args.methods:
-            key = (method, profile.decomposition, round(ratio, 4), QUICK_EVAL.name)
+            key = (method, profile.decomposition, round(ratio, 4), protocol.name)
             if key in done:
                 continue
             started = time.perf_counter()
             try:
                 item = _plan_item(profile, method, ratio, args.cache_dir)
                 record = evaluate_and_store(item, profile=profile, run=Run(cache_dir=args.cache_dir, device="cpu"),
-                                            datasets=["wikitext2"], protocol=QUICK_EVAL)
+                                            datasets=args.datasets, protocol=protocol)
             except Exception as exc:  # a cell that cannot run says why; the others go on
                 traceback.print_exc()
                 print(f"{method} {ratio}: n/a ({type(exc).__name__}: {exc})", flush=True)
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--out", default=str(DEMO_DIR / "results.json"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--protocol", choices=("quick", "reference"), default="quick")
+    parser.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], default=["wikitext2"])
     parser.add_argument("--table", action="store_true", help="only print the stored records as a markdown table")
     args = parser.parse_args()
     if args.table:

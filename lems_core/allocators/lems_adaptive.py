@@ -77,24 +77,36 @@ def uncertainty_scores(profile: Profile, model: MultiPointModel, ranks: dict, po
     return scores, at
 
 
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """How much adaptive measurement to do: ``rounds`` rounds of ``per_round`` new
+    single-layer measurements; ``floor_rtol``: how close to the KL floor a point counts as floor."""
+
+    rounds: int = 3
+    per_round: int = 16
+    floor_rtol: float = FLOOR_RTOL
+
+
 def adaptive_lems_mp(
     profile: Profile,
     ratio: float,
     measure: MeasureFn,
     params: ErrorModelParams = ErrorModelParams(),
-    rounds: int = 3,
-    per_round: int = 16,
     fit_ratios=(),
     floor: float | None = None,
-    floor_rtol: float = FLOOR_RTOL,
     multiple: int | None = 8,
     cost_model: str = "params",
+    schedule: AdaptiveSchedule | None = None,
+    **schedule_options,
 ) -> AdaptiveResult:
     """Solve, measure the ``per_round`` most uncertain plan entries, refit, re-solve; ``rounds`` times.
 
     ``fit_ratios``: which of the profile's measured ratios to start from (default: the
     reference KL only). ``floor``: the KL floor (None: the profile's own, see ``lems_mp.kl_floor``).
+    ``schedule`` (or its fields as keywords, ``rounds=2``): see ``AdaptiveSchedule``.
     """
+    schedule = schedule or AdaptiveSchedule(**schedule_options)
+    rounds, per_round, floor_rtol = schedule.rounds, schedule.per_round, schedule.floor_rtol
     ratio = check_ratio(ratio)
     if rounds < 0 or per_round < 1:
         raise ValueError("rounds must be >= 0 and per_round >= 1")

@@ -2,23 +2,37 @@
 
 The demo model is factorised with plain SVD at a uniform kept fraction (``--ratio``,
 rank = int(ratio * eq_rank) everywhere, or the ranks of ``--plan``); throughput does
-not depend on which factors fill the two Linears, only on their shapes. For each
-thread count the dense and the low-rank Linears are swapped in place and measured
-alternately, repeat after repeat, so load changes on shared cores hit both alike:
+not depend on which factors fill the two Linears, only on their shapes. Four models
+are measured alternately, repeat after repeat (the order reversed every other repeat),
+so load changes on shared cores hit all alike:
 
-- forward: one 1 x ``--seq-len`` prompt (tokens per second = seq_len / time);
-- generation: ``--new-tokens`` greedy tokens with the KV cache after a 32-token prompt.
+- dense: the model as loaded;
+- compressed: the planned Linears swapped for LowRankLinear (two Linears in -> r -> out);
+- prepared: the compressed model after ``fused.prepare_for_inference`` (q/k/v and gate/up
+  share one first-factor GEMM per prompt, second factors stored for the matvec, factors
+  called without their module wrappers);
+- hf export: the compressed model exported with ``hf_export.export_hf`` and loaded back
+  with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, which
+  prepares it the same way.
 
-Medians of ``--repeats``; prints tokens/s, compressed/dense ratios, the thread count and
-the load average. With a GPU, the same figures in fp16 on it.
+For each: one 1 x ``--seq-len`` forward (tokens per second = seq_len / time) and
+``--new-tokens`` greedy tokens with the KV cache after a 32-token prompt. Medians of
+``--repeats`` in wall time (tok/s, ratio to dense) and in this process's CPU time (the
+ratio, which descheduling on busy cores does not inflate), with the thread count and
+the load average. Before that, at one thread, where one forward and one generation
+spend their CPU time: attention projections (q/k/v/o), MLP (gate/up/down and the
+activation), lm_head, everything else (embeddings, norms, rotary, attention itself,
+the generation loop). With a GPU, the same figures in fp16 on it.
 
     python -m bench.inference [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +40,11 @@ import torch
 
 from lems_core.compression import LowRankLinear, count_parameters, is_dense_rank, set_module
 from lems_core.decompositions import Decomposer
+from lems_core.fused import prepare_for_inference
 from lems_core.model import compressible_layers, load_model
+
+KINDS = ("dense", "compressed", "prepared", "hf export")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def low_rank_modules(model, ranks: dict) -> dict:
@@ -55,51 +73,151 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float], device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds since ``start``, after the device has finished."""
+    sync(device)
+    wall, cpu = clocks()
+    return wall - start[0], cpu - start[1]
+
+
 @torch.no_grad()
-def time_forward(model, ids: torch.Tensor) -> float:
+def time_forward(model, ids: torch.Tensor) -> tuple[float, float]:
     sync(ids.device)
-    t0 = time.perf_counter()
+    start = clocks()
     model(ids, use_cache=False)
-    sync(ids.device)
-    return time.perf_counter() - t0
+    return since(start, ids.device)
 
 
 @torch.no_grad()
-def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     sync(prompt.device)
-    t0 = time.perf_counter()
+    start = clocks()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          use_cache=True, pad_token_id=0)
-    sync(prompt.device)
+    elapsed = since(start, prompt.device)
     assert out.shape[1] == prompt.shape[1] + new_tokens
-    return time.perf_counter() - t0
+    return elapsed
 
 
-def measure(model, compressed: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
-    """Median seconds of forward / generate for dense and compressed, measured alternately."""
-    times = {(k, m): [] for k in ("dense", "compressed") for m in ("forward", "generate")}
-    dense = swap(model, compressed)  # warm both once (allocations, kernels)
-    time_forward(model, ids), time_generate(model, prompt, 4)
-    swap(model, dense)
-    time_forward(model, ids), time_generate(model, prompt, 4)
-    for _ in range(repeats):
-        for kind in ("dense", "compressed"):
-            if kind == "compressed":
-                swap(model, compressed)
-            times[(kind, "forward")].append(time_forward(model, ids))
-            times[(kind, "generate")].append(time_generate(model, prompt, new_tokens))
-            if kind == "compressed":
-                swap(model, dense)
-    return {k: statistics.median(v) for k, v in times.items()}
+def measure(models: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
+    """Median (wall, CPU) seconds of forward / generate per model, measured alternately.
+
+    Every model runs once first (allocations, kernels, a group's stacked weights); the
+    order is reversed every other repeat so no model always follows the same one.
+    """
+    times = {(k, m): [] for k in models for m in ("forward", "generate")}
+    for model in models.values():
+        time_forward(model, ids), time_generate(model, prompt, 4)
+    for r in range(repeats):
+        for kind in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            times[(kind, "forward")].append(time_forward(models[kind], ids))
+            times[(kind, "generate")].append(time_generate(models[kind], prompt, new_tokens))
+    return {k: tuple(statistics.median(x[i] for x in v) for i in range(2)) for k, v in times.items()}
 
 
 def report(label: str, t: dict, seq_len: int, new_tokens: int) -> None:
-    fwd = {k: seq_len / t[(k, "forward")] for k in ("dense", "compressed")}
-    gen = {k: new_tokens / t[(k, "generate")] for k in ("dense", "compressed")}
-    print(f"{label}: forward 1x{seq_len}: dense {fwd['dense']:8.1f} tok/s, compressed {fwd['compressed']:8.1f} tok/s, "
-          f"{fwd['compressed'] / fwd['dense']:.2f}x | generate {new_tokens} greedy: dense {gen['dense']:6.1f} tok/s, "
-          f"compressed {gen['compressed']:6.1f} tok/s, {gen['compressed'] / gen['dense']:.2f}x "
-          f"| load average {os.getloadavg()[0]:.2f}", flush=True)
+    """tok/s per model and compressed/dense ratios (wall; process CPU time in brackets)."""
+    print(f"{label} (load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}):")
+    for what, tokens in (("forward", seq_len), ("generate", new_tokens)):
+        dense_wall, dense_cpu = t[("dense", what)]
+        cells = [f"{kind} {tokens / t[(kind, what)][0]:7.1f} tok/s ({dense_wall / t[(kind, what)][0]:.2f}x, "
+                 f"CPU {dense_cpu / t[(kind, what)][1]:.2f}x)" for kind in KINDS if (kind, what) in t]
+        label = f"forward 1x{seq_len}" if what == "forward" else f"generate {new_tokens} greedy"
+        print(f"  {label:19s} " + " | ".join(cells), flush=True)
+
+
+def stage_of(name: str) -> str | None:
+    """The stage a module's time counts to, for the modules timed as a whole (None for the rest)."""
+    last = name.rpartition(".")[2]
+    if last in ATTENTION_PROJECTIONS and ".self_attn." in f".{name}":
+        return "attention projections"
+    if last == "mlp":
+        return "MLP"
+    return "lm_head" if name == "lm_head" else None
+
+
+@torch.no_grad()
+def stage_split(model, run) -> dict[str, float]:
+    """CPU seconds per stage of one ``run(model)`` (thread CPU time, measured with forward hooks)."""
+    spent, handles = {"attention projections": 0.0, "MLP": 0.0, "lm_head": 0.0}, []
+    for name, module in model.named_modules():
+        stage = stage_of(name)
+        if stage is not None:
+            start = [0.0]
+            handles.append(module.register_forward_pre_hook(lambda *_, s=start: s.__setitem__(0, time.thread_time())))
+            handles.append(module.register_forward_hook(
+                lambda *_, s=start, k=stage: spent.__setitem__(k, spent[k] + time.thread_time() - s[0])))
+    try:
+        begin = time.thread_time()
+        run(model)
+        total = time.thread_time() - begin
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**spent, "everything else": total - sum(spent.values()), "total": total}
+
+
+def print_stage_split(models: dict, ids, prompt, new_tokens: int, repeats: int = 3) -> None:
+    """Where one forward and one generation spend their CPU time, per model (medians of ``repeats`` runs,
+    the models taking turns)."""
+    runs = {"forward": lambda m: m(ids, use_cache=False),
+            "generate": lambda m: m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                             do_sample=False, use_cache=True, pad_token_id=0)}
+    for what, run in runs.items():
+        splits = {kind: [] for kind in models}
+        for _ in range(repeats):
+            for kind, model in models.items():
+                splits[kind].append(stage_split(model, run))
+        print(f"stage split, {what} (CPU ms, 1 thread, load average {os.getloadavg()[0]:.2f}):")
+        for kind in models:
+            split = {stage: statistics.median(s[stage] for s in splits[kind]) for stage in splits[kind][0]}
+            cells = [f"{stage} {ms * 1e3:6.0f} ({100 * ms / split['total']:2.0f}%)" for stage, ms in split.items()
+                     if stage != "total"]
+            print(f"  {kind:10s} total {split['total'] * 1e3:6.0f}: " + ", ".join(cells), flush=True)
+
+
+def export_and_load(model, tokenizer, ranks: dict, folder: Path):
+    """``model`` exported as a Hugging Face folder and loaded back through its remote code."""
+    from transformers import AutoModelForCausalLM
+
+    from lems_core.hf_export import ModelCard, export_hf
+
+    card = ModelCard(base_model="demo", fingerprint="-", method="uniform", decomposition="svd", budget=0.0,
+                     realised_ratio=0.0, params=count_parameters(model), dense_params=0,
+                     factorised_layers=sum(r is not None for r in ranks.values()), compressible_layers=len(ranks))
+    export_hf(model, tokenizer, ranks, folder, {"ranks": ranks}, card)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    return loaded.eval()
+
+
+@torch.no_grad()
+def check_same_logits(models: dict, ids: torch.Tensor) -> None:
+    """Each model's largest logit difference from the compressed one (the prepared ones must be round-off)."""
+    reference = models["compressed"](ids[:, :64], use_cache=False).logits
+    for kind in ("prepared", "hf export"):
+        if kind in models:
+            diff = (models[kind](ids[:, :64], use_cache=False).logits - reference).abs().max().item()
+            print(f"{kind}: largest logit difference from compressed {diff:.2e} (logits up to "
+                  f"{reference.abs().max().item():.1f})")
+
+
+def build_models(loaded, ranks: dict, folder: Path | None) -> dict:
+    """dense, compressed, prepared and (with ``folder``) hf export, as separate models."""
+    dense = loaded.model
+    compressed = copy.deepcopy(dense)
+    modules = low_rank_modules(compressed, ranks)
+    swap(compressed, modules)
+    prepared = copy.deepcopy(compressed)
+    print(f"prepare_for_inference: {prepare_for_inference(prepared)}")
+    models = {"dense": dense, "compressed": compressed, "prepared": prepared}
+    if folder is not None:
+        applied = {l.name: (modules[l.name].rank if l.name in modules else None) for l in compressible_layers(dense)}
+        models["hf export"] = export_and_load(compressed, loaded.tokenizer, applied, folder)
+    return models
 
 
 def main() -> None:
@@ -111,43 +229,45 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export's model")
+    parser.add_argument("--no-split", action="store_true", help="skip the per-stage split")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU figure even when a GPU is present")
     args = parser.parse_args()
 
     print(f"load average at start {os.getloadavg()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     loaded = load_model(args.model, device="cpu", dtype=torch.float32)
-    model = loaded.model
     if args.plan:
         from lems_core.plan import RankPlan
 
         ranks = RankPlan.load(args.plan, fingerprint=loaded.fingerprint).ranks()
         label = f"plan {Path(args.plan).name}"
     else:
-        ranks = {l.name: max(1, int(args.ratio * l.eq_rank)) for l in compressible_layers(model)}
+        ranks = {l.name: max(1, int(args.ratio * l.eq_rank)) for l in compressible_layers(loaded.model)}
         label = f"uniform {args.ratio:g}"
-    compressed = low_rank_modules(model, ranks)
-    dense_params = count_parameters(model)
-    dense = swap(model, compressed)
-    params = count_parameters(model)
-    swap(model, dense)
-    print(f"{args.model} {label}: {len(compressed)} factorised Linears, {params:,} parameters "
-          f"(dense {dense_params:,}, {params / dense_params:.3f}x)")
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.seq_len), generator=g)
-    prompt = torch.randint(0, vocab, (1, 32), generator=g)
-    for threads in (int(x) for x in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        t = measure(model, compressed, ids, prompt, args.new_tokens, args.repeats)
-        report(f"CPU fp32, {torch.get_num_threads()} thread(s)", t, args.seq_len, args.new_tokens)
-    if torch.cuda.is_available() and not args.no_gpu:
-        model.to("cuda", torch.float16)
-        for m in compressed.values():
-            m.to("cuda", torch.float16)
-        t = measure(model, compressed, ids.cuda(), prompt.cuda(), args.new_tokens, args.repeats)
-        report(f"GPU fp16 ({torch.cuda.get_device_name()})", t, args.seq_len, args.new_tokens)
-    else:
-        print("GPU: none here (run on a CUDA machine for the GPU figure)")
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_models(loaded, ranks, None if args.no_export else Path(tmp) / "hf")
+        params, dense_params = count_parameters(models["compressed"]), count_parameters(models["dense"])
+        factorised = sum(isinstance(m, LowRankLinear) for m in models["compressed"].modules())
+        print(f"{args.model} {label}: {factorised} factorised Linears, {params:,} parameters "
+              f"(dense {dense_params:,}, {params / dense_params:.3f}x)")
+        g = torch.Generator().manual_seed(0)
+        vocab = loaded.model.config.vocab_size
+        ids = torch.randint(0, vocab, (1, args.seq_len), generator=g)
+        prompt = torch.randint(0, vocab, (1, 32), generator=g)
+        check_same_logits(models, ids)
+        if not args.no_split:
+            torch.set_num_threads(1)
+            print_stage_split(models, ids, prompt, args.new_tokens)
+        for threads in (int(x) for x in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            t = measure(models, ids, prompt, args.new_tokens, args.repeats)
+            report(f"CPU fp32, {torch.get_num_threads()} thread(s)", t, args.seq_len, args.new_tokens)
+        if torch.cuda.is_available() and not args.no_gpu:
+            models = {k: m.to("cuda", torch.float16) for k, m in models.items()}
+            t = measure(models, ids.cuda(), prompt.cuda(), args.new_tokens, args.repeats)
+            report(f"GPU fp16 ({torch.cuda.get_device_name()})", t, args.seq_len, args.new_tokens)
+        else:
+            print("GPU: none here (run on a CUDA machine for the GPU figure)")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from torch import nn
 
 from ..model import LayerInfo
 from ..numerics import NonFiniteFactorsError, check_finite_factors, rank_tolerance  # noqa: F401 (re-exported)
+from ..run import Progress  # noqa: F401  (re-exported: decompositions take a progress callback)
 from ..statistics import InputStats
-
-Progress = Callable[[float, str], None]
 Ranks = dict[str, "int | None"]
 
 SHRINK_A, SHRINK_G = 0.1, 0.3  # KFAC-SVD shrinkage (docs/reference/methods.md §2.3)

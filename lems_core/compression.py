@@ -12,17 +12,18 @@ loads without the original checkpoint), `ranks.json` (the structure), and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from .budget import is_force_factorised
-from .model import LayerInfo, compressible_layers
+from .model import LayerInfo, compressible_layers, decoder_blocks
 from .numerics import check_finite_factors
 from .safe_io import check_regular_file, read_json_capped, replaced_folder
 
@@ -103,10 +104,7 @@ def compress_model(
     Unknown layer names are an error, so a plan for another model cannot half-apply;
     so is a rank the factors do not reach (static factors stop at eq_rank), named by layer.
     """
-    layers = {l.name: l for l in compressible_layers(model)}
-    unknown = sorted(set(ranks) - set(layers))
-    if unknown:
-        raise KeyError(f"{len(unknown)} planned layers are not in this model, e.g. {unknown[:3]}")
+    layers = _planned_layers(model, ranks)
     applied = {}
     for i, (name, rank) in enumerate(ranks.items()):
         layer = layers[name]
@@ -120,6 +118,76 @@ def compress_model(
         if progress:
             progress((i + 1) / len(ranks), f"compressed {name} to rank {rank}")
     return applied
+
+
+def _planned_layers(model: nn.Module, ranks: dict[str, int | None]) -> dict[str, LayerInfo]:
+    """The model's compressible layers by name; a planned name the model lacks is a KeyError."""
+    layers = {l.name: l for l in compressible_layers(model)}
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        raise KeyError(f"{len(unknown)} planned layers are not in this model, e.g. {unknown[:3]}")
+    return layers
+
+
+@contextlib.contextmanager
+def compressed_per_block(
+    model: nn.Module,
+    ranks: dict[str, int | None],
+    factorization_of: Callable[[LayerInfo], Factors],
+    ledger=None,
+) -> Iterator[dict[str, int | None]]:
+    """Within the block, every forward runs the planned model, but only one decoder block is compressed at a time.
+
+    A pre-hook on each decoder block swaps in its low-rank Linears (reading their
+    factors through ``factorization_of``, e.g. block files on disk) and a hook after it
+    puts the dense ones back, so the truncated factors of one block are alive at once
+    instead of every layer's: what keeps a memory-budgeted build's bias fit and
+    evaluation flat in depth (docs/scale.md). The outputs equal ``compress_model``'s.
+    Forward only: the factors are rebuilt on every pass, so nothing here is trained.
+    ``ledger`` (a ``memory.GramLedger``, optional) counts the live block's factors and
+    refuses to go over its limit. Yields the ranks applied (None = dense), as
+    ``compress_model`` returns them.
+    """
+    layers = _planned_layers(model, ranks)
+    applied = {name: None if is_dense_rank(layers[name], rank) else int(rank) for name, rank in ranks.items()}
+    per_block: dict[int, list[str]] = {}
+    for name, rank in applied.items():
+        if rank is not None:
+            per_block.setdefault(layers[name].block, []).append(name)
+    live: dict[int, dict[str, nn.Module]] = {}
+
+    def swap_in(index: int) -> None:
+        if index in live:  # already compressed: a nested call of the same block
+            return
+        originals = live[index] = {}
+        for name in per_block.get(index, ()):
+            linear = model.get_submodule(name)
+            left, right = _factors_at(factorization_of(layers[name]), name, applied[name])
+            low_rank = LowRankLinear.from_factors(left, right, linear.bias, linear)
+            del left, right
+            if ledger is not None:
+                ledger.take(f"{index}:{name}.a", low_rank.a.weight)
+                ledger.take(f"{index}:{name}.b", low_rank.b.weight)
+            set_module(model, name, low_rank)
+            originals[name] = linear
+
+    def swap_out(index: int) -> None:
+        restore_dense(model, live.pop(index, {}))
+        if ledger is not None:
+            ledger.release_prefix(f"{index}:")
+
+    handles = []
+    for index, block in enumerate(decoder_blocks(model)):
+        if index in per_block:
+            handles.append(block.register_forward_pre_hook(lambda _m, _a, i=index: swap_in(i)))
+            handles.append(block.register_forward_hook(lambda _m, _a, _o, i=index: swap_out(i)))
+    try:
+        yield applied
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index in list(live):  # a forward that raised inside a block
+            swap_out(index)
 
 
 def _factors_at(factors: Factors, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

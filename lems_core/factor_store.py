@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -90,8 +91,39 @@ class FactorShards(Mapping):
             right = f.get_tensor(f"{name}.right").to(self.device, torch.float32)
         return Factorization(self.spectra[name], left, right)
 
+    def truncated(self, name: str) -> "ShardedFactors":
+        """The layer's factors read lazily at one rank: only its first r columns / rows leave the disk."""
+        if name not in self._block:
+            raise KeyError(name)
+        return ShardedFactors(block_file(self.folder, self._block[name]), name, self.device)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._block)
 
     def __len__(self) -> int:
         return len(self._block)
+
+
+@dataclass(frozen=True)
+class ShardedFactors:
+    """One layer's factors in a block file, read at a rank on demand (``compression.Factors``).
+
+    Slicing in the file keeps a per-block compressed forward's reads at the truncated
+    size, not the full-rank factors (docs/scale.md).
+    """
+
+    path: Path
+    name: str
+    device: torch.device
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            left_slice = f.get_slice(f"{self.name}.left")
+            max_rank = left_slice.get_shape()[1]
+            if not 1 <= rank <= max_rank:
+                raise ValueError(f"rank {rank} outside [1, {max_rank}]")
+            left = left_slice[:, :rank]
+            right = f.get_slice(f"{self.name}.right")[:rank]
+        return left.to(self.device, torch.float32), right.to(self.device, torch.float32)

@@ -12,8 +12,9 @@ import torch
 from lems_core import blocks, streaming
 from lems_core.calibration import CalibrationConfig
 from lems_core.memory import GramLedger, grad_gram_bytes, input_gram_bytes
-from lems_core.model import compressible_layers
+from lems_core.model import compressible_layers, decoder_blocks
 from lems_core.pipeline import ProfileSettings, build_profile
+from lems_core.pipeline import evaluation as pipeline_evaluation
 from lems_core.profile import Profile
 from lems_core.run import Run
 from lems_core.streaming import block_factor_bytes, decomposition_workspace
@@ -53,6 +54,7 @@ def watch(monkeypatch):
 
     monkeypatch.setattr(streaming, "GramLedger", Recorded)
     monkeypatch.setattr(blocks, "GramLedger", Recorded)
+    monkeypatch.setattr(pipeline_evaluation, "GramLedger", Recorded)
     monkeypatch.setattr(streaming, "Decomposer", Watched)
     monkeypatch.setattr(streaming, "_decompose_block", decompose)
     return seen
@@ -74,10 +76,15 @@ def test_a_budgeted_profile_keeps_its_ledgers_within_budget_and_holds_no_factors
     assert profile.kl_ref is not None and profile.bias_fit is not None  # the sweep and the fit ran
     grams = [l for l in watch.ledgers if l.what == "Gram"]
     sweep = [l for l in watch.ledgers if l.what == "block input"]
+    fit = [l for l in watch.ledgers if l.what == "compressed block factor"]
     assert len(grams) == 1, "the statistics count in one ledger"
     assert 0 < grams[0].peak <= grams[0].limit <= budget
     assert grams[0].peak > grad_gram_bytes(block0)  # it counts the window's Grams and the factors
     assert all(l.peak <= l.limit <= budget for l in sweep)  # block inputs off the device (none on a CPU run)
+    assert fit and all(0 < l.peak <= l.limit <= budget and l.live == 0 for l in fit)  # the bias fit's candidates
+    one_block = max(sum(p.numel() * p.element_size() for p in b.parameters() if p.dim() == 2)
+                    for b in decoder_blocks(loaded.model))
+    assert max(l.peak for l in fit) <= one_block  # one block's truncated factors at a time, not the model's
     search = torch.zeros(cfg.n_search, cfg.seq_len, dtype=torch.long)
     assert sweep or blocks.block_input_bytes(loaded.model, search) <= budget  # kept in memory: they fit
     assert grams[0].live == 0
@@ -85,3 +92,47 @@ def test_a_budgeted_profile_keeps_its_ledgers_within_budget_and_holds_no_factors
     assert sorted(watch.alive_before_block) == list(range(n_blocks))
     assert all(n == 0 for n in watch.alive_before_block.values()), watch.alive_before_block  # none kept per block
     assert len(watch.factors) == 0  # nothing kept after the build
+
+
+def test_a_per_block_compressed_forward_gives_the_whole_compressed_models_logits_one_block_at_a_time(tmp_path):
+    """compressed_per_block (the budgeted bias fit's and evaluation's forward) equals compress_model's, with
+    only the running block's low-rank Linears in the model and the dense model back afterwards."""
+    from lems_core.compression import LowRankLinear, compress_model, compressed_per_block, restore_dense
+    from lems_core.factor_store import FactorShards, finish, write_block
+    from lems_core.decompositions import Decomposer
+    from helpers import uniform_ranks
+
+    loaded = tiny_loaded(7)
+    model = loaded.model
+    layers = compressible_layers(model)
+    decompose = Decomposer("svd")
+    factors = {l.name: decompose(l, model.get_submodule(l.name).weight.detach()) for l in layers}
+    for block in sorted({l.block for l in layers}):
+        write_block(tmp_path, block, {l.name: factors[l.name] for l in layers if l.block == block})
+    finish(tmp_path, {l.name: l.block for l in layers}, "fp32")
+    shards = FactorShards(tmp_path)
+    ranks = uniform_ranks(model, 0.5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+        originals = {name: model.get_submodule(name) for name in ranks}
+        compress_model(model, ranks, lambda l: factors[l.name])
+        whole = model(ids).logits
+        restore_dense(model, originals)
+        live_counts = []
+        watchers = [b.register_forward_hook(lambda *_: live_counts.append(
+            sum(isinstance(m, LowRankLinear) for m in model.modules()))) for b in decoder_blocks(model)]
+        ledger = GramLedger()
+        with compressed_per_block(model, ranks, lambda l: shards.truncated(l.name), ledger) as applied:
+            streamed = model(ids).logits
+        for w in watchers:
+            w.remove()
+        after = model(ids).logits
+    per_block = max(sum(1 for l in layers if l.block == b and applied[l.name] is not None)
+                    for b in {l.block for l in layers})
+    assert max(live_counts) == per_block > 0  # the running block only (its hook runs before the swap-out)
+    assert ledger.live == 0 and ledger.peak > 0
+    eps = torch.finfo(torch.float32).eps
+    scale = whole.abs().max().item()
+    assert torch.allclose(streamed, whole, atol=64 * eps * scale, rtol=0)
+    assert torch.equal(after, dense) and not any(isinstance(m, LowRankLinear) for m in model.modules())

@@ -48,7 +48,7 @@ def run(args) -> int:
     with progress_bar(f"factorise ({decomposition})") as bar:
         factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), run=run_from_args(args, bar))
     dense_params = count_parameters(loaded.model)
-    with compressed(loaded, plan.ranks(), factors) as applied, weights_in_memory(loaded.model):
+    with compressed(loaded, plan.ranks(), factors, per_block=False) as applied, weights_in_memory(loaded.model):
         params = count_parameters(loaded.model)
         meta = {"plan": json.loads(plan.to_json()), "decomposition": decomposition, "dense_params": dense_params}
         if args.format == "hf":

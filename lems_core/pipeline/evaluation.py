@@ -20,9 +20,11 @@ import torch
 from ..blocks import TensorShelf, place_off_device
 from ..cache import index, key_of
 from ..calibration import CalibrationConfig
-from ..compression import compress_model, is_dense_rank, restore_dense
+from ..compression import compress_model, compressed_per_block, is_dense_rank, restore_dense
 from ..data import evaluation_split, load_text
 from ..decompositions import Factorization, check_decomposition
+from ..factor_store import FactorShards
+from ..memory import GramLedger
 from ..evaluation import REFERENCE_EVAL, EvalProtocol, kl_to_reference, model_logits, perplexity, token_windows
 from ..model import LoadedModel, compressible_layers
 from ..plan import check_plan_layers
@@ -48,12 +50,24 @@ LOADING_REPORTED = 0.01  # the fraction reported as the model load starts: under
 
 
 @contextlib.contextmanager
-def compressed(loaded: LoadedModel, ranks: dict[str, int | None], factors: dict[str, Factorization]) -> Iterator[dict]:
+def compressed(loaded: LoadedModel, ranks: dict[str, int | None], factors: dict[str, Factorization], *,
+               per_block: bool = True, max_memory: int | None = None) -> Iterator[dict]:
     """Compress the cached model in place for the duration of a `with` block, then restore it.
 
     Holds the model's lock (re-entrant) throughout, so no other job runs it meanwhile.
+    Factors on disk (``FactorShards``: a build under a memory budget) compress one
+    decoder block at a time while it runs (``compressed_per_block``), so the truncated
+    factors of every layer are never in memory together (docs/scale.md). ``per_block=False``
+    compresses the whole model at once: for training (recovery) and for the thousands of
+    short forwards of zero-shot, which would re-read the factors on each. A per-block
+    forward counts the live block's factors in a ledger limited to ``max_memory``.
     """
     with hold_model(loaded):
+        if per_block and isinstance(factors, FactorShards):
+            ledger = GramLedger(limit=max_memory, what="compressed block factor")
+            with compressed_per_block(loaded.model, ranks, lambda l: factors.truncated(l.name), ledger) as applied:
+                yield applied
+            return
         originals = {name: loaded.model.get_submodule(name) for name in ranks}
         try:
             yield compress_model(loaded.model, ranks, lambda l: factors[l.name])
@@ -242,7 +256,7 @@ def _compressed_scores(loaded: LoadedModel, ranks: dict, factors: dict[str, Fact
     planned = sum(not is_dense_rank(l, ranks[l.name]) for l in compressible_layers(loaded.model) if l.name in ranks)
     run = steps.next(f"compressing the model: {planned} layers factorised")
     ppl, kl, healed = {}, None, None
-    with compressed(loaded, ranks, factors):
+    with compressed(loaded, ranks, factors, per_block=recovery is None, max_memory=run.max_memory):
         if recovery is not None:
             healed = recover(loaded.model, loaded.tokenizer, recovery, steps.next(
                 f"recovery: {recovery.steps} {recovery.mode} steps on {recovery.dataset}/{recovery.split}"),
@@ -319,7 +333,7 @@ def plan_zero_shot(plan, loaded: LoadedModel, cfg: CalibrationConfig, decomposit
     with hold_model(loaded, run=run):
         dense = dense_zero_shot(loaded, tasks, limit, loaded_tasks, run=run.stage(0, 0.45))
         factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(), run=run.but(progress=None))
-        with compressed(loaded, plan.ranks(), factors):
+        with compressed(loaded, plan.ranks(), factors, per_block=False):
             scores = zero_shot(loaded.model, loaded.tokenizer, tasks, limit, progress=run.stage(0.45, 1.0).progress,
                                cancel=run.cancel, tasks=loaded_tasks)
     return dense, scores

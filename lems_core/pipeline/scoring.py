@@ -37,7 +37,7 @@ def make_kl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], searc
         ref_logits = reference_logits(loaded, search_ids, run.max_memory)
 
     def score(ranks: dict[str, int | None]) -> float:
-        with hold_model(loaded, run=cancel_only), compressed(loaded, ranks, factors):
+        with hold_model(loaded, run=cancel_only), compressed(loaded, ranks, factors, max_memory=run.max_memory):
             return kl_to_reference(loaded.model, search_ids, ref_logits, cancel=run.cancel)
     return score
 
@@ -48,7 +48,7 @@ def make_ppl_scorer(loaded: LoadedModel, factors: dict[str, Factorization], sear
     cancel_only = run.but(progress=None)
 
     def score(ranks: dict[str, int | None]) -> float:
-        with hold_model(loaded, run=cancel_only), compressed(loaded, ranks, factors):
+        with hold_model(loaded, run=cancel_only), compressed(loaded, ranks, factors, max_memory=run.max_memory):
             return perplexity(loaded.model, search_ids, cancel=run.cancel).ppl
     return score
 

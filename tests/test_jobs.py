@@ -189,8 +189,8 @@ def test_time_left_is_extrapolated_from_the_reported_fraction():
     job.wait(5)
 
 
-def test_an_evaluation_job_takes_the_threads_the_load_leaves_free(monkeypatch):
-    """pipeline.free_core_threads: one thread on busy cores, torch's own count on idle ones, restored afterwards."""
+def test_an_evaluation_job_takes_the_threads_the_others_leave_free(monkeypatch):
+    """pipeline.free_core_threads: one thread on cores others keep busy, torch's own count on idle ones, restored."""
     import os
 
     import torch
@@ -199,12 +199,10 @@ def test_an_evaluation_job_takes_the_threads_the_load_leaves_free(monkeypatch):
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    with pipeline.free_core_threads() as threads:
+    with pipeline.free_core_threads(lambda cpus: 9.0) as threads:
         assert threads == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    with pipeline.free_core_threads() as threads:
+    with pipeline.free_core_threads(lambda cpus: 0.0) as threads:
         assert threads == min(before, 4) == torch.get_num_threads()
     assert torch.get_num_threads() == before
 

@@ -11,11 +11,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..calibration import CalibrationConfig
+from ..cpu_share import free_core_count, others_load
 from ..plan import check_plan_layers
 from ..profile import Profile
 from ..run import DEFAULT_RUN, Progress, Run
@@ -98,22 +99,21 @@ def evaluate_and_store(item, progress: Progress | None = None, cancel: threading
 
 
 @contextlib.contextmanager
-def free_core_threads() -> Iterator[int]:
-    """Run a background job with as many intra-op threads as the load average leaves cores free
+def free_core_threads(busy_elsewhere: Callable[[int], float] = others_load) -> Iterator[int]:
+    """Run a background job with as many intra-op threads as other processes leave cores free
     (at least one, at most torch's setting); restored afterwards. Yields the count.
 
     On a machine busy with other work, OpenMP threads wait on each other at every
     barrier, so a forward pass or the statistics can take several times longer with
-    more threads than free cores. The thread count does not change the numbers (the
-    demo's statistics and logits are the same bits with one and two threads;
-    bench/first_run.py).
+    more threads than free cores. The others' use is measured with this process's own
+    CPU time taken out (``cpu_share.others_load``): the load average would count the
+    model load that came just before as someone else's work. The thread count does not
+    change the numbers (the demo's statistics and logits are the same bits with one and
+    two threads; bench/first_run.py).
     """
     before = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform: leave it as it is
-        load = 0.0
-    threads = max(1, min(before, round((os.cpu_count() or 1) - load)))
+    cpus = os.cpu_count() or 1
+    threads = free_core_count(cpus, before, busy_elsewhere(cpus))
     torch.set_num_threads(threads)
     try:
         yield threads

@@ -216,6 +216,7 @@ def check_record(record, where: str) -> None:
     for name in ("zero_shot", "dense_zero_shot", "recovery"):  # recovery: a healed model's RecoveryResult.record()
         if record.get(name) is not None and not isinstance(record[name], dict):
             raise ResultsFileError(f"{label}: {name!r} must be an object or null")
+    _check_latency(record.get("latency"), label)
 
 
 def _check_counts(record: dict, label: str) -> None:
@@ -251,6 +252,18 @@ def _check_ranks(ranks, label: str) -> None:
     for name, rank in ranks.items():
         if rank is not None and (not _integer(rank) or rank < 1):
             raise ResultsFileError(f"{label}: ranks[{name!r}] must be an integer >= 1 or null (dense), got {rank!r}")
+
+
+def _check_latency(latency, label: str) -> None:
+    """latency: null or absent (not timed), else a valid ``latency.ModelTiming.to_dict()``."""
+    if latency is None:
+        return
+    from .latency.model_timing import ModelTiming, ModelTimingError
+
+    try:
+        ModelTiming.from_dict(latency)
+    except ModelTimingError as exc:
+        raise ResultsFileError(f"{label}: {exc}") from None
 
 
 def _number(value) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import (add_decomposition_option, add_offload_options, add_plan_options, eval_protocol, plan_inputs,
                      progress_bar, run_from_args, split_names)
-from .types import positive_int, window_cap
+from .types import latency_repeats, latency_tokens, positive_int, window_cap
 
 NAME = "evaluate"
 HELP = "compress with a plan and measure perplexity + KL (+ zero-shot accuracy)"  # its line in `-h`
@@ -30,11 +30,52 @@ def add_parser(subparsers):
     sp.add_argument("--seq-len", type=positive_int, default=None, help="override the protocol's window length")
     sp.add_argument("--max-windows", type=window_cap, default=None, help="override the protocol's window cap (a positive number, or 'all')")
     sp.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    add_latency_options(sp)
     add_plan_options(sp)
     add_decomposition_option(sp)
     add_offload_options(sp)
     sp.set_defaults(fn=run)
     return sp
+
+
+def add_latency_options(sp) -> None:
+    """--measure-latency and how: prompt tokens, repeats."""
+    sp.add_argument("--measure-latency", action="store_true",
+                    help="also time the dense and the compressed model in turns on --device: prefill of 1 x "
+                         "--latency-tokens tokens and decode after them (medians of --latency-repeats); the result "
+                         "records it (field 'latency') and a table of measured against predicted speedup is printed "
+                         "to stderr. Costs about 2 x (repeats + 1) prefills and short decodes")
+    sp.add_argument("--latency-tokens", type=latency_tokens, default=None,
+                    help="prompt length of the latency timing (default 256, the prefill device profile's)")
+    sp.add_argument("--latency-repeats", type=latency_repeats, default=None,
+                    help="timed turns of each model and workload (default 5)")
+
+
+def latency_settings(args):
+    """The TimingSettings of --measure-latency, None without it; its options alone are an error."""
+    from ..latency.model_timing import TimingSettings
+
+    if not args.measure_latency:
+        if args.latency_tokens is not None or args.latency_repeats is not None:
+            raise ValueError("--latency-tokens and --latency-repeats need --measure-latency")
+        return None
+    chosen = {"tokens": args.latency_tokens, "repeats": args.latency_repeats}
+    return TimingSettings(**{k: v for k, v in chosen.items() if v is not None})
+
+
+def print_latency(record: dict) -> None:
+    """The measured against predicted speedup table of a result's ``latency``, to stderr."""
+    from ..latency.model_timing import ModelTiming, comparison_rows
+
+    timing = ModelTiming.from_dict(record)
+
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    print(f"latency on {timing.device} ({timing.threads} threads, load average {timing.load_average}, medians of "
+          f"{timing.repeats}); measured: the whole model; predicted: the compressible Linears only", file=sys.stderr)
+    for row in comparison_rows(timing):
+        print("  " + ", ".join(f"{name} {cell(value)}" for name, value in row.items()), file=sys.stderr)
 
 
 def run(args) -> int:
@@ -43,6 +84,7 @@ def run(args) -> int:
     from ..plan import RankPlan
 
     tasks = _zero_shot_tasks(args.tasks)  # a missing task YAML fails before the model loads
+    latency = latency_settings(args)
     plan = RankPlan.load(args.plan)
     decomposition = check_decomposition(args.decomposition or plan.decomposition)
     plan, calibration = plan_inputs(args, plan)
@@ -50,8 +92,11 @@ def run(args) -> int:
     with progress_bar(f"evaluate {plan.method} ({decomposition}, {protocol.name} protocol)") as bar:
         result = evaluate_plan(plan, split_names(args.datasets), protocol, decomposition=decomposition,
                                calibration=calibration, tasks=tasks, task_limit=args.task_limit,
-                               run=run_from_args(args, bar))
-    print(json.dumps(result.to_dict(), indent=1))
+                               latency=latency, run=run_from_args(args, bar))
+    record = result.to_dict()
+    print(json.dumps(record, indent=1))
+    if record.get("latency") is not None:
+        print_latency(record["latency"])
     if tasks:  # zero-shot runs are long: keep them where the app's results table reads them
         from ..results import ResultStore
 

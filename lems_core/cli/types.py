@@ -45,6 +45,10 @@ def int_in(low: int, high: int, what: str):
 # 0 windows, samples or tokens would mean nothing to measure
 positive_int = int_in(1, MAX_COUNT, "a positive integer")
 seed_int = int_in(0, MAX_SEED, "a non-negative seed")
+# latency.model_timing's MAX_TOKENS and MAX_REPEATS (not imported: it loads torch); the model's positions are checked
+# once it is loaded
+latency_tokens = int_in(1, 1 << 20, "a positive number of prompt tokens")
+latency_repeats = int_in(1, 100, "a positive number of repeats")
 _window_count = int_in(1, MAX_COUNT, "a positive integer or 'all' (every window)")
 
 

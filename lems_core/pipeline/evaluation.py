@@ -7,6 +7,7 @@ model's numbers it compares with are cached (``dense_perplexity``, ``dense_zero_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from ..decompositions import Factorization, check_decomposition
 from ..factor_store import FactorShards
 from ..memory import GramLedger
 from ..evaluation import REFERENCE_EVAL, EvalProtocol, kl_to_reference, model_logits, perplexity, token_windows
+from ..latency.model_timing import TimingSettings, check_fits, predicted_fractions, time_dense_and_compressed
 from ..model import LoadedModel, compressible_layers
 from ..plan import check_plan_layers
 from ..recovery import RecoveryConfig, RecoveryResult, recover
@@ -44,7 +46,7 @@ DENSE_PPL_FIELDS = ("fingerprint", "dataset", "split", "seq_len", "max_windows")
 # dense perplexity is shipped). Cached steps then just go by, and the time estimate
 # (``jobs.JobState.seconds_left``) adapts.
 EVAL_WEIGHTS = {"model load": 0.14, "factorising the plan's layers": 0.68, "KL reference": 0.03, "dense perplexity": 0.02,
-                "compression": 0.0, "perplexity": 0.1, "KL": 0.03}
+                "compression": 0.0, "perplexity": 0.1, "KL": 0.03, "latency": 0.05}
 RECOVERY_WEIGHT = 1.0  # share of the bar of a recovery (``recovery=``), relative to the weights above: training dominates
 LOADING_REPORTED = 0.01  # the fraction reported as the model load starts: under EVAL_WEIGHTS["model load"]
 
@@ -98,6 +100,7 @@ class EvalResult:
     dense_zero_shot: dict | None = None  # the same tasks on the dense model (cached per task)
     ranks: dict | None = None  # the plan's {layer: rank or None (dense)}, for predicted vs measured
     recovery: dict | None = None  # RecoveryResult.record() when the compressed model was healed before measuring
+    latency: dict | None = None  # latency.ModelTiming.to_dict(): prefill / decode, dense vs compressed, when timed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,7 +179,8 @@ def reference_logits_dtype(loaded: LoadedModel, search_ids: torch.Tensor) -> tor
 def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_EVAL, *,
                   calibration: CalibrationConfig | None = None, decomposition: str | None = None,
                   with_kl: bool = True, tasks: list[str] | tuple[str, ...] = (), task_limit: int | None = None,
-                  recovery: RecoveryConfig | None = None, run: Run = DEFAULT_RUN) -> EvalResult:
+                  recovery: RecoveryConfig | None = None, latency: TimingSettings | None = None,
+                  run: Run = DEFAULT_RUN) -> EvalResult:
     """Compress the plan's model with the plan, measure perplexity (and KL), restore the model.
 
     ``protocol`` is the window length and count of the perplexity (default: the
@@ -197,6 +201,10 @@ def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_
     are measured; ``result.recovery`` records its settings and outcome. The healed
     factors are dropped with the compression afterwards. Zero-shot ``tasks`` re-compress
     without healing, so they are refused together with ``recovery``.
+
+    ``latency`` times the dense and the compressed model in prefill and decode
+    (``latency.time_dense_and_compressed``, on the job's device and threads) and records
+    it with the cost model's prediction for the plan in ``result.latency``.
     """
     started = time.perf_counter()
     decomposition = check_decomposition(decomposition or plan.decomposition)
@@ -205,10 +213,13 @@ def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_
         raise ValueError("zero-shot tasks are measured on the unhealed model: evaluate them without recovery")
     loaded_tasks = load_tasks(list(tasks)) if tasks else None  # unreachable hub data fails before the model loads
     loaded = _plan_model(plan, run, check_tokenizer=bool(tasks))
+    if latency is not None:
+        check_fits(loaded.model, latency)  # a prompt longer than the model's positions fails before the slow steps
     run = run.stage(EVAL_WEIGHTS["model load"], 1.0)
     cfg = calibration or CalibrationConfig.from_dict(plan.meta.get("calibration") or {})
     with hold_model(loaded, run=run):
-        steps = _EvalSteps(run.stage(0, 0.4) if tasks else run, len(datasets), with_kl, recovery is not None)
+        steps = _EvalSteps(run.stage(0, 0.4) if tasks else run, len(datasets), with_kl, recovery is not None,
+                           latency is not None)
         factors = plan_factorizations(loaded, cfg, decomposition, plan.ranks(),
                                       run=steps.next("factorising the plan's layers"))
         reference = _kl_reference(loaded, cfg, steps) if with_kl else None
@@ -220,6 +231,9 @@ def evaluate_plan(plan, datasets: list[str], protocol: EvalProtocol = REFERENCE_
         result = _eval_result(plan, loaded, decomposition, cfg, protocol, splits)
         result.ppl, result.dense_ppl, result.kl = ppl, dense_ppl, kl
         result.recovery = healed.record() if healed is not None else None
+        if latency is not None:
+            result.latency = plan_latency(plan, loaded, factors, latency, steps.next(
+                f"timing prefill and decode, dense and compressed ({latency.repeats} turns each)"))
         if tasks:
             dense, scores = plan_zero_shot(plan, loaded, cfg, decomposition, list(tasks), task_limit, loaded_tasks,
                                            run=run.stage(0.4, 1.0))
@@ -273,6 +287,26 @@ def _compressed_scores(loaded: LoadedModel, ranks: dict, factors: dict[str, Fact
     return ppl, kl, healed
 
 
+def plan_latency(plan, loaded: LoadedModel, factors: dict[str, Factorization], settings: TimingSettings,
+                 run: Run = DEFAULT_RUN) -> dict:
+    """``ModelTiming.to_dict()`` of the plan's model, dense against compressed with ``factors``, with the
+    cost model's predicted fraction of the compressible Linears (the plan's own, or this machine's cached
+    device profile); holds the model's lock.
+
+    The whole model is compressed at once (``per_block=False``: every low-rank module in
+    memory, as the compressed model is deployed); the timing swaps the two module sets in turns.
+    """
+    with hold_model(loaded):
+        dense = {name: loaded.model.get_submodule(name) for name in plan.ranks()}
+        with compressed(loaded, plan.ranks(), factors, per_block=False):
+            low_rank = {name: loaded.model.get_submodule(name) for name in dense}
+            timing = time_dense_and_compressed(loaded.model, dense, low_rank, settings, loaded.device,
+                                               run.check_cancel)
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    predicted = predicted_fractions(plan, compressible_layers(loaded.model), str(loaded.device), run.cache_dir, dtype)
+    return dataclasses.replace(timing, predicted=predicted).to_dict()
+
+
 def _eval_result(plan, loaded: LoadedModel, decomposition: str, cfg: CalibrationConfig, protocol: EvalProtocol,
                  splits: dict[str, str]) -> EvalResult:
     """The plan's EvalResult before its numbers are filled in: what was evaluated, and how."""
@@ -301,12 +335,14 @@ def _check_eval_sizes(protocol: EvalProtocol) -> None:
 class _EvalSteps:
     """Hands out consecutive parts of the bar (a staged Run) for evaluate_plan's steps, each announced by its message."""
 
-    def __init__(self, run: Run, datasets: int, with_kl: bool, with_recovery: bool = False):
+    def __init__(self, run: Run, datasets: int, with_kl: bool, with_recovery: bool = False,
+                 with_latency: bool = False):
         w = EVAL_WEIGHTS
         parts = [w["factorising the plan's layers"]] + ([w["KL reference"]] if with_kl else [])
         parts += [w["dense perplexity"] / max(datasets, 1)] * datasets + [w["compression"]]
         parts += [RECOVERY_WEIGHT] if with_recovery else []
         parts += [w["perplexity"] / max(datasets, 1)] * datasets + ([w["KL"]] if with_kl else [])
+        parts += [w["latency"]] if with_latency else []
         total = sum(parts)
         self._bounds = np.cumsum([0.0] + [p / total for p in parts])
         self._run, self._k = run, 0

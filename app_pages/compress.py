@@ -1,6 +1,7 @@
 """Compress & evaluate: run chosen plans on the real model in the background, keep the results."""
 from functools import partial
 
+import pandas as pd
 import streamlit as st
 
 from lems_core import pipeline
@@ -9,6 +10,8 @@ from lems_core.cache import saved_plans
 from lems_core.eval_time import EvalEstimate, estimate_eval
 from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, EvalProtocol
 from lems_core.jobs import CANCELLED, DONE, JobLimitError, for_each, format_seconds
+from lems_core.latency.model_timing import (MAX_REPEATS, PROMPT_TOKENS, REPEATS, ModelTiming, ModelTimingError,
+                                            TimingSettings, comparison_rows)
 from lems_core.plan import PlanError, RankPlan, parse_budgets, unique_plans
 from lems_core.recovery import DEFAULT_LR, RecoveryConfig, RecoveryError, check_not_evaluation_text
 from lems_core.results import SHIPPED, ResultStore, shipped_note
@@ -141,6 +144,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
         device = col4.selectbox("Device", devices)
         zero_shot_choice = zero_shot_form()
         recovery_choice = recovery_form()
+        latency_choice = latency_form()
         submitted = st.button("Compress & evaluate", type="primary", key="evaluate_submit")
     if quick or device != "cpu":
         st.session_state.pop(PENDING, None)  # nothing long to confirm any more
@@ -152,7 +156,8 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     selected = unique_plans({c: plans[c] for c in chosen} | generated_plans(new_methods, budgets))
     zero_shot = zero_shot_options(*zero_shot_choice)
     recovery = recovery_options(*recovery_choice, list(datasets), bool(zero_shot))
-    if zero_shot is None or recovery is None:
+    latency = latency_options(*latency_choice)
+    if zero_shot is None or recovery is None or latency is None:
         return
     if not selected or not (datasets or zero_shot):
         st.error("Choose at least one plan and one dataset (or zero-shot task).")
@@ -160,7 +165,7 @@ def run_form(plans: dict[str, RankPlan]) -> None:
     protocol = eval_protocol_options(quick, int(windows), int(seq_len))
     task = partial(pipeline.evaluate_and_store, profile=profile, run=Run(cache_dir=common.cache_dir(), device=device),
                    params=common.error_model_params(profile), decomposition=factorise_with or None,
-                   datasets=list(datasets), protocol=EvalProtocol(**protocol), **zero_shot, **recovery)
+                   datasets=list(datasets), protocol=EvalProtocol(**protocol), **zero_shot, **recovery, **latency)
     estimate = cpu_estimate(list(datasets), protocol, len(selected)) if device == "cpu" else None
     request = {"task": task, "items": list(selected.values()), "estimate": estimate, "zero_shot": bool(zero_shot)}
     if device == "cpu" and not quick:
@@ -325,6 +330,34 @@ def recovery_options(on: bool, steps: int, lr: float, seed: int, datasets: list[
     return {"recovery": config}
 
 
+def latency_form() -> tuple[bool, int, int]:
+    """Latency timing of the dense and the compressed model: on/off, prompt tokens, repeats (off: disabled)."""
+    on = st.toggle("Measure prefill and decode latency (dense vs compressed)", value=False, key="latency_on",
+                   help="After perplexity, time the dense and the compressed model in turns on the chosen device: one "
+                        "prefill of the prompt tokens, and decode of a few tokens after them with the KV cache "
+                        "(medians over the repeats). The result shows measured against predicted speedup. Costs about "
+                        "2 x (repeats + 1) prefills and short decodes per plan: seconds for the demo model on a CPU, "
+                        "longer for large models.")
+    t1, t2 = st.columns(2)
+    tokens = t1.number_input("Prompt tokens", 1, 32_768, PROMPT_TOKENS, step=64, key="latency_tokens",
+                             disabled=not on, help="The prefill length and the decode KV cache (256: the prefill "
+                                                   "device profile's).")
+    repeats = t2.number_input("Timing repeats", 1, MAX_REPEATS, REPEATS, step=1, key="latency_repeats",
+                              disabled=not on, help="Turns of each model; the medians are kept.")
+    return on, int(tokens), int(repeats)
+
+
+def latency_options(on: bool, tokens: int, repeats: int) -> dict | None:
+    """evaluate_plan's ``latency`` for the form's choice: {} when off, None (after st.error) when unusable."""
+    if not on:
+        return {}
+    try:
+        return {"latency": TimingSettings(tokens=tokens, repeats=repeats)}
+    except ModelTimingError as exc:
+        st.error(f"Latency: {exc}")
+        return None
+
+
 def eval_protocol_options(quick: bool, windows: int, seq_len: int) -> dict:
     """evaluate_plan's max_windows / seq_len for the form's choice (quick overrides the other two)."""
     if quick:
@@ -380,6 +413,31 @@ def results_section() -> None:
         metric = st.radio("Zero-shot accuracy", metrics, horizontal=True, key="results_zero_shot")
         st.plotly_chart(figures.accuracy_vs_ratio_figure(frame, metric), key="acc_ratio_fig")
     st.dataframe(frame, hide_index=True)
+    latency_section(records)
+
+
+def latency_section(records: list[dict]) -> None:
+    """The measured prefill and decode latency of one timed result against the cost model's prediction."""
+    timed = [r for r in reversed(records) if r.get("latency") is not None]  # newest first
+    if not timed:
+        return
+    st.subheader("Latency: measured against predicted")
+    labels = [f"{tables.method_label(str(r.get('method')))} @ {r.get('budget')} ({r.get('created', '')})"
+              for r in timed]
+    choice = st.selectbox("Timed result", range(len(timed)), format_func=labels.__getitem__, key="latency_result")
+    try:
+        timing = ModelTiming.from_dict(timed[choice]["latency"])
+    except ModelTimingError as exc:
+        st.error(f"This result's latency record is malformed: {exc}")
+        return
+    st.dataframe(pd.DataFrame(comparison_rows(timing)), hide_index=True, key="latency_table")
+    load = "unknown" if timing.load_average is None else f"{timing.load_average:g}"
+    st.caption(f"**Measured**: the whole model, dense against compressed, medians of {timing.repeats} turns on "
+               f"{timing.device} with {timing.threads} thread(s), load average {load}. **Predicted**: the cost "
+               "model's latency fraction of the compressible Linears only (attention, norms, embeddings and the "
+               "lm_head are not in it), so the measured whole-model speedup is expected to be smaller; error % = "
+               "(predicted − measured speedup) / measured speedup. The compressed model runs its factorised "
+               "layers as two Linears (not the fused export).")
 
 
 if common.is_synthetic():

@@ -23,14 +23,17 @@ to finish uses the folder the first renamed in.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,6 +51,7 @@ _MAX_HEADER_BYTES = 100 << 20
 # Text whose tokens the converted tokenizer must reproduce: words, digits, accents, chat markup.
 _TOKENIZER_PROBE = "Hello, world! The year 2024: naïve café, ünïcödé. <|im_start|>user\nhi<|im_end|>\n\t  x"
 
+_PARSE_ONCE = threading.Lock()  # one conversion at a time swaps gguf's reader and name map
 Converter = Callable[[Path, Path], None]  # (GGUF file, empty folder to write the HF checkpoint into)
 
 
@@ -263,12 +267,42 @@ def convert_gguf(gguf_path: Path, out: Path, fingerprint: Callable[[torch.nn.Mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     _drop_gguf_quantizer(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     check_reload_identical(model, tokenizer, out, fingerprint)
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map built once per architecture.
+
+    transformers reads the file three times (config, tokenizer, weights), each time with
+    a new ``gguf.GGUFReader`` whose pure-Python parse of the demo's 49k-token vocabulary
+    takes seconds, and it builds the tensor-name map again for every submodule (about
+    400 times for the demo). Readers (read-only memory maps) and maps are only read, so
+    sharing them yields the same config, tokenizer and weights: the tensors are
+    dequantised by the same code from the same bytes.
+    """
+    import gguf
+
+    with _PARSE_ONCE:
+        new_reader, new_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], object] = {}
+
+        def shared_reader(path, mode="r"):
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = new_reader(path, mode)
+            return readers[key]
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(new_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = new_reader, new_map
 
 
 def _drop_gguf_quantizer(model: torch.nn.Module) -> None:

@@ -283,3 +283,24 @@ def test_demo_converted_load_is_the_gguf_model():
     assert converted.tokenizer.decode(ids[0]) == tokenizer.decode(ids[0])
     with torch.no_grad():
         assert torch.equal(converted.model(ids).logits, direct(ids).logits)
+    ours, theirs = converted.model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_conversion_parses_the_file_once_and_restores_gguf(tiny_gguf, tmp_path, monkeypatch):
+    """Config, tokenizer and weights share one gguf.GGUFReader (the direct-load equality is tested above)."""
+    import gguf
+
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parsed.append(path)
+            super().__init__(path, mode)
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    name_map = gguf.get_tensor_name_map
+    convert_gguf(tiny_gguf, tmp_path)
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
+    CountingReader(tiny_gguf)
+    assert len(parsed) == 2  # outside a conversion every reader parses again

@@ -7,7 +7,7 @@
   per-token norm clipping (KFAC-SVD, docs/reference/methods.md §2.2).
 - Row-summed squared weight gradients (FWSVD, docs/reference/methods.md §3.3).
 
-Accumulation is fp32 with `addmm_` over flattened tokens: no per-token loops.
+Accumulation is fp32 with `addmm_` over flattened tokens (no per-token loops), on\nthe diagonal and upper blocks of each symmetric Gram only (``add_gram_``).
 Input statistics run block by block, so only one block's activations are alive.
 
 Under a memory budget ``iter_block_statistics`` streams both kinds:
@@ -33,6 +33,8 @@ from .memory import INPUT_GROUP, BlockWindow, GramLedger  # INPUT_GROUP: layers 
 from .model import LayerInfo, compressible_layers, decoder_blocks
 from .run import Progress
 
+GRAM_BLOCK_MIN = 192  # columns per block of a Gram's block rows (add_gram_); at most GRAM_BLOCKS_MAX blocks
+GRAM_BLOCKS_MAX = 4
 GRAD_CROP = 0.125  # drop this fraction of positions at each end for G (docs/reference/methods.md §2.2)
 CLIP_LOW, CLIP_HIGH = 0.1, 10.0  # per-token gradient norm bounds, relative to the sequence mean
 
@@ -62,6 +64,31 @@ class Statistics:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # n (FWSVD row-summed Fisher)
 
 
+def gram_blocks(n: int) -> list[tuple[int, int]]:
+    """(start, end) column blocks of an n x n Gram: 1 to GRAM_BLOCKS_MAX blocks of at least GRAM_BLOCK_MIN columns."""
+    count = max(1, min(GRAM_BLOCKS_MAX, n // GRAM_BLOCK_MIN))
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return list(zip(edges, edges[1:]))
+
+
+def add_gram_(gram: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+    """gram += alpha x^T x on the diagonal blocks and above them only (``gram_blocks``); ``mirror_gram_`` completes it.
+
+    x^T x is symmetric, so the blocks below the diagonal are the transposes of those
+    above: a Gram of 4 blocks costs 10 block products instead of 16. Each entry is the
+    same dot product over the same tokens as in one ``addmm_`` of the whole Gram.
+    """
+    for start, end in gram_blocks(gram.shape[0]):
+        gram[start:end, start:].addmm_(x[:, start:end].T, x[:, start:], alpha=alpha)
+
+
+def mirror_gram_(gram: torch.Tensor) -> torch.Tensor:
+    """Copy the blocks above the diagonal (``add_gram_``) onto those below it; returns ``gram``."""
+    for start, end in gram_blocks(gram.shape[0]):
+        gram[end:, start:end] = gram[start:end, end:].T
+    return gram
+
+
 class _InputAccumulator:
     def __init__(self, n: int, device, ledger: GramLedger | None = None, key: str = ""):
         self.gram = torch.zeros(n, n, device=device, dtype=torch.float32)
@@ -74,7 +101,7 @@ class _InputAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram.addmm_(x.T, x)
+        add_gram_(self.gram, x)
         ax = x.abs()
         self.abs_sum += ax.sum(0)
         batch_max = ax.amax(0)
@@ -83,7 +110,7 @@ class _InputAccumulator:
         self.tokens += x.shape[0]
 
     def freeze(self) -> InputStats:
-        return InputStats(self.gram.cpu(), self.abs_sum.cpu(), self.abs_max.cpu(), self.abs_max_sum.cpu(), self.tokens)
+        return InputStats(mirror_gram_(self.gram).cpu(), self.abs_sum.cpu(), self.abs_max.cpu(), self.abs_max_sum.cpu(), self.tokens)
 
 
 def gram_key(block: int, kind: str, name: str) -> str:
@@ -229,7 +256,7 @@ def _gradient_pass(model: nn.Module, input_ids: torch.Tensor, layers: list[Layer
         model.train(was_training)
     frozen = {key: acc.freeze() for key, acc in accumulators.items()}
     inputs = {l.name: frozen[(l.block, INPUT_GROUP[l.kind])] for l in layers} if with_inputs else {}
-    return Statistics(inputs=inputs, grad_gram={k: v.cpu() for k, v in grams.items()})
+    return Statistics(inputs=inputs, grad_gram={k: mirror_gram_(v).cpu() for k, v in grams.items()})
 
 
 def _input_hooks(model: nn.Module, layers: list[LayerInfo], device, handles: list) -> dict:
@@ -256,14 +283,15 @@ def _zero_grad_grams(layers: list[LayerInfo], device, ledger: GramLedger | None)
 
 def _grad_gram_hooks(model: nn.Module, layers: list[LayerInfo], grams: dict[str, torch.Tensor], crop: float,
                      clip: bool) -> list:
-    """Full backward hooks that add each layer's cropped, clipped output-gradient Gram into ``grams``."""
+    """Full backward hooks that add each layer's cropped, clipped output-gradient Gram into ``grams``
+    (its upper blocks: ``mirror_gram_`` each once the pass is over)."""
     def make_hook(name):
         def hook(_module, _grad_in, grad_out):
             g = crop_tokens(grad_out[0].detach().float(), crop)
             if clip:
                 g = clip_token_norms(g)
             flat = g.reshape(-1, g.shape[-1])
-            grams[name].addmm_(flat.T, flat, alpha=1.0 / g.shape[0])
+            add_gram_(grams[name], flat, alpha=1.0 / g.shape[0])
         return hook
     return [model.get_submodule(l.name).register_full_backward_hook(make_hook(l.name)) for l in layers]
 
@@ -294,6 +322,8 @@ def window_grad_grams(
     finally:
         for h in handles:
             h.remove()
+    for gram in grams.values():
+        mirror_gram_(gram)
     return grams
 
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from lems_core.model import compressible_layers, tiny_model
-from lems_core.statistics import (clip_token_norms, collect_grad_grams, collect_input_stats, collect_kfac_statistics,
-                                  crop_tokens, iter_block_input_stats)
+from lems_core.statistics import (add_gram_, clip_token_norms, collect_grad_grams, collect_input_stats,
+                                  collect_kfac_statistics, crop_tokens, gram_blocks, iter_block_input_stats,
+                                  mirror_gram_)
 
 
 def _inputs_of(model, name, ids):
@@ -89,3 +90,20 @@ def test_one_pass_kfac_statistics_equal_the_two_passes(tiny_llama, tiny_ids):
             assert torch.equal(getattr(a, field), getattr(b, field)), (layer.name, field)
     alone = collect_grad_grams(tiny_llama, tiny_ids, layers)  # without the input hooks
     assert all(torch.equal(grams[k], alone[k]) for k in grams)
+
+
+@pytest.mark.parametrize("n", [64, 192, 577, 1536])
+def test_a_gram_summed_over_its_upper_blocks_is_the_whole_product(n):
+    """add_gram_ + mirror_gram_ over several batches: alpha x^T x summed, exactly symmetric, the same sums as addmm_
+    (equal bits with this machine's BLAS at 1 and 2 threads; a tolerance here for other BLAS builds)."""
+    blocks = gram_blocks(n)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n and len(blocks) == max(1, min(4, n // 192))
+    torch.manual_seed(0)
+    whole, upper = torch.zeros(n, n), torch.zeros(n, n)
+    for scale in (1.0, 3.0, 0.25):
+        x = torch.randn(100, n) * scale
+        whole.addmm_(x.T, x, alpha=0.5)
+        add_gram_(upper, x, alpha=0.5)
+    mirror_gram_(upper)
+    assert torch.equal(upper, upper.T)
+    torch.testing.assert_close(upper, whole, rtol=1e-6, atol=1e-5)

@@ -92,6 +92,34 @@ def budget_or_default(max_memory: int | None, device: str | torch.device) -> int
     return int(max_memory if max_memory is not None else DEFAULT_FRACTION * available_memory(device))
 
 
+def process_overhead(model: torch.nn.Module, device: str | torch.device) -> int:
+    """Bytes this process already holds beyond the model's weights, when the budget is CPU RAM (else 0).
+
+    RssAnon (the interpreter, torch, the tokenizer, anything alive) less the bytes of the
+    parameters in CPU memory. A budget given as memory beyond the weights sets this
+    aside before the ledgers get theirs, so the process as a whole stays under it
+    (docs/scale.md). Not Linux, or a CUDA budget: 0 (the CUDA context is outside torch's
+    allocator and outside the budget).
+    """
+    if torch.device(device).type != "cpu":
+        return 0
+    anon = _rss_anon()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    return max(0, anon - weights)
+
+
+def _rss_anon() -> int:
+    """This process's anonymous resident bytes (``RssAnon`` in /proc/self/status), 0 where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 # ------------------------------------------------------------------ what a block's Grams cost
 def input_gram_bytes(layers: Iterable[LayerInfo]) -> int:
     """Bytes of the distinct input Grams of these layers (one per shared input, n x n fp32)."""

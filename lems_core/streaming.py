@@ -47,11 +47,12 @@ class StreamPlan:
     workspace: int
     windows: tuple[BlockWindow, ...]
     factors: int = 0  # one block's full-rank factors, alive until the block file is written
+    reserve: int = 0  # what the process held beyond the weights before the build (memory.process_overhead)
 
     @property
     def gram_budget(self) -> int:
         """What the ledger may hold: Grams of a window plus one block's factors."""
-        return self.max_memory - self.workspace
+        return self.max_memory - self.workspace - self.reserve
 
     @property
     def passes(self) -> int:
@@ -86,17 +87,24 @@ def block_factor_bytes(layers: list[LayerInfo]) -> int:
 
 
 def plan_stream(layers: list[LayerInfo], decomposition: str, max_memory: int | None, device,
-                options: DecompositionOptions | None = None) -> StreamPlan:
-    """The windows for ``max_memory`` bytes (None: DEFAULT_FRACTION of what ``device`` has free)."""
+                options: DecompositionOptions | None = None, reserve: int = 0) -> StreamPlan:
+    """The windows for ``max_memory`` bytes (None: DEFAULT_FRACTION of what ``device`` has free).
+
+    ``reserve`` bytes are set aside first: what the process already holds beyond the
+    weights (``memory.process_overhead``), so the budget bounds the whole process.
+    """
     options = options or DecompositionOptions()
     budget = budget_or_default(max_memory, device)
     workspace = decomposition_workspace(layers, options.dtype)
     factors = block_factor_bytes(layers)
-    if budget <= workspace + factors:
-        raise MemoryBudgetError(f"memory budget {format_bytes(budget)} is below the decomposition's work arrays for "
-                                f"the largest layer and one block's factors ({format_bytes(workspace + factors)}); raise --max-memory")
+    if budget <= reserve + workspace + factors:
+        held = f"what the process already holds ({format_bytes(reserve)}), " if reserve else ""
+        raise MemoryBudgetError(f"memory budget {format_bytes(budget)} is below {held}the decomposition's work arrays "
+                                f"for the largest layer and one block's factors ({format_bytes(reserve + workspace + factors)} "
+                                f"in all); raise --max-memory")
     needs = spec_of(decomposition).needs & {"inputs", "grads", "fisher"}
-    return StreamPlan(budget, workspace, tuple(plan_windows(layers, needs, budget - workspace - factors)), factors)
+    windows = plan_windows(layers, needs, budget - reserve - workspace - factors)
+    return StreamPlan(budget, workspace, tuple(windows), factors, reserve)
 
 
 def streamed_dir(loaded: LoadedModel, stats_key: dict, decomposition: str, options: dict, factor_dtype: str,

@@ -36,6 +36,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture()
+def budget_beyond_interpreter(monkeypatch):
+    """Budgeted builds on tiny models set aside nothing for the process itself.
+
+    A tiny model's budget is a few MB, below the interpreter's own ~0.3 GB that a user's
+    --max-memory also covers (``memory.process_overhead``, tested on its own in
+    tests/test_profile_budget.py), so these tests budget the statistics alone.
+    """
+    from lems_core.pipeline import artefacts
+
+    monkeypatch.setattr(artefacts, "process_overhead", lambda *_: 0)
+
+
 @pytest.fixture(scope="module")
 def model():
     """A tiny random llama (seed 0), one per test module."""

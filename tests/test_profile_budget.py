@@ -61,7 +61,7 @@ def watch(monkeypatch):
 
 
 def test_a_budgeted_profile_keeps_its_ledgers_within_budget_and_holds_no_factors_across_blocks(
-        tmp_path, watch, one_thread):
+        tmp_path, watch, one_thread, budget_beyond_interpreter):
     loaded = tiny_loaded(5)
     layers = compressible_layers(loaded.model)
     block0 = [l for l in layers if l.block == 0]
@@ -136,3 +136,30 @@ def test_a_per_block_compressed_forward_gives_the_whole_compressed_models_logits
     scale = whole.abs().max().item()
     assert torch.allclose(streamed, whole, atol=64 * eps * scale, rtol=0)
     assert torch.equal(after, dense) and not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_a_budget_sets_aside_what_the_process_already_holds(tmp_path, monkeypatch):
+    """--max-memory bounds the process beyond the weights: the build's plan sets the interpreter's share aside first."""
+    from lems_core.memory import MemoryBudgetError, process_overhead
+    from lems_core.pipeline import artefacts
+
+    loaded = tiny_loaded(5)
+    assert process_overhead(loaded.model, "cuda") == 0  # a GPU budget: the CUDA context is outside it
+    assert process_overhead(loaded.model, "cpu") > 0  # the interpreter and torch, beyond the weights
+    layers = compressible_layers(loaded.model)
+    block0 = [l for l in layers if l.block == 0]
+    needed = decomposition_workspace(layers) + block_factor_bytes(layers) + grad_gram_bytes(block0) + input_gram_bytes(block0)
+    free = streaming.plan_stream(layers, "kfac", needed + 10**6, "cpu")
+    reserved = streaming.plan_stream(layers, "kfac", needed + 10**6 + 5 * 10**6, "cpu", reserve=5 * 10**6)
+    assert reserved.gram_budget == free.gram_budget and reserved.windows == free.windows
+    with pytest.raises(MemoryBudgetError, match="what the process already holds"):
+        streaming.plan_stream(layers, "kfac", needed, "cpu", reserve=needed)
+    planned = []
+    real_plan = artefacts.plan_stream
+    monkeypatch.setattr(artefacts, "process_overhead", lambda *_: 123_456)
+    monkeypatch.setattr(artefacts, "plan_stream", lambda *a, **k: planned.append(real_plan(*a, **k)) or planned[-1])
+    cfg = CalibrationConfig(dataset=str(word_corpus(tmp_path / "c.txt")), split="train", n_samples=2, seq_len=16,
+                            seed=1, n_search=1)
+    build_profile(loaded, "svd_llm", cfg, ProfileSettings(bias_fit_ratios=()), run=Run(cache_dir=tmp_path,
+                                                                                         max_memory=2**30))
+    assert planned and all(p.reserve == 123_456 for p in planned)

@@ -221,7 +221,7 @@ def test_a_budget_too_small_is_a_specific_error_and_exit_2(tmp_path, corpus, cap
     assert "cannot read memory size" in capsys.readouterr().err
 
 
-def test_profile_built_under_a_budget_matches_the_classic_one(tmp_path, corpus, one_thread):
+def test_profile_built_under_a_budget_matches_the_classic_one(tmp_path, corpus, one_thread, budget_beyond_interpreter):
     """Streamed (2 windows, factors on disk) vs all Grams at once: same spectra and KL, same profile key."""
     from lems_core.pipeline import build_profile
     from lems_core.profile import Profile
@@ -490,7 +490,7 @@ def test_reference_logits_go_to_the_device_cpu_ram_or_disk_by_the_budget(tmp_pat
         TensorShelf("gpu")
 
 
-def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_numbers(tmp_path, checkpoint, capsys,
+def test_evaluate_under_max_memory_streams_the_factors_and_gives_the_same_numbers(tmp_path, checkpoint, capsys, budget_beyond_interpreter,
                                                                                  monkeypatch, one_thread):
     """evaluate / evaluate-plans / compress --max-memory: factors from the streamed build under the budget
     (the ledger never over it), reference logits on disk, PPL and KL of the run without a budget; a budget

@@ -17,7 +17,7 @@ from ..cache import key_of, load_tensors, save_tensors, tensor_path
 from ..calibration import SEARCH_SEED_OFFSET, CalibrationConfig, sample_windows
 from ..data import load_text
 from ..decompositions import DecompositionOptions, Decomposer, Factorization, base_of, spec_of
-from ..memory import available_memory, grad_gram_bytes, input_gram_bytes
+from ..memory import available_memory, grad_gram_bytes, input_gram_bytes, process_overhead
 from ..model import LayerInfo, LoadedModel, compressible_layers
 from ..offload import has_offloaded_weights
 from ..profile import Profile
@@ -172,7 +172,9 @@ def _streamed(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, o
     layers = compressible_layers(loaded.model)
     shard = None if owned is None else (distributed.context().rank, distributed.context().world)
     folder = streamed_folder(loaded, cfg, decomposition, options, run, shard)
-    plan = plan_stream(layers, decomposition, run.max_memory, loaded.device, options)
+    # a budget the user gave bounds the process beyond the weights: what it holds already is set aside
+    reserve = process_overhead(loaded.model, loaded.device) if run.max_memory is not None else 0
+    plan = plan_stream(layers, decomposition, run.max_memory, loaded.device, options, reserve)
     return streamed_factorizations(loaded, calib_ids, decomposition, options, folder, plan, owned, run=run)
 
 

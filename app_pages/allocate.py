@@ -12,17 +12,18 @@ import streamlit as st
 from lems_core import pipeline
 from lems_core.allocators import ALLOCATORS, MODEL_SCORED, Allocation, allocate, ars
 from lems_core.allocators.lems import lems_min_budget
-from lems_core.allocators.registry import latency_methods
 from lems_core.cache import plans_dir
 from lems_core.constraints import RANK_MULTIPLES, ConstraintError, LayerConstraints, parse_fractions
 from lems_core.error_model import ErrorModelParams
 from lems_core.jobs import DONE, JobLimitError
-from lems_core.latency import DeviceProfileError, LatencyCost, Workload, cache_path, current_key, latency_cost
-from lems_core.latency.measure import GRID_POINTS
+from lems_core.latency import LatencyCost
 from lems_core.model import KINDS
 from lems_core.plan import PlanError, parse_budgets, plan_file_name, plan_from_upload
 from lems_core.run import Run
 from app_pages import common, figures, tables
+from app_pages.chart_view import show_chart
+from app_pages.allocate_latency import (cost_controls, known_latency, latency_sweep_frame, refused_under,
+                                      selected_latency, with_latency)
 from app_pages.style import display_names_in
 
 CURRENT_PLAN, UPLOADED_PLAN = "current_plan", "uploaded_plan"
@@ -67,9 +68,12 @@ def solve_all(methods: list[str], ratio: float, params, constraints: LayerConstr
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def lems_minimum(_profile, profile_id: str) -> float:
-    """The smallest budget (2 decimals) at which LEMS has a solution: the slider starts there."""
-    return lems_min_budget(_profile)
+def lems_minimum(_profile, profile_id: str, cost_key: str = "", _cost: LatencyCost | None = None) -> float:
+    """The smallest budget (2 decimals, below the slider's top) at which LEMS has a solution: the slider starts there.
+
+    A fraction of the dense parameters, or under ``_cost`` (whose ``key`` is ``cost_key``)
+    of the dense latency: every layer at its cheapest option in that cost."""
+    return min(lems_min_budget(_profile, cost_model=_cost or "params"), round(SLIDER_MAX - 0.01, 2))
 
 
 OWN_MULTIPLE = 0  # the Rank multiple picker's "allocator's own": a selectbox shows None as no choice at all
@@ -178,29 +182,36 @@ def headline(allocations: dict[str, Allocation], table) -> None:
     name, rows = _label(key), table.set_index("method")
     row, base = rows.loc[name], rows["predicted error"].get(tables.method_label("uniform"))
     cols = st.columns(4)
-    cols[0].metric(f"{name} solve time", "—" if key == "uploaded" else _number(row["solve ms"], "{:.1f} ms"))
+    cols[0].metric(f"{name} solve time", "—" if key == "uploaded" else _number(row["solve ms"], "{:.1f} ms", "—"))
     objective = f"{name} objective" + (" (Σ ε)" if key.startswith("lems") else "")
-    cols[1].metric(objective, _number(row["objective"], "{:.4g}"))
+    cols[1].metric(objective, _number(row["objective"], "{:.4g}"),
+                   help=None if row["objective"] == row["objective"] else f"n/a: {NO_OBJECTIVE}")
     cols[2].metric(f"{name} realised ratio", f"{row['realised ratio']:.4f}")
     ours = row["predicted error"]
     delta = f"{100 * (ours - base) / base:+.1f} % vs uniform" if base and key != "uniform" else None
     cols[3].metric(f"{name} predicted error", f"{ours:.4g}", delta, delta_color="inverse")
 
 
-def _number(value, fmt: str) -> str:
-    """``fmt`` of a table cell, or a dash where the method has no such number (NaN)."""
-    return "—" if value != value else fmt.format(value)
+NO_OBJECTIVE = ("this method follows a rule (uniform ranks, a score, a trained or uploaded plan) instead of "
+                "minimising an objective of its own; only the LEMS variants solve for Σ ε")
 
 
-def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str]) -> None:
+def _number(value, fmt: str, missing: str = "n/a") -> str:
+    """``fmt`` of a table cell, or ``missing`` where the method has no such number (NaN)."""
+    return missing if value != value else fmt.format(value)
+
+
+def displayed(table):
+    """The comparison table as shown: a missing objective reads "n/a" (explained in its column help), not "None"."""
+    return table.assign(objective=[_number(v, "{:.4g}") for v in table["objective"]])
+
+
+def plan_panel(allocations: dict[str, Allocation], failed: dict[str, str], options: list[str]) -> None:
     """Choose the plan to keep, show its summary, download it or save it to the cache.
 
     The kept method is the user's choice only: when it cannot allocate at this budget
     the page says so and keeps no plan, instead of switching to another method.
     """
-    choice = common.kept("plan_method", "lems")
-    uploaded = ["uploaded"] if "uploaded" in allocations or choice == "uploaded" else []
-    options = list(dict.fromkeys([*(k for k in allocations if k != "uploaded"), *failed, choice, *uploaded]))
     # Display names that do not change with what is uploaded: an option whose name changes is another option.
     st.selectbox("Plan to keep", options, format_func=tables.method_label, **common.bind("plan_method", "lems"))
     choice = st.session_state.plan_method
@@ -252,10 +263,10 @@ def _no_plan_message(choice: str, failed: dict[str, str]) -> str:
 
 def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> None:
     """Side by side: summary table, block x kind heatmaps, difference, error per block, per-layer bars."""
-    st.dataframe(table, hide_index=True,
+    st.dataframe(displayed(table), hide_index=True,
                  column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
                                 "predicted error": st.column_config.NumberColumn(format="%.4g"),
-                                "objective": st.column_config.NumberColumn(format="%.4g"),
+                                "objective": st.column_config.TextColumn(help=f"n/a: {NO_OBJECTIVE}."),
                                 "solve ms": st.column_config.NumberColumn(format="%.1f"),
                                 **_latency_format(table)})
     st.caption("Realised ratio: kept fraction of the compressible parameters. Predicted latency: the plan's "
@@ -267,7 +278,7 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
                f"Heatmaps: kept fraction rank·(m+n)/(m·n) per block and kind (1 = dense), {cells}.")
     measured_here(float(common.kept("budget", DEFAULT_BUDGET)), common.error_model_params(profile))
     labels = {label: _label(label) for label in ranks}
-    st.plotly_chart(figures.rank_heatmaps_figure(profile, ranks, labels), key="rank_heatmaps_fig")
+    show_chart(figures.rank_heatmaps_figure(profile, ranks, labels), "rank_heatmaps_fig")
     diff, error_col = st.columns(2)
     with diff:
         a, b = st.columns(2)
@@ -278,9 +289,9 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
                              **common.bind("diff_b", options[min(1, len(options) - 1)], allowed=options))
         fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
-        st.plotly_chart(fig, key="diff_fig")
-    error_col.plotly_chart(figures.error_by_block_figure(profile, errors, labels), key="error_block_fig")
-    st.plotly_chart(figures.per_block_figure(profile, ranks, labels), key="per_layer_fig")
+        show_chart(fig, "diff_fig")
+    show_chart(figures.error_by_block_figure(profile, errors, labels), "error_block_fig", error_col)
+    show_chart(figures.per_block_figure(profile, ranks, labels), "per_layer_fig")
 
 
 def _latency_format(table) -> dict:
@@ -322,83 +333,6 @@ def measured_here(budget: float, params: ErrorModelParams) -> None:
                "Predicted vs measured over all results: the *Predicted vs measured* page.")
 
 
-COSTS = {"params": "Parameters", "decode": "Latency: decode", "prefill": "Latency: prefill"}
-LATENCY_COSTS = "_latency_costs"  # session_state: {(profile id, workload, device): LatencyCost}
-REMEASURE = "_remeasure_latency"  # session_state: measure the device profile again on this run
-
-
-def cost_controls() -> tuple[bool, LatencyCost | None]:
-    """The cost selector: (usable, the latency cost, or None for a parameter budget).
-
-    A latency cost needs this machine's device profile for the profile's layer shapes:
-    read from the cache, or measured now (about a minute on a CPU); a broken cached
-    profile is an error with the way out, never silently replaced."""
-    kind = st.radio("Budget counts", list(COSTS), format_func=COSTS.get, horizontal=True,
-                    **common.bind("cost_kind", "params", allowed=list(COSTS)),
-                    help="Parameters: r(m+n) per layer. Latency: the measured time of each layer's option on this "
-                         "machine, in decode (1 token) or prefill (256 tokens); see docs/latency.md.")
-    if kind == "params":
-        return True, None
-    try:
-        return True, latency_here(kind, measure=True, refresh=st.session_state.pop(REMEASURE, False))
-    except DeviceProfileError as exc:
-        st.error(f"{COSTS[kind]}: the device profile of this machine is unusable: {exc}")
-        st.button("Measure it again", key="remeasure_latency", icon=":material/timer:",
-                  on_click=st.session_state.__setitem__, args=(REMEASURE, True))
-        return False, None
-
-
-def latency_here(kind: str, measure: bool, refresh: bool = False) -> LatencyCost | None:
-    """This profile's latency cost in workload ``kind`` on the app's device, kept for the session.
-
-    From the cache file when there is one (DeviceProfileError when it is broken), else
-    measured under a status when ``measure`` (cached by lems_core.latency), else None."""
-    device = common.devices()[0]
-    memo = st.session_state.setdefault(LATENCY_COSTS, {})
-    key = (profile_id, kind, device)
-    if key in memo and not refresh:
-        return memo[key]
-    workload = Workload.named(kind)
-    path = cache_path(current_key(workload, device), [(l.out_features, l.in_features) for l in profile.layers],
-                      8, GRID_POINTS, cache_dir=common.cache_dir())
-    if path.is_file() and not refresh:
-        found = latency_cost(profile.layers, workload, path)
-        found.device_profile.check_key(current_key(workload, device))
-        memo[key] = found
-    elif measure:
-        with st.status(f"Measuring the {workload.describe()} device profile of {device} (once, then cached)…") as box:
-            memo[key] = latency_cost(profile.layers, workload, device=device, cache_dir=common.cache_dir(),
-                                     refresh=refresh)
-            box.update(label=f"Measured the {workload.describe()} device profile of {device}.", state="complete",
-                       expanded=False)
-    return memo.get(key)
-
-
-def known_latency() -> LatencyCost | None:
-    """A latency cost already cached for this machine (decode first), to show parameter plans' latency."""
-    for kind in ("decode", "prefill"):
-        try:
-            found = latency_here(kind, measure=False)
-        except DeviceProfileError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
-def refused_under(cost: LatencyCost | None, methods: list[str]) -> list[str]:
-    """The methods that allocate under a parameter budget only (none without a latency cost)."""
-    return [] if cost is None else [m for m in methods if m not in latency_methods()]
-
-
-def with_latency(table, allocations: dict[str, Allocation], cost: LatencyCost | None):
-    """The comparison table with each plan's predicted latency fraction next to its parameter ratio ("—" unknown)."""
-    values = (["—"] * len(table) if cost is None
-              else [cost.fraction(profile.layers, a.ranks) for a in allocations.values()])
-    table.insert(table.columns.get_loc("realised ratio") + 1, "predicted latency", values)
-    return table
-
-
 @st.fragment
 def live_allocation() -> None:
     """Error model, methods and constraints, then the budget view they feed (a fragment of its own)."""
@@ -414,85 +348,145 @@ def live_allocation() -> None:
     st.caption(f"Model-scored allocators ({scored}) evaluate candidate plans on the model, so they are not solved "
                "live: build and evaluate them on the Compress & evaluate page (“…and/or new plans of”).")
     st.caption(tables.error_model_summary(common.error_model_params(profile), profile.kl_ref is not None))
-    usable, cost = cost_controls()
+    usable, cost = cost_controls(profile, profile_id)
     if usable:
         budget_view(constraints, cost)
 
 
 @st.fragment
 def budget_view(constraints: LayerConstraints | None, cost: LatencyCost | None = None) -> None:
-    """Budget -> solve every method -> compare, keep and export a plan.
+    """Budget -> the kept plan's summary, then every compared method -> compare, keep and export a plan.
 
     A fragment inside ``live_allocation``: a budget move reruns only this, so the browser
-    redraws the results and not the controls above (about 40 fewer elements per move).
+    redraws the results and not the controls above. The kept method is solved and its
+    summary sent first; the other methods are solved and the charts drawn after, so what a
+    budget move is for reaches the browser while the rest is still being computed.
     """
-    low = lems_minimum(profile, profile_id)
-    if common.kept("budget", DEFAULT_BUDGET) < low:
-        common.set_kept("budget", low)
-    what = "compressible parameters" if cost is None else f"dense compressible {cost.workload.kind} latency"
-    st.slider(f"Budget: kept fraction of the {what}", low, 0.95, step=0.01,
-              **common.bind("budget", DEFAULT_BUDGET),
-              help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
-                   f"Linears. It starts at {low:.2f}, the smallest budget LEMS can meet (every layer at its smallest "
-                   "candidate rank). Under a latency cost, Σ_l time_l ≤ ρ Σ_l dense time_l instead.")
+    budget = budget_slider(cost)
     params = common.error_model_params(profile)
     refused = refused_under(cost, st.session_state.compare_methods)
     for method in refused:
         st.info(f"{tables.method_label(method)} allocates under a parameter budget only: left out of the latency "
                 "comparison.", icon=":material/timer_off:")
     methods = [m for m in st.session_state.compare_methods if m not in refused]
-    allocations, failed = solve_all(methods, float(st.session_state.budget), params, constraints, cost)
-    if UPLOADED_PLAN in st.session_state:
-        plan = st.session_state[UPLOADED_PLAN]
-        allocations["uploaded"] = Allocation(plan.method, plan.budget, plan.ranks())
+    notes, head, summary = st.container(), st.container(), st.container()
     chosen = common.kept("plan_method", "lems")
-    kept_only = chosen not in allocations and chosen not in failed and chosen in LIVE_METHODS  # kept, not compared
-    if kept_only and not refused_under(cost, [chosen]):
-        extra, extra_failed = solve_all([chosen], float(st.session_state.budget), params, constraints, cost)
-        allocations, failed = allocations | extra, failed | extra_failed
+    first = [chosen] if chosen in LIVE_METHODS and not refused_under(cost, [chosen]) else []
+    allocations, failed = solve_all(first, budget, params, constraints, cost)
+    allocations |= uploaded_allocation()
+    refusals = {m: "it allocates under a parameter budget only" for m in refused}
+    with summary:
+        plan_panel(allocations, failed | refusals, plan_options([*methods, *refused], chosen))
+    others, others_failed = solve_all([m for m in methods if m not in first], budget, params, constraints, cost)
+    allocations, failed = _in_order(allocations | others, methods), _in_order(failed | others_failed, methods)
+    with notes:
+        failure_notes(failed)
+    if not allocations:
+        notes.info("No method could allocate at this budget.")
+        return
+    ranks = {label: alloc.ranks for label, alloc in allocations.items()}
+    errors = tables.predicted_error_tables(profile, ranks, params)
+    table = tables.comparison_table(profile, allocations, errors, {label: _label(label) for label in allocations})
+    table = with_latency(table, allocations, cost or known_latency(profile, profile_id), profile)
+    with head:
+        headline(allocations, table)
+    comparison_views(ranks, table, errors)
+
+
+SLIDER_MAX = 0.95
+
+
+def budget_slider(cost: LatencyCost | None) -> float:
+    """The budget slider, from the smallest budget LEMS can meet in the cost's units; returns the budget."""
+    low = lems_minimum(profile, profile_id, cost.key if cost else "", cost)
+    if common.kept("budget", DEFAULT_BUDGET) < low:
+        common.set_kept("budget", low)
+    what = "compressible parameters" if cost is None else f"dense compressible {cost.workload.kind} latency"
+    floor = ("every layer at its smallest candidate rank" if cost is None else
+             "every layer at its fastest option: its smallest candidate rank, or dense where that is faster")
+    st.slider(f"Budget: kept fraction of the {what}", low, SLIDER_MAX, step=0.01,
+              **common.bind("budget", DEFAULT_BUDGET),
+              help="ρ of docs/reference/methods.md §0: Σ_l params_l ≤ ρ Σ_l m_l n_l over the compressible "
+                   "Linears; under a latency cost, Σ_l time_l ≤ ρ Σ_l dense time_l instead. It starts at "
+                   f"{low:.2f}, the smallest budget LEMS can meet ({floor}).")
+    return float(st.session_state.budget)
+
+
+def uploaded_allocation() -> dict[str, Allocation]:
+    """The uploaded plan as an allocation to compare ("uploaded"), or nothing."""
+    if UPLOADED_PLAN not in st.session_state:
+        return {}
+    plan = st.session_state[UPLOADED_PLAN]
+    return {"uploaded": Allocation(plan.method, plan.budget, plan.ranks())}
+
+
+def plan_options(methods: list[str], choice: str) -> list[str]:
+    """The "Plan to keep" choices: the compared methods in their order, the kept one, and "uploaded" when there is one.
+
+    From the methods asked for, not from which of them could allocate: the choices stay
+    put as the budget moves, and the picker is drawn before the other methods are solved."""
+    uploaded = ["uploaded"] if UPLOADED_PLAN in st.session_state or choice == "uploaded" else []
+    return list(dict.fromkeys([*methods, choice, *uploaded]))
+
+
+def failure_notes(failed: dict[str, str]) -> None:
+    """Why each method that could not allocate at this budget did not (ARS's usual gap as a note)."""
     for method, message in failed.items():
         if method == "ars":  # expected at most budgets: plans exist only where ARS was trained
             st.info(f"ARS: {message}", icon=":material/school:")
         else:
             st.warning(f"{tables.method_label(method)}: {message}")
-    failed |= {m: "it allocates under a parameter budget only" for m in refused}
-    if not allocations:
-        st.info("No method could allocate at this budget.")
-        plan_panel(allocations, failed)
-        return
-    ranks = {label: alloc.ranks for label, alloc in allocations.items()}
-    errors = tables.predicted_error_tables(profile, ranks, params)
-    table = tables.comparison_table(profile, allocations, errors, {label: _label(label) for label in allocations})
-    table = with_latency(table, allocations, cost or known_latency())
-    headline(allocations, table)
-    plan_panel(allocations, failed)
-    comparison_views(ranks, table, errors)
+
+
+def _in_order(found: dict, methods: list[str]) -> dict:
+    """``found`` with the compared methods first, in the order they were asked for."""
+    return {key: found[key] for key in dict.fromkeys([*methods, *found]) if key in found}
 
 
 @st.cache_data(max_entries=64, show_spinner="Sweeping budgets…")
-def sweep(_profile, profile_id: str, methods: tuple[str, ...], params: dict, constraints: str):
-    return tables.sweep_frame(_profile, methods, ErrorModelParams.from_dict(params),
-                              constraints=LayerConstraints.from_dict(json.loads(constraints)) if constraints else None)
+def sweep(_profile, profile_id: str, methods: tuple[str, ...], params: dict, constraints: str, cost_key: str = "",
+          _cost: LatencyCost | None = None):
+    """``tables.sweep_frame``, or under ``_cost`` (whose ``key`` is ``cost_key``) the latency-budget sweep."""
+    model = ErrorModelParams.from_dict(params)
+    limits = LayerConstraints.from_dict(json.loads(constraints)) if constraints else None
+    if _cost is not None:
+        return latency_sweep_frame(_profile, methods, model, _cost, constraints=limits)
+    return tables.sweep_frame(_profile, methods, model, constraints=limits)
 
 
 def sweep_section() -> None:
-    """Predicted error against the budget for every compared method, measured KL of stored results overlaid."""
-    with st.expander("Budget sweep (predicted error vs kept ratio)", expanded=False):
+    """Predicted error against the budget for every compared method, in the cost the budget counts.
+
+    Under a parameter budget, x is the realised param ratio and the measured KL of stored
+    results is overlaid; under a latency cost, the budgets are latency fractions and x is
+    each plan's predicted latency fraction."""
+    with st.expander("Budget sweep (predicted error vs budget)", expanded=False):
         if not st.toggle("Sweep budgets 0.30-0.95", **common.bind("sweep_on", False)):
-            st.caption("Solves every compared method at 14 budgets under the current error model and constraints.")
+            st.caption("Solves every compared method at 14 budgets under the current error model, constraints "
+                       "and budget kind (parameters or latency).")
             return
         constraints = _kept_constraints()
         if constraints is None:
             st.caption("Fix the layer constraints first.")
             return
+        cost = selected_latency(profile, profile_id)
+        if common.kept("cost_kind", "params") != "params" and cost is None:
+            st.caption("The latency cost is not measured yet: choose it under “Budget counts” above first.")
+            return
         key = "" if constraints.is_empty else constraints.key()
-        methods = tuple(m for m in common.kept("compare_methods", DEFAULT_METHODS) if m != "ars")
-        frame = sweep(profile, profile_id, methods, common.error_model_params(profile).to_dict(), key)
+        methods = tuple(m for m in common.kept("compare_methods", DEFAULT_METHODS)
+                        if m != "ars" and m not in refused_under(cost, [m]))
+        frame = sweep(profile, profile_id, methods, common.error_model_params(profile).to_dict(), key,
+                      cost.key if cost else "", cost)
         records = common.merged_results().records  # stored and shipped; problems are shown above
-        st.plotly_chart(figures.budget_sweep_figure(frame, tables.measured_points(records, profile.fingerprint)),
-                        key="sweep_fig")
+        show_chart(figures.budget_sweep_figure(frame, tables.measured_points(records, profile.fingerprint),
+                                               "params" if cost is None else "latency"), "sweep_fig")
         st.caption("Lines: predicted Σ ε (left axis). Crosses: measured KL of this model's results, the shipped "
-                   "demo study and your own (right axis, another unit: compare the order, not the height).")
+                   "demo study and your own (right axis, another unit: compare the order, not the height)."
+                   if cost is None else
+                   f"Lines: predicted Σ ε (left axis) at latency budgets 0.30-0.95, against each plan's predicted "
+                   f"{cost.workload.kind} latency as a fraction of dense. Measured results are drawn under a "
+                   "parameter budget (their latency is not measured).")
 
 
 def ars_section() -> None:

@@ -11,6 +11,7 @@ from lems_core.model import KINDS
 from lems_core.prediction_check import layer_fit_params, layer_fits, predicted_vs_measured
 from lems_core.results import ResultStore
 from app_pages import common, figures, tables
+from app_pages.chart_view import show_chart
 
 profile = common.current_profile()
 st.title("Predicted vs measured")
@@ -46,8 +47,8 @@ def whole_plans() -> None:
         st.info(f"None of this model's {protocol} results can be predicted (see the skipped list below).")
     else:
         kl, ppl = st.columns(2)
-        kl.plotly_chart(figures.prediction_scatter_figure(frame, "KL", rho), key="pvm_kl_fig")
-        ppl.plotly_chart(figures.prediction_scatter_figure(frame, f"ppl {dataset}", rho), key="pvm_ppl_fig")
+        show_chart(figures.prediction_scatter_figure(frame, "KL", rho), "pvm_kl_fig", kl)
+        show_chart(figures.prediction_scatter_figure(frame, f"ppl {dataset}", rho), "pvm_ppl_fig", ppl)
         st.dataframe(rho, hide_index=True, key="pvm_correlations",
                      column_config={c: st.column_config.NumberColumn(format="%.3f") for c in rho if c.startswith("ρ")})
         st.caption("ρ needs at least 3 results of an allocator (empty otherwise). ρ near 1: the error model orders "
@@ -84,7 +85,7 @@ def per_layer() -> None:
     names = set(tables.select_layers(profile, blocks, kinds))
     chosen = [f for f in fits if f.name in names]
     if chosen:
-        st.plotly_chart(figures.layer_fit_figure(profile, chosen, params), key="pvm_layer_fig")
+        show_chart(figures.layer_fit_figure(profile, chosen, params), "pvm_layer_fig")
     else:
         st.info("Pick at least one block and one kind.")
     table = tables.layer_fit_frame(fits)

@@ -3,6 +3,7 @@ import streamlit as st
 
 from lems_core.model import KINDS
 from app_pages import common, figures, tables
+from app_pages.chart_view import show_chart
 
 KL_FLOOR_NOTE = ("The KL floor is what the measurement reads with nothing compressed (the dense model against its own "
                  "reference logits as cached): a layer's KL near it is mostly that rounding, so layers under 3x the "
@@ -19,7 +20,7 @@ st.subheader("Scale: measured KL per layer")
 if profile.kl_ref is None:
     st.info("This profile has no KL measurements; the error model falls back to shape × bias.")
 else:
-    st.plotly_chart(figures.kl_scale_figure(profile), key="kl_scale_fig")
+    show_chart(figures.kl_scale_figure(profile), "kl_scale_fig")
 st.caption(tables.kl_floor_caption(profile) + " " + KL_FLOOR_NOTE)
 
 st.subheader("Fitted error curves vs measured points")
@@ -35,7 +36,7 @@ blocks = col1.multiselect("Blocks", list(range(profile.num_blocks)),
 kinds = col2.multiselect("Kinds", list(KINDS), **common.bind("sens_kinds", ["q", "down"], allowed=KINDS))
 names = tables.select_layers(profile, blocks, kinds)
 if names:
-    st.plotly_chart(figures.error_curves_figure(profile, names, params), key="error_curves_fig")
+    show_chart(figures.error_curves_figure(profile, names, params), "error_curves_fig")
 else:
     st.info("Pick at least one block and one kind.")
 
@@ -45,5 +46,5 @@ with left:
     common.bias_controls(profile)
     st.button("Reset error model to defaults", key="em_reset_sensitivity", on_click=common.reset_error_model,
               args=(profile,), icon=":material/restart_alt:")
-right.plotly_chart(figures.depth_bias_figure(profile.num_blocks, common.error_model_params(profile)),
-                   key="depth_bias_fig")
+show_chart(figures.depth_bias_figure(profile.num_blocks, common.error_model_params(profile)), "depth_bias_fig",
+           right)

@@ -3,6 +3,7 @@ import streamlit as st
 
 from lems_core.model import KINDS
 from app_pages import common, figures, tables
+from app_pages.chart_view import show_chart
 
 profile = common.current_profile()
 st.title("Spectra")
@@ -25,15 +26,15 @@ else:
     if len(names) > 60:
         st.caption(f"{len(names)} layers selected; narrow the selection for a readable plot.")
     left, right = st.columns(2)
-    left.plotly_chart(figures.spectra_figure(profile, names), key="spectra_fig")
-    right.plotly_chart(figures.residual_energy_figure(profile, names, power, profile.ref_ratio), key="residual_fig")
+    show_chart(figures.spectra_figure(profile, names), "spectra_fig", left)
+    show_chart(figures.residual_energy_figure(profile, names, power, profile.ref_ratio), "residual_fig", right)
 
 st.subheader("Energy kept, block x kind")
 ratio = st.slider("Kept ratio c (rank = int(c · eq rank))", 0.05, 0.95, step=0.05,
                   **common.bind("spec_ratio", float(profile.ref_ratio)),
                   help=f"The profile's reference ratio is {profile.ref_ratio:g}.")
 grid = tables.energy_kept_grid(profile, ratio, power)
-st.plotly_chart(figures.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
-                key="energy_grid_fig")
+show_chart(figures.heatmap_figure(grid, f"Energy kept E(r)/E at c = {ratio:g}", "kept", zrange=(0.0, 1.0)),
+           "energy_grid_fig")
 if not figures.heatmap_labelled(profile.num_blocks):
     st.caption("Hover a cell for its value: the cells of this many blocks are too small to label.")

@@ -31,7 +31,7 @@ METHOD_STYLES: dict[str, MethodStyle] = {
     "lems_fixed": MethodStyle("LEMS (fixed bias)", "#56B4E9", "square"),
     "lems_fit": MethodStyle("LEMS (bias fitted on the model)", "#AA4499", "diamond"),
     "lems_mp": MethodStyle("LEMS-MP", "#5E4FA2", "star-triangle-up"),
-    # the baseline: dark grey and dashed, drawn on top of the others (figures._draw_order)
+    # the baseline: dark grey and dashed, drawn on top of the others (figure_base.draw_order)
     "uniform": MethodStyle("Uniform", "#5A5A5A", "diamond-tall", "dash"),
     "svdllm_v2": MethodStyle("SVD-LLM V2", "#D55E00", "triangle-down"),
     "mrcs": MethodStyle("MRCS", "#009E73", "pentagon"),

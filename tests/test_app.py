@@ -638,7 +638,8 @@ def test_predicted_vs_measured_page_scatters_correlates_and_fits_layers(tmp_path
     skipped = _frame_with(at, "reason")
     assert len(skipped) == 1 and "no ranks" in skipped["reason"].iloc[0]
     layers = _figure(at, "fitted error curve")
-    assert len(layers["data"]) == 3 * 6  # q and down of blocks 0, 2, 3: curve, points, residuals each
+    drawn = [t for t in layers["data"] if t.get("hoverinfo") != "skip"]  # without the legend-only entries
+    assert len(drawn) == 3 * 6  # q and down of blocks 0, 2, 3: curve, points, residuals each
     worst = _frame_with(at, "RMS residual (decades)")
     assert len(worst) == len(synthetic_profile().layers)
 

@@ -79,7 +79,7 @@ def test_kl_scale_and_error_curves(profile):
     assert sum(len(t.x) for t in bars.data) == 28 and {t.name for t in bars.data} == set(KINDS)
     names = tables.select_layers(profile, [0], ["q"])
     fig = figures.error_curves_figure(profile, names, PARAMS)
-    line, markers = fig.data
+    line, markers, _legend_key = fig.data
     assert list(markers.x) == [0.1, 0.3]
     assert list(markers.y) == pytest.approx([profile.kl_ref[0], profile.measured[0.3][0]])
     # the fitted line is the measured scale times a shape that is 1 at the reference ratio
@@ -417,7 +417,11 @@ def test_layer_fit_figure_and_residual_table(profile):
     names = tables.select_layers(profile, [0, 3], ["q"])
     fits = layer_fits(profile, names, PARAMS)
     fig = figures.layer_fit_figure(profile, fits, PARAMS)
-    assert len(fig.data) == 3 * len(names)  # curve, measured points, residuals per layer
+    keys = [t for t in fig.data if t.hoverinfo == "skip"]  # legend-only entries of the crosses
+    assert len(fig.data) == 3 * len(names) + len(keys)  # curve, measured points, residuals per layer
+    assert keys[0].name == "measured KL (×)" and keys[0].marker.symbol == "x" and keys[0].showlegend is not False
+    assert keys[0].marker.color == figures.REFERENCE_LINE
+    assert (len(keys) == 2) == any(f.near_floor.any() for f in fits)
     residuals = [t for t in fig.data if t.yaxis == "y2"]
     assert len(residuals) == len(names) and list(residuals[0].y) == pytest.approx(list(fits[0].residuals))
     assert fig.layout.yaxis.type == "log"
@@ -548,11 +552,15 @@ def test_legends_stay_clear_of_the_axis_titles(profile, allocations):
 
 
 def test_sensitivity_crosses_and_the_dense_line_are_labelled(profile):
-    names = tables.select_layers(profile, [0, 1], ["q"])
+    names = tables.select_layers(profile, [0, 1], ["q", "k"])
     fig = figures.error_curves_figure(profile, names, PARAMS)
-    measured = [t for t in fig.data if t.mode == "markers"]
-    assert len(measured) == 1 and measured[0].name == "measured KL (×)" and measured[0].showlegend is not False
-    assert len(measured[0].x) == 2 * len(names)
+    points = [t for t in fig.data if t.mode == "markers" and t.showlegend is False]
+    keys = [t for t in fig.data if t.mode == "markers" and t.showlegend is not False]
+    assert len(points) == 1 and len(points[0].x) == 2 * len(names)
+    assert len(set(points[0].marker.color)) > 1  # coloured by kind ...
+    (key,) = keys  # ... so the legend entry is a neutral one of the same group, not the first point's kind colour
+    assert key.name == "measured KL (×)" and key.marker.color == figures.REFERENCE_LINE and key.marker.symbol == "x"
+    assert key.legendgroup == points[0].legendgroup
     ppl = figures.ppl_vs_ratio_figure(tables.results_frame(RECORDS), "wikitext2")
     (label,) = ppl.layout.annotations
     assert label.text == "dense 15" and label.bgcolor and label.font.color == "#222222"

@@ -110,19 +110,23 @@ def allocate_lems(
     return finish_under_cost(profile, alloc, cost_model, ratio)
 
 
-def lems_min_budget(profile: Profile, multiple: int | None = 8, cost_model: str = "params", step: float = 0.01) -> float:
+def lems_min_budget(profile: Profile, multiple: int | None = 8, cost_model="params", step: float = 0.01) -> float:
     """The smallest budget on a ``step`` grid at which LEMS has a solution (no constraints).
 
     Every layer at its cheapest option (the smallest candidate rank, or dense when it
-    has none). The candidate grid's lower bound is 0.1 eq below a budget of 0.5 and
-    0.3 eq from 0.5 on (``candidate_lower_bound``), so both regimes are checked.
+    has none or dense is cheaper). The candidate grid's lower bound is 0.1 eq below a
+    budget of 0.5 and 0.3 eq from 0.5 on (``candidate_lower_bound``), so both regimes
+    are checked. In the cost's own units: a fraction of the dense parameters, or of the
+    dense latency with a cost object (``latency.LatencyCost``) as ``cost_model``.
     """
+    total = sum(dense_cost(layer, cost_model) for layer in profile.layers)
     for regime, upper in ((0.3, 0.5), (0.5, 1.0)):
         cheapest = 0.0
         for layer in profile.layers:
+            dense = dense_cost(layer, cost_model)
             costs = candidate_cost(layer, candidate_ranks(layer, regime, multiple), cost_model)
-            cheapest += min(float(layer.params), float(costs.min()) if costs.size else float(layer.params))
-        ratio = math.ceil(cheapest / profile.total_params / step - 1e-9) * step
+            cheapest += min(dense, float(costs.min()) if costs.size else dense)
+        ratio = math.ceil(cheapest / total / step - 1e-9) * step
         if ratio < upper:
             return round(max(ratio, regime if regime >= 0.5 else step), 6)
     return 1.0

@@ -7,7 +7,9 @@
 - `lay_out_factors`: second factors (rank -> out, out > rank) are stored column-major,
   which a one-token matrix-vector product reads in long contiguous rows;
 - each low-rank module multiplies by its factors directly, without calling them as
-  modules (two module calls per projection are much of a one-token step's cost).
+  modules (two module calls per projection are much of a one-token step's cost);
+- `own_memory`: weights still inside a memory-mapped checkpoint (a model loaded from
+  safetensors) are copied into allocated, aligned memory, which a matvec reads faster.
 
 Module names, the projections' classes, the state dict and the saved format stay as
 they are; logits equal the unprepared model's up to float round-off. The code lives in
@@ -15,7 +17,7 @@ they are; logits equal the unprepared model's up to float round-off. The code li
 `modeling_lowrank.py`, whose CausalLM applies it after loading.
 """
 from .remote.fused_lowrank import (GROUP_MIN_ROWS, SHARED_INPUT_GROUPS, SharedInputGroup, SharedInputLinear,
-                                   fuse_shared_inputs, lay_out_factors, prepare_for_inference)
+                                   fuse_shared_inputs, lay_out_factors, own_memory, prepare_for_inference)
 
 __all__ = ["GROUP_MIN_ROWS", "SHARED_INPUT_GROUPS", "SharedInputGroup", "SharedInputLinear", "fuse_shared_inputs",
-           "lay_out_factors", "prepare_for_inference"]
+           "lay_out_factors", "own_memory", "prepare_for_inference"]

@@ -8,8 +8,10 @@ remote code; written beside the target and renamed into place) and adds, for
 - `modeling_lowrank.py` (copied from `lems_core/remote/`, imports only torch and
   transformers): the base architecture's CausalLM class with the planned Linears
   swapped for two-Linear low-rank modules before the weights load;
-- `fused_lowrank.py` (torch only), which it imports: after loading, the projections
-  sharing an input (q/k/v, gate/up) run one first-factor GEMM per group;
+- `fused_lowrank.py` (torch only), which it imports: after loading, the model is prepared
+  as `fused.prepare_for_inference` prepares one in memory (the projections sharing an
+  input, q/k/v and gate/up, run one first-factor GEMM per group; the weights are copied
+  out of the memory-mapped checkpoint), so it runs as fast;
 - `config.json` naming that class in `auto_map` / `architectures` (and the low-rank
   base model under `AutoModel`, what vLLM's and SGLang's Transformers backends load),
   listing the ranks under `lems_low_rank`, with a `base_model_tp_plan` for the factors

@@ -172,7 +172,27 @@ def test_a_prepared_model_saves_in_the_same_format(tmp_path):
     torch.testing.assert_close(logits(reloaded, ids(9)), reference, rtol=0, atol=tolerance(model, reference))
 
 
-LOAD_EXPORT = textwrap.dedent("""
+# What makes a model prepared, per module name: its class, each low-rank module's direct forward
+# and column-major second factor, each grouped Linear's fellow members (after a grouped forward,
+# when the stacks exist), and whether every weight lives in memory PyTorch allocated. Run on the
+# in-memory prepared model and, in a process without lems_core, on the loaded export.
+FUSED_STRUCTURE = textwrap.dedent("""
+    def fused_structure(model):
+        names = {id(m): n for n, m in model.named_modules()}
+        modules = {}
+        for name, m in model.named_modules():
+            entry = [type(m).__name__]
+            if type(m).__name__ == "LowRankLinear":
+                entry += ["direct" if "forward" in m.__dict__ else "module",
+                          "column-major b" if m.b.weight.stride(0) == 1 else "row-major b"]
+            group = getattr(m, "group", None)
+            if group is not None:
+                entry += [names[id(g)] for g in group.members] + [m.weight.data_ptr() - group.weight.data_ptr()]
+            modules[name] = entry
+        owned = all(p.untyped_storage().resizable() for p in model.parameters())
+        return {"modules": modules, "owned": owned}
+""")
+LOAD_EXPORT = FUSED_STRUCTURE + textwrap.dedent("""
     import sys
     import torch
     from transformers import AutoModelForCausalLM
@@ -180,10 +200,15 @@ LOAD_EXPORT = textwrap.dedent("""
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
         logits = hf(torch.load(ids_file), use_cache=False).logits
-    kinds = sorted({type(m).__name__ for m in hf.modules()})
-    column_major = [m.b.weight.stride(0) == 1 for m in hf.modules() if type(m).__name__ == "LowRankLinear"]
-    torch.save({"logits": logits, "kinds": kinds, "column_major": column_major}, out_file)
+    torch.save({"logits": logits, "structure": fused_structure(hf)}, out_file)
 """)
+
+
+def fused_structure(model) -> dict:
+    """FUSED_STRUCTURE's description of ``model``, computed here."""
+    namespace = {}
+    exec(FUSED_STRUCTURE, namespace)
+    return namespace["fused_structure"](model)
 
 
 def test_the_hf_export_loads_prepared_with_the_same_logits(tmp_path):
@@ -206,7 +231,16 @@ def test_the_hf_export_loads_prepared_with_the_same_logits(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
-    assert {"LowRankLinear", "SharedInputLinear"} <= set(got["kinds"]) and all(got["column_major"])
+    prepared = copy.deepcopy(model)
+    prepare_for_inference(prepared)
+    logits(prepared, tokens)  # a grouped forward: the stacks exist, as in the export after its forward
+    expected = fused_structure(prepared)
+    assert got["structure"]["modules"].pop("") == ["LowRankLlamaForCausalLM"]  # the remote class, else the same
+    expected["modules"].pop("")
+    assert got["structure"] == expected
+    assert got["structure"]["owned"]  # its weights left the memory-mapped safetensors file
+    kinds = {entry[0] for entry in got["structure"]["modules"].values()}
+    assert {"LowRankLinear", "SharedInputLinear"} <= kinds
     reference = logits(model, tokens)
     torch.testing.assert_close(got["logits"], reference, rtol=0, atol=tolerance(model, reference))
 
@@ -220,3 +254,30 @@ def test_hooks_on_a_factor_still_fire():
     reference = logits(model, ids(7))
     torch.testing.assert_close(logits(prepared, ids(7)), reference, rtol=0, atol=tolerance(model, reference))
     assert seen == [torch.Size([2, 7, model.config.hidden_size])]
+
+
+def memory_mapped_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in memory PyTorch did not allocate, 8 bytes off alignment (as safetensors hands out)."""
+    raw = bytearray(tensor.numel() * tensor.element_size() + 8)
+    mapped = torch.frombuffer(raw, dtype=tensor.dtype, offset=8).view(tensor.shape)
+    mapped.copy_(tensor)
+    return mapped
+
+
+def test_weights_outside_the_allocator_are_copied_once_and_stay_tied():
+    model = word_loaded(6, "llama", tie_word_embeddings=True).model
+    ranks = uniform_ranks(model, 0.5)
+    svd = Decomposer("svd")
+    compress_model(model, ranks, lambda layer: svd(layer, model.get_submodule(layer.name).weight))
+    reference = logits(model, ids(9))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = memory_mapped_copy(parameter.data)
+    assert not any(p.untyped_storage().resizable() for p in model.parameters())
+    counts = prepare_for_inference(model)
+    # every weight but the second factors, which the column-major layout had copied already
+    assert counts["owned"] == len(list(model.parameters())) - counts["column_major"] > 0
+    assert all(p.untyped_storage().resizable() and p.data_ptr() % 64 == 0 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(logits(model, ids(9)), reference)  # a copy: the same values, so the same logits
+    assert prepare_for_inference(model)["owned"] == 0

@@ -2,7 +2,7 @@
 
 A factorised projection runs two thin GEMMs instead of one, each with its own module
 call and kernel launch; at one token per step those overheads and a poor memory layout
-eat the saving in bytes. `prepare_for_inference` applies three fixes in place:
+eat the saving in bytes. `prepare_for_inference` applies four fixes in place:
 
 - `fuse_shared_inputs`: q, k and v read the same hidden states, and so do gate and up.
   Their first factors (and the whole weight of a member kept dense) are stacked into
@@ -16,6 +16,9 @@ eat the saving in bytes. `prepare_for_inference` applies three fixes in place:
   so a one-token matrix-vector product streams long contiguous rows.
 - each low-rank module multiplies by its factors directly instead of calling `a` and
   `b` as modules (unless they carry hooks or were wrapped, e.g. by adapters).
+- `own_memory`: weights a loader left inside a memory-mapped checkpoint file (safetensors
+  hands out tensors at the file's unaligned offsets, in file-backed pages) are copied
+  into memory PyTorch allocates, where the matrix-vector products read them faster.
 
 Module names and classes, the state dict and the saved format do not change; logits are
 those of the unprepared model up to float round-off. Copied next to the weights of a
@@ -164,23 +167,24 @@ def _is_low_rank(module):
     return isinstance(getattr(module, "a", None), nn.Linear) and isinstance(getattr(module, "b", None), nn.Linear)
 
 
-def _hooked(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__)
-
-
 def low_rank_forward(self, x):
     """``b(a(x))`` without the two submodule calls (their Python overhead is much of a one-token step's cost
     for small factors); factors that carry hooks or were wrapped (adapters) are called as modules.
 
-    Submodules and parameters are read from their dicts, not through ``nn.Module.__getattr__``,
-    which is slow next to a small matrix-vector product.
+    This runs for every projection of every generated token, so its checks are written out
+    inline: submodules and parameters are read from their dicts (not through
+    ``nn.Module.__getattr__``), and a one-token step skips the group's product method.
     """
     a, b = self._modules["a"], self._modules["b"]
     kind = type(a)
-    if (type(b) is not nn.Linear or kind not in (nn.Linear, SharedInputLinear) or a._parameters["bias"] is not None
-            or _hooked(a) or _hooked(b)):
+    if (type(b) is not nn.Linear or (kind is not nn.Linear and kind is not SharedInputLinear)
+            or a._parameters["bias"] is not None or a._forward_hooks or a._forward_pre_hooks or b._forward_hooks
+            or b._forward_pre_hooks or "_hf_hook" in a.__dict__ or "_hf_hook" in b.__dict__):
         return b(a(x))
-    h = a.product(x) if kind is SharedInputLinear else F.linear(x, a._parameters["weight"])
+    if kind is SharedInputLinear and x.numel() >= GROUP_MIN_ROWS * a.in_features:
+        h = a.product(x)
+    else:
+        h = F.linear(x, a._parameters["weight"])
     return F.linear(h, b._parameters["weight"], b._parameters["bias"])
 
 
@@ -206,16 +210,38 @@ def lay_out_factors(model):
     return count
 
 
+def own_memory(model):
+    """Copy each CPU parameter whose memory PyTorch did not allocate into memory it does; returns how many.
+
+    A model loaded from safetensors holds its weights inside the memory-mapped file, at the
+    file's offsets (often not 64-byte aligned) and in file-backed pages; a one-token step,
+    which streams every weight once, reads them measurably slower there than from the
+    allocator's aligned memory. Such storage is the one that cannot be resized. Values,
+    shapes and strides are kept, and each Parameter object is copied once, so tied
+    weights stay tied.
+    """
+    count = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for parameter in model.parameters():
+            data = parameter.data
+            if (type(data) is torch.Tensor and data.device.type == "cpu" and data.numel()
+                    and not data.untyped_storage().resizable()):
+                parameter.data = data.clone()
+                count += 1
+    return count
+
+
 def prepare_for_inference(model):
-    """Group shared-input projections, lay out second factors for the matvec, and call factors directly.
+    """Group shared-input projections, lay out second factors for the matvec, call factors directly and give
+    memory-mapped weights memory of their own.
 
     Applied in place after compression or loading; logits stay those of the unprepared
     model up to float round-off, module names, classes and the state dict are unchanged.
-    Returns {"groups": ..., "column_major": ..., "direct": ...} counts.
+    Returns {"groups": ..., "column_major": ..., "direct": ..., "owned": ...} counts.
     """
     groups, laid_out, direct = fuse_shared_inputs(model), lay_out_factors(model), 0
     for module in model.modules():
         if _is_low_rank(module):
             module.forward = low_rank_forward.__get__(module)
             direct += 1
-    return {"groups": groups, "column_major": laid_out, "direct": direct}
+    return {"groups": groups, "column_major": laid_out, "direct": direct, "owned": own_memory(model)}

@@ -15,7 +15,10 @@ module's, which runs through transformers' `ALL_ATTENTION_FUNCTIONS` interface
 (`_supports_attention_backend`); `config.json`'s `base_model_tp_plan` shards the factors.
 
 A CausalLM's `from_pretrained` then prepares it for inference (`fused_lowrank.py`, copied beside
-this file): projections sharing an input run one first-factor GEMM; same modules, same logits.
+this file) exactly as `lems_core.fused.prepare_for_inference` prepares a model in memory:
+projections sharing an input run one first-factor GEMM, second factors are stored for the
+matvec, factors are called directly, and the weights leave the memory-mapped checkpoint for
+memory of their own; same modules, same logits.
 """
 import re
 
@@ -54,8 +57,8 @@ class LowRankMixin:
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """The loaded model; a CausalLM is prepared for inference (shared-input projections grouped, factors laid
-        out for the matvec and called directly). A bare base model keeps plain Linears: serving engines load it
-        and shard them by the TP plan."""
+        out for the matvec and called directly, weights copied out of the memory-mapped file). A bare base model
+        keeps plain Linears: serving engines load it and shard them by the TP plan."""
         model = super().from_pretrained(*args, **kwargs)
         if model.base_model is not model:
             prepare_for_inference(model)

@@ -262,7 +262,7 @@ def _no_plan_message(choice: str, failed: dict[str, str]) -> str:
 
 
 def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> None:
-    """Side by side: summary table, block x kind heatmaps, difference, error per block, per-layer bars."""
+    """Summary table, block x kind heatmaps, their difference, and kept fraction and error per block."""
     st.dataframe(displayed(table), hide_index=True,
                  column_config={"realised ratio": st.column_config.NumberColumn(format="%.4f"),
                                 "predicted error": st.column_config.NumberColumn(format="%.4g"),
@@ -279,7 +279,7 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
     measured_here(float(common.kept("budget", DEFAULT_BUDGET)), common.error_model_params(profile))
     labels = {label: _label(label) for label in ranks}
     show_chart(figures.rank_heatmaps_figure(profile, ranks, labels), "rank_heatmaps_fig")
-    diff, error_col = st.columns(2)
+    diff, _ = st.columns(2)
     with diff:
         a, b = st.columns(2)
         options = list(ranks)
@@ -290,8 +290,7 @@ def comparison_views(ranks: dict[str, dict], table, errors: dict[str, dict]) -> 
         fig = figures.heatmap_figure(tables.difference_grid(profile, ranks[first], ranks[second]),
                                      f"Kept fraction: {_label(first)} − {_label(second)}", "Δ kept", diverging=True)
         show_chart(fig, "diff_fig")
-    show_chart(figures.error_by_block_figure(profile, errors, labels), "error_block_fig", error_col)
-    show_chart(figures.per_block_figure(profile, ranks, labels), "per_layer_fig")
+    show_chart(figures.block_views_figure(profile, ranks, errors, labels), "block_views_fig")
 
 
 def _latency_format(table) -> dict:

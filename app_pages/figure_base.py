@@ -20,6 +20,9 @@ METHOD_COLORS = {key: s.color for key, s in style.METHOD_STYLES.items()}  # from
 LOG_FLOOR = 1e-12  # residual energy reaches exactly 0 at full rank; log axes need > 0
 REFERENCE_LINE = style.DENSE.color  # reference/dense lines: mid grey reads on light and dark themes
 LEGEND_RIGHT = dict(x=1.02, xanchor="left", y=1, yanchor="top", tracegroupgap=4)  # outside the plot, clear of the axes
+# px under the plot for the tick labels and the x axis title at the template's 14 px font: the
+# charts are drawn without automargin (``chart_template``), so the margin must hold them itself.
+BOTTOM_MARGIN = 64
 LEGEND_ROW = 22  # px per legend entry (Streamlit's theme font), for figures sized to their legend
 
 
@@ -39,11 +42,13 @@ def chart_template(dark: bool = False) -> dict:
     """
     text = _THEME_TEXT[dark]
     grid = "rgba(250,250,250,0.12)" if dark else "rgba(49,51,63,0.10)"
-    axis = dict(gridcolor=grid, linecolor=grid, zerolinecolor=grid, automargin=True, title=dict(standoff=8))
+    # No automargin: it makes Plotly lay a chart out again until the margins settle, about twice the
+    # drawing time of these charts in Chromium; the figures set margins that hold their labels instead.
+    axis = dict(gridcolor=grid, linecolor=grid, zerolinecolor=grid)
     return dict(layout=dict(
         font=dict(family=_FONT, size=14, color=text), paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
         colorway=[s.color for s in style.METHOD_STYLES.values()], xaxis=axis, yaxis=axis,
-        hoverlabel=dict(font=dict(family=_FONT, size=13)), title=dict(x=0, xanchor="left", font=dict(size=16)),
+        hoverlabel=dict(font=dict(family=_FONT, size=13)), title=dict(x=0, xanchor="left", pad=dict(l=4), font=dict(size=16)),
         legend=dict(bgcolor="rgba(0,0,0,0)"), colorscale=dict(sequential="Viridis", diverging="RdBu")))
 
 

@@ -12,15 +12,16 @@ No streamlit in any of them: every function takes plain core objects and returns
 """
 from app_pages.figure_base import (KIND_COLORS, LEGEND_RIGHT, METHOD_COLORS, REFERENCE_LINE, chart_template,
                                    log_axis, plain_figure)
-from app_pages.figures_allocation import (budget_sweep_figure, cell_text_color, error_by_block_figure,
-                                          heatmap_figure, heatmap_labelled, per_block_figure, per_layer_figure,
-                                          rank_heatmaps_figure)
+from app_pages.figures_allocation import (block_views_figure, budget_sweep_figure, cell_text_color,
+                                          error_by_block_figure, heatmap_figure, heatmap_labelled, per_block_figure,
+                                          per_layer_figure, rank_heatmaps_figure)
 from app_pages.figures_profile import (depth_bias_figure, error_curves_figure, kl_scale_figure, layer_fit_figure,
                                        prediction_scatter_figure, residual_energy_figure, spectra_figure)
 from app_pages.figures_results import PPL_CEILING, accuracy_vs_ratio_figure, ppl_vs_ratio_figure
 
 __all__ = ["KIND_COLORS", "LEGEND_RIGHT", "METHOD_COLORS", "PPL_CEILING", "REFERENCE_LINE", "accuracy_vs_ratio_figure",
-           "budget_sweep_figure", "cell_text_color", "chart_template", "depth_bias_figure", "error_by_block_figure",
-           "error_curves_figure", "heatmap_figure", "heatmap_labelled", "kl_scale_figure", "layer_fit_figure",
-           "log_axis", "per_block_figure", "per_layer_figure", "plain_figure", "ppl_vs_ratio_figure",
-           "prediction_scatter_figure", "rank_heatmaps_figure", "residual_energy_figure", "spectra_figure"]
+           "block_views_figure", "budget_sweep_figure", "cell_text_color", "chart_template", "depth_bias_figure",
+           "error_by_block_figure", "error_curves_figure", "heatmap_figure", "heatmap_labelled", "kl_scale_figure",
+           "layer_fit_figure", "log_axis", "per_block_figure", "per_layer_figure", "plain_figure",
+           "ppl_vs_ratio_figure", "prediction_scatter_figure", "rank_heatmaps_figure", "residual_energy_figure",
+           "spectra_figure"]

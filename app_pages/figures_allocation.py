@@ -17,8 +17,8 @@ from lems_core.budget import layer_param_cost
 from lems_core.profile import Profile
 
 from app_pages import style
-from app_pages.figure_base import (LEGEND_RIGHT, LEGEND_ROW, draw_order, legend_width, log_axis, method_look,
-                                   plain_figure)
+from app_pages.figure_base import (BOTTOM_MARGIN, LEGEND_RIGHT, LEGEND_ROW, draw_order, legend_width, log_axis,
+                                   method_look, plain_figure)
 from app_pages.tables import kept_fraction_grid, method_label, rank_grid
 
 # Heatmaps with at most this many blocks get cell labels, 12 px in rows 24 px tall; larger grids (the
@@ -61,7 +61,7 @@ def heatmap_figure(grid: pd.DataFrame, title: str, colorbar: str, text: pd.DataF
     return plain_figure(data, dict(
         title=dict(text=title), xaxis=dict(title=dict(text="kind")), showlegend=False,
         yaxis=dict(title=dict(text="block"), autorange="reversed", **({"dtick": 1} if labelled else {})),
-        height=max(300, 90 + _cell_height(len(grid)) * len(grid)), margin=dict(t=50, b=40)))
+        height=max(300, 90 + _cell_height(len(grid)) * len(grid)), margin=dict(t=50, b=BOTTOM_MARGIN)))
 
 
 def _cell_height(rows: int) -> int:
@@ -141,7 +141,6 @@ def rank_heatmaps_figure(profile: Profile, allocations: Mapping[str, Mapping[str
     return plain_figure(data, layout)
 
 
-
 def per_block_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]],
                      labels: Mapping[str, str] | None = None) -> go.Figure:
     """Kept fraction of every block (params kept / dense params of its layers), one line per method.
@@ -149,22 +148,9 @@ def per_block_figure(profile: Profile, allocations: Mapping[str, Mapping[str, in
     One point per block and method instead of one bar per layer and method (1,050 bars
     for five methods on the demo); the per-layer detail is in the heatmaps' hover.
     """
-    blocks = np.array([l.block for l in profile.layers])
-    dense = np.bincount(blocks, weights=[l.params for l in profile.layers], minlength=profile.num_blocks)
-    traces = []
-    for rank, method in draw_order(allocations):
-        ranks = allocations[method]
-        costs = [layer_param_cost(l.out_features, l.in_features, ranks.get(l.name)) for l in profile.layers]
-        kept = np.bincount(blocks, weights=costs, minlength=profile.num_blocks)
-        dense_layers = np.bincount(blocks, weights=[c == l.params for c, l in zip(costs, profile.layers)],
-                                   minlength=profile.num_blocks)
-        traces.append(dict(
-            type="scatter", x=np.arange(profile.num_blocks), y=kept / np.maximum(dense, 1), mode="lines+markers",
-            name=(labels or {}).get(method, method_label(method)), legendrank=rank, **method_look(method),
-            customdata=dense_layers, hovertemplate="block %{x}: kept %{y:.3f}, %{customdata:.0f} dense layer(s)"))
-    return plain_figure(traces, dict(title=dict(text="Kept fraction per block"), xaxis=dict(title=dict(text="block")),
-                                yaxis=dict(title=dict(text="params kept / dense params"), range=[0, 1.05]),
-                                legend=LEGEND_RIGHT, height=360, margin=dict(t=50, b=40)))
+    return plain_figure(_kept_traces(profile, allocations, labels), dict(
+        title=dict(text="Kept fraction per block"), xaxis=dict(title=dict(text="block")),
+        yaxis=_KEPT_AXIS, legend=LEGEND_RIGHT, height=360, margin=dict(t=50, b=BOTTOM_MARGIN)))
 
 
 def per_layer_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]]) -> go.Figure:
@@ -180,18 +166,69 @@ def error_by_block_figure(profile: Profile, errors: Mapping[str, Mapping[str, fl
     the rest, which a linear axis flattens to zero. Blocks left fully dense (error 0)
     are gaps.
     """
+    traces = _error_traces(profile, errors, labels)
+    return plain_figure(traces, dict(title=dict(text="Predicted error per block (current error model)"),
+                                     xaxis=dict(title=dict(text="block")), legend=LEGEND_RIGHT,
+                                     yaxis=_error_axis(traces), height=340, margin=dict(t=50, b=BOTTOM_MARGIN)))
+
+
+def block_views_figure(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]],
+                       errors: Mapping[str, Mapping[str, float]], labels: Mapping[str, str] | None = None) -> go.Figure:
+    """``per_block_figure`` and ``error_by_block_figure`` side by side in one chart with one legend.
+
+    The Allocate page redraws it on every budget move: one chart costs the browser one
+    Plotly redraw instead of two, and both panels share the methods' legend (clicking an
+    entry hides the method in both)."""
+    kept = _kept_traces(profile, allocations, labels)
+    error = [dict(trace, xaxis="x2", yaxis="y2", showlegend=False) for trace in _error_traces(profile, errors, labels)]
+    both = dict(title=dict(text="block"))
+    return plain_figure(kept + error, dict(
+        title=dict(text="Per block: kept fraction and predicted error (current error model)"),
+        xaxis=dict(both, domain=[0, 0.45], anchor="y"), yaxis=dict(_KEPT_AXIS, anchor="x"),
+        xaxis2=dict(both, domain=[0.55, 1], anchor="y2"), yaxis2=dict(_error_axis(error), anchor="x2"),
+        legend=LEGEND_RIGHT, height=380, margin=dict(t=50, b=BOTTOM_MARGIN)))
+
+
+_KEPT_AXIS = dict(title=dict(text="params kept / dense params"), range=[0, 1.05])
+
+
+def _error_axis(traces: list[dict]) -> dict:
+    return dict(title=dict(text="Σ ε_l (log)"), **log_axis(*(t["y"] for t in traces)))
+
+
+def _kept_traces(profile: Profile, allocations: Mapping[str, Mapping[str, int | None]],
+                 labels: Mapping[str, str] | None) -> list[dict]:
+    """One line per method: the kept fraction of each block, dense layers counted in the hover."""
+    blocks = np.array([l.block for l in profile.layers])
+    dense = np.bincount(blocks, weights=[l.params for l in profile.layers], minlength=profile.num_blocks)
+    traces = []
+    for rank, method in draw_order(allocations):
+        ranks = allocations[method]
+        costs = [layer_param_cost(l.out_features, l.in_features, ranks.get(l.name)) for l in profile.layers]
+        kept = np.bincount(blocks, weights=costs, minlength=profile.num_blocks)
+        dense_layers = np.bincount(blocks, weights=[c == l.params for c, l in zip(costs, profile.layers)],
+                                   minlength=profile.num_blocks)
+        name = (labels or {}).get(method, method_label(method))
+        traces.append(dict(
+            type="scatter", x=np.arange(profile.num_blocks), y=kept / np.maximum(dense, 1), mode="lines+markers",
+            name=name, legendgroup=name, legendrank=rank, **method_look(method), customdata=dense_layers,
+            hovertemplate="block %{x}: kept %{y:.3f}, %{customdata:.0f} dense layer(s)"))
+    return traces
+
+
+def _error_traces(profile: Profile, errors: Mapping[str, Mapping[str, float]],
+                  labels: Mapping[str, str] | None) -> list[dict]:
+    """One line per method: its predicted error summed per block, fully dense blocks (0) as gaps."""
     blocks = np.array([l.block for l in profile.layers])
     traces = []
     for rank, label in draw_order(errors):
         per_layer = errors[label]
         sums = np.bincount(blocks, weights=[per_layer[l.name] for l in profile.layers], minlength=profile.num_blocks)
+        name = (labels or {}).get(label, method_label(label))
         traces.append(dict(type="scatter", x=np.arange(profile.num_blocks), y=np.where(sums > 0, sums, np.nan),
-                           mode="lines+markers", name=(labels or {}).get(label, method_label(label)), legendrank=rank,
-                           **method_look(label), hovertemplate="block %{x}: Σ ε = %{y:.3g}"))
-    return plain_figure(traces, dict(title=dict(text="Predicted error per block (current error model)"),
-                                xaxis=dict(title=dict(text="block")), legend=LEGEND_RIGHT,
-                                yaxis=dict(title=dict(text="Σ ε_l (log)"), **log_axis(*(t["y"] for t in traces))),
-                                height=340, margin=dict(t=50, b=40)))
+                           mode="lines+markers", name=name, legendgroup=name, legendrank=rank, **method_look(label),
+                           hovertemplate="block %{x}: Σ ε = %{y:.3g}"))
+    return traces
 
 
 # The sweep's x axis per budget kind: (column of the sweep frame, axis title, hover name, title's x).
@@ -223,7 +260,7 @@ def budget_sweep_figure(sweep: pd.DataFrame, measured: pd.DataFrame | None = Non
                       yaxis_title="Σ ε (log)", height=max(420, 140 + LEGEND_ROW * len(fig.data)),
                       # right of the right axis's title: the legend sits at the figure's edge, the margin holds both
                       legend=dict(LEGEND_RIGHT, x=1, xanchor="right", xref="container"),
-                      margin=dict(t=50, b=40, r=width + 90))
+                      margin=dict(t=50, b=BOTTOM_MARGIN, r=width + 90))
     fig.update_layout(yaxis=log_axis(sweep["predicted error"]))
     return fig
 

@@ -18,8 +18,8 @@ from lems_core.model import KINDS
 from lems_core.profile import Profile
 
 from app_pages import style
-from app_pages.figure_base import (KIND_COLORS, LEGEND_RIGHT, LOG_FLOOR, REFERENCE_LINE, layer_legend_height,
-                                   legend_key, line_styles, log_axis, titled)
+from app_pages.figure_base import (BOTTOM_MARGIN, KIND_COLORS, LEGEND_RIGHT, LOG_FLOOR, REFERENCE_LINE,
+                                   layer_legend_height, legend_key, line_styles, log_axis, titled)
 from app_pages.tables import layer_table
 
 MEASURED_KL = "measured KL (×)"  # the legend name of measured single-layer KL crosses
@@ -36,7 +36,7 @@ def spectra_figure(profile: Profile, names: list[str]) -> go.Figure:
         fig.add_trace(go.Scatter(x=np.arange(1, len(sigma) + 1), y=sigma, mode="lines", **styles[name]))
     fig.update_layout(title=titled("Singular values", profile, names), xaxis_title="index i", yaxis_title="σ_i",
                       legend_title="kind · block", legend=LEGEND_RIGHT, height=layer_legend_height(profile, names),
-                      margin=dict(t=70, b=40))
+                      margin=dict(t=70, b=BOTTOM_MARGIN))
     fig.update_yaxes(**log_axis(*values))
     return fig
 
@@ -56,7 +56,7 @@ def residual_energy_figure(profile: Profile, names: list[str], power: int = 2, r
                       annotation_font_color=REFERENCE_LINE)
     fig.update_layout(title=titled(f"Residual energy (power {power}) vs kept ratio", profile, names),
                       xaxis_title="rank / eq rank", yaxis_title="1 − E(r)/E", legend_title="kind · block",
-                      legend=LEGEND_RIGHT, height=layer_legend_height(profile, names), margin=dict(t=70, b=40))
+                      legend=LEGEND_RIGHT, height=layer_legend_height(profile, names), margin=dict(t=70, b=BOTTOM_MARGIN))
     fig.update_yaxes(**log_axis(*values))
     return fig
 
@@ -68,7 +68,7 @@ def kl_scale_figure(profile: Profile) -> go.Figure:
     fig = px.bar(table, x="position", y="KL scale", color="kind", color_discrete_map=KIND_COLORS,
                  hover_data=["name", "block", "out x in"], category_orders={"kind": list(KINDS)})
     fig.update_layout(title=f"Measured KL with one layer at ratio {profile.ref_ratio:g}", legend=LEGEND_RIGHT,
-                      xaxis_title="layer (model order)", height=380, bargap=0.05, margin=dict(t=50, b=40))
+                      xaxis_title="layer (model order)", height=380, bargap=0.05, margin=dict(t=50, b=BOTTOM_MARGIN))
     fig.update_yaxes(**log_axis(table["KL scale"]))
     return fig
 
@@ -98,7 +98,7 @@ def error_curves_figure(profile: Profile, names: list[str], params: ErrorModelPa
     fig.update_layout(title=titled("Fitted error curves (lines) vs measured KL (×)", profile, names),
                       xaxis_title="kept ratio c = r / eq rank", yaxis_title="KL (scale × shape)",
                       legend_title="kind · block", legend=LEGEND_RIGHT,
-                      height=layer_legend_height(profile, names, extra=1), margin=dict(t=70, b=40))
+                      height=layer_legend_height(profile, names, extra=1), margin=dict(t=70, b=BOTTOM_MARGIN))
     fig.update_yaxes(**log_axis(*values))
     return fig
 
@@ -124,7 +124,7 @@ def depth_bias_figure(num_blocks: int, params: ErrorModelParams) -> go.Figure:
     beta = depth_bias(num_blocks, params)
     fig = go.Figure(go.Scatter(x=np.arange(num_blocks), y=beta, mode="lines+markers", name="β_b"))
     fig.update_layout(title=f"Depth bias β_b ({params.bias_form}, α={params.alpha:g}, γ={params.gamma:g})",
-                      xaxis_title="block b", yaxis_title="β_b", height=320, margin=dict(t=50, b=40))
+                      xaxis_title="block b", yaxis_title="β_b", height=320, margin=dict(t=50, b=BOTTOM_MARGIN))
     fig.update_yaxes(rangemode="tozero")
     fig.update_xaxes(tickformat="d", dtick=1 if num_blocks <= 16 else None)
     return fig
@@ -162,7 +162,7 @@ def prediction_scatter_figure(frame: pd.DataFrame, measure: str, correlations: p
                           text=subtitle + " · filled: shipped, open: yours")),
                       xaxis=dict(title="predicted Σ ε (profile's error model, log)", **log_axis(data["predicted Σ ε"])),
                       yaxis=dict(title=f"measured {measure} (log)", **log_axis(data[measure])),
-                      legend_title="allocator · ρ", legend=LEGEND_RIGHT, height=440, margin=dict(t=70, b=40))
+                      legend_title="allocator · ρ", legend=LEGEND_RIGHT, height=440, margin=dict(t=70, b=BOTTOM_MARGIN))
     return fig
 
 
@@ -213,7 +213,7 @@ def layer_fit_figure(profile: Profile, fits: list, params: ErrorModelParams | No
     fig.update_yaxes(title_text="log10 measured / fitted", row=2, col=1)
     fig.update_xaxes(title_text="kept ratio c = r / eq rank", row=2, col=1)
     title = titled("Fitted error curve (line) vs measured KL (x), residuals below", profile, [f.name for f in fits])
-    fig.update_layout(title=title, legend_title="kind · block", legend=LEGEND_RIGHT, margin=dict(t=70, b=40),
+    fig.update_layout(title=title, legend_title="kind · block", legend=LEGEND_RIGHT, margin=dict(t=70, b=BOTTOM_MARGIN),
                       height=layer_legend_height(profile, [f.name for f in fits], base=600, extra=len(keys)))
     return fig
 

@@ -13,7 +13,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from app_pages import style
-from app_pages.figure_base import DASHES, LEGEND_RIGHT, dense_line, draw_order, log_axis, method_look
+from app_pages.figure_base import (BOTTOM_MARGIN, DASHES, LEGEND_RIGHT, dense_line, draw_order, log_axis,
+                                   method_look)
 
 PPL_CEILING = 1e4  # perplexities above this (diverged runs) are drawn at the top edge, marked "off scale"
 
@@ -75,7 +76,7 @@ def ppl_vs_ratio_figure(frame: pd.DataFrame, dataset: str, ratio_column: str = "
                           text=f"{off_scale} diverged run(s) above {PPL_CEILING:g} drawn at the top edge (▲)"
                           if off_scale else "one line per method, decomposition and protocol")),
                       xaxis_title="realised param ratio", yaxis_title="perplexity (log)", height=440,
-                      legend=LEGEND_RIGHT, margin=dict(t=70, b=40))
+                      legend=LEGEND_RIGHT, margin=dict(t=70, b=BOTTOM_MARGIN))
     fig.update_yaxes(log_axis(data.loc[data[column] <= PPL_CEILING, column], [dense_ppl or np.nan]))
     return fig
 
@@ -107,5 +108,5 @@ def accuracy_vs_ratio_figure(frame: pd.DataFrame, column: str, ratio_column: str
         value = float(data[dense].median())
         dense_line(fig, value, f"dense {value:.3g}")
     fig.update_layout(title=f"Zero-shot {column} vs realised param ratio", xaxis_title="realised param ratio",
-                      yaxis_title=column, height=420, legend=LEGEND_RIGHT, margin=dict(t=50, b=40))
+                      yaxis_title=column, height=420, legend=LEGEND_RIGHT, margin=dict(t=50, b=BOTTOM_MARGIN))
     return fig

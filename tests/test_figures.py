@@ -359,11 +359,26 @@ def test_fast_figures_are_valid_plotly_specs(profile, allocations):
              figures.heatmap_figure(tables.difference_grid(profile, ranks["lems"], ranks["uniform"]), "d", "Δ",
                                     diverging=True),
              figures.per_block_figure(profile, ranks), figures.error_by_block_figure(profile, errors),
-             figures.rank_heatmaps_figure(profile, ranks),
+             figures.block_views_figure(profile, ranks, errors), figures.rank_heatmaps_figure(profile, ranks),
              figures.rank_heatmaps_figure(synthetic_profile(num_blocks=20), {"a": {}, "b": {}, "c": {}, "d": {},
                                                                             "e": {}, "f": {}})]
     for fig in built:
         go.Figure(fig.to_dict())  # raises ValueError on any invalid property
+
+
+def test_the_block_views_share_one_legend_over_two_panels(profile, allocations):
+    ranks = {k: a.ranks for k, a in allocations.items()}
+    errors = tables.predicted_error_tables(profile, ranks, PARAMS)
+    fig = figures.block_views_figure(profile, ranks, errors)
+    kept = figures.per_block_figure(profile, ranks)
+    error = figures.error_by_block_figure(profile, errors)
+    left, right = fig.data[:len(kept.data)], fig.data[len(kept.data):]
+    assert [t.y.tolist() for t in left] == [t.y.tolist() for t in kept.data]
+    for drawn, alone in zip(right, error.data, strict=True):
+        assert np.asarray(drawn.y, dtype=float) == pytest.approx(np.asarray(alone.y, dtype=float), nan_ok=True)
+    assert {t.xaxis for t in right} == {"x2"} and fig.layout.yaxis2.type == "log"
+    assert [t.name for t in fig.data if t.showlegend is not False] == [t.name for t in kept.data]  # one entry each
+    assert {t.legendgroup for t in right} == {t.legendgroup for t in left}  # a click hides a method in both panels
 
 
 def test_budget_sweep_predicts_lems_best_and_overlays_measured_kl(profile):

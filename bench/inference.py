@@ -6,14 +6,15 @@ not depend on which factors fill the two Linears, only on their shapes. Four mod
 are measured alternately, repeat after repeat (the order reversed every other repeat),
 so load changes on shared cores hit all alike:
 
-- dense: the model as loaded;
+- dense: the model as loaded, its weights copied out of the memory-mapped checkpoint
+  (``fused.own_memory``) so that, like the other three, it reads them from allocated memory;
 - compressed: the planned Linears swapped for LowRankLinear (two Linears in -> r -> out);
 - prepared: the compressed model after ``fused.prepare_for_inference`` (q/k/v and gate/up
   share one first-factor GEMM per prompt, second factors stored for the matvec, factors
   called without their module wrappers);
 - hf export: the compressed model exported with ``hf_export.export_hf`` and loaded back
   with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, which
-  prepares it the same way.
+  prepares it the same way (its weights copied out of the file mapping included).
 
 For each: one 1 x ``--seq-len`` forward (tokens per second = seq_len / time) and
 ``--new-tokens`` greedy tokens with the KV cache after a 32-token prompt. Medians of
@@ -40,7 +41,7 @@ import torch
 
 from lems_core.compression import LowRankLinear, count_parameters, is_dense_rank, set_module
 from lems_core.decompositions import Decomposer
-from lems_core.fused import prepare_for_inference
+from lems_core.fused import own_memory, prepare_for_inference
 from lems_core.model import compressible_layers, load_model
 
 KINDS = ("dense", "compressed", "prepared", "hf export")
@@ -208,6 +209,7 @@ def check_same_logits(models: dict, ids: torch.Tensor) -> None:
 def build_models(loaded, ranks: dict, folder: Path | None) -> dict:
     """dense, compressed, prepared and (with ``folder``) hf export, as separate models."""
     dense = loaded.model
+    print(f"dense: {own_memory(dense)} weights copied out of the memory-mapped checkpoint")
     compressed = copy.deepcopy(dense)
     modules = low_rank_modules(compressed, ranks)
     swap(compressed, modules)

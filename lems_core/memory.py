@@ -95,29 +95,56 @@ def budget_or_default(max_memory: int | None, device: str | torch.device) -> int
 def process_overhead(model: torch.nn.Module, device: str | torch.device) -> int:
     """Bytes this process already holds beyond the model's weights, when the budget is CPU RAM (else 0).
 
-    RssAnon (the interpreter, torch, the tokenizer, anything alive) less the bytes of the
-    parameters in CPU memory. A budget given as memory beyond the weights sets this
-    aside before the ledgers get theirs, so the process as a whole stays under it
-    (docs/scale.md). Not Linux, or a CUDA budget: 0 (the CUDA context is outside torch's
-    allocator and outside the budget).
+    RssAnon (the interpreter, torch, the tokenizer, anything alive) less the weights held
+    in anonymous memory. Weights memory-mapped from their safetensors files (how
+    transformers loads a folder) are file-backed pages, not RssAnon, so only the
+    parameters outside such mappings are subtracted. A budget given as memory beyond the
+    weights sets this aside before the ledgers get theirs, so the process as a whole stays
+    under it (docs/scale.md). Not Linux, or a CUDA budget: 0 (the CUDA context is outside
+    torch's allocator and outside the budget).
     """
     if torch.device(device).type != "cpu":
         return 0
-    anon = _rss_anon()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
-    return max(0, anon - weights)
+    mapped = file_mappings()
+    anon_weights = sum(p.numel() * p.element_size() for p in model.parameters()
+                       if p.device.type == "cpu" and not _inside(p.data_ptr(), mapped))
+    return max(0, status_bytes("RssAnon") - anon_weights)
 
 
-def _rss_anon() -> int:
-    """This process's anonymous resident bytes (``RssAnon`` in /proc/self/status), 0 where unreadable."""
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size field of /proc/<pid>/status (e.g. ``RssAnon``) in bytes, 0 where unreadable."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def file_mappings(suffix: str = ".safetensors", pid: int | str = "self") -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of the memory mappings of files ending in ``suffix`` (Linux; else [])."""
+    found, current = [], None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
+                    current = None
+                    if len(head) >= 6 and head[-1].endswith(suffix):
+                        start, end = (int(x, 16) for x in head[0].split("-"))
+                        current = [start, end, 0]
+                        found.append(current)
+                elif current is not None and head[0] == "Rss:":
+                    current[2] = int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return []
+    return [tuple(m) for m in found]
+
+
+def _inside(address: int, mappings: list[tuple[int, int, int]]) -> bool:
+    return any(start <= address < end for start, end, _ in mappings)
 
 
 # ------------------------------------------------------------------ what a block's Grams cost

@@ -163,3 +163,28 @@ def test_a_budget_sets_aside_what_the_process_already_holds(tmp_path, monkeypatc
     build_profile(loaded, "svd_llm", cfg, ProfileSettings(bias_fit_ratios=()), run=Run(cache_dir=tmp_path,
                                                                                          max_memory=2**30))
     assert planned and all(p.reserve == 123_456 for p in planned)
+
+
+def test_weights_mapped_from_their_files_are_not_taken_for_the_processs_own_memory(tmp_path):
+    """A folder's weights loaded by transformers sit in the safetensors file's mapping (RssFile): the overhead
+    subtracts only the parameters in anonymous memory, so it is not understated by the weights' size."""
+    from transformers import AutoModelForCausalLM
+
+    from lems_core.memory import _inside, file_mappings, process_overhead, status_bytes
+    from lems_core.model import tiny_model
+
+    tiny_model("llama", seed=0, vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4).save_pretrained(tmp_path / "m")  # ~10 MB of weights
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    mapped = file_mappings()
+    assert mapped and all(end > start >= 0 and rss >= 0 for start, end, rss in mapped)
+    params = list(model.parameters())
+    in_file = {id(p) for p in params if _inside(p.data_ptr(), mapped)}
+    anon = sum(p.numel() * p.element_size() for p in params if id(p) not in in_file)
+    before = status_bytes("RssAnon")
+    overhead = process_overhead(model, "cpu")
+    after = status_bytes("RssAnon")
+    mapped_bytes = sum(p.numel() * p.element_size() for p in params if id(p) in in_file)
+    assert mapped_bytes > 4 * 2**20  # loaded memory-mapped, as from any folder
+    slack = 2**20  # RssAnon moves by a few pages between the three reads
+    assert before - anon - slack <= overhead <= after - anon + slack  # RssAnon less only the anonymous weights

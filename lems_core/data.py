@@ -6,6 +6,10 @@ WikiText-2 raw file gives the text the hub dataset would give.
 
 Hub names are used only when no local copy is found and `allow_download` is true;
 tests never download.
+
+Every local file is read through ``safe_io``'s capped reader: a named pipe, a device
+or a folder given as a corpus is refused at once (never opened for a blocking read),
+and a file over ``MAX_CORPUS_BYTES`` is refused instead of filling memory.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .safe_io import read_text_capped
+
 # name -> (hub dataset, config, text field)
 HUB_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
@@ -25,6 +31,10 @@ HUB_DATASETS = {
     "c4": ("allenai/c4", "en", "text"),
 }
 ALIASES = {"wikitext-2": "wikitext2", "wikitext": "wikitext2", "wiki": "wikitext2", "penn_treebank": "ptb"}
+# WikiText-2's train split is 11 MB, the local C4 validation shard about 40 MB: the cap holds every
+# corpus the project knows several times over, while a runaway file (or /dev/zero behind a link) is
+# refused before its bytes, their decoded text and the rows built from it (about 3x) fill memory.
+MAX_CORPUS_BYTES = 256 << 20
 C4_DOCS = 2000  # first 2000 validation documents, as SparseGPT/SVD-LLM (docs/reference/methods.md §5.1)
 
 # Files looked for in the local data folder, per (name, split).
@@ -90,6 +100,10 @@ class DataNotFoundError(FileNotFoundError):
     """No local copy and downloading is not allowed."""
 
 
+class CorpusFileError(ValueError):
+    """A local corpus file that cannot be used: not a regular file, too large, not UTF-8, bad JSON rows."""
+
+
 @dataclass(frozen=True)
 class TextSource:
     """Where a corpus came from, for provenance in profiles and results."""
@@ -114,7 +128,7 @@ def load_text(name_or_path: str, split: str = "test", allow_download: bool = Fal
     .json/.jsonl file. Known names look in `data_dir()` first, then on the hub.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    if _names_a_local_file(name_or_path, path):
         return join_rows(read_rows(path)), TextSource(path.stem, split, str(path))
     name = ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if name not in HUB_DATASETS:
@@ -136,6 +150,12 @@ def load_text(name_or_path: str, split: str = "test", allow_download: bool = Fal
     return _load_from_hub(name, split)
 
 
+def _names_a_local_file(name_or_path: str, path: Path) -> bool:
+    """Whether ``name_or_path`` is read as a local file: a regular file, or anything else that exists
+    under a name that is not a known corpus (a pipe or a device is then refused by the reader, by name)."""
+    return path.is_file() or (canonical_dataset(name_or_path) is None and os.path.lexists(path))
+
+
 def _load_from_hub(name: str, split: str) -> tuple[str, TextSource]:
     import datasets
 
@@ -153,9 +173,10 @@ def _load_from_hub(name: str, split: str) -> tuple[str, TextSource]:
 
 def read_rows(path: Path) -> list[str]:
     """Rows of a local corpus file in the layout of the hub dataset's text field."""
+    text = read_corpus_text(path)
     if path.suffix in {".json", ".jsonl"}:
-        return _json_rows(path)
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        return _json_rows(path, text)
+    lines = text.splitlines(keepends=True)
     if path.name.startswith("ptb"):
         # ptb_text_only rows are stripped sentences.
         return [line.strip() for line in lines if line.strip()]
@@ -163,14 +184,38 @@ def read_rows(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in lines]
 
 
-def _json_rows(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+def read_corpus_text(path: Path) -> str:
+    """The UTF-8 text of a local corpus file, with universal newlines (as ``Path.read_text``), through the
+    capped reader: ``CorpusFileError`` for a pipe, device, folder or a file over ``MAX_CORPUS_BYTES``."""
+    text = read_text_capped(path, MAX_CORPUS_BYTES, CorpusFileError, "a text corpus (.txt, .raw, .json or .jsonl)")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _json_rows(path: Path, text: str) -> list[str]:
+    """The rows of a JSON list / object or JSON-lines file: each record's "text" field (or the record itself)."""
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = _json_lines(path, text)
+    except RecursionError:
+        raise CorpusFileError(f"{path} is not a text corpus: its JSON is nested too deeply") from None
+    missing = next((i for i, r in enumerate(records) if isinstance(r, dict) and not isinstance(r.get("text"), str)), None)
+    if missing is not None:
+        raise CorpusFileError(f"{path}: record {missing} has no \"text\" string")
     return [r["text"] if isinstance(r, dict) else str(r) for r in records]
+
+
+def _json_lines(path: Path, text: str) -> list:
+    """The records of a JSON-lines file, one per non-blank line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise CorpusFileError(f"{path} line {number} is not JSON: {exc}") from None
+    return records
 
 
 def join_rows(rows: list[str]) -> str:

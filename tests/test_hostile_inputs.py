@@ -678,3 +678,54 @@ def test_a_pipe_or_device_as_the_shipped_results_is_a_quick_error(kind, tmp_path
     assert isinstance(error, ResultsFileError) and "is not a regular file" in str(error)
     merged = ResultStore(tmp_path / "cache").merged()  # what the app's sidebar shows on every page
     assert merged.records == [] and len(merged.problems) == 1 and "is not a regular file" in merged.problems[0]
+
+
+# ------------------------------------------------ 11. corpus files go through the capped reader
+@pytest.mark.parametrize("kind, words", [("fifo", "a named pipe"), ("zero", "a device"), ("folder", "a folder")])
+def test_a_pipe_device_or_folder_as_calibration_corpus_is_exit_2_at_once(kind, words, served, corpus, tmp_path,
+                                                                          capsys):
+    loaded, _ = served
+    plan = _plan(loaded, corpus).save(tmp_path / "plan.json")
+    path = _special(kind, tmp_path)
+    outcome = {}
+    error = error_within(1.0, lambda: outcome.update(result=_cli(
+        capsys, "evaluate", "--plan", plan, "--calib-dataset", path, "--datasets", corpus, "--seq-len", 32,
+        "--max-windows", 1, "--device", "cpu")))
+    assert error is None
+    code, _, err = outcome["result"]
+    assert code == 2 and f"{path} is not a regular file ({words}): not a text corpus" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_pipe_or_device_as_perplexity_dataset_is_exit_2_at_once(kind, served, tmp_path, capsys):
+    path = _special(kind, tmp_path)
+    outcome = {}
+    error = error_within(1.0, lambda: outcome.update(result=_cli(capsys, "ppl", "--datasets", path, "--device", "cpu")))
+    assert error is None
+    code, _, err = outcome["result"]
+    assert code == 2 and f"{path} is not a regular file" in err
+
+
+def test_a_corpus_over_the_cap_is_refused_before_it_is_used(tmp_path, monkeypatch):
+    import lems_core.data as data
+
+    big = word_corpus(tmp_path / "big.txt", 50)
+    monkeypatch.setattr(data, "MAX_CORPUS_BYTES", big.stat().st_size - 1)
+    with pytest.raises(data.CorpusFileError, match=r"too large .*not a text corpus"):
+        data.load_text(str(big), "train")
+    monkeypatch.setattr(data, "MAX_CORPUS_BYTES", big.stat().st_size)
+    assert data.load_text(str(big), "train")[0].count("\n\n") == 49
+
+
+def test_corpus_files_keep_universal_newlines_and_name_bad_json_rows(tmp_path):
+    from lems_core.data import CorpusFileError, load_text
+
+    crlf, lf = tmp_path / "wiki.crlf.raw", tmp_path / "wiki.lf.raw"
+    crlf.write_bytes(b" a\r\n\r\n b\r\n")
+    lf.write_bytes(b" a\n\n b\n")
+    assert load_text(str(crlf))[0] == load_text(str(lf))[0] == " a\n" + "\n\n" + "" + "\n\n" + " b\n"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(CorpusFileError, match=r'record 1 has no "text" string'):
+        load_text(str(rows))
+

@@ -729,3 +729,25 @@ def test_corpus_files_keep_universal_newlines_and_name_bad_json_rows(tmp_path):
     with pytest.raises(CorpusFileError, match=r'record 1 has no "text" string'):
         load_text(str(rows))
 
+
+# ------------------------------------------------ 12. a failed torchrun collective is one line, its own exit code
+def test_a_distributed_error_is_one_line_and_exit_3(monkeypatch, capsys):
+    import lems_core.cli.layers as layers
+    from lems_core.cli.common import EXIT_DISTRIBUTED
+    from lems_core.distributed import DistributedError
+
+    def dead_rank(args):
+        raise DistributedError("rank 0 of 2: the merge failed or timed out waiting for rank 1. Cause: gloo\nline two")
+
+    monkeypatch.setattr(layers, "run", dead_rank)
+    code, _, err = _cli(capsys, "layers")
+    assert code == EXIT_DISTRIBUTED == 3 and "Traceback" not in err
+    assert err == "error: rank 0 of 2: the merge failed or timed out waiting for rank 1. Cause: gloo line two\n"
+
+
+def test_other_runtime_errors_still_raise(monkeypatch, capsys):
+    import lems_core.cli.layers as layers
+
+    monkeypatch.setattr(layers, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["layers"])

@@ -14,15 +14,35 @@ from .types import memory_size
 
 # PlanError, ProfileError and ModelLoadError are ValueErrors
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)
+EXIT_BAD_INPUT = 2  # argparse's own status for a bad command line: fix the input, then run again
+EXIT_DISTRIBUTED = 3  # a rank of a torchrun job died, hung or was unreachable: the input may be fine
 
 
 def run_reporting_errors(command, args) -> int:
-    """``command(args)``'s exit code; an expected failure (bad file, bad value) prints one line and exits 2."""
+    """``command(args)``'s exit code; an expected failure prints one line instead of a traceback.
+
+    A bad file or value exits ``EXIT_BAD_INPUT``; a failed or timed-out collective of a
+    torchrun job (``distributed.DistributedError``) exits ``EXIT_DISTRIBUTED``, so a script
+    can tell "fix the input" from "check the other ranks, then retry".
+    """
     try:
         return command(args)
     except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        if not _is_distributed_error(exc):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line: backend causes span several
+        return EXIT_DISTRIBUTED
+
+
+def _is_distributed_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``DistributedError``, without importing torch: only a process that imported
+    ``lems_core.distributed`` can raise one."""
+    module = sys.modules.get("lems_core.distributed")
+    error_class = getattr(module, "DistributedError", None)
+    return error_class is not None and isinstance(exc, error_class)
 
 
 @contextmanager

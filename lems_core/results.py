@@ -209,7 +209,7 @@ def check_record(record, where: str) -> None:
         if not _number(value) or not 0.0 < value <= 1.0 + 1e-9:
             raise ResultsFileError(f"{label}: {name!r} must be a kept fraction in (0, 1], got {value!r}")
     _check_counts(record, label)
-    _check_measurements(record, label)
+    check_measurements(record, label)
     _check_ranks(record.get("ranks"), label)
     if not isinstance(record.get("settings"), dict):
         raise ResultsFileError(f"{label}: 'settings' must be an object, got {record.get('settings')!r}")
@@ -228,7 +228,7 @@ def _check_counts(record: dict, label: str) -> None:
         raise ResultsFileError(f"{label}: 'seconds' must be a number >= 0, got {record['seconds']!r}")
 
 
-def _check_measurements(record: dict, label: str) -> None:
+def check_measurements(record: dict, label: str) -> None:
     """ppl / dense_ppl: {dataset: perplexity > 0} (inf = diverged); kl: a finite number >= 0 or null
     (down to -KL_ROUNDOFF: the float32 round-off of a KL that is 0)."""
     for name in ("ppl", "dense_ppl"):
@@ -241,6 +241,32 @@ def _check_measurements(record: dict, label: str) -> None:
     kl = record.get("kl")
     if kl is not None and (not _number(kl) or kl < -KL_ROUNDOFF):
         raise ResultsFileError(f"{label}: 'kl' must be a finite number >= 0 or null, got {kl!r}")
+
+
+ZERO_SHOT_METRICS = ("acc", "acc_norm")
+
+
+def check_zero_shot(scores, label: str) -> None:
+    """A ``zero_shot`` / ``dense_zero_shot`` field (``ZeroShotResult.to_dict()``): null, or an object whose
+    ``mean`` maps metrics to numbers or null and whose ``tasks`` map names to objects of such metrics."""
+    if scores is None:
+        return
+    if not isinstance(scores, dict):
+        raise ResultsFileError(f"{label}: zero-shot scores must be an object or null, got {type(scores).__name__}")
+    means, tasks = scores.get("mean") or {}, scores.get("tasks") or {}
+    if not isinstance(means, dict) or not all(map(_score, means.values())):
+        raise ResultsFileError(f"{label}: zero-shot 'mean' must be an object {{metric: number or null}}, got {means!r}")
+    if not isinstance(tasks, dict):
+        raise ResultsFileError(f"{label}: zero-shot 'tasks' must be an object {{task: scores}}, got {tasks!r}")
+    for task, metrics in tasks.items():
+        if not isinstance(metrics, dict) or not all(_score(metrics.get(m)) for m in ZERO_SHOT_METRICS):
+            raise ResultsFileError(f"{label}: zero-shot tasks[{task!r}] must be an object of "
+                                   f"{' / '.join(ZERO_SHOT_METRICS)} numbers or null, got {metrics!r}")
+
+
+def _score(value) -> bool:
+    """A metric value: a number, or null where the task does not define the metric."""
+    return value is None or (not isinstance(value, bool) and isinstance(value, (int, float)))
 
 
 def _check_ranks(ranks, label: str) -> None:

@@ -123,6 +123,45 @@ def test_hf_export_card_lists_the_results_stored_for_the_plan(hf_plan, tmp_path)
     assert "99.000" not in card
 
 
+GOOD_ZERO_SHOT = {"tasks": {"piqa": {"acc": 0.7, "acc_norm": 0.6}, "boolq": {"acc": None, "acc_norm": None}},
+                  "mean": {"acc": 0.7, "acc_norm": 0.6}}
+MALFORMED_ZERO_SHOT = [{"tasks": "piqa", "mean": {"acc": 0.5}}, {"mean": [0.5]}, "oops", 3,
+                       {"tasks": {"piqa": {"acc": "high"}}, "mean": {"acc": 0.5}},
+                       {"tasks": {"piqa": [0.5]}, "mean": {"acc": 0.5}}, {"mean": {"acc": {"x": 1}}}]
+
+
+def _card_record(plan, **fields) -> dict:
+    return {"fingerprint": plan.fingerprint, "method": "uniform", "decomposition": "svd", "budget": plan.budget,
+            "realised_ratio": plan.summary["realised_ratio"], "ppl": {"wikitext2": 12.5},
+            "dense_ppl": {"wikitext2": 9.0}, "kl": 0.25, "device": "cpu", "created": "2026-01-01"} | fields
+
+
+@pytest.mark.parametrize("bad", MALFORMED_ZERO_SHOT)
+def test_a_malformed_zero_shot_field_is_left_out_of_the_card_with_a_note(bad, hf_plan):
+    from lems_core.hf_export import card_for
+
+    loaded, plan, _ = hf_plan
+    records = [_card_record(plan, zero_shot=GOOD_ZERO_SHOT, created="good"),
+               _card_record(plan, zero_shot=bad, created="bad", ppl={"wikitext2": 13.5})]
+    card = card_for(loaded.model, plan, "svd", plan.ranks(), 1000, records).to_markdown()
+    assert "zero-shot mean acc 0.7000 (piqa 0.7000, boolq n/a)" in card
+    assert "wikitext2 perplexity 13.500" in card  # the bad record's other numbers stay
+    assert card.count("zero-shot mean acc") == 1 and "- left out: stored result 2 (bad): zero-shot" in card
+
+
+@pytest.mark.parametrize("change", [{"ppl": "12.5"}, {"ppl": {"wikitext2": "x"}}, {"dense_ppl": [9.0]},
+                                    {"dense_ppl": None}, {"kl": "low"}, {"budget": "0.4"}, {"budget": None}])
+def test_a_record_with_malformed_numbers_is_left_out_of_the_card(change, hf_plan):
+    from lems_core.hf_export import card_for
+
+    loaded, plan, _ = hf_plan
+    records = [_card_record(plan), _card_record(plan, created="bad", **change), "not a record", None]
+    card = card_for(loaded.model, plan, "svd", plan.ranks(), 1000, records).to_markdown()
+    assert card.count("wikitext2 perplexity 12.500 (dense 9.000)") == 1
+    if "budget" not in change:  # an unreadable budget never matches the plan: not this plan's result
+        assert "- left out: stored result 2 (bad)" in card
+
+
 def test_hf_export_rejects_an_architecture_it_has_no_class_for():
     from torch import nn
 

@@ -1,8 +1,8 @@
 """Recovery on the demo model: WikiText-2 test perplexity and KL to the dense model, before and after healing.
 
 The plan is compressed with the KFAC demo profile's factors, measured (perplexity on the
-first ``--windows`` x ``--eval-seq-len`` tokens of WikiText-2 *test*, KL(dense || compressed)
-at temperature 0.6 on the same windows), healed with ``lems_core.recovery`` on the profile's
+first ``--windows`` x ``--eval-seq-len`` tokens of WikiText-2 *test* and PTB validation,
+KL(dense || compressed) at temperature 0.6 on the WikiText-2 windows), healed with ``lems_core.recovery`` on the profile's
 calibration split (WikiText-2 validation here; the test split is refused) and measured again.
 
     python -m studies.recovery_demo --plan /tmp/lems08.json --steps 100 [--out studies/results/recovery_lems08.json]
@@ -21,7 +21,7 @@ import torch
 from lems_core.cache import DEMO_DIR
 from lems_core.calibration import CalibrationConfig
 from lems_core.compression import compress_model
-from lems_core.data import load_text
+from lems_core.data import evaluation_split, load_text
 from lems_core.evaluation import kl_to_reference, model_logits, perplexity, token_windows
 from lems_core.profile import Profile
 from lems_core.recovery import RecoveryConfig, recover
@@ -40,11 +40,17 @@ def plan_ranks(args, profile: Profile) -> tuple[str, dict]:
     return f"uniform {args.uniform:g}", allocate(profile, "uniform", args.uniform).ranks
 
 
-def measure(model, windows: torch.Tensor, reference) -> dict:
+def measure(model, windows: dict[str, torch.Tensor], reference) -> dict:
+    """Perplexity on every dataset's windows and KL to the dense model on the first dataset's."""
     started = time.perf_counter()
-    ppl = perplexity(model, windows).ppl
-    kl = kl_to_reference(model, windows, reference)
-    return {"ppl": round(ppl, 3), "kl": round(kl, 5), "seconds": round(time.perf_counter() - started, 1)}
+    ppl = {ds: round(perplexity(model, ids).ppl, 3) for ds, ids in windows.items()}
+    kl = kl_to_reference(model, next(iter(windows.values())), reference)
+    return {"ppl": ppl, "kl": round(kl, 5), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def evaluation_windows(tokenizer, datasets: list[str], seq_len: int, count: int) -> dict[str, torch.Tensor]:
+    """The quick protocol's windows of each dataset's evaluation split (PTB: validation, as shipped)."""
+    return {ds: token_windows(tokenizer, load_text(ds, evaluation_split(ds))[0], seq_len, count) for ds in datasets}
 
 
 def run(args) -> dict:
@@ -54,23 +60,23 @@ def run(args) -> dict:
     profile = Profile.load(DEMO_DIR / "smollm2-135m-kfac")
     cfg = CalibrationConfig.from_dict(profile.calibration)
     label, ranks = plan_ranks(args, profile)
-    text, _ = load_text("wikitext2", "test")
-    windows = token_windows(loaded.tokenizer, text, args.eval_seq_len, args.windows)
-    dense_ppl = perplexity(loaded.model, windows).ppl
-    reference = model_logits(loaded.model, windows)
+    windows = evaluation_windows(loaded.tokenizer, args.datasets, args.eval_seq_len, args.windows)
+    dense_ppl = {ds: round(perplexity(loaded.model, ids).ppl, 3) for ds, ids in windows.items()}
+    reference = model_logits(loaded.model, next(iter(windows.values())))
     factors = plan_factorizations(loaded, cfg, profile.decomposition, ranks)
     compress_model(loaded.model, ranks, lambda layer: factors[layer.name])
     before = measure(loaded.model, windows, reference)
     print(f"{label}: before {before}", flush=True)
     config = RecoveryConfig(mode=args.mode, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch,
                             lr=args.lr, seed=args.seed, dataset=cfg.dataset, split=cfg.split)
-    healed = recover(loaded.model, loaded.tokenizer, config, Run(progress=_print_progress), evaluation=("wikitext2",))
+    healed = recover(loaded.model, loaded.tokenizer, config, Run(progress=_print_progress), evaluation=tuple(windows))
     after = measure(loaded.model, windows, reference)
     print(f"{label}: after {after}", flush=True)
-    return {"plan": label, "dense_ppl": round(dense_ppl, 3), "before": before, "after": after,
+    return {"plan": label, "dense_ppl": dense_ppl, "before": before, "after": after,
             "recovery": healed.record(), "losses": [round(x, 4) for x in healed.losses],
-            "protocol": {"eval": f"WikiText-2 test, first {windows.shape[0]} x {args.eval_seq_len} tokens",
-                         "kl": "KL(dense || model), T=0.6, positions after the first 1/8, same windows"},
+            "protocol": {"eval": {ds: f"{ds} {evaluation_split(ds)}, first {ids.shape[0]} x {args.eval_seq_len} tokens"
+                                  for ds, ids in windows.items()},
+                         "kl": f"KL(dense || model), T=0.6, positions after the first 1/8, the {args.datasets[0]} windows"},
             "machine": {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
                         "device": "cpu"}}
 
@@ -92,6 +98,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--datasets", type=lambda t: [d for d in t.split(",") if d], default=["wikitext2", "ptb"],
+                        help="perplexity datasets, comma-separated (KL on the first)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()

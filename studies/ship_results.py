@@ -98,9 +98,10 @@ def run(args) -> None:
                   f"ratio {record['realised_ratio']:.3f}", flush=True)
 
 
-def table(out: Path, dataset: str = "wikitext2") -> str:
-    """The shipped records as a markdown table: method x budget, PPL (realised ratio) and KL."""
-    records = json.loads(out.read_text())["results"]
+def table(out: Path, dataset: str = "wikitext2", protocol: str = "quick") -> str:
+    """The shipped records of one protocol as a markdown table: method x budget, PPL (realised ratio) and KL."""
+    records = [r for r in json.loads(out.read_text())["results"]
+               if (((r.get("settings") or {}).get("protocol") or {}).get("name") or "quick") == protocol]
     budgets = sorted({round(r["budget"], 4) for r in records}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in records))
     cell = {(r["method"], round(r["budget"], 4)): r for r in records}
@@ -109,6 +110,31 @@ def table(out: Path, dataset: str = "wikitext2") -> str:
         row = [(f"{cell[(m, b)]['ppl'][dataset]:.2f} ({cell[(m, b)]['realised_ratio']:.3f}; KL {cell[(m, b)]['kl']:.3f})"
                 if (m, b) in cell else "") for b in budgets]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def protocol_table(out: Path, dataset: str = "wikitext2") -> str:
+    """Each cell measured on both protocols: quick and reference PPL, their ratio, and each protocol's ranking.
+
+    The ranking compares the allocators (lower PPL first) at one budget among the cells
+    that have both protocols, so a change of order is a change caused by the protocol.
+    """
+    records = json.loads(out.read_text())["results"]
+    cells: dict[tuple, dict] = {}
+    for r in records:
+        proto = ((r.get("settings") or {}).get("protocol") or {}).get("name")
+        if dataset in (r.get("ppl") or {}):
+            cells.setdefault((r["method"], round(float(r["budget"]), 4)), {})[proto] = r["ppl"][dataset]
+    both = {k: v for k, v in cells.items() if "quick" in v and "reference" in v}
+    lines = [f"| allocator | kept | {dataset} quick | {dataset} reference | reference / quick |", "|---|---|---|---|---|"]
+    for (method, budget), v in sorted(both.items(), key=lambda kv: (-kv[0][1], kv[1]["reference"])):
+        lines.append(f"| {method} | {budget:g} | {v['quick']:.2f} | {v['reference']:.2f} | {v['reference'] / v['quick']:.3f} |")
+    for budget in sorted({b for _, b in both}, reverse=True):
+        here = {m: v for (m, b), v in both.items() if b == budget}
+        quick = sorted(here, key=lambda m: here[m]["quick"])
+        reference = sorted(here, key=lambda m: here[m]["reference"])
+        verdict = "the same" if quick == reference else "different"
+        lines.append(f"\nkept {budget:g}: ranking {verdict} (quick: {' < '.join(quick)}; reference: {' < '.join(reference)})")
     return "\n".join(lines)
 
 
@@ -123,9 +149,14 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("quick", "reference"), default="quick")
     parser.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], default=["wikitext2"])
     parser.add_argument("--table", action="store_true", help="only print the stored records as a markdown table")
+    parser.add_argument("--compare-protocols", metavar="DATASET", nargs="?", const="wikitext2",
+                        help="only print the cells measured on both protocols, their PPL ratio and rankings")
     args = parser.parse_args()
     if args.table:
-        print(table(Path(args.out)))
+        print(table(Path(args.out), protocol=args.protocol))
+        return
+    if args.compare_protocols:
+        print(protocol_table(Path(args.out), args.compare_protocols))
         return
     torch.set_num_threads(args.threads)
     run(args)

@@ -111,7 +111,9 @@ def rank_heatmaps_figure(profile: Profile, allocations: Mapping[str, Mapping[str
     cols = max(1, min(len(keys), 4 if len(keys) > 5 else 5))
     rows = max(1, -(-len(keys) // cols))
     cell = _cell_height(profile.num_blocks)
-    facet, gap, top, bottom = 30 + cell * profile.num_blocks, 40, 50, 40  # 30 px of facet title, 40 of ticks
+    upright = cols <= 2  # narrower facets turn the kind labels ("gate", "down") on their side so they do not run together
+    facet, top = 30 + cell * profile.num_blocks, 50  # 30 px of facet title
+    gap = bottom = 40 if upright else 56  # room for the kind labels under each facet
     plot = rows * facet + (rows - 1) * gap
     height = top + bottom + plot
     data, layout = [], dict(height=height, margin=dict(t=top, b=bottom, l=60, r=20), showlegend=False,
@@ -132,7 +134,8 @@ def rank_heatmaps_figure(profile: Profile, allocations: Mapping[str, Mapping[str
                          hovertemplate="block %{y}, %{x}: kept %{z:.3f}<br>rank %{text}<extra>" + name + "</extra>"))
         if heatmap_labelled(profile.num_blocks):
             data.append(_cell_labels(grid, z, ranks.to_numpy(), "Viridis", (0.0, 1.0), (f"x{axis}", f"y{axis}")))
-        layout[f"xaxis{axis}"] = dict(domain=[x0, x0 + width], anchor=f"y{axis}", tickangle=0)
+        layout[f"xaxis{axis}"] = dict(domain=[x0, x0 + width], anchor=f"y{axis}",
+                                       tickangle=0 if upright else -90)
         layout[f"yaxis{axis}"] = dict(domain=[y0, y1], anchor=f"x{axis}", autorange="reversed",
                                       showticklabels=col == 0, title=dict(text="block" if col == 0 else ""),
                                       **({"dtick": 1} if heatmap_labelled(profile.num_blocks) else {}))

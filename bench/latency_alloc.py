@@ -1,17 +1,20 @@
-"""Benchmark: LEMS under a measured decode-latency budget against LEMS under a parameter budget (demo, CPU).
+"""Benchmark: LEMS under a measured latency budget against LEMS under a parameter budget (demo, CPU).
 
 Run as `python -m bench.latency_alloc` (a few minutes), then `python -m bench.latency_alloc --evaluate`
-(a few minutes per plan) for perplexity and KL on the quick protocol.
+(a few minutes per plan) for perplexity and KL on the quick protocol. ``--workload prefill``
+does the same for a prompt pass of 1 x 256 tokens (the prefill device profile's default)
+instead of a decode step, with its plans in a folder of their own.
 
-1. The decode device profile of the demo's four layer shapes is measured (or read from
-   the cache): ``latency.latency_cost``.
-2. For each target t (0.85, 0.75 of the dense decode latency of the compressible
+1. The device profile of the demo's four layer shapes for the workload is measured (or
+   read from the cache): ``latency.latency_cost``.
+2. For each target t (0.85, 0.75 of the dense latency of the compressible
    Linears) the latency-budget LEMS plan is built; then parameter-budget LEMS plans at
    five parameter ratios around the one of equal predicted latency are timed with it, a
    line is fitted through their measured fractions, and the ratio where it meets the
    latency plan's *measured* fraction is taken; that parameter plan is built, and all
    plans are timed again together.
-3. Timing: one decode step (batch 1, one token, no KV cache) of the demo model, whose
+3. Timing: one decode step (batch 1, one token, no KV cache), or one prefill forward
+   (batch 1, 256 fixed random tokens, no KV cache), of the demo model, whose
    compressible Linears are swapped between plans (random factors at the plan's ranks:
    time does not depend on the values). Forward hooks on every compressible module sum
    its time inside the step; plans are timed round-robin (one step of each in turn), so
@@ -20,7 +23,8 @@ Run as `python -m bench.latency_alloc` (a few minutes), then `python -m bench.la
    reported beside it.
 
 The load average, thread count and clock are printed beside the figures. Plans are saved
-under --plans-dir for ``--evaluate``, which appends perplexity and KL to the results file.
+under --plans-dir (one folder per workload) for ``--evaluate``; every mode appends its
+output to the results file, so a prefill run keeps the decode figures before it.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ from lems_core.profile import Profile
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "cache" / "demo" / "smollm2-135m-kfac"
 RESULTS = ROOT / "bench" / "results" / "latency_alloc.txt"
+PLANS_DIRS = {"decode": ROOT / "cache" / "latency_alloc_plans", "prefill": ROOT / "cache" / "latency_alloc_plans_prefill"}
+REPEATS = {"decode": 31, "prefill": 11}  # a prefill forward takes ~1 s here against ~0.08 s for a decode step
 TARGETS = (0.85, 0.75)
 BRACKET = (-0.08, -0.04, 0.0, 0.04, 0.08)  # parameter ratios timed around the one of equal predicted latency
 
@@ -54,11 +60,14 @@ class SwappableModel:
 
     Every compressible module of every variant carries a pre- and a post-forward hook that,
     while ``recording``, add the time between them to ``linear_seconds``: the time of the
-    compressible Linears inside a real decode step.
+    compressible Linears inside a real decode step (``tokens`` = 1) or prefill forward
+    (``tokens`` fixed random prompt tokens).
     """
 
-    def __init__(self, model: nn.Module, clock: str):
+    def __init__(self, model: nn.Module, clock: str, tokens: int = 1):
         self.model, self.layers = model, compressible_layers(model)
+        self.input_ids = torch.tensor([[42]]) if tokens == 1 else torch.randint(
+            0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         self.tick, self.recording, self.linear_seconds = clock_of(clock, "cpu"), False, 0.0
         self.variants = {"dense": {l.name: model.get_submodule(l.name) for l in self.layers}}
         self.hooked: set[int] = set()
@@ -91,12 +100,12 @@ class SwappableModel:
             set_module(self.model, name, module)
 
     def time(self, labels: list[str], repeats: int) -> dict[str, dict[str, np.ndarray]]:
-        """Per variant and round: the whole decode step ("step") and its compressible Linears ("linears").
+        """Per variant and round: the whole step or forward ("step") and its compressible Linears ("linears").
 
         ``repeats`` rounds, each installing every variant in turn for one untimed warm-up
         step, one timed step without recording and one recorded step.
         """
-        token = torch.tensor([[42]])
+        token = self.input_ids
         samples = {label: {"step": [], "linears": []} for label in labels}
         with torch.inference_mode():
             for _ in range(repeats):
@@ -150,11 +159,21 @@ def matching_ratio(ratios: list[float], fractions: list[float], wanted: float) -
     return float(np.clip((wanted - intercept) / slope, min(ratios), max(ratios)))
 
 
+def workload_cost(args, profile: Profile, refresh: bool = False):
+    """The latency cost of ``args.workload`` on the CPU (device profile measured, or read from the cache)."""
+    return latency_cost(profile.layers, Workload.named(args.workload), device="cpu", cache_dir=args.cache_dir,
+                        clock=args.clock, repeats=args.profile_repeats, refresh=refresh)
+
+
+def swappable(args) -> SwappableModel:
+    """The demo model, ready to time plans inside a step of ``args.workload``."""
+    return SwappableModel(pipeline.get_model("demo", "cpu").model, args.clock, Workload.named(args.workload).tokens)
+
+
 def run_timing(args, out) -> None:
     profile = Profile.load(DEMO)
     started = time.perf_counter()
-    cost = latency_cost(profile.layers, Workload.named("decode"), device="cpu", cache_dir=args.cache_dir,
-                        clock=args.clock, repeats=args.profile_repeats, refresh=args.refresh_profile)
+    cost = workload_cost(args, profile, args.refresh_profile)
     dp = cost.device_profile
     out(f"# device profile {dp.profile_id}: {dp.key.device}, {dp.key.dtype}, torch {dp.key.torch}, "
         f"{dp.key.threads} thread(s), {dp.key.workload.describe()}, clock {dp.settings.get('clock')}, "
@@ -163,7 +182,7 @@ def run_timing(args, out) -> None:
     for shape, t in sorted(dp.shapes.items()):
         grid = ", ".join(f"r{r}: {s / t.dense_seconds:.2f}" for r, s in zip(t.ranks, t.lowrank_seconds))
         out(f"#   {shape[0]}x{shape[1]}: dense {t.dense_seconds * 1e6:.0f} us; low rank / dense: {grid}")
-    swap = SwappableModel(pipeline.get_model("demo", "cpu").model, args.clock)
+    swap = swappable(args)
     plans = {}
     for target in TARGETS:
         lat = lems_plan(profile, target, cost)
@@ -188,7 +207,7 @@ def run_timing(args, out) -> None:
     times = swap.time(final, args.repeats)
     out(f"\n# final timing, round-robin, {args.repeats} samples per variant, clock {args.clock}, "
         f"{torch.get_num_threads()} thread(s), load {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
-    out(f"# dense decode step (median) {np.median(times['dense']['step']) * 1e3:.1f} ms, of which the compressible "
+    out(f"# dense {args.workload} step (median) {np.median(times['dense']['step']) * 1e3:.1f} ms, of which the compressible "
         f"Linears {np.median(times['dense']['linears']) * 1e3:.1f} ms (the device profile's dense sum: "
         f"{cost.dense_total(profile.layers) * 1e3:.1f} ms); measured = median over rounds of plan / dense of the "
         f"Linears' time, quartiles beside it")
@@ -208,10 +227,9 @@ def run_timing(args, out) -> None:
 def run_retiming(args, out) -> None:
     """Time the saved plans again, together, with ``--repeats`` rounds: a second, independent measurement."""
     profile = Profile.load(DEMO)
-    cost = latency_cost(profile.layers, Workload.named("decode"), device="cpu", cache_dir=args.cache_dir,
-                        clock=args.clock, repeats=args.profile_repeats)
+    cost = workload_cost(args, profile)
     plans = {path.stem: RankPlan.load(path) for path in sorted(args.plans_dir.glob("*.json"))}
-    swap = SwappableModel(pipeline.get_model("demo", "cpu").model, args.clock)
+    swap = swappable(args)
     for label, plan in plans.items():
         swap.add_plan(label, plan.ranks())
     load_before = os.getloadavg()[0]
@@ -229,11 +247,10 @@ def run_retiming(args, out) -> None:
 
 
 def run_per_kind(args, out) -> None:
-    """Dense time of each layer kind inside a decode step against the device profile's (median over layers and rounds)."""
+    """Dense time of each layer kind inside a step of the workload against the device profile's (median over layers and rounds)."""
     profile = Profile.load(DEMO)
-    cost = latency_cost(profile.layers, Workload.named("decode"), device="cpu", cache_dir=args.cache_dir,
-                        clock=args.clock, repeats=args.profile_repeats)
-    swap = SwappableModel(pipeline.get_model("demo", "cpu").model, args.clock)
+    cost = workload_cost(args, profile)
+    swap = swappable(args)
     per_kind: dict[str, list[float]] = {}
 
     def record(module, inputs, output) -> None:
@@ -245,7 +262,7 @@ def run_per_kind(args, out) -> None:
         module.register_forward_hook(record)
     load_before = os.getloadavg()[0]
     swap.time(["dense"], args.repeats)
-    out(f"\n# dense Linears inside the decode step against the device profile {cost.device_profile.profile_id}, "
+    out(f"\n# dense Linears inside the {args.workload} step against the device profile {cost.device_profile.profile_id}, "
         f"{args.repeats} rounds, clock {args.clock}, load {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
     for kind, seconds in per_kind.items():
         layer = next(l for l in profile.layers if l.kind == kind)
@@ -254,13 +271,22 @@ def run_per_kind(args, out) -> None:
             f"profile {alone * 1e6:6.0f} us, ratio {in_step / alone:.2f}")
 
 
+def target_first(path: Path) -> tuple:
+    """Sort key of a saved plan: lowest target first, so the pair of the deepest cut is evaluated first."""
+    target = path.stem.replace("~", "@").rpartition("@")[2]
+    try:
+        return float(target), path.stem
+    except ValueError:
+        return float("inf"), path.stem
+
+
 def run_evaluation(args, out) -> None:
     """Perplexity (WikiText-2) and KL of every saved plan on the quick protocol, one at a time."""
     from lems_core.evaluation import QUICK_EVAL
 
     out(f"\n# quick protocol ({QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len}, WikiText-2), KFAC factors; load "
         f"{os.getloadavg()[0]:.2f}, {torch.get_num_threads()} thread(s)")
-    for path in sorted(args.plans_dir.glob("*.json")):
+    for path in sorted(args.plans_dir.glob("*.json"), key=target_first):
         plan = RankPlan.load(path)
         started = time.perf_counter()
         result = pipeline.evaluate_plan(plan, ["wikitext2"], QUICK_EVAL,
@@ -276,17 +302,23 @@ def main() -> None:
     parser.add_argument("--clock", default="cpu", choices=("wall", "cpu"),
                         help="cpu (default): process CPU time, which leaves out the time other jobs hold the core "
                              "on a shared machine; wall: elapsed time")
-    parser.add_argument("--repeats", type=int, default=31, help="rounds of each round-robin timing")
+    parser.add_argument("--workload", choices=("decode", "prefill"), default="decode",
+                        help="decode (default): one token, no KV cache; prefill: one forward of 1 x 256 tokens")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of each round-robin timing (default 31 for decode, 11 for prefill)")
     parser.add_argument("--profile-repeats", type=int, default=21, help="samples per configuration of the device profile")
     parser.add_argument("--refresh-profile", action="store_true", help="measure the device profile again (else cached)")
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--plans-dir", type=Path, default=ROOT / "cache" / "latency_alloc_plans")
+    parser.add_argument("--plans-dir", type=Path, default=None,
+                        help="where plans are saved and read (default: one folder per workload under cache/)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the saved plans (quick protocol) instead")
     parser.add_argument("--retime", action="store_true", help="time the saved plans again (appended to the results)")
     parser.add_argument("--per-kind", action="store_true",
                         help="dense time of each layer kind inside the step against the profile (appended)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.repeats = args.repeats or REPEATS[args.workload]
+    args.plans_dir = args.plans_dir or PLANS_DIRS[args.workload]
     args.plans_dir.mkdir(parents=True, exist_ok=True)
     lines = []
 
@@ -296,18 +328,14 @@ def main() -> None:
 
     modes = {"evaluate": run_evaluation, "retime": run_retiming, "per_kind": run_per_kind}
     chosen = [name for name in modes if getattr(args, name)]
-    mode = "".join(f" --{name.replace('_', '-')}" for name in chosen)
+    mode = f" --workload {args.workload}" + "".join(f" --{name.replace('_', '-')}" for name in chosen)
     out(f"# bench/latency_alloc.py{mode}: load average "
         f"{os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} (1/5 min), {os.cpu_count()} CPUs, torch "
         f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    if chosen:
-        for name in chosen:
-            modes[name](args, out)
-        with RESULTS.open("a") as f:
-            f.write("\n".join(lines) + "\n")
-    else:
-        run_timing(args, out)
-        RESULTS.write_text("\n".join(lines) + "\n")
+    for run in [modes[name] for name in chosen] or [run_timing]:
+        run(args, out)
+    with RESULTS.open("a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,18 @@ def looks_like_path(source: str) -> bool:
     return source.startswith(("/", "~", "./", "../", ".\\")) or "\\" in source or source.endswith(".gguf")
 
 
+def checkpoint_folder(source: str) -> str:
+    """The folder or hub id transformers loads ``source`` from: a GGUF file (the demo's included) is
+    converted once into a safetensors folder in the cache (gguf_cache.py) and read from there."""
+    from .gguf_cache import convert_gguf, converted_folder
+
+    folder, gguf = resolve_source(source)
+    if not gguf:
+        return folder
+    convert = functools.partial(convert_gguf, fingerprint=model_fingerprint)
+    return str(converted_folder(Path(folder) / gguf, converter=convert).folder)
+
+
 def load_model(
     source: str,
     device: str | None = None,
@@ -160,18 +172,14 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .gguf_cache import convert_gguf, converted_folder
-
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    folder, gguf = resolve_source(source)
+    resolve_source(source)  # a missing file or a file that is no model: its own error, before the loaders
     kwargs = {"trust_remote_code": trust_remote_code}
     check_device(device)
     try:
-        if gguf:  # converted once into a safetensors folder in the cache (gguf_cache.py), loaded from there
-            convert = functools.partial(convert_gguf, fingerprint=model_fingerprint)
-            folder = str(converted_folder(Path(folder) / gguf, converter=convert).folder)
+        folder = checkpoint_folder(source)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loaders raise anything (struct.error on a truncated GGUF)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .memory import DEFAULT_FRACTION, MemoryBudgetError, available_memory, format_bytes
-from .model import LoadedModel, weight_sample, default_device, model_fingerprint, resolve_source
+from .model import LoadedModel, checkpoint_folder, default_device, model_fingerprint, weight_sample
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,7 @@ def load_offloaded(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = resolve_source(source)
-    if gguf:
-        raise ValueError("offloaded loading needs a safetensors checkpoint folder; a GGUF file is dequantised whole")
+    folder = checkpoint_folder(source)  # a GGUF file: its converted safetensors folder, which accelerate can map
     if dtype is None:
         dtype = torch.float16 if default_device().startswith("cuda") else torch.float32
     kwargs = {"trust_remote_code": trust_remote_code}

@@ -304,3 +304,18 @@ def test_a_conversion_parses_the_file_once_and_restores_gguf(tiny_gguf, tmp_path
     assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
     CountingReader(tiny_gguf)
     assert len(parsed) == 2  # outside a conversion every reader parses again
+
+
+def test_an_offloaded_load_of_a_gguf_reads_its_conversion(tiny_gguf, tmp_path, monkeypatch):
+    """accelerate maps safetensors, so the offloaded loader takes a GGUF through the same cached
+    conversion as the whole-model loader, with the same weights (fingerprint) and no second conversion."""
+    from lems_core.offload import load_offloaded
+
+    monkeypatch.setenv("LEMS_GGUF_CACHE_DIR", str(tmp_path / "models"))
+    whole = load_model(str(tiny_gguf), device="cpu")
+    (conversion,) = [p for p in (tmp_path / "models").iterdir() if p.name.startswith("gguf-")]
+    stamp = (conversion / "model.safetensors").stat().st_mtime_ns
+    offloaded = load_offloaded(str(tiny_gguf), max_memory={"cpu": "1GB"}, offload_folder=tmp_path / "offload")
+    assert offloaded.fingerprint == whole.fingerprint
+    assert (conversion / "model.safetensors").stat().st_mtime_ns == stamp
+    assert offloaded.tokenizer is not None

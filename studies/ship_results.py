@@ -8,12 +8,16 @@ Nothing is copied from elsewhere; a cell that cannot run is reported and skipped
 
     python -m studies.ship_results [--profile cache/demo/smollm2-135m-kfac] [--cache-dir DIR]
         [--methods uniform,lems,...] [--ratios 0.8 0.6] [--out cache/demo/results.json]
-        [--protocol quick|reference] [--datasets wikitext2,ptb]
+        [--protocol quick|reference] [--datasets wikitext2,ptb] [--decomposition saes] [--log-every 60]
 
 ``--protocol reference`` measures on the paper's protocol (2048-token windows, all of them)
 instead of the quick one. Records already in ``--out`` for the same (method, decomposition,
-budget, protocol) are kept and not measured again, and each record is written as soon as it
-is measured, so a long run can be stopped and resumed.
+budget, protocol) are kept and not measured again (a dataset a record lacks is measured and
+added to it), and each record is written as soon as it is measured, so a long run can be
+stopped and resumed. ``--decomposition`` factorises the profile's plans with another
+decomposition (e.g. LEMS ranks with SAES or LC-SVD factors). ``--log-every`` prints the
+job's progress (e.g. the perplexity window) at most that often, so the time per window of
+a long cell can be read while it runs.
 """
 from __future__ import annotations
 
@@ -49,6 +53,19 @@ def _plan_item(profile: Profile, method: str, ratio: float, cache_dir: Path):
     return alloc.to_plan(profile, meta={"calibration": profile.calibration})
 
 
+def _progress_printer(every: float):
+    """A progress callback that prints the job's message and elapsed seconds at most every ``every`` s (0: never)."""
+    started = last = time.perf_counter()
+
+    def report(fraction: float, message: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if every > 0 and now - last >= every:
+            last = now
+            print(f"  [{now - started:7.1f}s load {os.getloadavg()[0]:.1f}] {fraction:5.1%} {message}", flush=True)
+    return report
+
+
 def _key(record: dict) -> tuple:
     proto = (record.get("settings") or {}).get("protocol") or {}
     return record["method"], record["decomposition"], round(float(record["budget"]), 4), proto.get("name")
@@ -64,23 +81,28 @@ def run(args) -> None:
     profile = Profile.load(args.profile)
     out = Path(args.out)
     records = json.loads(out.read_text())["results"] if out.is_file() else []
-    done = {_key(r) for r in records}
+    where = {_key(r): i for i, r in enumerate(records)}
     load = os.getloadavg()[0]
     protocol = REFERENCE_EVAL if args.protocol == "reference" else QUICK_EVAL
     note = (f"measured by studies/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
-            f"{Path(args.profile).name}), CPU, torch threads {torch.get_num_threads()}; each record names its "
-            f"protocol (quick: the first {QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test; "
+            f"{Path(args.profile).name}), CPU (the last run with torch threads {torch.get_num_threads()}; "
+            f"the thread count does not change the numbers); each record names its protocol "
+            f"(quick: the first {QUICK_EVAL.max_windows} x {QUICK_EVAL.seq_len} tokens of WikiText-2 test; "
             f"reference: {REFERENCE_EVAL.seq_len}-token windows, all of them)")
+    decomposition = args.decomposition or profile.decomposition
     for ratio in args.ratios:
         for method in args.methods:
-            key = (method, profile.decomposition, round(ratio, 4), protocol.name)
-            if key in done:
+            key = (method, decomposition, round(ratio, 4), protocol.name)
+            have = records[where[key]] if key in where else None
+            datasets = [d for d in args.datasets if have is None or d not in (have.get("ppl") or {})]
+            if not datasets:
                 continue
             started = time.perf_counter()
             try:
                 item = _plan_item(profile, method, ratio, args.cache_dir)
-                record = evaluate_and_store(item, profile=profile, run=Run(cache_dir=args.cache_dir, device="cpu"),
-                                            datasets=args.datasets, protocol=protocol)
+                job = Run(cache_dir=args.cache_dir, device="cpu", progress=_progress_printer(args.log_every))
+                record = evaluate_and_store(item, profile=profile, run=job, decomposition=args.decomposition,
+                                            datasets=datasets, protocol=protocol)
             except Exception as exc:  # a cell that cannot run says why; the others go on
                 traceback.print_exc()
                 print(f"{method} {ratio}: n/a ({type(exc).__name__}: {exc})", flush=True)
@@ -90,12 +112,29 @@ def run(args) -> None:
                 continue
             record["method"] = method  # lems_fit plans are named lems by the allocation
             record["source"] = "shipped"
-            records.append(record)
-            done.add(key)
+            if have is None:
+                where[key] = len(records)
+                records.append(record)
+            else:
+                records[where[key]] = _with_datasets(have, record)
             _write(out, records, note)
             print(f"[{time.perf_counter() - started:6.1f}s load {os.getloadavg()[0]:.1f} (start {load:.1f})] "
-                  f"{method} {ratio}: ppl {record['ppl']} kl {record['kl']:.4f} "
+                  f"{method} ({decomposition}) {ratio} {protocol.name}: ppl {record['ppl']} kl {record['kl']:.4f} "
                   f"ratio {record['realised_ratio']:.3f}", flush=True)
+
+
+def _with_datasets(have: dict, new: dict) -> dict:
+    """A stored cell with the datasets a later run measured added (a cell measured on WikiText-2 first
+    gets PTB without measuring WikiText-2 again). The same plan (ranks) keeps the stored record's KL
+    and adds the seconds; a different plan (the allocator changed since) replaces the record."""
+    if have.get("ranks") != new.get("ranks"):
+        return new
+    merged = {**have, "ppl": {**have["ppl"], **new["ppl"]}, "dense_ppl": {**have["dense_ppl"], **new["dense_ppl"]},
+              "seconds": round(have["seconds"] + new["seconds"], 1)}
+    settings = dict(have.get("settings") or {})
+    settings["splits"] = {**(settings.get("splits") or {}), **((new.get("settings") or {}).get("splits") or {})}
+    merged["settings"] = settings
+    return merged
 
 
 def table(out: Path, dataset: str = "wikitext2", protocol: str = "quick") -> str:
@@ -103,14 +142,21 @@ def table(out: Path, dataset: str = "wikitext2", protocol: str = "quick") -> str
     records = [r for r in json.loads(out.read_text())["results"]
                if (((r.get("settings") or {}).get("protocol") or {}).get("name") or "quick") == protocol]
     budgets = sorted({round(r["budget"], 4) for r in records}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    cell = {(r["method"], round(r["budget"], 4)): r for r in records}
+    methods = list(dict.fromkeys(_label(r, records) for r in records))
+    cell = {(_label(r, records), round(r["budget"], 4)): r for r in records}
     lines = ["| allocator | " + " | ".join(f"kept {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for m in methods:
         row = [(f"{cell[(m, b)]['ppl'][dataset]:.2f} ({cell[(m, b)]['realised_ratio']:.3f}; KL {cell[(m, b)]['kl']:.3f})"
                 if (m, b) in cell else "") for b in budgets]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _label(record: dict, records: list[dict]) -> str:
+    """The record's method, with its decomposition in brackets when it is not the file's first one
+    (so LEMS ranks with SAES factors are a row of their own, not a second value of the KFAC cell)."""
+    first = records[0]["decomposition"] if records else None
+    return record["method"] if record["decomposition"] == first else f"{record['method']} [{record['decomposition']}]"
 
 
 def protocol_table(out: Path, dataset: str = "wikitext2") -> str:
@@ -124,7 +170,7 @@ def protocol_table(out: Path, dataset: str = "wikitext2") -> str:
     for r in records:
         proto = ((r.get("settings") or {}).get("protocol") or {}).get("name")
         if dataset in (r.get("ppl") or {}):
-            cells.setdefault((r["method"], round(float(r["budget"]), 4)), {})[proto] = r["ppl"][dataset]
+            cells.setdefault((_label(r, records), round(float(r["budget"]), 4)), {})[proto] = r["ppl"][dataset]
     both = {k: v for k, v in cells.items() if "quick" in v and "reference" in v}
     lines = [f"| allocator | kept | {dataset} quick | {dataset} reference | reference / quick |", "|---|---|---|---|---|"]
     for (method, budget), v in sorted(both.items(), key=lambda kv: (-kv[0][1], kv[1]["reference"])):
@@ -148,6 +194,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--protocol", choices=("quick", "reference"), default="quick")
     parser.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], default=["wikitext2"])
+    parser.add_argument("--decomposition", default=None,
+                        help="factorise the plans with this decomposition (default: the profile's), e.g. saes, lcsvd")
+    parser.add_argument("--log-every", type=float, default=60.0,
+                        help="print the job's progress at most every this many seconds (0: only each cell's result)")
     parser.add_argument("--table", action="store_true", help="only print the stored records as a markdown table")
     parser.add_argument("--compare-protocols", metavar="DATASET", nargs="?", const="wikitext2",
                         help="only print the cells measured on both protocols, their PPL ratio and rankings")

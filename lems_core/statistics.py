@@ -148,10 +148,22 @@ def iter_block_input_stats(
         finally:
             for h in handles:
                 h.remove()
-        frozen = {g: a.freeze() for g, a in accumulators.items()}
+        acc = None
         if progress:
             progress((b + 1) / len(blocks), f"input statistics: block {b + 1}/{len(blocks)}")
-        yield b, {l.name: frozen[INPUT_GROUP[l.kind]] for l in block_layers}
+        yield b, _hand_over(accumulators, block_layers)
+
+
+def _hand_over(accumulators: dict, block_layers: list[LayerInfo]) -> dict[str, InputStats]:
+    """{layer name: InputStats} of one block, emptying ``accumulators``.
+
+    The generator keeps no reference to a block's Grams once it has yielded them, so
+    they die when the consumer drops them (and releases them in its ledger), not when
+    the next block's statistics start: otherwise they would stay alive, uncounted,
+    through the next window's backward pass and the next block's forward.
+    """
+    frozen = {g: accumulators.pop(g).freeze() for g in list(accumulators)}
+    return {l.name: frozen[INPUT_GROUP[l.kind]] for l in block_layers}
 
 
 def collect_input_stats(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, progress: Progress | None = None) -> dict[str, InputStats]:

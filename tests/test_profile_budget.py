@@ -188,3 +188,65 @@ def test_weights_mapped_from_their_files_are_not_taken_for_the_processs_own_memo
     assert mapped_bytes > 4 * 2**20  # loaded memory-mapped, as from any folder
     slack = 2**20  # RssAnon moves by a few pages between the three reads
     assert before - anon - slack <= overhead <= after - anon + slack  # RssAnon less only the anonymous weights
+
+
+def test_every_tensor_the_gram_ledger_released_is_gone_before_it_counts_the_next(
+        tmp_path, monkeypatch, one_thread, budget_beyond_interpreter):
+    """The ledger's live bytes are what is alive: a block's input Grams die when the build releases them, not
+    when the next block's statistics start (else they sit, uncounted, through the next window's backward)."""
+    stale: list[str] = []
+
+    class Checked(GramLedger):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.refs: dict[str, weakref.ref] = {}
+            self.released: dict[str, weakref.ref] = {}
+
+        def take(self, key, tensor):
+            stale.extend(k for k, ref in self.released.items() if ref() is not None)
+            self.released.clear()
+            self.refs[key] = weakref.ref(tensor)
+            return super().take(key, tensor)
+
+        def release(self, key):
+            if key in self.refs:
+                self.released[key] = self.refs.pop(key)
+            super().release(key)
+
+        def release_prefix(self, prefix):
+            for key in [k for k in self.refs if k.startswith(prefix)]:
+                self.released[key] = self.refs.pop(key)
+            super().release_prefix(prefix)
+
+    monkeypatch.setattr(streaming, "GramLedger", Checked)
+    loaded = tiny_loaded(5)
+    layers = compressible_layers(loaded.model)
+    block0 = [l for l in layers if l.block == 0]
+    budget = decomposition_workspace(layers) + block_factor_bytes(layers) + grad_gram_bytes(
+        block0) + input_gram_bytes(block0)  # one block per window
+    cfg = CalibrationConfig(dataset=str(word_corpus(tmp_path / "c.txt")), split="train", n_samples=2, seq_len=16,
+                            seed=1, n_search=1)
+    build_profile(loaded, "kfac", cfg, ProfileSettings(measure_scale=False, bias_fit_ratios=()),
+                  run=Run(cache_dir=tmp_path, max_memory=budget))
+    assert not stale, stale
+
+
+def test_a_cpu_budget_hands_freed_memory_back_to_the_os_before_the_process_is_measured(tmp_path, monkeypatch):
+    """glibc's heap keeps freed Grams under its moving mmap threshold as resident holes; a budgeted CPU build
+    fixes the threshold (``memory.release_freed_memory``) before it measures what the process holds."""
+    import platform
+
+    from lems_core import memory
+    from lems_core.pipeline import artefacts
+
+    assert memory.release_freed_memory("cuda") is False  # a GPU budget does not bound the CPU heap
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert memory.release_freed_memory("cpu") is True
+    calls = []
+    monkeypatch.setattr(artefacts, "release_freed_memory", lambda device: calls.append(("release", str(device))))
+    monkeypatch.setattr(artefacts, "process_overhead", lambda *_: calls.append(("reserve",)) or 0)
+    cfg = CalibrationConfig(dataset=str(word_corpus(tmp_path / "c.txt")), split="train", n_samples=2, seq_len=16,
+                            seed=1, n_search=1)
+    build_profile(tiny_loaded(2), "svd_llm", cfg, ProfileSettings(bias_fit_ratios=()),
+                  run=Run(cache_dir=tmp_path, max_memory=2**30))
+    assert calls == [("release", "cpu"), ("reserve",)]

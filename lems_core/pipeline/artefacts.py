@@ -17,7 +17,7 @@ from ..cache import key_of, load_tensors, save_tensors, tensor_path
 from ..calibration import SEARCH_SEED_OFFSET, CalibrationConfig, sample_windows
 from ..data import load_text
 from ..decompositions import DecompositionOptions, Decomposer, Factorization, base_of, spec_of
-from ..memory import available_memory, grad_gram_bytes, input_gram_bytes, process_overhead
+from ..memory import available_memory, grad_gram_bytes, input_gram_bytes, process_overhead, release_freed_memory
 from ..model import LayerInfo, LoadedModel, compressible_layers
 from ..offload import has_offloaded_weights
 from ..profile import Profile
@@ -173,7 +173,10 @@ def _streamed(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, o
     shard = None if owned is None else (distributed.context().rank, distributed.context().world)
     folder = streamed_folder(loaded, cfg, decomposition, options, run, shard)
     # a budget the user gave bounds the process beyond the weights: what it holds already is set aside
-    reserve = process_overhead(loaded.model, loaded.device) if run.max_memory is not None else 0
+    reserve = 0
+    if run.max_memory is not None:
+        release_freed_memory(loaded.device)  # freed Grams leave no resident holes in the heap
+        reserve = process_overhead(loaded.model, loaded.device)
     plan = plan_stream(layers, decomposition, run.max_memory, loaded.device, options, reserve)
     return streamed_factorizations(loaded, calib_ids, decomposition, options, folder, plan, owned, run=run)
 

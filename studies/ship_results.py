@@ -32,7 +32,7 @@ import torch
 
 from lems_core.allocators import MODEL_SCORED, allocate, fit_bias
 from lems_core.cache import DEMO_DIR
-from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL
+from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, protocol_name
 from lems_core.pipeline import PlanRequest, evaluate_and_store, score_function
 from lems_core.run import Run
 from lems_core.profile import Profile
@@ -67,8 +67,7 @@ def _progress_printer(every: float):
 
 
 def _key(record: dict) -> tuple:
-    proto = (record.get("settings") or {}).get("protocol") or {}
-    return record["method"], record["decomposition"], round(float(record["budget"]), 4), proto.get("name")
+    return record["method"], record["decomposition"], round(float(record["budget"]), 4), protocol_name(record.get("settings"))
 
 
 def _write(out: Path, records: list[dict], note: str) -> None:
@@ -140,7 +139,7 @@ def _with_datasets(have: dict, new: dict) -> dict:
 def table(out: Path, dataset: str = "wikitext2", protocol: str = "quick") -> str:
     """The shipped records of one protocol as a markdown table: method x budget, PPL (realised ratio) and KL."""
     records = [r for r in json.loads(out.read_text())["results"]
-               if (((r.get("settings") or {}).get("protocol") or {}).get("name") or "quick") == protocol]
+               if protocol_name(r.get("settings")) == protocol]
     budgets = sorted({round(r["budget"], 4) for r in records}, reverse=True)
     methods = list(dict.fromkeys(_label(r, records) for r in records))
     cell = {(_label(r, records), round(r["budget"], 4)): r for r in records}
@@ -168,9 +167,9 @@ def protocol_table(out: Path, dataset: str = "wikitext2") -> str:
     records = json.loads(out.read_text())["results"]
     cells: dict[tuple, dict] = {}
     for r in records:
-        proto = ((r.get("settings") or {}).get("protocol") or {}).get("name")
         if dataset in (r.get("ppl") or {}):
-            cells.setdefault((_label(r, records), round(float(r["budget"]), 4)), {})[proto] = r["ppl"][dataset]
+            cells.setdefault((_label(r, records), round(float(r["budget"]), 4)), {})[protocol_name(r.get("settings"))] \
+                = r["ppl"][dataset]
     both = {k: v for k, v in cells.items() if "quick" in v and "reference" in v}
     lines = [f"| allocator | kept | {dataset} quick | {dataset} reference | reference / quick |", "|---|---|---|---|---|"]
     for (method, budget), v in sorted(both.items(), key=lambda kv: (-kv[0][1], kv[1]["reference"])):

@@ -150,9 +150,13 @@ def looks_like_path(source: str) -> bool:
 def checkpoint_folder(source: str) -> str:
     """The folder or hub id transformers loads ``source`` from: a GGUF file (the demo's included) is
     converted once into a safetensors folder in the cache (gguf_cache.py) and read from there."""
+    return converted_checkpoint(*resolve_source(source))
+
+
+def converted_checkpoint(folder: str, gguf: str | None) -> str:
+    """``folder``, or with a GGUF file name in it the folder of that file's cached conversion."""
     from .gguf_cache import convert_gguf, converted_folder
 
-    folder, gguf = resolve_source(source)
     if not gguf:
         return folder
     convert = functools.partial(convert_gguf, fingerprint=model_fingerprint)
@@ -175,11 +179,11 @@ def load_model(
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    resolve_source(source)  # a missing file or a file that is no model: its own error, before the loaders
+    folder, gguf = resolve_source(source)  # a missing file or a file that is no model: its own error
     kwargs = {"trust_remote_code": trust_remote_code}
     check_device(device)
     try:
-        folder = checkpoint_folder(source)
+        folder = converted_checkpoint(folder, gguf)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - loaders raise anything (struct.error on a truncated GGUF)

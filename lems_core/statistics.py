@@ -148,7 +148,7 @@ def iter_block_input_stats(
         finally:
             for h in handles:
                 h.remove()
-        acc = None
+        acc = None  # the loop's last accumulator: once yielded, only the consumer holds a block's Grams
         if progress:
             progress((b + 1) / len(blocks), f"input statistics: block {b + 1}/{len(blocks)}")
         yield b, _hand_over(accumulators, block_layers)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -67,11 +68,30 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     try:  # unique temporary names: two processes computing the same entry never share one
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp_sidecar.write_text(json.dumps({"sha256": sha256_file(tmp), "meta": meta or {}}))
-        os.replace(tmp, path)
-        os.replace(tmp_sidecar, path.with_suffix(".json"))
+        with _entry_lock(path, exclusive=True):  # the file and its checksum change together
+            os.replace(tmp, path)
+            os.replace(tmp_sidecar, path.with_suffix(".json"))
     finally:
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path, exclusive: bool):
+    """An advisory lock on one cache entry (``.<name>.lock`` beside it; fcntl, so POSIX only).
+
+    A file and its checksum sidecar are two renames: without it, two writers of the same
+    entry could leave one's tensors beside the other's checksum, and a reader between the
+    renames would find them mismatched and delete a good entry.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): unlocked, as before
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def _unique_temp(path: Path) -> Path:
@@ -91,16 +111,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         return None
-    try:
-        expected = read_json_capped(sidecar, 1 << 16, ValueError, "a checksum sidecar")["sha256"]
-        if sha256_file(path) != expected:
-            raise ValueError("checksum mismatch")
-        return load_file(str(path))
-    except Exception as exc:  # corrupt entry: drop it and let the caller recompute
-        log.warning("cache entry %s is corrupt (%s); recomputing", path, exc)
-        path.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
-        return None
+    with _entry_lock(path, exclusive=False):
+        try:
+            expected = read_json_capped(sidecar, 1 << 16, ValueError, "a checksum sidecar")["sha256"]
+            if sha256_file(path) != expected:
+                raise ValueError("checksum mismatch")
+            return load_file(str(path))
+        except Exception as exc:  # corrupt entry: drop it and let the caller recompute
+            log.warning("cache entry %s is corrupt (%s); recomputing", path, exc)
+            path.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
+            return None
 
 
 class CacheIndexError(ValueError):

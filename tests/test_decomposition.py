@@ -88,3 +88,47 @@ def test_missing_statistics_are_specific_errors(setup):
         Decomposer("svd_llm")(layer, w)
     with pytest.raises(ValueError, match="Unknown decomposition"):
         Decomposer("magic")
+
+
+@pytest.mark.parametrize("method", ["kfac", "svd_llm"])
+def test_layers_factorised_in_parallel_are_the_sequential_bits(setup, method):
+    """decomposed_layers on two threads (each on one LAPACK thread) gives exactly the one-thread factors, in order."""
+    from helpers import ByteTokenizer
+    from lems_core.model import LoadedModel
+    from lems_core.pipeline.artefacts import decomposed_layers
+    from lems_core.statistics import Statistics
+
+    model, _, layers, inputs, grads, fisher = setup
+    loaded = LoadedModel(model, ByteTokenizer(), "tiny-llama", "f")
+    stats = Statistics(inputs=inputs, grad_gram=grads, fisher=fisher)
+    before = torch.get_num_threads()
+    try:
+        runs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[threads] = list(decomposed_layers(loaded, layers, stats, Decomposer(method)))
+            assert torch.get_num_threads() == threads  # restored after the parallel section
+    finally:
+        torch.set_num_threads(before)
+    assert [l.name for l, _ in runs[2]] == [l.name for l in layers]
+    for (_, one), (_, two) in zip(runs[1], runs[2]):
+        assert np.array_equal(one.sigma, two.sigma)
+        assert torch.equal(one.left, two.left) and torch.equal(one.right, two.right)
+
+
+def test_a_shared_input_whitener_is_built_once_and_dropped_when_unused():
+    """SharedWhiteners: one build per input; the newest input's whitener kept, an older unused one dropped."""
+    from lems_core.decompositions.registry import SharedWhiteners
+
+    built = []
+    shared = SharedWhiteners()
+
+    def build(name):
+        return lambda: built.append(name) or name
+
+    for key in (1, 1, 1):  # q, k, v: one build
+        with shared.use(key, build(key)) as whitener:
+            assert whitener == key
+    with shared.use(1, build(1)), shared.use(2, build(2)):  # a thread still factorises a layer of input 1
+        assert sorted(shared._entries) == [1, 2]
+    assert sorted(shared._entries) == [2] and built == [1, 2]

@@ -8,8 +8,11 @@ method, and the pipeline caches their factors per plan.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Callable, Iterator
 
 import torch
 
@@ -108,11 +111,49 @@ _MISSING = {"inputs": "input statistics", "fisher": "Fisher statistics", "grads"
 _INPUT_NAMES = {"weight": "weight", "inputs": "input Gram", "grads": "output-gradient Gram", "fisher": "Fisher rows"}
 
 
+class SharedWhiteners:
+    """The right whiteners of the inputs being factorised, built once per input and shared by its layers.
+
+    An input's whitener is kept while a layer reading it is being factorised, and the
+    newest one also after (the next layer usually reads the same input: q/k/v, gate/up).
+    Any other is dropped, so one thread in order holds one whitener at a time, and
+    threads factorising neighbouring layers at once (``decomposed_layers``) hold those
+    they use. Building happens under the lock: a second thread wanting the same input waits
+    for it instead of building it again.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[int, list] = {}  # input key -> [whitener, layers using it now]
+        self._newest: int | None = None
+
+    @contextlib.contextmanager
+    def use(self, key: int, build: Callable[[], Whitener]) -> Iterator[Whitener]:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [build(), 0]
+                self._newest = key
+            entry[1] += 1
+            self._drop_unused()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        for key in [k for k, (_, users) in self._entries.items() if users == 0 and k != self._newest]:
+            del self._entries[key]
+
+
 class Decomposer:
     """Decomposes layers with one static method, reusing whitening shared by layers with one input.
 
     q/k/v (and gate/up) share one input Gram, so their Cholesky/eigh factor is
-    computed once; this and a float64 SVD per layer are the whole cost.
+    computed once (``SharedWhiteners``); this and a float64 SVD per layer are the whole
+    cost. Calls from several threads at once are safe.
     """
 
     def __init__(self, method: str, options: DecompositionOptions | None = None):
@@ -121,7 +162,7 @@ class Decomposer:
         self.method = method
         self.options = options or DecompositionOptions()
         self._static = SPECS[method].method
-        self._right_cache: dict[int, Whitener] = {}
+        self._whiteners = SharedWhiteners()
 
     def __call__(
         self,
@@ -139,7 +180,8 @@ class Decomposer:
         with single_threaded_lapack(weight.device):
             w = weight.detach().to(self.options.dtype)
             left = self._static.left(stats, self.options, w.device)
-            f = factorize(w, left, self._right(stats, w.device), keep_of(layer, keep))
+            with self._right(stats, w.device) as right:
+                f = factorize(w, left, right, keep_of(layer, keep))
         check_finite_factors(layer.name, f.left, f.right, f"{self.method} decomposition", f.sigma)
         return f
 
@@ -160,10 +202,7 @@ class Decomposer:
             raise NonFiniteFactorsError(f"layer {layer.name}: {self.method} cannot factorise it: its "
                                         f"{' and '.join(_INPUT_NAMES[b] for b in bad)} hold NaN or inf")
 
-    def _right(self, stats: LayerStats, device: torch.device) -> Whitener:
+    def _right(self, stats: LayerStats, device: torch.device) -> contextlib.AbstractContextManager[Whitener]:
         if not self._static.shares_input:
-            return self._static.right(stats, self.options, device)
-        key = id(stats.inputs.gram)
-        if key not in self._right_cache:  # one input group alive at a time
-            self._right_cache = {key: self._static.right(stats, self.options, device)}
-        return self._right_cache[key]
+            return contextlib.nullcontext(self._static.right(stats, self.options, device))
+        return self._whiteners.use(id(stats.inputs.gram), lambda: self._static.right(stats, self.options, device))

@@ -6,6 +6,8 @@ entry is recomputed, never trusted.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,6 +19,7 @@ from ..cache import key_of, load_tensors, save_tensors, tensor_path
 from ..calibration import SEARCH_SEED_OFFSET, CalibrationConfig, sample_windows
 from ..data import load_text
 from ..decompositions import DecompositionOptions, Decomposer, Factorization, base_of, spec_of
+from ..decompositions.base import single_threaded_lapack
 from ..memory import available_memory, grad_gram_bytes, input_gram_bytes, process_overhead, release_freed_memory
 from ..model import LayerInfo, LoadedModel, compressible_layers
 from ..offload import has_offloaded_weights
@@ -189,11 +192,34 @@ def whole_model_key(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: 
 
 def decomposed_layers(loaded: LoadedModel, layers: list[LayerInfo], stats: Statistics,
                       decomposer: Decomposer) -> Iterator[tuple[LayerInfo, Factorization]]:
-    """(layer, Factorization) for each of ``layers``, one at a time, from the collected statistics."""
-    for layer in layers:
+    """(layer, Factorization) for each of ``layers`` in order, from the collected statistics.
+
+    On a CPU the layers are factorised by as many threads as torch has intra-op threads,
+    each on one LAPACK thread: a float64 eigh or Cholesky gains little from a second
+    thread (``single_threaded_lapack``), two layers at once take half the time. Each
+    layer's arithmetic is the sequential one, so the factors are the same bits. At most
+    one layer more than the threads is in flight, so memory holds a few layers' factors.
+    """
+    def factorise(layer: LayerInfo) -> Factorization:
         weight = loaded.model.get_submodule(layer.name).weight
-        yield layer, decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
-                                stats.fisher.get(layer.name))
+        return decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
+                          stats.fisher.get(layer.name))
+
+    workers = min(len(layers), torch.get_num_threads()) if loaded.device.type == "cpu" else 1
+    if workers <= 1:
+        for layer in layers:
+            yield layer, factorise(layer)
+        return
+    with single_threaded_lapack(loaded.device), ThreadPoolExecutor(workers, "lems-decompose") as pool:
+        in_flight: deque = deque()
+        for layer in layers:
+            in_flight.append((layer, pool.submit(factorise, layer)))
+            if len(in_flight) > workers:
+                done, future = in_flight.popleft()
+                yield done, future.result()
+        while in_flight:
+            done, future = in_flight.popleft()
+            yield done, future.result()
 
 
 def streamed_folder(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, options: DecompositionOptions,

@@ -34,7 +34,7 @@ from torch import nn
 
 from .compression import (CONFIG_FILE, LOW_RANK_CONFIG_KEY, MAX_CONFIG_BYTES, CompressedModelError,
                           LowRankLinear, check_output_folder, count_parameters, write_compressed)
-from .results import ResultsFileError, check_measurements, check_zero_shot
+from .results import ResultsFileError, check_measurements, check_zero_shot, is_number
 from .safe_io import read_json_capped, replaced_folder
 
 HF_FORMAT, NATIVE_FORMAT = "hf", "lems"
@@ -191,7 +191,7 @@ def matching_results(records: list[dict], plan, decomposition: str) -> list[dict
 
 def _same_number(value, expected: float) -> bool:
     """Whether a record's field is the number ``expected`` (a string, null or object is not)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value - expected) < 1e-9
+    return is_number(value) and abs(value - expected) < 1e-9
 
 
 def remote_class_name(model: nn.Module) -> str:

@@ -206,7 +206,7 @@ def check_record(record, where: str) -> None:
             raise ResultsFileError(f"{label}: {name!r} must be a string, got {record[name]!r}")
     for name in ("budget", "realised_ratio"):
         value = record.get(name)
-        if not _number(value) or not 0.0 < value <= 1.0 + 1e-9:
+        if not is_number(value) or not 0.0 < value <= 1.0 + 1e-9:
             raise ResultsFileError(f"{label}: {name!r} must be a kept fraction in (0, 1], got {value!r}")
     _check_counts(record, label)
     check_measurements(record, label)
@@ -224,7 +224,7 @@ def _check_counts(record: dict, label: str) -> None:
     if not _integer(total) or total < 1 or not _integer(kept) or not 0 <= kept <= total:
         raise ResultsFileError(f"{label}: 'params_kept' and 'params_total' must be integers with "
                                f"0 <= kept <= total and total >= 1, got {kept!r} and {total!r}")
-    if record.get("seconds") is not None and (not _number(record["seconds"]) or record["seconds"] < 0):
+    if record.get("seconds") is not None and (not is_number(record["seconds"]) or record["seconds"] < 0):
         raise ResultsFileError(f"{label}: 'seconds' must be a number >= 0, got {record['seconds']!r}")
 
 
@@ -239,7 +239,7 @@ def check_measurements(record: dict, label: str) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ResultsFileError(f"{label}: {name}[{dataset!r}] must be a perplexity > 0, got {value!r}")
     kl = record.get("kl")
-    if kl is not None and (not _number(kl) or kl < -KL_ROUNDOFF):
+    if kl is not None and (not is_number(kl) or kl < -KL_ROUNDOFF):
         raise ResultsFileError(f"{label}: 'kl' must be a finite number >= 0 or null, got {kl!r}")
 
 
@@ -292,7 +292,8 @@ def _check_latency(latency, label: str) -> None:
         raise ResultsFileError(f"{label}: {exc}") from None
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """Whether a JSON field holds a finite number (a bool, string, null or object does not)."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 

@@ -132,3 +132,26 @@ def test_a_shared_input_whitener_is_built_once_and_dropped_when_unused():
     with shared.use(1, build(1)), shared.use(2, build(2)):  # a thread still factorises a layer of input 1
         assert sorted(shared._entries) == [1, 2]
     assert sorted(shared._entries) == [2] and built == [1, 2]
+
+
+def test_parallel_factorisation_is_bounded_by_threads_and_free_memory(setup, monkeypatch):
+    """One thread per torch thread, never more than twice the workspace fits in the free memory, one on a GPU."""
+    from lems_core.pipeline import artefacts
+    from lems_core.streaming import decomposition_workspace
+
+    layers = setup[2]
+    workspace = decomposition_workspace(layers, torch.float64)
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(artefacts, "available_memory", lambda device: 100 * workspace)
+        assert artefacts.decomposition_threads(cpu, layers, torch.float64) == 4
+        assert artefacts.decomposition_threads(cpu, layers[:3], torch.float64) == 3
+        monkeypatch.setattr(artefacts, "available_memory", lambda device: 5 * workspace)
+        assert artefacts.decomposition_threads(cpu, layers, torch.float64) == 2
+        monkeypatch.setattr(artefacts, "available_memory", lambda device: workspace)
+        assert artefacts.decomposition_threads(cpu, layers, torch.float64) == 1
+        assert artefacts.decomposition_threads(torch.device("cuda"), layers, torch.float64) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -198,14 +198,15 @@ def decomposed_layers(loaded: LoadedModel, layers: list[LayerInfo], stats: Stati
     each on one LAPACK thread: a float64 eigh or Cholesky gains little from a second
     thread (``single_threaded_lapack``), two layers at once take half the time. Each
     layer's arithmetic is the sequential one, so the factors are the same bits. At most
-    one layer more than the threads is in flight, so memory holds a few layers' factors.
+    one layer more than the threads is in flight, and no more threads than the free memory
+    holds workspaces for (``decomposition_threads``).
     """
     def factorise(layer: LayerInfo) -> Factorization:
         weight = loaded.model.get_submodule(layer.name).weight
         return decomposer(layer, weight, stats.inputs.get(layer.name), stats.grad_gram.get(layer.name),
                           stats.fisher.get(layer.name))
 
-    workers = min(len(layers), torch.get_num_threads()) if loaded.device.type == "cpu" else 1
+    workers = decomposition_threads(loaded.device, layers, decomposer.options.dtype)
     if workers <= 1:
         for layer in layers:
             yield layer, factorise(layer)
@@ -220,6 +221,15 @@ def decomposed_layers(loaded: LoadedModel, layers: list[LayerInfo], stats: Stati
         while in_flight:
             done, future = in_flight.popleft()
             yield done, future.result()
+
+
+def decomposition_threads(device: torch.device, layers: list[LayerInfo], dtype: torch.dtype) -> int:
+    """How many layers ``decomposed_layers`` factorises at once: one per torch thread on a CPU, as many as
+    twice the largest layer's workspace (``decomposition_workspace``) fits in the memory free now; one on a GPU."""
+    if device.type != "cpu" or not layers:
+        return 1
+    fit = available_memory(device) // (2 * decomposition_workspace(layers, dtype))
+    return max(1, min(len(layers), torch.get_num_threads(), fit))
 
 
 def streamed_folder(loaded: LoadedModel, cfg: CalibrationConfig, decomposition: str, options: DecompositionOptions,

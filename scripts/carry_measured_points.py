@@ -10,6 +10,14 @@ points are copied, and the profile says so (``meta["carried_points"]``): they we
 measured against a bf16 reference and include its floor (``kl_bf16`` of the old profile).
 
     python scripts/carry_measured_points.py OLD_PROFILE_DIR NEW_PROFILE_DIR
+
+``--nll`` carries the other way round: the single-layer search NLL that a rebuild in
+another cache measured at ASVD's points (``profile --extra-ratios``) goes into the
+shipped profile, whose KL points stay as they are (``lems_mp`` and the held-out study
+read them). NLL depends on the factors, so the two profiles' spectra must agree to
+float32 round-off as well as their windows; ``meta["nll_points"]`` says where they came from.
+
+    python scripts/carry_measured_points.py --nll REBUILT_PROFILE_DIR SHIPPED_PROFILE_DIR
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ import argparse
 import random
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from lems_core.calibration import SEARCH_SEED_OFFSET, CalibrationConfig
 from lems_core.data import load_text
@@ -40,10 +50,39 @@ def same_windows(old: CalibrationConfig, new: CalibrationConfig) -> bool:
                for seed, n in ((new.seed, new.n_samples), (new.seed + SEARCH_SEED_OFFSET, new.n_search)))
 
 
+def spectra_gap(a: Profile, b: Profile) -> float:
+    """The largest difference between the two profiles' singular values, relative to each layer's largest."""
+    gaps = []
+    for layer in a.layers:
+        x, y = np.asarray(a.spectra[layer.name], np.float64), np.asarray(b.spectra[layer.name], np.float64)
+        if x.shape != y.shape:
+            return float("inf")
+        gaps.append(float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(x))), np.finfo(np.float64).tiny)))
+    return max(gaps, default=0.0)
+
+
+def carry_nll(source: Profile, target: Profile) -> list[float]:
+    """Copy ``source``'s NLL points that ``target`` lacks into it; returns their ratios."""
+    # the spectra come from float64 factorisations of float32 statistics: equal factors agree to float32 round-off
+    gap, tolerance = spectra_gap(source, target), 64 * float(np.finfo(np.float32).eps)
+    if gap > tolerance:
+        sys.exit(f"the profiles' spectra differ by {gap:.2e} of the largest singular value (more than {tolerance:.1e}): "
+                 "their factors differ, so the NLL does not carry")
+    carried = sorted(set(source.measured_nll) - set(target.measured_nll))
+    target.measured_nll.update({r: source.measured_nll[r] for r in carried})
+    target.meta["nll_points"] = {
+        "ratios": carried, "from_profile_created": source.meta.get("created"), "spectra_gap": gap,
+        "note": "single-layer search NLL measured by a rebuild of this profile in another cache (profile "
+                "--extra-ratios, same windows, spectra equal to float32 round-off); the KL points here are unchanged",
+    }
+    return carried
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
+    parser.add_argument("--nll", action="store_true", help="carry OLD's NLL points into NEW (see above)")
     args = parser.parse_args()
     old, new = Profile.load(args.old), Profile.load(args.new)
     if (old.fingerprint, old.decomposition, [l.name for l in old.layers]) != \
@@ -51,6 +90,11 @@ def main() -> None:
         sys.exit("the profiles are not of the same model, decomposition and layers")
     if not same_windows(CalibrationConfig.from_dict(old.calibration), CalibrationConfig.from_dict(new.calibration)):
         sys.exit("the profiles' calibration windows differ: measure the points instead (pipeline.add_measured_points)")
+    if args.nll:
+        carried = carry_nll(old, new)
+        new.save(args.new)
+        print(f"carried the NLL at {carried} into {args.new}")
+        return
     carried = sorted(set(old.measured) - set(new.measured))
     new.measured.update({r: old.measured[r] for r in carried})
     new.meta["carried_points"] = {

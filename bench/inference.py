@@ -23,7 +23,7 @@ ratio, which descheduling on busy cores does not inflate), with the thread count
 the load average. Before that, at one thread, where one forward and one generation
 spend their CPU time: attention projections (q/k/v/o), MLP (gate/up/down and the
 activation), lm_head, everything else (embeddings, norms, rotary, attention itself,
-the generation loop). With a GPU, the same figures in fp16 on it.
+the generation loop). With a GPU, the same figures in fp16 and in bf16 on it (not run here: no GPU).
 
     python -m bench.inference [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
 """
@@ -265,9 +265,10 @@ def main() -> None:
             t = measure(models, ids, prompt, args.new_tokens, args.repeats)
             report(f"CPU fp32, {torch.get_num_threads()} thread(s)", t, args.seq_len, args.new_tokens)
         if torch.cuda.is_available() and not args.no_gpu:
-            models = {k: m.to("cuda", torch.float16) for k, m in models.items()}
-            t = measure(models, ids.cuda(), prompt.cuda(), args.new_tokens, args.repeats)
-            report(f"GPU fp16 ({torch.cuda.get_device_name()})", t, args.seq_len, args.new_tokens)
+            for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+                models = {k: m.to("cuda", dtype) for k, m in models.items()}
+                t = measure(models, ids.cuda(), prompt.cuda(), args.new_tokens, args.repeats)
+                report(f"GPU {name} ({torch.cuda.get_device_name()})", t, args.seq_len, args.new_tokens)
         else:
             print("GPU: none here (run on a CUDA machine for the GPU figure)")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .safe_io import open_regular, read_json_capped  # noqa: F401  (re-exported)
+from .safe_io import advisory_lock, open_regular, read_json_capped  # noqa: F401  (re-exported)
 
 MAX_PROFILE_JSON_BYTES = 64 * 1024 * 1024  # a profile.json of 70B spectra is a few MB
 
@@ -68,30 +67,12 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     try:  # unique temporary names: two processes computing the same entry never share one
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp_sidecar.write_text(json.dumps({"sha256": sha256_file(tmp), "meta": meta or {}}))
-        with _entry_lock(path, exclusive=True):  # the file and its checksum change together
+        with advisory_lock(path, exclusive=True):  # the file and its checksum change together
             os.replace(tmp, path)
             os.replace(tmp_sidecar, path.with_suffix(".json"))
     finally:
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _entry_lock(path: Path, exclusive: bool):
-    """An advisory lock on one cache entry (``.<name>.lock`` beside it; fcntl, so POSIX only).
-
-    A file and its checksum sidecar are two renames: without it, two writers of the same
-    entry could leave one's tensors beside the other's checksum, and a reader between the
-    renames would find them mismatched and delete a good entry.
-    """
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): unlocked, as before
-        yield
-        return
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
 
 
 def _unique_temp(path: Path) -> Path:
@@ -111,7 +92,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         return None
-    with _entry_lock(path, exclusive=False):
+    with advisory_lock(path, exclusive=False):
         try:
             expected = read_json_capped(sidecar, 1 << 16, ValueError, "a checksum sidecar")["sha256"]
             if sha256_file(path) != expected:

@@ -191,3 +191,22 @@ def _swap_in(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def advisory_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
+    """An advisory lock on ``path`` (``.<name>.lock`` beside it; fcntl, so POSIX only).
+
+    For a file replaced by renames, which a lock on the file itself would not follow: a
+    cache entry and its checksum sidecar change together under it, and a results file is
+    re-read and rewritten under it, so two writers keep each other's changes.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): unlocked
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+

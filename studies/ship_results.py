@@ -35,6 +35,7 @@ from lems_core.cache import DEMO_DIR
 from lems_core.evaluation import QUICK_EVAL, REFERENCE_EVAL, protocol_name
 from lems_core.pipeline import PlanRequest, evaluate_and_store, score_function
 from lems_core.run import Run
+from lems_core.safe_io import advisory_lock
 from lems_core.profile import Profile
 
 SCHEMA = "lems-results/1"
@@ -70,17 +71,33 @@ def _key(record: dict) -> tuple:
     return record["method"], record["decomposition"], round(float(record["budget"]), 4), protocol_name(record.get("settings"))
 
 
-def _write(out: Path, records: list[dict], note: str) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"schema": SCHEMA, "note": note, "results": records}, indent=1))
-    os.replace(tmp, out)
+def _read(out: Path) -> list[dict]:
+    return json.loads(out.read_text())["results"] if out.is_file() else []
+
+
+def _store(out: Path, record: dict, note: str) -> dict:
+    """Add ``record`` to ``out`` (merged into a stored record of its cell, ``_with_datasets``); returns what is stored.
+
+    The file is re-read and replaced under a lock, so two runs writing one file at once
+    (say a reference cell and a quick one) keep each other's records.
+    """
+    with advisory_lock(out):
+        records = _read(out)
+        at = next((i for i, r in enumerate(records) if _key(r) == _key(record)), None)
+        if at is None:
+            records.append(record)
+        else:
+            record = records[at] = _with_datasets(records[at], record)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"schema": SCHEMA, "note": note, "results": records}, indent=1))
+        os.replace(tmp, out)
+    return record
 
 
 def run(args) -> None:
     profile = Profile.load(args.profile)
     out = Path(args.out)
-    records = json.loads(out.read_text())["results"] if out.is_file() else []
-    where = {_key(r): i for i, r in enumerate(records)}
+    stored = {_key(r): r for r in _read(out)}  # cells finished before this run, skipped
     load = os.getloadavg()[0]
     protocol = REFERENCE_EVAL if args.protocol == "reference" else QUICK_EVAL
     note = (f"measured by studies/ship_results.py on {profile.model_source} ({profile.decomposition} profile "
@@ -92,7 +109,7 @@ def run(args) -> None:
     for ratio in args.ratios:
         for method in args.methods:
             key = (method, decomposition, round(ratio, 4), protocol.name)
-            have = records[where[key]] if key in where else None
+            have = stored.get(key)
             datasets = [d for d in args.datasets if have is None or d not in (have.get("ppl") or {})]
             if not datasets:
                 continue
@@ -111,12 +128,7 @@ def run(args) -> None:
                 continue
             record["method"] = method  # lems_fit plans are named lems by the allocation
             record["source"] = "shipped"
-            if have is None:
-                where[key] = len(records)
-                records.append(record)
-            else:
-                records[where[key]] = _with_datasets(have, record)
-            _write(out, records, note)
+            stored[key] = _store(out, record, note)
             print(f"[{time.perf_counter() - started:6.1f}s load {os.getloadavg()[0]:.1f} (start {load:.1f})] "
                   f"{method} ({decomposition}) {ratio} {protocol.name}: ppl {record['ppl']} kl {record['kl']:.4f} "
                   f"ratio {record['realised_ratio']:.3f}", flush=True)

@@ -86,3 +86,20 @@ def test_a_dataset_a_cell_lacks_is_measured_alone_and_added(tmp_path, profile_di
     assert record["ppl"] == {"wikitext2": 40.0, "ptb": 10.0}
     assert record["settings"]["splits"] == {"wikitext2": "test", "ptb": "split"}
     assert record["seconds"] == done["seconds"] * 2  # the fixture's seconds, once per run
+
+
+def test_a_record_another_run_stores_meanwhile_is_kept(tmp_path, profile_dir, fake_eval, monkeypatch):
+    """Two runs writing one file: each re-reads it before writing, so neither drops the other's cells."""
+    profile = synthetic_profile()
+    out = write_shipped(tmp_path / "results.json", [_with_protocol(fixture_record(profile, "lems", 0.8), QUICK_EVAL, 50.0)])
+    evaluate = ship_results.evaluate_and_store
+
+    def evaluate_while_another_run_writes(plan, **kw):
+        other = _with_protocol(fixture_record(profile, "lems", 0.6), QUICK_EVAL, 70.0)
+        ship_results._store(out, other, "another run")  # lands while this cell is being measured
+        return evaluate(plan, **kw)
+
+    monkeypatch.setattr(ship_results, "evaluate_and_store", evaluate_while_another_run_writes)
+    ship_results.run(_args(profile_dir, out, methods=["uniform"]))
+    cells = [(r["method"], r["budget"], r["settings"]["protocol"]["name"]) for r in json.loads(out.read_text())["results"]]
+    assert cells == [("lems", 0.8, "quick"), ("lems", 0.6, "quick"), ("uniform", 0.8, "reference")]

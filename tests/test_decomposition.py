@@ -118,20 +118,32 @@ def test_layers_factorised_in_parallel_are_the_sequential_bits(setup, method):
 
 def test_a_shared_input_whitener_is_built_once_and_dropped_when_unused():
     """SharedWhiteners: one build per input; the newest input's whitener kept, an older unused one dropped."""
+    import weakref
+
     from lems_core.decompositions.registry import SharedWhiteners
+
+    class Gram:  # stands for an input Gram tensor (weak-referenceable)
+        def __init__(self, name):
+            self.name = name
 
     built = []
     shared = SharedWhiteners()
+    one, two = Gram(1), Gram(2)
 
-    def build(name):
-        return lambda: built.append(name) or name
+    def build(gram):
+        return lambda: built.append(gram.name) or gram.name
 
-    for key in (1, 1, 1):  # q, k, v: one build
-        with shared.use(key, build(key)) as whitener:
-            assert whitener == key
-    with shared.use(1, build(1)), shared.use(2, build(2)):  # a thread still factorises a layer of input 1
-        assert sorted(shared._entries) == [1, 2]
-    assert sorted(shared._entries) == [2] and built == [1, 2]
+    for _ in range(3):  # q, k, v: one build
+        with shared.use(one, build(one)) as whitener:
+            assert whitener == 1
+    with shared.use(one, build(one)), shared.use(two, build(two)):  # a thread still factorises a layer of input 1
+        assert len(shared._entries) == 2
+    assert [e[0] for e in shared._entries.values()] == [2] and built == [1, 2]
+    # a new input whose object reuses a dead one's id is built, not served the old whitener
+    shared._entries = {id(one): ["stale", 0, weakref.ref(two)]}
+    shared._newest = id(one)
+    with shared.use(one, build(one)) as whitener:
+        assert whitener == 1
 
 
 def test_parallel_factorisation_is_bounded_by_threads_and_free_memory(setup, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterator
@@ -119,20 +120,23 @@ class SharedWhiteners:
     Any other is dropped, so one thread in order holds one whitener at a time, and
     threads factorising neighbouring layers at once (``decomposed_layers``) hold those
     they use. Building happens under the lock: a second thread wanting the same input waits
-    for it instead of building it again.
+    for it instead of building it again. An input is known by its Gram object (``owner``),
+    checked through a weak reference, so a new Gram at a freed one's address is not taken
+    for it.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._entries: dict[int, list] = {}  # input key -> [whitener, layers using it now]
+        self._entries: dict[int, list] = {}  # id(owner) -> [whitener, layers using it now, weakref to owner]
         self._newest: int | None = None
 
     @contextlib.contextmanager
-    def use(self, key: int, build: Callable[[], Whitener]) -> Iterator[Whitener]:
+    def use(self, owner: object, build: Callable[[], Whitener]) -> Iterator[Whitener]:
+        key = id(owner)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = [build(), 0]
+            if entry is None or entry[2]() is not owner:
+                entry = self._entries[key] = [build(), 0, weakref.ref(owner)]
                 self._newest = key
             entry[1] += 1
             self._drop_unused()
@@ -144,7 +148,7 @@ class SharedWhiteners:
                 self._drop_unused()
 
     def _drop_unused(self) -> None:
-        for key in [k for k, (_, users) in self._entries.items() if users == 0 and k != self._newest]:
+        for key in [k for k, (_, users, _) in self._entries.items() if users == 0 and k != self._newest]:
             del self._entries[key]
 
 
@@ -205,4 +209,4 @@ class Decomposer:
     def _right(self, stats: LayerStats, device: torch.device) -> contextlib.AbstractContextManager[Whitener]:
         if not self._static.shares_input:
             return contextlib.nullcontext(self._static.right(stats, self.options, device))
-        return self._whiteners.use(id(stats.inputs.gram), lambda: self._static.right(stats, self.options, device))
+        return self._whiteners.use(stats.inputs.gram, lambda: self._static.right(stats, self.options, device))

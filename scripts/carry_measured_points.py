@@ -15,7 +15,7 @@ measured against a bf16 reference and include its floor (``kl_bf16`` of the old 
 another cache measured at ASVD's points (``profile --extra-ratios``) goes into the
 shipped profile, whose KL points stay as they are (``lems_mp`` and the held-out study
 read them). NLL depends on the factors, so the two profiles' spectra must agree to
-float32 round-off as well as their windows; ``meta["nll_points"]`` says where they came from.
+float32 summation round-off as well as their windows; ``meta["nll_points"]`` says where they came from.
 
     python scripts/carry_measured_points.py --nll REBUILT_PROFILE_DIR SHIPPED_PROFILE_DIR
 """
@@ -63,8 +63,11 @@ def spectra_gap(a: Profile, b: Profile) -> float:
 
 def carry_nll(source: Profile, target: Profile) -> list[float]:
     """Copy ``source``'s NLL points that ``target`` lacks into it; returns their ratios."""
-    # the spectra come from float64 factorisations of float32 statistics: equal factors agree to float32 round-off
-    gap, tolerance = spectra_gap(source, target), 64 * float(np.finfo(np.float32).eps)
+    # The spectra come from float64 factorisations of float32 Grams, each a sum over the calibration tokens: two
+    # builds that add them in another order agree to the float32 summation bound, tokens x eps (relative to the
+    # largest singular value); a different decomposition or calibration is off by far more.
+    cfg = CalibrationConfig.from_dict(target.calibration)
+    gap, tolerance = spectra_gap(source, target), cfg.n_samples * cfg.seq_len * float(np.finfo(np.float32).eps)
     if gap > tolerance:
         sys.exit(f"the profiles' spectra differ by {gap:.2e} of the largest singular value (more than {tolerance:.1e}): "
                  "their factors differ, so the NLL does not carry")
@@ -73,7 +76,8 @@ def carry_nll(source: Profile, target: Profile) -> list[float]:
     target.meta["nll_points"] = {
         "ratios": carried, "from_profile_created": source.meta.get("created"), "spectra_gap": gap,
         "note": "single-layer search NLL measured by a rebuild of this profile in another cache (profile "
-                "--extra-ratios, same windows, spectra equal to float32 round-off); the KL points here are unchanged",
+                "--extra-ratios, same windows, spectra equal to float32 summation round-off, spectra_gap); the KL "
+                "points here are unchanged",
     }
     return carried
 

@@ -26,6 +26,7 @@ def child(threads: int) -> None:
     from bench.first_run import DEMO, app_plan
     from lems_core import pipeline
     from lems_core.calibration import CalibrationConfig
+    from lems_core.compression import is_dense_rank
     from lems_core.model import compressible_layers
     from lems_core.pipeline.artefacts import calibration_windows
     from lems_core.profile import Profile
@@ -36,7 +37,7 @@ def child(threads: int) -> None:
     ranks = app_plan(profile)[0].ranks()
     loaded = pipeline.get_model("demo", "cpu")
     calib, _ = calibration_windows(loaded, CalibrationConfig.from_dict(profile.calibration))
-    layers = [l for l in compressible_layers(loaded.model) if ranks.get(l.name) is not None and ranks[l.name] < l.eq_rank]
+    layers = [l for l in compressible_layers(loaded.model) if l.name in ranks and not is_dense_rank(l, ranks[l.name])]
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     collect_kfac_statistics(loaded.model, calib[:4], layers)

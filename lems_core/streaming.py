@@ -150,7 +150,7 @@ def streamed_factorizations(
 def _decompose_block(loaded: LoadedModel, block, layers: list[LayerInfo], group_of: dict[str, str], decomposition: str,
                      options: DecompositionOptions, folder: Path, factor_dtype: str, ledger: GramLedger) -> None:
     """Decompose one block's layers, releasing each Gram once no later layer of the block reads it."""
-    decomposer = Decomposer(decomposition, options)  # fresh: its shared-input cache is keyed by tensor id
+    decomposer = Decomposer(decomposition, options)  # fresh: it holds no whitener of an earlier block
     last_reader = {INPUT_GROUP[l.kind]: l.name for l in layers}
     factors = {}
     for layer in layers:

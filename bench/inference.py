@@ -25,7 +25,19 @@ spend their CPU time: attention projections (q/k/v/o), MLP (gate/up/down and the
 activation), lm_head, everything else (embeddings, norms, rotary, attention itself,
 the generation loop). With a GPU, the same figures in fp16 and in bf16 on it (not run here: no GPU).
 
+Then, per model, the matrix products alone for one token (every Linear's weight times a
+one-row input, nothing else): their ratio is what the factorisation itself saves in a
+generation step; what the step spends beyond them (norms, rotary, attention, cache,
+module calls, the generation loop) is the same in both models and dilutes the ratio.
+
+``--width 8B --depth N --vocab V`` measures a random-weight LLaMA with Llama-3-8B layer
+widths instead of the demo (random factors of the planned ranks: the time does not depend
+on their values; no HF export, as there is no tokenizer). Pick ``--vocab`` so lm_head's share
+of the bytes is a real model's: Llama-3-8B's lm_head is 7 % of its weights (128256 x 4096
+beside 32 blocks), which 2 blocks match with ``--vocab 8192``.
+
     python -m bench.inference [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
+    python -m bench.inference --width 8B --depth 2 --vocab 8192 --seq-len 128 --new-tokens 16 --threads 1
 """
 from __future__ import annotations
 
@@ -38,11 +50,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lems_core.compression import LowRankLinear, count_parameters, is_dense_rank, set_module
 from lems_core.decompositions import Decomposer
 from lems_core.fused import own_memory, prepare_for_inference
-from lems_core.model import compressible_layers, load_model
+from lems_core.model import LoadedModel, compressible_layers, load_model, tiny_model
+
+from .scale import BENCH_WIDTHS
 
 KINDS = ("dense", "compressed", "prepared", "hf export")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,6 +74,24 @@ def low_rank_modules(model, ranks: dict) -> dict:
         linear = model.get_submodule(name)
         left, right = svd(layer, linear.weight).factors(int(rank))
         out[name] = LowRankLinear.from_factors(left, right, linear.bias, linear)
+    return out
+
+
+def random_low_rank_modules(model, ranks: dict) -> dict:
+    """name -> LowRankLinear with random factors of the planned ranks, scaled like the dense weight
+    (entries of the product ~ its standard deviation). For widths where an SVD per layer costs minutes
+    and only the time of the products is wanted."""
+    g, layers, out = torch.Generator().manual_seed(0), {l.name: l for l in compressible_layers(model)}, {}
+    for name, rank in ranks.items():
+        layer = layers[name]
+        if is_dense_rank(layer, rank):
+            continue
+        linear = model.get_submodule(name)
+        scale = linear.weight.std().item() / float(rank) ** 0.5
+        left = torch.randn(linear.out_features, int(rank), generator=g) * scale
+        right = torch.randn(int(rank), linear.in_features, generator=g)
+        out[name] = LowRankLinear.from_factors(left.to(linear.weight.dtype), right.to(linear.weight.dtype),
+                                               linear.bias, linear)
     return out
 
 
@@ -129,6 +163,30 @@ def report(label: str, t: dict, seq_len: int, new_tokens: int) -> None:
                  f"CPU {dense_cpu / t[(kind, what)][1]:.2f}x)" for kind in KINDS if (kind, what) in t]
         label = f"forward 1x{seq_len}" if what == "forward" else f"generate {new_tokens} greedy"
         print(f"  {label:19s} " + " | ".join(cells), flush=True)
+
+
+@torch.no_grad()
+def products_per_token(model, repeats: int = 5) -> float:
+    """Median seconds of every Linear's weight times a one-row input, once each (a factorised
+    projection's two factors included): the matrix products of one generation step, nothing else."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    rows = {m.in_features: torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for m in linears:
+            F.linear(rows[m.in_features], m.weight, m.bias)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def print_products(models: dict) -> None:
+    """Per model, one token's matrix products alone (1 thread), and their ratio to dense's."""
+    dense = products_per_token(models["dense"])
+    cells = [f"{kind} {t * 1e3:6.1f} ms ({dense / t:.2f}x)"
+             for kind, t in ((k, dense if k == "dense" else products_per_token(m)) for k, m in models.items())]
+    print(f"matrix products of one token alone (1 thread, load average {os.getloadavg()[0]:.2f}): "
+          + " | ".join(cells), flush=True)
 
 
 def stage_of(name: str) -> str | None:
@@ -206,12 +264,12 @@ def check_same_logits(models: dict, ids: torch.Tensor) -> None:
                   f"{reference.abs().max().item():.1f})")
 
 
-def build_models(loaded, ranks: dict, folder: Path | None) -> dict:
+def build_models(loaded, ranks: dict, folder: Path | None, random_factors: bool = False) -> dict:
     """dense, compressed, prepared and (with ``folder``) hf export, as separate models."""
     dense = loaded.model
     print(f"dense: {own_memory(dense)} weights copied out of the memory-mapped checkpoint")
     compressed = copy.deepcopy(dense)
-    modules = low_rank_modules(compressed, ranks)
+    modules = (random_low_rank_modules if random_factors else low_rank_modules)(compressed, ranks)
     swap(compressed, modules)
     prepared = copy.deepcopy(compressed)
     print(f"prepare_for_inference: {prepare_for_inference(prepared)}")
@@ -220,6 +278,16 @@ def build_models(loaded, ranks: dict, folder: Path | None) -> dict:
         applied = {l.name: (modules[l.name].rank if l.name in modules else None) for l in compressible_layers(dense)}
         models["hf export"] = export_and_load(compressed, loaded.tokenizer, applied, folder)
     return models
+
+
+def width_model(args) -> LoadedModel:
+    """The random-weight LLaMA of ``--width`` / ``--depth`` / ``--vocab`` in fp32 (no tokenizer)."""
+    w = BENCH_WIDTHS[args.width]
+    model = tiny_model("llama", seed=0, vocab_size=args.vocab, hidden_size=w["hidden"],
+                       intermediate_size=w["intermediate"], num_hidden_layers=args.depth,
+                       num_attention_heads=w["heads"], num_key_value_heads=w["kv"], max_position_embeddings=4096)
+    return LoadedModel(model, None, f"random {args.width}-width LLaMA, {args.depth} blocks, vocab {args.vocab}",
+                       "-")
 
 
 def main() -> None:
@@ -232,12 +300,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export's model")
+    parser.add_argument("--width", choices=sorted(BENCH_WIDTHS), default=None,
+                        help="a random-weight LLaMA of these layer widths instead of --model")
+    parser.add_argument("--depth", type=int, default=2, help="blocks of the --width model")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary of the --width model")
     parser.add_argument("--no-split", action="store_true", help="skip the per-stage split")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU figure even when a GPU is present")
     args = parser.parse_args()
 
     print(f"load average at start {os.getloadavg()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    loaded = load_model(args.model, device="cpu", dtype=torch.float32)
+    loaded = width_model(args) if args.width else load_model(args.model, device="cpu", dtype=torch.float32)
     if args.plan:
         from lems_core.plan import RankPlan
 
@@ -247,18 +319,20 @@ def main() -> None:
         ranks = {l.name: max(1, int(args.ratio * l.eq_rank)) for l in compressible_layers(loaded.model)}
         label = f"uniform {args.ratio:g}"
     with tempfile.TemporaryDirectory() as tmp:
-        models = build_models(loaded, ranks, None if args.no_export else Path(tmp) / "hf")
+        folder = None if args.no_export or loaded.tokenizer is None else Path(tmp) / "hf"
+        models = build_models(loaded, ranks, folder, random_factors=bool(args.width))
         params, dense_params = count_parameters(models["compressed"]), count_parameters(models["dense"])
         factorised = sum(isinstance(m, LowRankLinear) for m in models["compressed"].modules())
-        print(f"{args.model} {label}: {factorised} factorised Linears, {params:,} parameters "
+        print(f"{loaded.source} {label}: {factorised} factorised Linears, {params:,} parameters "
               f"(dense {dense_params:,}, {params / dense_params:.3f}x)")
         g = torch.Generator().manual_seed(0)
         vocab = loaded.model.config.vocab_size
         ids = torch.randint(0, vocab, (1, args.seq_len), generator=g)
         prompt = torch.randint(0, vocab, (1, 32), generator=g)
         check_same_logits(models, ids)
+        torch.set_num_threads(1)
+        print_products(models)
         if not args.no_split:
-            torch.set_num_threads(1)
             print_stage_split(models, ids, prompt, args.new_tokens)
         for threads in (int(x) for x in args.threads.split(",")):
             torch.set_num_threads(threads)

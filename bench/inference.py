@@ -19,8 +19,9 @@ so load changes on shared cores hit all alike:
 For each: one 1 x ``--seq-len`` forward (tokens per second = seq_len / time) and
 ``--new-tokens`` greedy tokens with the KV cache after a 32-token prompt. Medians of
 ``--repeats`` in wall time (tok/s, ratio to dense) and in this process's CPU time (the
-ratio, which descheduling on busy cores does not inflate), with the thread count and
-the load average. Before that, at one thread, where one forward and one generation
+ratio, which descheduling on busy cores does not inflate), then the median and range of
+the repeat-by-repeat ("paired") ratios, which a slow drift of the shared machine moves
+least, with the thread count and the load average. Before that, at one thread, where one forward and one generation
 spend their CPU time: attention projections (q/k/v/o), MLP (gate/up/down and the
 activation), lm_head, everything else (embeddings, norms, rotary, attention itself,
 the generation loop). With a GPU, the same figures in fp16 and in bf16 on it (not run here: no GPU).
@@ -139,7 +140,7 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, 
 
 
 def measure(models: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
-    """Median (wall, CPU) seconds of forward / generate per model, measured alternately.
+    """(wall, CPU) seconds of forward / generate per model and repeat, measured alternately.
 
     Every model runs once first (allocations, kernels, a group's stacked weights); the
     order is reversed every other repeat so no model always follows the same one.
@@ -151,40 +152,55 @@ def measure(models: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
         for kind in (list(models) if r % 2 == 0 else list(models)[::-1]):
             times[(kind, "forward")].append(time_forward(models[kind], ids))
             times[(kind, "generate")].append(time_generate(models[kind], prompt, new_tokens))
-    return {k: tuple(statistics.median(x[i] for x in v) for i in range(2)) for k, v in times.items()}
+    return times
+
+
+def paired_ratios(dense: list, other: list) -> list[float]:
+    """dense / other wall time, repeat by repeat: the two ran minutes apart at most, so a slow drift
+    of the shared machine (a neighbour's memory traffic) cancels in each ratio."""
+    return sorted(d[0] / o[0] for d, o in zip(dense, other))
 
 
 def report(label: str, t: dict, seq_len: int, new_tokens: int) -> None:
-    """tok/s per model and compressed/dense ratios (wall; process CPU time in brackets)."""
+    """tok/s per model (median wall time) and the ratio to dense: of the medians, of process CPU
+    time, and the median and range of the repeat-by-repeat ratios."""
     print(f"{label} (load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}):")
     for what, tokens in (("forward", seq_len), ("generate", new_tokens)):
-        dense_wall, dense_cpu = t[("dense", what)]
-        cells = [f"{kind} {tokens / t[(kind, what)][0]:7.1f} tok/s ({dense_wall / t[(kind, what)][0]:.2f}x, "
-                 f"CPU {dense_cpu / t[(kind, what)][1]:.2f}x)" for kind in KINDS if (kind, what) in t]
+        median = {kind: tuple(statistics.median(x[i] for x in v) for i in range(2))
+                  for (kind, w), v in t.items() if w == what}
+        cells = []
+        for kind in (k for k in KINDS if k in median):
+            paired = paired_ratios(t[("dense", what)], t[(kind, what)])
+            cells.append(f"{kind} {tokens / median[kind][0]:7.1f} tok/s ({median['dense'][0] / median[kind][0]:.2f}x, "
+                         f"CPU {median['dense'][1] / median[kind][1]:.2f}x, paired {statistics.median(paired):.2f}x "
+                         f"in {paired[0]:.2f}-{paired[-1]:.2f})")
         label = f"forward 1x{seq_len}" if what == "forward" else f"generate {new_tokens} greedy"
         print(f"  {label:19s} " + " | ".join(cells), flush=True)
 
 
 @torch.no_grad()
-def products_per_token(model, repeats: int = 5) -> float:
-    """Median seconds of every Linear's weight times a one-row input, once each (a factorised
-    projection's two factors included): the matrix products of one generation step, nothing else."""
+def products_per_token(model) -> float:
+    """Seconds of every Linear's weight times a one-row input, once each (a factorised projection's
+    two factors included): the matrix products of one generation step, nothing else."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     rows = {m.in_features: torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears}
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        for m in linears:
-            F.linear(rows[m.in_features], m.weight, m.bias)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    start = time.perf_counter()
+    for m in linears:
+        F.linear(rows[m.in_features], m.weight, m.bias)
+    return time.perf_counter() - start
 
 
-def print_products(models: dict) -> None:
-    """Per model, one token's matrix products alone (1 thread), and their ratio to dense's."""
-    dense = products_per_token(models["dense"])
-    cells = [f"{kind} {t * 1e3:6.1f} ms ({dense / t:.2f}x)"
-             for kind, t in ((k, dense if k == "dense" else products_per_token(m)) for k, m in models.items())]
+def print_products(models: dict, repeats: int = 9) -> None:
+    """Per model, one token's matrix products alone (1 thread; medians of ``repeats``, the models
+    taking turns), and the median of the repeat-by-repeat ratios to dense."""
+    for model in models.values():
+        products_per_token(model)
+    times = {kind: [] for kind in models}
+    for r in range(repeats):
+        for kind in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            times[kind].append((products_per_token(models[kind]),))
+    cells = [f"{kind} {statistics.median(x[0] for x in t) * 1e3:6.1f} ms "
+             f"({statistics.median(paired_ratios(times['dense'], t)):.2f}x)" for kind, t in times.items()]
     print(f"matrix products of one token alone (1 thread, load average {os.getloadavg()[0]:.2f}): "
           + " | ".join(cells), flush=True)
 

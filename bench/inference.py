@@ -21,24 +21,25 @@ For each: one 1 x ``--seq-len`` forward (tokens per second = seq_len / time) and
 ``--repeats`` in wall time (tok/s, ratio to dense) and in this process's CPU time (the
 ratio, which descheduling on busy cores does not inflate), then the median and range of
 the repeat-by-repeat ("paired") ratios, which a slow drift of the shared machine moves
-least, with the thread count and the load average. Before that, at one thread, where one forward and one generation
-spend their CPU time: attention projections (q/k/v/o), MLP (gate/up/down and the
-activation), lm_head, everything else (embeddings, norms, rotary, attention itself,
-the generation loop). With a GPU, the same figures in fp16 and in bf16 on it (not run here: no GPU).
+least, with the thread count and the load average. With a GPU, the same figures in fp16
+and in bf16 on it (not run here: no GPU).
 
-Then, per model, the matrix products alone for one token (every Linear's weight times a
-one-row input, nothing else): their ratio is what the factorisation itself saves in a
-generation step; what the step spends beyond them (norms, rotary, attention, cache,
-module calls, the generation loop) is the same in both models and dilutes the ratio.
+Before the timings, at one thread: one token's matrix products alone (every Linear's
+weight times a one-row input, a factorised projection's two factors included), whose
+ratio is what the factorisation itself saves in a generation step; and where one forward
+and one generation spend their CPU time: attention projections (q/k/v/o), MLP
+(gate/up/down and the activation), lm_head, everything else (embeddings, norms, rotary,
+attention itself, the cache, the generation loop), which is the same in both models and
+dilutes the ratio.
 
 ``--width 8B --depth N --vocab V`` measures a random-weight LLaMA with Llama-3-8B layer
 widths instead of the demo (random factors of the planned ranks: the time does not depend
 on their values; no HF export, as there is no tokenizer). Pick ``--vocab`` so lm_head's share
-of the bytes is a real model's: Llama-3-8B's lm_head is 7 % of its weights (128256 x 4096
-beside 32 blocks), which 2 blocks match with ``--vocab 8192``.
+of the bytes is a real model's: Llama-3-8B's lm_head is 7 % of the weights a generated token
+reads (128256 x 4096 beside 32 blocks of 218 M), which 2 blocks match with ``--vocab 8192``.
 
     python -m bench.inference [--ratio 0.6] [--threads 1,2] [--repeats 5] [--plan P]
-    python -m bench.inference --width 8B --depth 2 --vocab 8192 --seq-len 128 --new-tokens 16 --threads 1
+    python -m bench.inference --width 8B --depth 2 --vocab 8192 --seq-len 128 --new-tokens 32 --threads 1
 """
 from __future__ import annotations
 

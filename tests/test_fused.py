@@ -16,7 +16,8 @@ import torch
 
 from lems_core.compression import LowRankLinear, compress_model, load_compressed, save_compressed
 from lems_core.decompositions import Decomposer
-from lems_core.fused import GROUP_MIN_ROWS, SharedInputLinear, fuse_shared_inputs, prepare_for_inference
+from lems_core.fused import (GROUP_MIN_ROWS, SharedInputLinear, fuse_shared_inputs, prepare_for_inference,
+                              prepare_modules)
 from lems_core.model import tiny_model
 
 from helpers import uniform_ranks, word_loaded
@@ -63,6 +64,29 @@ def test_prepared_model_gives_the_unprepared_logits(arch):
         reference = logits(model, ids(rows))
         torch.testing.assert_close(logits(prepared, ids(rows)), reference, rtol=0,
                                    atol=tolerance(model, reference))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepare_modules_prepares_only_the_chosen_modules(arch):
+    """What a latency timing needs: the low-rank modules run the export's path, and every other module
+    (a group's dense member above all, which the timing's dense turn shares) keeps its class and storage."""
+    model = compressed_tiny(arch)
+    reference = {rows: logits(model, ids(rows)) for rows in (GROUP_MIN_ROWS + 8, 5)}
+    low_rank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    others = {name: (type(m), m.weight.data_ptr()) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not any(m is x.a or m is x.b for x in low_rank)}
+    counts = prepare_modules(model, low_rank)
+    blocks = model.config.num_hidden_layers
+    assert counts["groups"] == 2 * blocks - len(DENSE_MEMBERS)  # each dense member is in a group of its own
+    assert counts["direct"] == len(low_rank) and counts["column_major"] == sum(
+        m.out_features > m.rank for m in low_rank)
+    assert {name: (type(m), m.weight.data_ptr()) for name, m in model.named_modules() if name in others} == others
+    grouped = model.model.layers[2].self_attn.q_proj.a  # a group whose members are all low-rank
+    assert isinstance(grouped, SharedInputLinear)
+    assert not isinstance(model.model.layers[1].self_attn.q_proj.a, SharedInputLinear)
+    assert all(m.b.weight.stride(0) == 1 for m in low_rank if m.out_features > m.rank)
+    for rows, expected in reference.items():
+        torch.testing.assert_close(logits(model, ids(rows)), expected, rtol=0, atol=tolerance(model, expected))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -224,9 +224,23 @@ def _evaluate(plan_path, corpus, *extra):
                  "cpu", *extra])
 
 
-def test_evaluate_measure_latency_records_and_prints_the_figures(model_folder, capsys, one_thread):
+def test_evaluate_measure_latency_records_and_prints_the_figures(model_folder, capsys, one_thread, monkeypatch):
+    from lems_core.compression import LowRankLinear
+    from lems_core.pipeline import evaluation
+
+    prepared = []
+
+    def spy(model, modules):  # the compressed turn runs the export's inference path
+        counts = real(model, modules)
+        prepared.append((counts, sum(isinstance(m, LowRankLinear) for m in model.modules())))
+        return counts
+
+    real = evaluation.prepare_modules
+    monkeypatch.setattr(evaluation, "prepare_modules", spy)
     plan_path, corpus = model_folder
     assert _evaluate(plan_path, corpus, "--measure-latency", "--latency-tokens", "16", "--latency-repeats", "2") == 0
+    [(counts, factorised)] = prepared
+    assert factorised > 0 and counts["direct"] == factorised
     out = capsys.readouterr()
     timing = ModelTiming.from_dict(json.loads(out.out)["latency"])
     assert (timing.tokens, timing.repeats, timing.device) == (16, 2, "cpu")

@@ -231,6 +231,35 @@ def own_memory(model):
     return count
 
 
+def call_factors_directly(module):
+    """Make a low-rank module multiply by its factors without calling them as modules (``low_rank_forward``)."""
+    module.forward = low_rank_forward.__get__(module)
+
+
+def prepare_modules(model, modules):
+    """Prepare only ``modules`` (low-rank modules inside ``model``) as `prepare_for_inference` would; returns counts.
+
+    A q/k/v or gate/up group is stacked only where every member is one of ``modules`` (its
+    first factors then live inside them), so no other module of ``model`` changes: a timing
+    that swaps these modules and their dense twins in and out in turns (``latency``) runs
+    the compressed turn on the path an export runs, and leaves the dense turn as it was.
+    """
+    chosen = {id(m) for m in modules if _is_low_rank(m)}
+    groups = 0
+    for parent in list(model.modules()):
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(id(m) in chosen for m in members):
+                groups += fuse_group(parent, names)
+    laid_out = direct = 0
+    for module in modules:
+        if id(module) in chosen:
+            laid_out += lay_out_factors(module)
+            call_factors_directly(module)
+            direct += 1
+    return {"groups": groups, "column_major": laid_out, "direct": direct}
+
+
 def prepare_for_inference(model):
     """Group shared-input projections, lay out second factors for the matvec, call factors directly and give
     memory-mapped weights memory of their own.
@@ -242,6 +271,6 @@ def prepare_for_inference(model):
     groups, laid_out, direct = fuse_shared_inputs(model), lay_out_factors(model), 0
     for module in model.modules():
         if _is_low_rank(module):
-            module.forward = low_rank_forward.__get__(module)
+            call_factors_directly(module)
             direct += 1
     return {"groups": groups, "column_major": laid_out, "direct": direct, "owned": own_memory(model)}

@@ -16,7 +16,8 @@ instead of a decode step, with its plans in a folder of their own.
 3. Timing: one decode step (batch 1, one token, no KV cache), or one prefill forward
    (batch 1, 256 fixed random tokens, no KV cache), of the demo model, whose
    compressible Linears are swapped between plans (random factors at the plan's ranks:
-   time does not depend on the values). Forward hooks on every compressible module sum
+   time does not depend on the values; each low-rank module prepared as an export runs it,
+   the path the device profile times). Forward hooks on every compressible module sum
    its time inside the step; plans are timed round-robin (one step of each in turn), so
    load changes hit all alike. The measured fraction is the median over rounds of
    plan / dense of that sum; the whole step's fraction (timed without hooks) is
@@ -40,6 +41,7 @@ from torch import nn
 from lems_core import pipeline
 from lems_core.allocators import allocate
 from lems_core.compression import LowRankLinear, is_dense_rank, set_module
+from lems_core.fused import prepare_modules
 from lems_core.latency import Workload, latency_cost
 from lems_core.latency.measure import clock_of
 from lems_core.model import compressible_layers
@@ -89,10 +91,15 @@ class SwappableModel:
             self.linear_seconds += self.tick() - module._lems_started
 
     def add_plan(self, label: str, ranks: dict) -> None:
+        """A variant with ``ranks``: its low-rank modules prepared as an export runs them (as the
+        device profile times them: second factors column-major, factors called directly)."""
         dense = self.variants["dense"]
         self.variants[label] = {l.name: dense[l.name] if is_dense_rank(l, ranks[l.name]) else
                                 LowRankLinear(l.in_features, l.out_features, int(ranks[l.name]), False)
                                 for l in self.layers}
+        low_rank = [m for m in self.variants[label].values() if isinstance(m, LowRankLinear)]
+        for module in low_rank:
+            prepare_modules(module, [module])
         self._hook(self.variants[label].values())
 
     def install(self, label: str) -> None:

@@ -117,6 +117,32 @@ def test_the_default_timer_measures_real_linears(one_thread):
     assert np.all(np.diff(times.lowrank_seconds) >= 0) and measured.settings["clock"] == "wall"
 
 
+def test_a_low_rank_pair_is_timed_as_an_export_runs_it(one_thread):
+    """The thunks the timer gets call the deployed module: second factor column-major, factors called
+    directly (what ``fused.prepare_modules`` does), computing b(a(x))."""
+    import torch
+
+    from lems_core.compression import LowRankLinear
+    from lems_core.latency.measure import _deployed_pair, _linear_pool
+    from lems_core.remote.fused_lowrank import low_rank_forward
+
+    seen = []
+
+    def timer(thunks):
+        seen.extend(thunk() for thunk in thunks)  # each run once
+        return [1.0] * len(thunks)
+
+    with torch.no_grad():
+        measured = measure_device_profile([(48, 16)], DECODE, timer=timer, cold_bytes=1 << 10)
+    assert measured.settings["pair"] == "export" and len(seen) == 1 + len(rank_grid(48, 16))
+    pair = _deployed_pair(_linear_pool(16, 8, 1, "cpu", torch.float32)[0], _linear_pool(8, 48, 1, "cpu", torch.float32)[0])
+    assert isinstance(pair, LowRankLinear) and pair.forward.__func__ is low_rank_forward
+    assert pair.b.weight.stride(0) == 1  # out 48 > rank 8: column-major
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), x @ pair.a.weight.T @ pair.b.weight.T)
+
+
 # ----------------------------------------------------------------- validation
 def test_a_device_profile_round_trips_through_json(cost, tmp_path):
     path = cost.device_profile.save(tmp_path / "p.json")

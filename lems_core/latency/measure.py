@@ -7,6 +7,11 @@ of each in turn, ``median_times``), so a load change on a shared machine shifts 
 alike; the statistic is the median over repeats after warm-up, each sample averaging
 enough calls to last about a millisecond, with ``torch.cuda.synchronize`` around
 samples on CUDA. The medians are then fitted monotone in rank (``isotonic``).
+
+A low-rank pair is timed as a Hugging Face export runs it after loading
+(``fused.prepare_modules``: the second factor stored column-major, both factors called
+directly), because that is the model a latency budget is for; the plain two-module pair
+reads its second factor in short rows and is far slower on a one-token step.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import torch
 from torch import nn
 
 from ..cache import default_cache_dir, key_of
+from ..compression import LowRankLinear
+from ..fused import prepare_modules
 from .device_profile import DeviceProfile, DeviceProfileError, ProfileKey, Shape, ShapeTimes, Workload
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,7 @@ Timer = Callable[[Sequence[Thunk]], list[float]]  # thunks -> median seconds per
 GRID_POINTS = 12  # grid ranks per shape: enough for a smooth curve, few enough to measure in a minute
 SAMPLE_SECONDS = 1e-3  # each timed sample repeats its call until it lasts about this long
 MAX_COPIES = 512  # weight copies a configuration cycles through (see ``measure_device_profile``)
+PAIR_PATH = "export"  # how a low-rank pair runs when timed (part of a cached profile's key): see the module docstring
 
 
 def device_name(device: str) -> str:
@@ -162,7 +170,7 @@ def measure_device_profile(shapes: Iterable[Shape], workload: Workload, device: 
                                              timer, cold_bytes)
     settings = {"repeats": repeats, "warmup": warmup, "statistic": "median", "rank_step": rank_step,
                 "grid_points": points, "fit": "isotonic in rank", "clock": clock, "cold_bytes": cold_bytes,
-                "timer": "injected" if injected else "median_times"}
+                "timer": "injected" if injected else "median_times", "pair": PAIR_PATH}
     return DeviceProfile(current_key(workload, device, dtype), measured, settings)
 
 
@@ -205,8 +213,9 @@ def _measure_shape(shape: Shape, workload: Workload, device: str, dtype: torch.d
     thunks = [_cycling([lambda lin=lin: lin(x) for lin in dense])]
     for r in ranks:
         n = copies(r * (out_f + in_f))
-        pairs = zip(_linear_pool(in_f, r, n, device, dtype), _linear_pool(r, out_f, n, device, dtype))
-        thunks.append(_cycling([lambda a=a, b=b: b(a(x)) for a, b in pairs]))
+        pairs = [_deployed_pair(a, b) for a, b in zip(_linear_pool(in_f, r, n, device, dtype),
+                                                      _linear_pool(r, out_f, n, device, dtype))]
+        thunks.append(_cycling([lambda pair=pair: pair(x) for pair in pairs]))
     seconds = timer(thunks)
     if len(seconds) != len(thunks):
         raise ValueError(f"the timer returned {len(seconds)} times for {len(thunks)} thunks")
@@ -226,6 +235,14 @@ def _linear_pool(in_f: int, out_f: int, copies: int, device: str, dtype: torch.d
     return pool
 
 
+def _deployed_pair(a: nn.Linear, b: nn.Linear) -> LowRankLinear:
+    """``a`` then ``b`` as the low-rank module an export runs: second factor column-major, factors called directly."""
+    pair = LowRankLinear(a.in_features, b.out_features, a.out_features, False, device="meta")
+    pair.a, pair.b = a, b
+    prepare_modules(pair, [pair])
+    return pair
+
+
 def _cycling(calls: list[Thunk]) -> Thunk:
     """One thunk that runs the next of ``calls`` each time (a different copy of the weights)."""
     turn = itertools.cycle(calls)
@@ -242,7 +259,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def cache_path(key: ProfileKey, shapes: Iterable[Shape], rank_step: int, points: int, clock: str = "wall",
                cache_dir: Path | None = None) -> Path:
     """Where the profile of ``key`` over these shapes, this grid and this clock is cached."""
-    digest = key_of(key.to_dict(), sorted({tuple(s) for s in shapes}), rank_step, points, clock)
+    digest = key_of(key.to_dict(), sorted({tuple(s) for s in shapes}), rank_step, points, clock, PAIR_PATH)
     return (cache_dir or default_cache_dir()) / "latency" / f"{key.workload.kind}-{digest}.json"
 
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lems_core.compression import LowRankLinear, count_parameters, is_dense_rank, set_module
+from lems_core.compression import LowRankLinear, compress_model, count_parameters
 from lems_core.decompositions import Decomposer
 from lems_core.fused import own_memory, prepare_for_inference
 from lems_core.model import LoadedModel, compressible_layers, load_model, tiny_model
@@ -66,43 +66,29 @@ KINDS = ("dense", "compressed", "prepared", "hf export")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def low_rank_modules(model, ranks: dict) -> dict:
-    """name -> LowRankLinear from plain SVD factors at ``ranks`` (dense-kept layers left out)."""
-    svd, layers, out = Decomposer("svd"), {l.name: l for l in compressible_layers(model)}, {}
-    for name, rank in ranks.items():
-        layer = layers[name]
-        if is_dense_rank(layer, rank):
-            continue
-        linear = model.get_submodule(name)
-        left, right = svd(layer, linear.weight).factors(int(rank))
-        out[name] = LowRankLinear.from_factors(left, right, linear.bias, linear)
-    return out
+class RandomFactors:
+    """Random factors of a Linear's shape at any rank, scaled so that their product's entries have the
+    dense weight's standard deviation: for widths where an SVD per layer costs minutes and only the
+    time of the products is wanted (``compression.Factors``)."""
+
+    def __init__(self, weight: torch.Tensor, generator: torch.Generator):
+        self.weight, self.generator = weight, generator
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out_features, in_features = self.weight.shape
+        scale = self.weight.std().item() / float(rank) ** 0.5
+        left = torch.randn(out_features, rank, generator=self.generator) * scale
+        right = torch.randn(rank, in_features, generator=self.generator)
+        return left.to(self.weight.dtype), right.to(self.weight.dtype)
 
 
-def random_low_rank_modules(model, ranks: dict) -> dict:
-    """name -> LowRankLinear with random factors of the planned ranks, scaled like the dense weight
-    (entries of the product ~ its standard deviation). For widths where an SVD per layer costs minutes
-    and only the time of the products is wanted."""
-    g, layers, out = torch.Generator().manual_seed(0), {l.name: l for l in compressible_layers(model)}, {}
-    for name, rank in ranks.items():
-        layer = layers[name]
-        if is_dense_rank(layer, rank):
-            continue
-        linear = model.get_submodule(name)
-        scale = linear.weight.std().item() / float(rank) ** 0.5
-        left = torch.randn(linear.out_features, int(rank), generator=g) * scale
-        right = torch.randn(int(rank), linear.in_features, generator=g)
-        out[name] = LowRankLinear.from_factors(left.to(linear.weight.dtype), right.to(linear.weight.dtype),
-                                               linear.bias, linear)
-    return out
-
-
-def swap(model, modules: dict) -> dict:
-    """Put ``modules`` in place; return what they replaced (to swap back)."""
-    previous = {name: model.get_submodule(name) for name in modules}
-    for name, module in modules.items():
-        set_module(model, name, module)
-    return previous
+def factor_source(model, random_factors: bool = False):
+    """layer -> its factors for ``compression.compress_model``: plain SVD of its weight, or RandomFactors."""
+    if random_factors:
+        generator = torch.Generator().manual_seed(0)
+        return lambda layer: RandomFactors(model.get_submodule(layer.name).weight, generator)
+    svd = Decomposer("svd")
+    return lambda layer: svd(layer, model.get_submodule(layer.name).weight)
 
 
 def sync(device: torch.device) -> None:
@@ -140,6 +126,12 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, 
     return elapsed
 
 
+def turn_order(models: dict, repeat: int) -> list:
+    """The models' names in the order of this repeat: reversed every other one, so no model always follows
+    the same one."""
+    return list(models) if repeat % 2 == 0 else list(models)[::-1]
+
+
 def measure(models: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
     """(wall, CPU) seconds of forward / generate per model and repeat, measured alternately.
 
@@ -150,16 +142,16 @@ def measure(models: dict, ids, prompt, new_tokens: int, repeats: int) -> dict:
     for model in models.values():
         time_forward(model, ids), time_generate(model, prompt, 4)
     for r in range(repeats):
-        for kind in (list(models) if r % 2 == 0 else list(models)[::-1]):
+        for kind in turn_order(models, r):
             times[(kind, "forward")].append(time_forward(models[kind], ids))
             times[(kind, "generate")].append(time_generate(models[kind], prompt, new_tokens))
     return times
 
 
-def paired_ratios(dense: list, other: list) -> list[float]:
-    """dense / other wall time, repeat by repeat: the two ran minutes apart at most, so a slow drift
+def paired_ratios(dense: list[float], other: list[float]) -> list[float]:
+    """dense / other seconds, repeat by repeat: the two ran minutes apart at most, so a slow drift
     of the shared machine (a neighbour's memory traffic) cancels in each ratio."""
-    return sorted(d[0] / o[0] for d, o in zip(dense, other))
+    return sorted(d / o for d, o in zip(dense, other))
 
 
 def report(label: str, t: dict, seq_len: int, new_tokens: int) -> None:
@@ -171,7 +163,7 @@ def report(label: str, t: dict, seq_len: int, new_tokens: int) -> None:
                   for (kind, w), v in t.items() if w == what}
         cells = []
         for kind in (k for k in KINDS if k in median):
-            paired = paired_ratios(t[("dense", what)], t[(kind, what)])
+            paired = paired_ratios([wall for wall, _ in t[("dense", what)]], [wall for wall, _ in t[(kind, what)]])
             cells.append(f"{kind} {tokens / median[kind][0]:7.1f} tok/s ({median['dense'][0] / median[kind][0]:.2f}x, "
                          f"CPU {median['dense'][1] / median[kind][1]:.2f}x, paired {statistics.median(paired):.2f}x "
                          f"in {paired[0]:.2f}-{paired[-1]:.2f})")
@@ -198,9 +190,9 @@ def print_products(models: dict, repeats: int = 9) -> None:
         products_per_token(model)
     times = {kind: [] for kind in models}
     for r in range(repeats):
-        for kind in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            times[kind].append((products_per_token(models[kind]),))
-    cells = [f"{kind} {statistics.median(x[0] for x in t) * 1e3:6.1f} ms "
+        for kind in turn_order(models, r):
+            times[kind].append(products_per_token(models[kind]))
+    cells = [f"{kind} {statistics.median(t) * 1e3:6.1f} ms "
              f"({statistics.median(paired_ratios(times['dense'], t)):.2f}x)" for kind, t in times.items()]
     print(f"matrix products of one token alone (1 thread, load average {os.getloadavg()[0]:.2f}): "
           + " | ".join(cells), flush=True)
@@ -286,13 +278,12 @@ def build_models(loaded, ranks: dict, folder: Path | None, random_factors: bool 
     dense = loaded.model
     print(f"dense: {own_memory(dense)} weights copied out of the memory-mapped checkpoint")
     compressed = copy.deepcopy(dense)
-    modules = (random_low_rank_modules if random_factors else low_rank_modules)(compressed, ranks)
-    swap(compressed, modules)
+    applied = compress_model(compressed, ranks, factor_source(compressed, random_factors))
     prepared = copy.deepcopy(compressed)
     print(f"prepare_for_inference: {prepare_for_inference(prepared)}")
     models = {"dense": dense, "compressed": compressed, "prepared": prepared}
     if folder is not None:
-        applied = {l.name: (modules[l.name].rank if l.name in modules else None) for l in compressible_layers(dense)}
+        applied = {l.name: applied.get(l.name) for l in compressible_layers(dense)}
         models["hf export"] = export_and_load(compressed, loaded.tokenizer, applied, folder)
     return models
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bench.inference import random_low_rank_modules, swap
-from lems_core.compression import LowRankLinear, count_parameters
+from bench.inference import factor_source
+from lems_core.compression import LowRankLinear, compress_model, count_parameters
 from lems_core.model import compressible_layers, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,17 +23,18 @@ def test_random_factors_have_the_planned_ranks_and_the_dense_scale():
     layers = compressible_layers(model)
     ranks = {l.name: max(1, int(0.5 * l.eq_rank)) for l in layers}
     ranks[layers[0].name] = None  # kept dense
-    modules = random_low_rank_modules(model, ranks)
-    assert set(modules) == {l.name for l in layers[1:]}
-    for name, module in modules.items():
-        dense = model.get_submodule(name).weight
-        assert isinstance(module, LowRankLinear) and module.rank == ranks[name]
-        product = module.b.weight @ module.a.weight
-        assert product.shape == dense.shape
-        # entries of b @ a have the dense weight's standard deviation in expectation (a few sigma of room)
-        assert 0.5 < product.std().item() / dense.std().item() < 2.0
+    dense = {l.name: model.get_submodule(l.name).weight.detach().clone() for l in layers}
     before = count_parameters(model)
-    swap(model, modules)
+    applied = compress_model(model, ranks, factor_source(model, random_factors=True))
+    assert applied == ranks
+    for layer in layers[1:]:
+        module = model.get_submodule(layer.name)
+        assert isinstance(module, LowRankLinear) and module.rank == ranks[layer.name]
+        product = module.b.weight @ module.a.weight
+        assert product.shape == dense[layer.name].shape
+        # entries of b @ a have the dense weight's standard deviation in expectation (a few sigma of room)
+        assert 0.5 < product.std().item() / dense[layer.name].std().item() < 2.0
+    assert not isinstance(model.get_submodule(layers[0].name), LowRankLinear)
     saved = sum(l.in_features * l.out_features - r * (l.in_features + l.out_features)
                 for l in layers[1:] for r in [ranks[l.name]])
     assert count_parameters(model) == before - saved

@@ -97,9 +97,8 @@ class SwappableModel:
         self.variants[label] = {l.name: dense[l.name] if is_dense_rank(l, ranks[l.name]) else
                                 LowRankLinear(l.in_features, l.out_features, int(ranks[l.name]), False)
                                 for l in self.layers}
-        low_rank = [m for m in self.variants[label].values() if isinstance(m, LowRankLinear)]
-        for module in low_rank:
-            prepare_modules(module, [module])
+        for module in self.variants[label].values():
+            prepare_modules(module, [module])  # a dense one is left as it is
         self._hook(self.variants[label].values())
 
     def install(self, label: str) -> None:

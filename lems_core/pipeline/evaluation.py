@@ -304,7 +304,7 @@ def plan_latency(plan, loaded: LoadedModel, factors: dict[str, Factorization], s
         dense = {name: loaded.model.get_submodule(name) for name in plan.ranks()}
         with compressed(loaded, plan.ranks(), factors, per_block=False):
             low_rank = {name: loaded.model.get_submodule(name) for name in dense}
-            prepare_modules(loaded.model, [m for name, m in low_rank.items() if m is not dense[name]])
+            prepare_modules(loaded.model, list(low_rank.values()))  # it picks the low-rank ones
             timing = time_dense_and_compressed(loaded.model, dense, low_rank, settings, loaded.device,
                                                run.check_cancel)
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
